@@ -1,0 +1,36 @@
+"""Defaults for ZoomViT Explorer. Every knob the app, the CLI and the library share lives here."""
+
+import os
+
+# A hub id or a local folder in Hugging Face layout; ZOOMVIT_MODEL overrides it, --model overrides both.
+DEFAULT_MODEL = "google/vit-base-patch16-224"
+MODEL_ENV_VAR = "ZOOMVIT_MODEL"
+
+TOP_K = 5
+
+# Attention rollout as in the seed study: mean over heads, residual added, lowest 90% of weights dropped.
+ROLLOUT_HEAD_FUSION = "mean"
+ROLLOUT_DISCARD_RATIO = 0.9
+
+# Token pruning.
+PRUNE_AFTER_BLOCK = 6
+PRUNE_KEEP = 0.5
+PRUNE_MODE = "analysis"
+
+# Input guards: images are downscaled so their longest side is at most this before anything else,
+# which bounds memory for huge uploads; files above MAX_FILE_PIXELS are refused outright.
+MAX_IMAGE_SIDE = 2048
+MAX_FILE_PIXELS = 20000 * 20000
+# Preprocessors that resize the shortest edge would blow a 1x4000 strip up to an enormous image.
+MAX_ASPECT_RATIO = 50.0
+
+# Zoom box from an importance map.
+ZOOM_MASS = 0.6  # the box must hold this share of the map's mass (after the background floor)
+ZOOM_PADDING = 0.15  # padding added on each side, as a fraction of the box side
+ZOOM_MIN_SIDE = 0.2  # minimum box side as a fraction of the shorter image side
+ZOOM_MAX_AREA = 0.6  # the adaptive policy only zooms when the box covers at most this share of the image
+
+
+def resolve_model_name(explicit=None):
+    """--model beats ZOOMVIT_MODEL beats the default hub id."""
+    return explicit or os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
