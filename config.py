@@ -20,7 +20,7 @@ PRUNE_MODE = "analysis"
 # Input guards: images are downscaled so their longest side is at most this before anything else,
 # which bounds memory for huge uploads; files above MAX_FILE_PIXELS are refused outright.
 MAX_IMAGE_SIDE = 2048
-MAX_FILE_PIXELS = 20000 * 20000
+MAX_FILE_PIXELS = 12000 * 12000
 # Preprocessors that resize the shortest edge would blow a 1x4000 strip up to an enormous image.
 MAX_ASPECT_RATIO = 50.0
 

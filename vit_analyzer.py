@@ -21,6 +21,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 import config
 
 
+# Pillow refuses files above twice this many pixels (DecompressionBombError); make that our own limit.
+Image.MAX_IMAGE_PIXELS = config.MAX_FILE_PIXELS // 2
+
+
 class ZoomViTError(Exception):
     """An error a user can act on; the app and the CLI show its message as is, without a traceback."""
 
@@ -72,59 +76,69 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(source, max_side: int = config.MAX_IMAGE_SIDE) -> LoadedImage:
-    """Open a path, bytes, a PIL image or an HxW(x3/4) uint8 array as RGB, with a clear error if it can't.
+    """Open a path, bytes, a PIL image or an HxW(x3/4) array as RGB, with a clear error if it can't.
 
     Handles EXIF rotation, the first frame of animations, grayscale/RGBA/CMYK/16-bit/palette modes, and
     downscales huge images (JPEG decodes at reduced size via draft mode, so memory stays bounded).
     """
     if source is None:
         raise ImageLoadError("No image given.")
+    opened = None
     try:
-        if isinstance(source, Image.Image):
-            img = source
-        elif isinstance(source, np.ndarray):
-            arr = source
-            if arr.dtype != np.uint8:
-                arr = np.clip(arr, 0, 255).astype(np.uint8)
-            img = Image.fromarray(arr)
-        elif isinstance(source, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(source))
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise ImageLoadError(f"Image file not found: {path}")
-            img = Image.open(path)
-        if img.width * img.height > config.MAX_FILE_PIXELS:
-            raise ImageLoadError(
-                f"Image is too large ({img.width}x{img.height} pixels); the limit is {config.MAX_FILE_PIXELS} pixels."
-            )
-        img.seek(0)  # first frame of an animated GIF/WebP/TIFF
-        original_size = img.size
-        if img.format == "JPEG" and max(img.size) > 2 * max_side:
-            img.draft("RGB", (max_side, max_side))
         with warnings.catch_warnings():
+            # Our own pixel limit below replaces Pillow's decompression-bomb warning and error.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if isinstance(source, Image.Image):
+                img = source
+            elif isinstance(source, np.ndarray):
+                arr = source
+                if arr.dtype.kind == "f" and arr.size and float(np.nanmax(arr)) <= 1.0:
+                    arr = arr * 255.0  # floats in [0, 1]
+                img = Image.fromarray(np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8))
+            else:
+                if isinstance(source, (bytes, bytearray)):
+                    stream = io.BytesIO(source)
+                else:
+                    stream = Path(source)
+                    if not stream.is_file():
+                        raise ImageLoadError(f"Image file not found: {stream}")
+                img = opened = Image.open(stream)
+            if img.width * img.height > config.MAX_FILE_PIXELS:
+                raise ImageLoadError(
+                    f"Image is too large ({img.width}x{img.height} pixels); "
+                    f"the limit is {config.MAX_FILE_PIXELS:,} pixels."
+                )
+            img.seek(0)  # first frame of an animated GIF/WebP/TIFF
+            original_size = img.size
+            if max(original_size) / max(1, min(original_size)) > config.MAX_ASPECT_RATIO:
+                raise ImageLoadError(
+                    f"Image is {original_size[0]}x{original_size[1]}: aspect ratio above "
+                    f"{config.MAX_ASPECT_RATIO:g}:1 is not supported."
+                )
+            if img.format == "JPEG" and max(img.size) > 2 * max_side:
+                img.draft("RGB", (max_side, max_side))
             img.load()
-        # EXIF orientation swaps width/height for 90-degree rotations; the "original" is what a viewer shows.
-        transposed = ImageOps.exif_transpose(img)
-        if transposed is not None and transposed is not img:
-            if transposed.size != img.size:
-                original_size = original_size[::-1]
-            img = transposed
-        img = _to_rgb(img)
+            # EXIF orientation swaps width/height for 90-degree rotations; the "original" is what a viewer shows.
+            transposed = ImageOps.exif_transpose(img)
+            if transposed is not None and transposed is not img:
+                if transposed.size != img.size:
+                    original_size = original_size[::-1]
+                img = transposed
+            img = _to_rgb(img)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
         raise ImageLoadError("Not an image file (or a format Pillow cannot read).") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        raise ImageLoadError(f"Image is too large; the limit is {config.MAX_FILE_PIXELS:,} pixels.") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageLoadError(f"Could not read the image: {exc}") from None
+    finally:
+        if opened is not None:
+            opened.close()
     if max(img.size) > max_side:
         img = img.copy()
         img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    if max(img.size) / min(img.size) > config.MAX_ASPECT_RATIO:
-        raise ImageLoadError(
-            f"Image is {img.width}x{img.height}: aspect ratio above {config.MAX_ASPECT_RATIO:g}:1 is not supported."
-        )
     return LoadedImage(img, tuple(original_size))
 
 
@@ -423,6 +437,9 @@ def fuse_heads(attention: np.ndarray, head) -> np.ndarray:
     if isinstance(head, str) and head.lstrip("-").isdigit():
         head = int(head)
     if isinstance(head, (int, np.integer)):
+        count = attention.shape[-3]
+        if not -count <= int(head) < count:
+            raise ZoomViTError(f"Head {head} is out of range (0..{count - 1}).")
         return attention[..., int(head), :, :]
     if head == "mean":
         return attention.mean(axis=-3)

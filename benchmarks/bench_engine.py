@@ -1,0 +1,97 @@
+"""Engine speed, measured in one run (not a test): analysis pass vs plain HF forward+backward, and pruned vs
+full latency next to the analytic MACs ratio.
+
+    python benchmarks/bench_engine.py [--model PATH] [--repeats 7]
+
+Prints medians in milliseconds and their ratios, for the given model and for a randomly initialised
+ViT-B-shaped model (hidden 768, 12 layers, 12 heads, 224 px, patch 16).
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pruning  # noqa: E402
+import vit_analyzer as va  # noqa: E402
+from pruning import median_ms  # noqa: E402
+
+SHARED = Path(os.environ.get("ZOOMVIT_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
+
+
+def vit_b_shaped() -> va.ViTBundle:
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(num_labels=1000, attn_implementation="eager")
+    model = ViTForImageClassification(cfg).eval()
+    processor = ViTImageProcessor(size={"height": 224, "width": 224})
+    return va.ViTBundle(model, processor, "random ViT-B/16", 16, (224, 224), 1, dict(cfg.id2label))
+
+
+def plain_forward_backward(bundle: va.ViTBundle, loaded: va.LoadedImage):
+    """What a user would write without this tool: preprocess, default-attention forward, backward a logit."""
+    pixel_values = bundle.processor(images=loaded.image, return_tensors="pt")["pixel_values"]
+    logits = bundle.plain_model(pixel_values=pixel_values).logits
+    logits[0, logits[0].argmax()].backward()
+    bundle.plain_model.zero_grad(set_to_none=True)
+
+
+def bench(bundle: va.ViTBundle, image: Image.Image, repeats: int):
+    from transformers import AutoModelForImageClassification
+
+    cfg = bundle.model.config
+    if os.path.isdir(bundle.name):
+        bundle.plain_model = AutoModelForImageClassification.from_pretrained(bundle.name).eval()  # default (SDPA)
+    else:
+        plain_cfg = type(cfg).from_dict(cfg.to_dict())
+        plain_cfg._attn_implementation = "sdpa"
+        bundle.plain_model = type(bundle.model)(plain_cfg).eval()
+        bundle.plain_model.load_state_dict(bundle.model.state_dict())
+    loaded = va.load_image(image)
+    plain = median_ms(lambda: plain_forward_backward(bundle, loaded), repeats)
+    ours = median_ms(lambda: va.analyze(bundle, loaded, keep_graph=False), repeats)
+    print(f"\n== {bundle.name} ==")
+    print(f"analysis pass {ours:.1f} ms / plain HF forward+backward {plain:.1f} ms = {ours / plain:.3f}x")
+    pixel_values, _ = va.encode(bundle, loaded)
+    for batch in (1, 32):
+        x = pixel_values.expand(batch, -1, -1, -1).contiguous()
+        reps = repeats if batch == 1 else max(3, repeats // 2)
+        full = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, 1.0), reps)
+        hf = median_ms(lambda: va.predict_pixels(bundle, x), reps)
+        print(f"batch {batch}: full {full:.1f} ms (HF eager forward {hf:.1f} ms)")
+        n = x.shape[1]
+        tokens = (x.shape[-1] // bundle.patch_size) * (x.shape[-2] // bundle.patch_size) + bundle.num_special
+        for keep in (0.7, 0.5, 0.3):
+            pruned = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, keep, None, "merge"), reps)
+            _, after, macs_b, macs_a = pruning.pruned_macs(bundle, tokens, keep, 6, "efficiency", "merge")
+            ratio = pruned / full
+            print(
+                f"  keep {keep}: {tokens}->{after} tokens, pruned {pruned:.1f} ms, latency ratio {ratio:.3f}, "
+                f"MACs ratio {macs_a / macs_b:.3f}, difference {ratio - macs_a / macs_b:+.3f}"
+            )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(SHARED / "models" / "deit-tiny-patch16-224"))
+    parser.add_argument("--image", default=str(SHARED / "data" / "imagenet-sample" / "n01440764_tench.JPEG"))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--skip-vit-b", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    image = Image.open(args.image).convert("RGB")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bench(va.load_model(args.model), image, args.repeats)
+    if not args.skip_vit_b:
+        bench(vit_b_shaped(), image, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Diagnosis of the model's intent: good alignment, inverted intent, or diffuse intent.
+
+Measured on the intent map of the predicted class (floored at its median, treated as a distribution):
+- spread: the share of patches needed to hold 60% of the map's mass (uniform map: 0.6; one patch: ~0.005).
+  diffuse  <=>  spread > DIFFUSE_SPREAD.
+- inverted: with a ground-truth object box, the share of mass inside the box is below one half (most of the
+  importance sits outside the object). Without a box, the place the model looks does not support its own
+  decision: the crop of the intent box, classified alone, gives the predicted class less than half its
+  whole-image probability and predicts something else.
+- good: neither.
+Diffuse is checked first: a scattered map has no place to be "inside" or "outside" of.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import config
+from vit_analyzer import Analysis
+
+KINDS = ("good", "inverted", "diffuse")
+DIFFUSE_SPREAD = 0.3
+INVERTED_INSIDE = 0.5
+
+
+def spread(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> float:
+    values = np.clip(grid_map - np.median(grid_map), 0, None).ravel()
+    total = values.sum()
+    if total <= 0:
+        return 1.0
+    cumulative = np.cumsum(np.sort(values)[::-1])
+    return float((np.searchsorted(cumulative, mass * total) + 1) / values.size)
+
+
+def mass_inside(analysis: Analysis, grid_map: np.ndarray, box_original) -> float:
+    """Share of the map's (median-floored) mass that falls inside a box given in original image pixels."""
+    heat = analysis.upsample(np.clip(grid_map - np.median(grid_map), 0, None))
+    s = analysis.geometry.scale
+    x0, y0, x1, y1 = (int(round(c * s)) for c in box_original)
+    total = heat.sum()
+    return float(heat[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)].sum() / total) if total > 0 else 0.0
+
+
+@dataclass
+class Diagnosis:
+    kind: str
+    reason: str
+    metrics: dict = field(default_factory=dict)
+
+    def as_dict(self):
+        return {"kind": self.kind, "reason": self.reason, **{k: round(v, 4) for k, v in self.metrics.items()}}
+
+
+def diagnose(analysis: Analysis, box=None, zoom_result=None) -> Diagnosis:
+    """Classify the intent of `analysis` (see the module docstring for the criteria).
+
+    box: optional ground-truth object box in original pixels. zoom_result: a `zoom.zoom` result to reuse
+    (without a box, one crop is classified otherwise).
+    """
+    analysis = analysis.for_target(analysis.predicted)  # the diagnosis is about the model's own decision
+    grid_map = analysis.intent()
+    metrics = {"spread": spread(grid_map)}
+    if metrics["spread"] > DIFFUSE_SPREAD:
+        return Diagnosis(
+            "diffuse",
+            f"importance is scattered: 60% of it needs {metrics['spread']:.0%} of the patches",
+            metrics,
+        )
+    if box is not None:
+        metrics["mass_inside_box"] = mass_inside(analysis, grid_map, box)
+        if metrics["mass_inside_box"] < INVERTED_INSIDE:
+            return Diagnosis(
+                "inverted",
+                f"only {metrics['mass_inside_box']:.0%} of the importance lies on the object; the rest is background",
+                metrics,
+            )
+        return Diagnosis(
+            "good", f"{metrics['mass_inside_box']:.0%} of the importance lies on the object", metrics
+        )
+    if zoom_result is None:
+        from zoom import zoom  # zoom builds on the analysis; imported here to keep the module graph one-way
+
+        zoom_result = zoom(analysis, policy="always")
+    predicted = analysis.predicted
+    p_whole = float(analysis.probs[predicted])
+    p_crop = float(zoom_result.probs_crop[predicted])
+    metrics["crop_confidence_ratio"] = p_crop / max(p_whole, 1e-9)
+    label = analysis.bundle.label(predicted).split(",")[0]
+    if metrics["crop_confidence_ratio"] < 0.5 and int(np.argmax(zoom_result.probs_crop)) != predicted:
+        return Diagnosis(
+            "inverted",
+            f"the region it looks at does not show a '{label}' on its own "
+            f"({p_crop:.0%} on the crop vs {p_whole:.0%} on the whole image)",
+            metrics,
+        )
+    return Diagnosis(
+        "good",
+        f"concentrated ({metrics['spread']:.0%} of patches hold 60% of the importance) and the region alone "
+        f"supports '{label}' ({p_crop:.0%})",
+        metrics,
+    )

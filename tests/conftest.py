@@ -1,0 +1,87 @@
+"""Shared fixtures: the real DeiT-Tiny from ../shared, and tiny random models that make engine tests fast."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Tests never reach the network; the real model comes from the shared folder.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import vit_analyzer  # noqa: E402  (after the environment above)
+
+# The models here are small: a second intra-op thread gains little on 2 cores and, when anything else is
+# running (a served app, another job), thread contention makes every pass 10-20x slower.
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ZOOMVIT_SHARED", REPO.parent / "shared"))
+DEIT_TINY = "models/deit-tiny-patch16-224"
+
+TINY_LABELS = 10
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    # Missing data is a broken setup, not a reason to skip: fail with what to do about it.
+    if not (SHARED / DEIT_TINY).is_dir() or not (SHARED / "data" / "imagenet-sample").is_dir():
+        pytest.fail(
+            f"Shared folder not found or incomplete at {SHARED} (needs {DEIT_TINY} and data/imagenet-sample). "
+            "Put it beside the repository or set ZOOMVIT_SHARED=/path/to/shared."
+        )
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def deit_model_path(shared_dir) -> str:
+    return str(shared_dir / DEIT_TINY)
+
+
+@pytest.fixture(scope="session")
+def deit_tiny(deit_model_path) -> vit_analyzer.ViTBundle:
+    return vit_analyzer.load_model(deit_model_path)
+
+
+def _tiny_config(config_cls, image_size):
+    # A larger init range than the default 0.02 gives peaked, distinguishable attention in a random model.
+    return config_cls(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=8,
+        num_labels=TINY_LABELS,
+        initializer_range=0.2,
+        attn_implementation="eager",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_vit() -> vit_analyzer.ViTBundle:
+    """Random ViT on a non-square 32x48 input: a 4x6 patch grid, so rows and columns cannot be confused."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
+
+    torch.manual_seed(0)
+    cfg = _tiny_config(ViTConfig, (32, 48))
+    model = ViTForImageClassification(cfg).eval()
+    processor = ViTImageProcessorPil(size={"height": 32, "width": 48})
+    return vit_analyzer.ViTBundle(model, processor, "tiny-vit", 8, (32, 48), 1, dict(cfg.id2label))
+
+
+@pytest.fixture(scope="session")
+def tiny_deit_distilled() -> vit_analyzer.ViTBundle:
+    """Random distilled DeiT (CLS + distillation token) behind a resize-then-centre-crop processor: 6x6 grid."""
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessorPil
+
+    torch.manual_seed(1)
+    cfg = _tiny_config(DeiTConfig, 48)
+    model = DeiTForImageClassificationWithTeacher(cfg).eval()
+    embeddings = model.base_model.embeddings
+    with torch.no_grad():  # DeiT starts these at zero, which would make the two special tokens identical
+        for param in (embeddings.cls_token, embeddings.distillation_token, embeddings.position_embeddings):
+            param.normal_(std=cfg.initializer_range)
+    processor = DeiTImageProcessorPil(size={"height": 56, "width": 56}, crop_size={"height": 48, "width": 48})
+    return vit_analyzer.ViTBundle(model, processor, "tiny-deit-distilled", 8, (48, 48), 2, dict(cfg.id2label))

@@ -1,0 +1,148 @@
+"""The zoomvit command, in-process through cli.main and once as the installed console script."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cli
+import config
+import intent
+import vit_analyzer
+import zoom
+
+
+@pytest.fixture(scope="module")
+def photo(shared_dir) -> str:
+    return str(shared_dir / "data" / "imagenet-sample" / "n01440764_tench.JPEG")
+
+
+def run_json(capsys, *argv):
+    assert cli.main(list(argv)) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1, "--json prints exactly one line: one JSON object"
+    return json.loads(out)
+
+
+def check_predictions(predictions):
+    probs = [p["prob"] for p in predictions]
+    assert set(predictions[0]) == {"index", "label", "prob"}
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_explain_json(capsys, deit_tiny, deit_model_path, photo):
+    result = run_json(capsys, "explain", photo, "--model", deit_model_path, "--json")
+    assert {"top", "grid", "map", "intent", "target", "method"} <= set(result)
+    check_predictions(result["top"])
+    assert result["top"][0]["index"] == int(vit_analyzer.predict(deit_tiny, photo).argmax())
+    assert result["target"]["index"] == result["top"][0]["index"]
+    assert result["grid"] == [14, 14]
+    heat = np.array(result["map"])
+    assert heat.shape == (14, 14) and heat.min() >= 0 and heat.max() == 1
+    assert result["intent"]["kind"] in intent.KINDS and result["intent"]["reason"]
+
+
+def test_explain_for_another_class_by_label(capsys, deit_tiny, deit_model_path, photo):
+    args = ["explain", photo, "--model", deit_model_path, "--json", "--method", "grad_rollout"]
+    predicted = run_json(capsys, *args)
+    other = run_json(capsys, *args, "--target", "goldfish")
+    assert other["target"]["index"] == deit_tiny.find_label("goldfish") == 1
+    expected = vit_analyzer.analyze(deit_tiny, photo).grad_rollout(1)
+    np.testing.assert_allclose(other["map"], expected, atol=1e-4)
+    assert not np.allclose(other["map"], predicted["map"], atol=1e-2)
+
+
+def test_explain_summary_and_overlay(capsys, monkeypatch, deit_model_path, photo, tmp_path):
+    monkeypatch.setenv(config.MODEL_ENV_VAR, deit_model_path)  # the default model comes from the environment
+    out_png = tmp_path / "heat.png"
+    assert cli.main(["explain", photo, "--method", "cls", "--layer", "5", "--head", "max", "--out", str(out_png)]) == 0
+    captured = capsys.readouterr()
+    assert "tench" in captured.out and "intent:" in captured.out
+    assert Image.open(out_png).size == Image.open(photo).size
+
+
+def test_prune_json(capsys, deit_model_path, photo, tmp_path):
+    out_png = tmp_path / "tokens.png"
+    result = run_json(capsys, "prune", photo, "--model", deit_model_path, "--keep", "0.5", "--json", "--out", str(out_png))
+    assert (result["tokens_before"], result["tokens_after"]) == (197, 99)
+    assert 0.6 < result["macs_after"] / result["macs_before"] < 0.85  # half the blocks on half the tokens
+    assert np.array(result["kept_mask"]).shape == (14, 14) and np.sum(result["kept_mask"]) == 98
+    assert result["latency_before_ms"] > 0 and result["latency_after_ms"] > 0
+    check_predictions(result["before"])
+    check_predictions(result["after"])
+    assert out_png.is_file()
+
+
+def test_zoom_reports_the_box_in_original_pixels(capsys, shared_dir, deit_tiny, deit_model_path, tmp_path):
+    """A zoom-bench composite at 10x its size is downscaled on load; the box must still be in the file's pixels."""
+    folder = shared_dir / "data" / "zoom-bench"
+    with open(folder / "labels.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    small = Image.open(folder / row["file"])
+    big_path = tmp_path / "big.jpg"
+    small.resize((small.width * 10, small.height * 10), Image.Resampling.BICUBIC).save(big_path, quality=95)
+    out_png = tmp_path / "box.png"
+
+    result = run_json(capsys, "zoom", str(big_path), "--model", deit_model_path, "--json", "--out", str(out_png))
+    assert {"before", "after", "box", "zoomed", "reason"} <= set(result)
+    assert isinstance(result["zoomed"], bool) and result["reason"]
+    check_predictions(result["before"])
+    check_predictions(result["after"])
+
+    analysis = vit_analyzer.analyze(deit_tiny, big_path)
+    expected = zoom.zoom(analysis)
+    np.testing.assert_allclose(result["box"], expected.box, atol=0.051)
+    assert result["zoomed"] == expected.zoomed
+    box = np.array(result["box"])
+    truth = 10 * np.array([float(row[k]) for k in ("x0", "y0", "x1", "y1")])
+    # The object lies beyond the working image's width: only a box in original pixels can overlap it.
+    assert truth[0] > analysis.loaded.image.width
+    assert box[0] < truth[2] and truth[0] < box[2] and box[1] < truth[3] and truth[1] < box[3]
+    assert Image.open(out_png).size == analysis.loaded.image.size
+
+
+def test_unreadable_image_exits_2_with_one_line(capsys, deit_model_path, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\x00garbage" * 100)
+    assert cli.main(["explain", str(bad), "--model", deit_model_path]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("zoomvit: error: ") and "Traceback" not in captured.err
+
+
+def test_unknown_class_exits_2(capsys, deit_model_path, photo):
+    assert cli.main(["explain", photo, "--model", deit_model_path, "--target", "no such animal"]) == 2
+    assert capsys.readouterr().err.strip() == "zoomvit: error: No class label matches 'no such animal'."
+
+
+def test_missing_model_folder_exits_2(capsys, photo, tmp_path):
+    assert cli.main(["prune", photo, "--model", str(tmp_path / "missing-model")]) == 2
+    assert capsys.readouterr().err.startswith("zoomvit: error: Model folder not found")
+
+
+def test_usage_errors_exit_2(capsys, photo):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["prune", photo, "--mode", "bogus"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_console_script(deit_tiny, deit_model_path, photo):
+    script = Path(sys.executable).with_name("zoomvit")
+    assert script.is_file(), f"{script} is missing: install the project with pip install -e ."
+    done = subprocess.run(
+        [str(script), "explain", photo, "--model", deit_model_path, "--json"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # as in conftest: no thread contention on 2 cores
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["top"][0]["index"] == int(vit_analyzer.predict(deit_tiny, photo).argmax())
+    assert result["grid"] == [14, 14]

@@ -1,0 +1,200 @@
+"""Bad and unusual inputs: load_image gives a clean RGB image or a clear ImageLoadError, and analyze copes.
+
+Every image is generated here in tmp_path; nothing binary lives in the repository.
+"""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import config
+import vit_analyzer
+from vit_analyzer import ImageLoadError, analyze, load_image
+
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+
+
+def assert_close_colour(pixel, expected, tolerance=40):
+    assert max(abs(int(a) - int(b)) for a, b in zip(pixel, expected)) <= tolerance, (pixel, expected)
+
+
+def assert_analyzable(bundle, loaded):
+    analysis = analyze(bundle, loaded)
+    assert analysis.grid == (14, 14)
+    assert analysis.probs.sum() == pytest.approx(1.0, abs=1e-4)
+    assert np.isfinite(analysis.rollout()).all()
+    return analysis
+
+
+# ---- unreadable files -----------------------------------------------------------------------------------
+
+
+def test_random_bytes_are_refused(tmp_path):
+    path = tmp_path / "noise.jpg"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ImageLoadError, match="Not an image"):
+        load_image(path)
+
+
+def test_text_file_is_refused(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("this is not a picture\n" * 20)
+    with pytest.raises(ImageLoadError, match="Not an image"):
+        load_image(str(path))
+
+
+def test_missing_file_is_refused(tmp_path):
+    with pytest.raises(ImageLoadError, match="not found"):
+        load_image(tmp_path / "missing.jpg")
+
+
+def test_truncated_jpeg_is_refused(tmp_path):
+    noise = np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "JPEG", quality=90)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(ImageLoadError, match="Could not read"):
+        load_image(path)
+
+
+def test_no_image_is_refused():
+    with pytest.raises(ImageLoadError, match="No image"):
+        load_image(None)
+
+
+def test_too_many_pixels_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "huge.png"
+    Image.new("1", (20001, 20001)).save(path)  # 1-bit keeps the test file small; the pixel count is the point
+    assert 20001 * 20001 > config.MAX_FILE_PIXELS
+    with pytest.raises(ImageLoadError, match="pixels"):
+        load_image(path)
+
+
+# ---- modes ------------------------------------------------------------------------------------------------
+
+
+def test_grayscale(tmp_path, deit_tiny):
+    path = tmp_path / "gray.png"
+    Image.fromarray(np.tile(np.arange(0, 256, 2, dtype=np.uint8), (96, 1)), "L").save(path)
+    loaded = load_image(path)
+    assert loaded.image.mode == "RGB" and loaded.image.size == (128, 96)
+    r, g, b = loaded.image.getpixel((64, 10))
+    assert r == g == b == 128
+    assert_analyzable(deit_tiny, loaded)
+
+
+def test_rgba_transparency_becomes_white(tmp_path, deit_tiny):
+    image = Image.new("RGBA", (100, 80), (0, 0, 0, 0))  # fully transparent black
+    image.paste((*RED, 255), (0, 0, 50, 80))
+    path = tmp_path / "alpha.png"
+    image.save(path)
+    loaded = load_image(path)
+    assert loaded.image.mode == "RGB"
+    assert loaded.image.getpixel((10, 10)) == RED
+    assert loaded.image.getpixel((90, 10)) == WHITE  # a plain convert("RGB") would give black
+    assert_analyzable(deit_tiny, loaded)
+
+
+def test_cmyk_jpeg(tmp_path, deit_tiny):
+    path = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (120, 90), (0, 255, 255, 0)).save(path, quality=95)  # pure red in CMYK
+    loaded = load_image(path)
+    assert loaded.image.mode == "RGB"
+    assert_close_colour(loaded.image.getpixel((60, 45)), RED)
+    assert_analyzable(deit_tiny, loaded)
+
+
+def test_16_bit_png_is_stretched_not_clipped(tmp_path, deit_tiny):
+    ramp = np.tile(np.linspace(0, 4000, 200).astype(np.uint16), (50, 1))  # far below 65535, far above 255
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode in ("I;16", "I")
+    loaded = load_image(path)
+    gray = np.asarray(loaded.image)[..., 0]
+    assert gray.min() == 0 and gray.max() == 255
+    assert 100 < gray[25, 100] < 155  # the middle of the ramp is mid-grey, not saturated white
+    assert_analyzable(deit_tiny, loaded)
+
+
+def test_palette_transparency_becomes_white(tmp_path, deit_tiny):
+    image = Image.new("P", (64, 64), 0)
+    image.putpalette([0, 0, 0, *BLUE] + [0] * (254 * 3))
+    image.paste(1, (0, 0, 32, 64))
+    path = tmp_path / "palette.png"
+    image.save(path, transparency=0)
+    loaded = load_image(path)
+    assert loaded.image.getpixel((10, 10)) == BLUE
+    assert loaded.image.getpixel((50, 10)) == WHITE
+    assert_analyzable(deit_tiny, loaded)
+
+
+def test_exif_rotation_is_applied(tmp_path, deit_tiny):
+    image = Image.new("RGB", (300, 200), BLUE)
+    image.paste(RED, (0, 0, 150, 200))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif.tobytes(), quality=95)
+    loaded = load_image(path)
+    assert loaded.image.size == (200, 300)
+    assert loaded.original_size == (200, 300)
+    assert_close_colour(loaded.image.getpixel((100, 60)), RED)  # the left half is now on top
+    assert_close_colour(loaded.image.getpixel((100, 240)), BLUE)
+    assert_analyzable(deit_tiny, loaded)
+
+
+def test_animated_gif_uses_the_first_frame(tmp_path, deit_tiny):
+    frames = [Image.new("RGB", (80, 60), colour) for colour in (RED, BLUE, BLUE)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    loaded = load_image(path)
+    assert loaded.image.size == (80, 60)
+    assert_close_colour(loaded.image.getpixel((40, 30)), RED)
+    assert_analyzable(deit_tiny, loaded)
+
+
+def test_bytes_and_arrays_are_accepted():
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 20), RED).save(buffer, "PNG")
+    assert load_image(buffer.getvalue()).image.getpixel((5, 5)) == RED
+    array = np.zeros((20, 30, 4), dtype=np.uint8)  # RGBA array, fully transparent
+    assert load_image(array).image.getpixel((5, 5)) == WHITE
+
+
+# ---- extreme sizes ----------------------------------------------------------------------------------------
+
+
+def test_one_pixel_image_gives_the_result_of_its_colour(tmp_path, deit_tiny):
+    """1x1 works: the processor stretches it to a flat image, so it must classify like any flat image."""
+    path = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1), (200, 40, 40)).save(path)
+    analysis = assert_analyzable(deit_tiny, load_image(path))
+    flat = vit_analyzer.predict(deit_tiny, Image.new("RGB", (224, 224), (200, 40, 40)))
+    np.testing.assert_allclose(analysis.probs, flat, atol=1e-4)
+
+
+def test_extreme_strip_is_refused_clearly(tmp_path):
+    """1x4000: refused (resizing its short side to the model's size would make a gigantic image)."""
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (1, 4000), RED).save(path)
+    with pytest.raises(ImageLoadError, match="aspect ratio"):
+        load_image(path)
+
+
+def test_very_large_jpeg_is_downscaled(tmp_path, deit_tiny):
+    image = Image.linear_gradient("L").resize((9000, 7000)).convert("RGB")
+    path = tmp_path / "large.jpg"
+    image.save(path, quality=80)
+    del image
+    loaded = load_image(path)
+    assert loaded.original_size == (9000, 7000)
+    assert max(loaded.image.size) <= config.MAX_IMAGE_SIDE
+    assert loaded.image.width / loaded.image.height == pytest.approx(9000 / 7000, rel=0.01)
+    assert loaded.scale == pytest.approx(loaded.image.width / 9000)
+    analysis = assert_analyzable(deit_tiny, loaded)
+    x0, y0, x1, y1 = analysis.geometry.to_original(analysis.geometry.view_box())
+    assert 0 <= x0 < x1 <= 9000 + 1e-6 and 0 <= y0 < y1 <= 7000 + 1e-6
+    assert x1 - x0 > 7000  # the centre crop of a 9000x7000 image spans most of its width

@@ -1,0 +1,153 @@
+"""Intent-guided zoom: a box from an importance map, a crop of the original image, and a second look.
+
+Box recipe (all on the patch grid, then mapped to image pixels through the processor's geometry):
+1. floor the map at its median (background patches carry no mass), 2. keep the fewest patches that hold
+`mass` of what is left, 3. take the 8-connected region holding most of that mass, 4. its bounding box,
+padded, grown to a square (the processor would squash or cut a long crop), at least `min_side`, inside
+the image.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+import config
+from vit_analyzer import Analysis, Prediction, ZoomViTError, predict, top_predictions
+
+POLICIES = ("adaptive", "always")
+
+
+def mass_region(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> np.ndarray:
+    """Boolean grid mask: the 8-connected region holding the most of the map's top-`mass` patches."""
+    values = np.clip(grid_map - np.median(grid_map), 0, None)
+    total = values.sum()
+    if total <= 0:
+        return np.ones_like(grid_map, dtype=bool)
+    order = np.argsort(-values, axis=None)
+    cumulative = np.cumsum(values.ravel()[order])
+    count = int(np.searchsorted(cumulative, mass * total) + 1)
+    selected = np.zeros(values.size, dtype=bool)
+    selected[order[:count]] = True
+    selected = selected.reshape(values.shape)
+    best, best_mass = None, -1.0
+    seen = np.zeros_like(selected)
+    h, w = selected.shape
+    for start in zip(*np.nonzero(selected)):
+        if seen[start]:
+            continue
+        region, queue = [], deque([start])
+        seen[start] = True
+        while queue:
+            r, c = queue.popleft()
+            region.append((r, c))
+            for dr in (-1, 0, 1):
+                for dc in (-1, 0, 1):
+                    rr, cc = r + dr, c + dc
+                    if 0 <= rr < h and 0 <= cc < w and selected[rr, cc] and not seen[rr, cc]:
+                        seen[rr, cc] = True
+                        queue.append((rr, cc))
+        region_mass = sum(values[p] for p in region)
+        if region_mass > best_mass:
+            best, best_mass = region, region_mass
+    mask = np.zeros_like(selected)
+    mask[tuple(np.array(best).T)] = True
+    return mask
+
+
+def _square_inside(x0, y0, x1, y1, width, height, min_side):
+    """Grow the box to a square of at least min_side, shifted (not shrunk) to stay inside the image."""
+    side = min(max(x1 - x0, y1 - y0, min_side), width, height)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    nx0 = min(max(cx - side / 2, 0.0), width - side)
+    ny0 = min(max(cy - side / 2, 0.0), height - side)
+    return nx0, ny0, nx0 + side, ny0 + side
+
+
+def box_from_map(
+    analysis: Analysis,
+    grid_map: np.ndarray,
+    mass: float = config.ZOOM_MASS,
+    padding: float = config.ZOOM_PADDING,
+    min_side: float = config.ZOOM_MIN_SIDE,
+) -> tuple[float, float, float, float]:
+    """Zoom box in WORKING image pixels (x0, y0, x1, y1) from a patch-grid importance map."""
+    rows, cols = np.nonzero(mass_region(grid_map, mass))
+    geo = analysis.geometry
+    x0, y0, _, _ = geo.patch_box(rows.min(), cols.min())
+    _, _, x1, y1 = geo.patch_box(rows.max(), cols.max())
+    vx0, vy0, vx1, vy1 = geo.view_box()
+    x0, y0, x1, y1 = max(x0, vx0), max(y0, vy0), min(x1, vx1), min(y1, vy1)
+    pad_x, pad_y = (x1 - x0) * padding, (y1 - y0) * padding
+    width, height = geo.image_size
+    return _square_inside(
+        x0 - pad_x, y0 - pad_y, x1 + pad_x, y1 + pad_y, width, height, min_side * min(width, height)
+    )
+
+
+@dataclass
+class ZoomResult:
+    box: tuple[float, float, float, float]  # ORIGINAL image pixels
+    crop: Image.Image
+    before: list[Prediction]
+    after: list[Prediction]
+    probs_before: np.ndarray
+    probs_after: np.ndarray
+    probs_crop: np.ndarray  # the crop's own probabilities, whether or not the policy zoomed
+    zoomed: bool
+    reason: str
+    box_area: float  # share of the image the box covers
+
+    def as_dict(self):
+        return {
+            "before": [p.as_dict() for p in self.before],
+            "after": [p.as_dict() for p in self.after],
+            "box": [round(c, 1) for c in self.box],
+            "zoomed": self.zoomed,
+            "reason": self.reason,
+            "box_area": round(self.box_area, 4),
+        }
+
+
+def zoom(
+    analysis: Analysis,
+    policy: str = "adaptive",
+    method: str = "intent",
+    max_area: float = config.ZOOM_MAX_AREA,
+) -> ZoomResult:
+    """Crop the box the importance map points at and classify the crop.
+
+    adaptive: zoom only when the box is small (at most `max_area` of the image) and the crop is classified
+    more confidently than the whole image; otherwise keep the whole-image prediction.
+    """
+    if policy not in POLICIES:
+        raise ZoomViTError(f"Unknown zoom policy '{policy}': use one of {POLICIES}.")
+    bundle = analysis.bundle
+    image = analysis.loaded.image
+    box = box_from_map(analysis, analysis.map(method))
+    crop = image.crop(tuple(int(round(c)) for c in box))
+    area = (box[2] - box[0]) * (box[3] - box[1]) / (image.width * image.height)
+    probs_before = analysis.probs
+    probs_crop = predict(bundle, crop)
+    if policy == "always":
+        zoomed, reason = True, "zoom forced"
+    elif area > max_area:
+        zoomed, reason = False, f"box covers {area:.0%} of the image: the model already looks at most of it"
+    elif probs_crop.max() <= probs_before.max():
+        zoomed, reason = False, (
+            f"the crop is less certain ({probs_crop.max():.0%}) than the whole image ({probs_before.max():.0%})"
+        )
+    else:
+        zoomed, reason = True, (
+            f"box covers {area:.0%} of the image and the crop is more certain "
+            f"({probs_crop.max():.0%} vs {probs_before.max():.0%})"
+        )
+    probs_after = probs_crop if zoomed else probs_before
+    return ZoomResult(
+        analysis.geometry.to_original(box), crop,
+        top_predictions(bundle, probs_before), top_predictions(bundle, probs_after),
+        probs_before, probs_after, probs_crop, zoomed, reason, float(area),
+    )
