@@ -28,7 +28,7 @@ MAX_ASPECT_RATIO = 50.0
 ZOOM_MASS = 0.6  # the box must hold this share of the map's mass (after the background floor)
 ZOOM_PADDING = 0.15  # padding added on each side, as a fraction of the box side
 ZOOM_MIN_SIDE = 0.2  # minimum box side as a fraction of the shorter image side
-ZOOM_MAX_AREA = 0.6  # the adaptive policy only zooms when the box covers at most this share of the image
+ZOOM_MAX_AREA = 0.5  # the adaptive policy only zooms when the box covers at most this share of the image
 
 
 def resolve_model_name(explicit=None):
