@@ -494,7 +494,6 @@ class Analysis:
     attentions: np.ndarray  # (layers, heads, N, N)
     target: int
     attention_grads: np.ndarray  # d logit[target] / d attention, same shape as attentions
-    token_relevance: np.ndarray  # (layers + 1, N): sum over channels of hidden * grad, per block input/output
     _graph: dict | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -569,10 +568,8 @@ class Analysis:
         return self._cache["grad_rollout"]
 
     def intent(self, target: int | None = None, from_block: int = 0) -> np.ndarray:
-        """The intent map: how much each token feeding block `from_block` matters for the target's logit.
-
-        intent = norm( R_grad[from_block:] ) * norm( relu(mean_{l >= from_block} r_l) ) ** 0.5 ... see README.
-        """
+        """The intent map: how much each token entering block `from_block` matters for the target's logit
+        (formula in `intent_map`)."""
         if target is not None and int(target) != self.target:
             return self.for_target(target).intent(from_block=from_block)
         key = ("intent", int(from_block))
@@ -611,10 +608,10 @@ class Analysis:
             if self._graph is None:  # graph was released: pay one more forward
                 memo[target] = analyze(self.bundle, self.loaded, target=target, keep_graph=False)
             else:
-                grads, relevance = _backward(self._graph, target, keep_graph=True)
+                grads = _backward(self._graph, target, keep_graph=True)
                 memo[target] = Analysis(
                     self.bundle, self.loaded, self.geometry, self.pixel_values, self.probs, self.attentions,
-                    target, grads, relevance, _graph=None,
+                    target, grads, _graph=None,
                 )
         return memo[target]
 
@@ -626,23 +623,36 @@ class Analysis:
 MAP_METHODS = ("rollout", "grad_rollout", "intent", "cls", "attention")
 
 
+def key_removal_effect(attentions: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """First-order change of the target logit when each token stops being a key, summed over layers and heads.
+
+    Removing key j from row i zeroes A_ij and renormalises the row, so dy = -A_ij (g_ij - sum_k A_ik g_ik).
+    Returns T (N,), T_j = sum_l,h,i A_lhij (g_lhij - sum_k A_lhik g_lhik): large = the logit needs token j.
+    """
+    a = attentions.astype(np.float64)
+    g = grads.astype(np.float64)
+    row_mean = (a * g).sum(axis=-1, keepdims=True)
+    return (a * (g - row_mean)).sum(axis=(0, 1, 2))
+
+
 def intent_map(analysis: Analysis, from_block: int = 0) -> np.ndarray:
-    """See `Analysis.intent`; kept as a function so its formula sits in one place."""
+    """intent = norm(grad-weighted rollout) * sqrt(norm(relu(key-removal effect))), both over blocks from_block..
+
+    Attention and gradients flow through the rollout (how relevance propagates across layers); the key-removal
+    effect adds, per token, how much the target logit loses without it. Their product keeps tokens that both
+    carry relevance and are needed; the square root keeps the rollout's shape as the primary signal.
+    """
     attn = analysis.attentions[from_block:]
     grads = analysis.attention_grads[from_block:]
-    grad_flow = analysis._special_rows(grad_rollout_matrix(attn, grads))
-    relevance = np.clip(analysis.token_relevance[from_block:].mean(axis=0), 0, None)
-    return normalize_map(normalize_map(analysis._to_grid(grad_flow)) * np.sqrt(normalize_map(analysis._to_grid(relevance))))
+    flow = analysis._to_grid(analysis._special_rows(grad_rollout_matrix(attn, grads)))
+    needed = analysis._to_grid(np.clip(key_removal_effect(attn, grads), 0, None))
+    return normalize_map(normalize_map(flow) * np.sqrt(normalize_map(needed)))
 
 
-def _backward(graph: dict, target: int, keep_graph: bool):
-    """Gradients of one logit w.r.t. every attention map and every block's hidden state (no weight grads)."""
-    attentions, hidden = graph["attentions"], graph["hidden"]
-    grads = torch.autograd.grad(graph["logits"][0, target], list(attentions) + list(hidden), retain_graph=keep_graph)
-    attention_grads = torch.stack(grads[: len(attentions)])[:, 0].numpy()
-    hidden_grads = grads[len(attentions) :]
-    relevance = torch.stack([(h[0] * g[0]).sum(-1) for h, g in zip(hidden, hidden_grads)]).detach().numpy()
-    return attention_grads, relevance
+def _backward(graph: dict, target: int, keep_graph: bool) -> np.ndarray:
+    """Gradients of one logit w.r.t. every attention map (no weight gradients: they are not needed)."""
+    grads = torch.autograd.grad(graph["logits"][0, target], list(graph["attentions"]), retain_graph=keep_graph)
+    return torch.stack(grads)[:, 0].numpy()
 
 
 def analyze(bundle: ViTBundle, image, target: int | None = None, keep_graph: bool = True) -> Analysis:
@@ -651,12 +661,7 @@ def analyze(bundle: ViTBundle, image, target: int | None = None, keep_graph: boo
     pixel_values, geometry = encode(bundle, loaded)
     interpolate = tuple(pixel_values.shape[-2:]) != tuple(bundle.input_size)
     with torch.enable_grad():
-        out = bundle.model(
-            pixel_values=pixel_values,
-            output_attentions=True,
-            output_hidden_states=True,
-            interpolate_pos_encoding=interpolate,
-        )
+        out = bundle.model(pixel_values=pixel_values, output_attentions=True, interpolate_pos_encoding=interpolate)
         if not out.attentions:
             raise ModelLoadError(
                 "The model returned no attention maps; it must be loaded with attn_implementation='eager'."
@@ -665,11 +670,11 @@ def analyze(bundle: ViTBundle, image, target: int | None = None, keep_graph: boo
         target = int(probs.argmax()) if target is None else int(target)
         if not 0 <= target < probs.shape[0]:
             raise ZoomViTError(f"Class index {target} is out of range (0..{probs.shape[0] - 1}).")
-        graph = {"logits": out.logits, "attentions": out.attentions, "hidden": out.hidden_states}
-        attention_grads, relevance = _backward(graph, target, keep_graph)
+        graph = {"logits": out.logits, "attentions": out.attentions}
+        attention_grads = _backward(graph, target, keep_graph)
     attentions = torch.stack(out.attentions)[:, 0].detach().numpy()
     return Analysis(
-        bundle, loaded, geometry, pixel_values, probs, attentions, target, attention_grads, relevance,
+        bundle, loaded, geometry, pixel_values, probs, attentions, target, attention_grads,
         _graph=graph if keep_graph else None,
     )
 

@@ -122,8 +122,12 @@ def focus_map(analysis: Analysis) -> np.ndarray:
 
 
 def candidate_maps(analysis: Analysis) -> dict[str, np.ndarray]:
-    """Maps whose boxes compete for the zoom: the focus map and the sharpest single-head CLS attention."""
-    return {"focus": focus_map(analysis), "cls_max": analysis.cls_map(-1, "max")}
+    """Maps whose boxes compete for the zoom: the focus map, max-head rollout and max-head CLS attention."""
+    return {
+        "focus": focus_map(analysis),
+        "rollout_max": analysis.rollout(config.ROLLOUT_DISCARD_RATIO, "max"),
+        "cls_max": analysis.cls_map(-1, "max"),
+    }
 
 
 def zoom(
@@ -136,7 +140,10 @@ def zoom(
 
     Candidate boxes come from `candidate_maps` (or only `method`'s map, if given); the crop the model is
     most certain about wins. adaptive: zoom only when that box is small (at most `max_area` of the image)
-    and its map concentrated (spread at most DIFFUSE_SPREAD); otherwise keep the whole-image prediction.
+    and its map concentrated (spread at most DIFFUSE_SPREAD), and then predict with both looks,
+    ZOOM_WHOLE_WEIGHT * whole-image probabilities + the rest * crop probabilities, so a confident whole
+    image is not overruled by an unsure crop; otherwise keep the whole-image prediction.
+    always: the crop's own prediction.
     """
     from intent import DIFFUSE_SPREAD, spread
 
@@ -160,8 +167,16 @@ def zoom(
     elif map_spread > DIFFUSE_SPREAD:
         zoomed, reason = False, f"attention is scattered ({map_spread:.0%} of patches hold 60% of it)"
     else:
-        zoomed, reason = True, f"attention is concentrated in a box covering {area:.0%} of the image"
-    probs_after = probs_crop if zoomed else probs_before
+        zoomed, reason = True, (
+            f"attention is concentrated in a box covering {area:.0%} of the image: "
+            f"whole image and crop combined ({config.ZOOM_WHOLE_WEIGHT:.0%} / {1 - config.ZOOM_WHOLE_WEIGHT:.0%})"
+        )
+    if policy == "always":
+        probs_after = probs_crop
+    elif zoomed:
+        probs_after = config.ZOOM_WHOLE_WEIGHT * probs_before + (1 - config.ZOOM_WHOLE_WEIGHT) * probs_crop
+    else:
+        probs_after = probs_before
     return ZoomResult(
         analysis.geometry.to_original(box), crop,
         top_predictions(bundle, probs_before), top_predictions(bundle, probs_after),

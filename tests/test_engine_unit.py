@@ -48,7 +48,6 @@ def test_analysis_shapes(request, analyses, name):
     layers, heads = bundle.model.config.num_hidden_layers, bundle.model.config.num_attention_heads
     assert analysis.attentions.shape == (layers, heads, n, n)
     assert analysis.attention_grads.shape == analysis.attentions.shape
-    assert analysis.token_relevance.shape == (layers + 1, n)
     assert analysis.probs.shape == (len(bundle.id2label),)
     np.testing.assert_allclose(analysis.probs.sum(), 1.0, atol=1e-5)
     np.testing.assert_allclose(analysis.attentions.sum(-1), 1.0, atol=1e-5)  # softmax rows
@@ -333,7 +332,7 @@ def test_for_target_reuses_the_pass_and_matches_a_fresh_analysis(tiny_vit):
     assert not np.allclose(other.attention_grads, analysis.attention_grads, atol=1e-3)
     fresh = analyze(tiny_vit, image, target=target)
     np.testing.assert_allclose(other.attention_grads, fresh.attention_grads, atol=1e-5)
-    np.testing.assert_allclose(other.token_relevance, fresh.token_relevance, atol=1e-5)
+    np.testing.assert_allclose(other.intent(), fresh.intent(), atol=1e-5)
     np.testing.assert_allclose(analysis.grad_rollout(target), fresh.grad_rollout(), atol=1e-5)
     np.testing.assert_allclose(analysis.intent(target), fresh.intent(), atol=1e-5)
     # Without the graph, for_target pays one more forward pass and still gets the same answer.
