@@ -1,0 +1,84 @@
+"""Zoom and intent diagnosis on the real DeiT-Tiny: zoom-bench blur composites (a small photo pasted on a blurred
+background, with its box known) and the box-based definition of inverted intent."""
+
+import csv
+
+import numpy as np
+import pytest
+
+import intent
+import vit_analyzer
+import zoom
+
+BLUR_ITEMS = 30
+
+
+@pytest.fixture(scope="module")
+def blur_items(shared_dir):
+    folder = shared_dir / "data" / "zoom-bench"
+    with open(folder / "labels.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["background"] == "blur"][:BLUR_ITEMS]
+    assert len(rows) == BLUR_ITEMS
+    return [(folder / r["file"], tuple(float(r[k]) for k in ("x0", "y0", "x1", "y1")), int(r["label_index"])) for r in rows]
+
+
+def _covered(box, target):
+    """Share of the target box inside `box`."""
+    ix = max(0.0, min(box[2], target[2]) - max(box[0], target[0]))
+    iy = max(0.0, min(box[3], target[3]) - max(box[1], target[1]))
+    return ix * iy / ((target[2] - target[0]) * (target[3] - target[1]))
+
+
+def test_zoom_box_covers_the_object_on_blur_items(deit_tiny, blur_items):
+    covered, gains = [], 0
+    for path, gt, label in blur_items:
+        analysis = vit_analyzer.analyze(deit_tiny, path, keep_graph=False)
+        result = zoom.zoom(analysis)
+        x0, y0, x1, y1 = result.box
+        w, h = analysis.loaded.original_size
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        assert result.crop.size == (round(x1) - round(x0), round(y1) - round(y0))
+        covered.append(_covered(result.box, gt))
+        gains += int(np.argmax(result.probs_after) == label) - int(analysis.predicted == label)
+    # Most boxes hold most of the object, and zooming wins more items than it loses.
+    assert np.mean(np.array(covered) >= 0.5) >= 0.8, covered
+    assert gains > 0
+
+
+def test_adaptive_zoom_leaves_a_full_frame_object_alone(deit_tiny, blur_items):
+    """The pasted photo itself (object fills the frame): the box would be most of the image, so no zoom."""
+    from PIL import Image
+
+    path, gt, _ = blur_items[0]
+    photo = Image.open(path).crop(tuple(int(c) for c in gt)).resize((448, 448))
+    result = zoom.zoom(vit_analyzer.analyze(deit_tiny, photo, keep_graph=False))
+    if result.box_area > 0.5:
+        assert not result.zoomed and np.allclose(result.probs_after, result.probs_before)
+    else:
+        assert result.zoomed
+
+
+def test_inverted_means_most_mass_outside_the_box(deit_tiny, blur_items):
+    path, gt, _ = blur_items[0]
+    analysis = vit_analyzer.analyze(deit_tiny, path, keep_graph=False)
+    w, h = analysis.loaded.original_size
+    inside = intent.diagnose(analysis, box=gt)
+    # The complement-ish box: a thin strip in a corner away from the object holds little of the map.
+    corner = (0, 0, 8, 8) if gt[0] > 16 or gt[1] > 16 else (w - 8, h - 8, w, h)
+    outside = intent.diagnose(analysis, box=corner)
+    for d in (inside, outside):
+        assert d.kind in intent.KINDS
+        if d.kind == "inverted":
+            assert d.metrics["mass_inside_box"] < 0.5
+        if d.kind == "good":
+            assert d.metrics["mass_inside_box"] >= 0.5
+    if outside.kind != "diffuse":
+        assert outside.kind == "inverted"
+
+
+def test_diagnosis_without_a_box_uses_the_crop(deit_tiny, shared_dir):
+    path = shared_dir / "data" / "imagenet-sample" / "n01440764_tench.JPEG"
+    diagnosis = intent.diagnose(vit_analyzer.analyze(deit_tiny, path, keep_graph=False))
+    assert diagnosis.kind in intent.KINDS and diagnosis.reason
+    if diagnosis.kind != "diffuse":
+        assert "crop_confidence_ratio" in diagnosis.metrics
