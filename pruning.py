@@ -225,9 +225,29 @@ class PruneResult:
         }
 
 
-def analysis_scores(analysis: Analysis, after_block: int) -> torch.Tensor:
-    """Analysis-mode ranking: the intent of the tokens entering block `after_block` (look-ahead allowed)."""
-    return torch.from_numpy(analysis.intent(from_block=after_block).reshape(1, -1).copy())
+# Analysis mode: how much a candidate's similarity to already-kept tokens counts against it. Top-k of the intent
+# map alone keeps near-duplicates of the most discriminative part; 0.2 measured best on DeiT-Tiny at keep 0.1.
+REDUNDANCY_WEIGHT = 0.2
+
+
+def analysis_scores(analysis: Analysis, after_block: int, keep: float) -> torch.Tensor:
+    """Analysis-mode ranking (1, patches) whose top `keep` share is the tokens to keep: greedily the highest
+    intent (of the tokens entering block `after_block`, look-ahead allowed) minus REDUNDANCY_WEIGHT times
+    the cosine similarity to the most similar token already kept."""
+    intent = torch.from_numpy(analysis.intent(from_block=after_block).reshape(-1).copy())
+    tokens = torch.from_numpy(analysis.hidden_states[after_block, analysis.num_special :].copy())
+    unit = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    similarity = (unit @ unit.T).clamp_min(0)
+    n_keep = kept_count(intent.numel(), keep)
+    ranking = torch.zeros_like(intent)
+    redundancy = torch.zeros_like(intent)
+    chosen = torch.zeros(intent.numel(), dtype=torch.bool)
+    for step in range(n_keep):
+        pick = int((intent - REDUNDANCY_WEIGHT * redundancy).masked_fill(chosen, -float("inf")).argmax())
+        chosen[pick] = True
+        ranking[pick] = n_keep - step + 1  # chosen tokens outrank the rest (0), earlier picks first
+        redundancy = torch.maximum(redundancy, similarity[pick])
+    return ranking.unsqueeze(0)
 
 
 def prune(
@@ -244,7 +264,7 @@ def prune(
         raise ZoomViTError(f"Unknown mode '{mode}': use one of {MODES}.")
     after_block = _check_block(bundle, after_block)
     pixel_values = analysis.pixel_values
-    scores = analysis_scores(analysis, after_block) if mode == "analysis" else None
+    scores = analysis_scores(analysis, after_block, keep) if mode == "analysis" else None
     fusion = fusion if mode == "efficiency" else "drop"
     run_full = lambda: forward_pruned(bundle, pixel_values, after_block, 1.0)
     run_pruned = lambda: forward_pruned(bundle, pixel_values, after_block, keep, scores, fusion)

@@ -494,6 +494,7 @@ class Analysis:
     attentions: np.ndarray  # (layers, heads, N, N)
     target: int
     attention_grads: np.ndarray  # d logit[target] / d attention, same shape as attentions
+    hidden_states: np.ndarray  # (layers + 1, N, hidden): the tokens entering each block, then the last output
     _graph: dict | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -611,7 +612,7 @@ class Analysis:
                 grads = _backward(self._graph, target, keep_graph=True)
                 memo[target] = Analysis(
                     self.bundle, self.loaded, self.geometry, self.pixel_values, self.probs, self.attentions,
-                    target, grads, _graph=None,
+                    target, grads, self.hidden_states, _graph=None,
                 )
         return memo[target]
 
@@ -661,7 +662,12 @@ def analyze(bundle: ViTBundle, image, target: int | None = None, keep_graph: boo
     pixel_values, geometry = encode(bundle, loaded)
     interpolate = tuple(pixel_values.shape[-2:]) != tuple(bundle.input_size)
     with torch.enable_grad():
-        out = bundle.model(pixel_values=pixel_values, output_attentions=True, interpolate_pos_encoding=interpolate)
+        out = bundle.model(
+            pixel_values=pixel_values,
+            output_attentions=True,
+            output_hidden_states=True,
+            interpolate_pos_encoding=interpolate,
+        )
         if not out.attentions:
             raise ModelLoadError(
                 "The model returned no attention maps; it must be loaded with attn_implementation='eager'."
@@ -673,8 +679,9 @@ def analyze(bundle: ViTBundle, image, target: int | None = None, keep_graph: boo
         graph = {"logits": out.logits, "attentions": out.attentions}
         attention_grads = _backward(graph, target, keep_graph)
     attentions = torch.stack(out.attentions)[:, 0].detach().numpy()
+    hidden_states = torch.stack(out.hidden_states)[:, 0].detach().numpy()
     return Analysis(
-        bundle, loaded, geometry, pixel_values, probs, attentions, target, attention_grads,
+        bundle, loaded, geometry, pixel_values, probs, attentions, target, attention_grads, hidden_states,
         _graph=graph if keep_graph else None,
     )
 

@@ -262,6 +262,25 @@ def test_analysis_scores_pick_the_top_patches(request, name):
     assert set(keep_idx[0].tolist()) == expected
 
 
+def test_analysis_ranking_skips_duplicates(tiny_vit):
+    """With two identical top tokens, redundancy-aware ranking keeps one of them and the next distinct token."""
+    analysis = vit_analyzer.analyze(tiny_vit, random_image(64, 40), keep_graph=False)
+    patches = analysis.grid[0] * analysis.grid[1]
+    ns = analysis.num_special
+    intent = np.linspace(1.0, 0.0, patches, dtype=np.float32)  # patch 0 best, then 1, 2, ...
+    analysis._cache[("intent", 1)] = intent.reshape(analysis.grid)
+    hidden = np.random.default_rng(0).normal(size=analysis.hidden_states.shape).astype(np.float32)
+    hidden[1, ns + 1] = hidden[1, ns + 0]  # patch 1 duplicates patch 0 at the cut
+    analysis.hidden_states = hidden
+    ranking = pruning.analysis_scores(analysis, 1, 2 / patches)[0]
+    kept = set(ranking.argsort(descending=True)[:2].tolist())
+    assert kept == {0, 2}
+    # Without the duplicate, plain intent order wins.
+    hidden[1, ns + 1] = np.random.default_rng(1).normal(size=hidden.shape[-1])
+    ranking = pruning.analysis_scores(analysis, 1, 2 / patches)[0]
+    assert set(ranking.argsort(descending=True)[:2].tolist()) == {0, 1}
+
+
 @pytest.mark.parametrize("name", BUNDLES)
 @pytest.mark.parametrize("fusion", ["drop", "merge"])
 def test_special_tokens_survive_pruning(request, name, fusion):

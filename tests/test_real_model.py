@@ -36,7 +36,7 @@ def test_analysis_mode_pruning_keeps_decisions(deit_tiny, sample_paths):
     agree = 0
     for path in sample_paths:
         analysis = vit_analyzer.analyze(deit_tiny, path, keep_graph=False)
-        scores = pruning.analysis_scores(analysis, 6)
+        scores = pruning.analysis_scores(analysis, 6, 0.3)
         logits, keep_idx = pruning.forward_pruned(deit_tiny, analysis.pixel_values, 6, 0.3, scores)
         assert keep_idx.shape == (1, round(0.3 * 196))
         agree += int(torch.argmax(logits[0])) == analysis.predicted
