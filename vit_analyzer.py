@@ -218,11 +218,11 @@ def load_model(name: str | None = None) -> ViTBundle:
         processor = AutoImageProcessor.from_pretrained(name)
         model = AutoModelForImageClassification.from_pretrained(name, attn_implementation="eager")
     except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+        why = "offline, and it is not in the local cache" if offline else str(exc).strip().splitlines()[0][:200]
         hint = (
-            f"Could not load model '{name}'"
-            + (" (offline, and it is not in the local cache)" if offline or not local.exists() else "")
-            + f". Pass a local folder in Hugging Face layout with --model PATH or {config.MODEL_ENV_VAR}=PATH."
+            f"Could not load model '{name}' ({why}). Pass a local folder in Hugging Face layout with "
+            f"--model PATH or {config.MODEL_ENV_VAR}=PATH."
         )
         raise ModelLoadError(hint) from exc
     model.eval()

@@ -405,3 +405,12 @@ def test_deit_tiny_macs_match_the_published_figure(deit_tiny):
     # DeiT-Ti: 1.3 G multiply-accumulates per 224x224 image (Touvron et al. 2021, Table 1).
     _, _, before, _ = pruning.pruned_macs(deit_tiny, 197, 1.0, 6, "analysis", "drop")
     assert 1.2e9 < before < 1.35e9
+
+
+def test_uncached_hub_model_offline_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(vit_analyzer.ModelLoadError) as err:
+        vit_analyzer.load_model("zoomvit-test/not-a-cached-model")
+    message = str(err.value)
+    assert "\n" not in message and "zoomvit-test/not-a-cached-model" in message
+    assert "offline" in message and "--model PATH" in message
