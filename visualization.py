@@ -3,6 +3,8 @@ fast on 2048-pixel images."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import matplotlib
@@ -10,9 +12,27 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
+@functools.lru_cache(maxsize=32)
 def _colour_table(cmap: str) -> np.ndarray:
-    """(256, 3) uint8 lookup table: indexing it is much cheaper than calling the colormap per pixel."""
-    return (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
+    """(256, 3) uint8 lookup table: indexing it is much cheaper than calling the colormap per pixel.
+
+    Cached per colormap name (read-only: callers only index it)."""
+    table = (matplotlib.colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255 + 0.5).astype(np.uint8)
+    table.flags.writeable = False
+    return table
+
+
+def _levels(heat: np.ndarray) -> np.ndarray:
+    """[0, 1] floats to 0..255 colour levels (NaN as 0, out-of-range values clipped)."""
+    levels = np.nan_to_num(np.asarray(heat, dtype=np.float32) * np.float32(255.0))
+    return np.rint(np.clip(levels, 0.0, 255.0, out=levels), out=levels).astype(np.uint8)
+
+
+def _colourize(levels: np.ndarray, cmap: str) -> Image.Image:
+    """Levels through the colormap, as an RGB image (a palette lookup in Pillow: no per-pixel numpy indexing)."""
+    coloured = Image.fromarray(levels, "L")
+    coloured.putpalette(_colour_table(cmap).tobytes())  # mode P: each level is its colour
+    return coloured.convert("RGB")
 
 
 def overlay(image: Image.Image, heat: np.ndarray, cmap: str = "jet", alpha: float = 0.5) -> Image.Image:
@@ -20,9 +40,7 @@ def overlay(image: Image.Image, heat: np.ndarray, cmap: str = "jet", alpha: floa
     heat = np.asarray(heat, dtype=np.float32)
     if heat.shape != (image.height, image.width):
         raise ValueError(f"heat map is {heat.shape[::-1]} (w, h) but the image is {image.size}")
-    levels = np.rint(np.clip(np.nan_to_num(heat), 0.0, 1.0) * 255).astype(np.uint8)
-    coloured = Image.fromarray(_colour_table(cmap)[levels], "RGB")
-    return Image.blend(image.convert("RGB"), coloured, alpha)
+    return Image.blend(image.convert("RGB"), _colourize(_levels(heat), cmap), alpha)
 
 
 def draw_box(image: Image.Image, box, color="red", width: int = 3) -> Image.Image:
@@ -56,3 +74,139 @@ def token_mask_overlay(image: Image.Image, geometry, kept_mask: np.ndarray, stre
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=1)
     grey = Image.blend(rgb, Image.new("RGB", rgb.size, (128, 128, 128)), strength)
     return Image.composite(grey, rgb, dropped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Display-sized rendering (the web app): draw on a bounded copy of the image, never on the full-size one
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fit_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(width, height) scaled down (never up) so the longest side is at most max_side; at least 1 pixel each."""
+    width, height = size
+    factor = min(1.0, max_side / max(width, height))
+    return max(1, round(width * factor)), max(1, round(height * factor))
+
+
+def resized_view(image: Image.Image, geometry, max_side: int):
+    """A copy of the image at most max_side pixels on its longest side, and the geometry for that copy.
+
+    The patch grid, crop and resize are the model's; only the image side of the mapping changes, so
+    `pixel_to_patch`, `patch_box` and `upsample` of the returned geometry work in the copy's pixels.
+    """
+    size = fit_size(image.size, max_side)
+    small = image.convert("RGB") if size == image.size else image.resize(size, Image.Resampling.BILINEAR)
+    factor = size[0] / geometry.image_size[0]
+    return small, dataclasses.replace(geometry, image_size=size, scale=geometry.scale * factor)
+
+
+def _operator_for(geometry):
+    try:
+        return upsample_operator(geometry)
+    except TypeError:  # an unhashable geometry-like object: no cache, no operator
+        return None
+
+
+def upsample(geometry, grid_map: np.ndarray) -> np.ndarray:
+    """The same as geometry.upsample(grid_map), through the cached `upsample_operator` when there is one."""
+    operator = _operator_for(geometry)
+    if operator is None:
+        return geometry.upsample(grid_map)
+    return operator[0] @ np.asarray(grid_map, dtype=np.float32) @ operator[1].T
+
+
+def heat_overlay(image: Image.Image, geometry, grid_map: np.ndarray, cmap: str = "jet", alpha: float = 0.5):
+    """A patch-grid map upsampled through `geometry` (made for this image's size) and blended over it."""
+    return overlay(image, upsample(geometry, grid_map), cmap, alpha)
+
+
+@functools.lru_cache(maxsize=256)
+def _caption(text: str) -> np.ndarray:
+    """White text on a black strip, as an RGB array (rendered once per text: drawing text is slow)."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    _, _, x1, y1 = probe.textbbox((3, 2), text)
+    strip = Image.new("RGB", (x1 + 3, y1 + 2), (0, 0, 0))
+    ImageDraw.Draw(strip).text((3, 2), text, fill=(255, 255, 255))
+    array = np.asarray(strip)
+    array.flags.writeable = False
+    return array
+
+
+@functools.lru_cache(maxsize=64)
+def upsample_operator(geometry):
+    """Matrices (A_y: H x rows, A_x: W x cols) with geometry.upsample(G) == A_y @ G @ A_x.T, or None.
+
+    `upsample` is bilinear resizing and pasting, hence linear and separable: one probe per grid row and per
+    grid column recovers it, and then many maps upsample in one matrix product. Checked against `upsample` on
+    a random map; None (use `upsample` itself) if it does not match. Keyed by the (hashable) geometry.
+    """
+    gh, gw = geometry.grid
+    full = geometry.upsample(np.ones((gh, gw), np.float32))
+    if not full.size or full.max() <= 0:
+        return None
+    # full = s_y s_x^T (each axis' weights summed). A column probe gives s_y (A_x e_j)^T, a row probe
+    # (A_y e_i) s_x^T: read both through one pixel (row, col) and divide by full[row, col] = s_y[row] s_x[col].
+    row, col = np.unravel_index(int(np.argmax(full)), full.shape)
+    a_x = np.empty((full.shape[1], gw), np.float32)
+    for j in range(gw):
+        probe = np.zeros((gh, gw), np.float32)
+        probe[:, j] = 1.0
+        a_x[:, j] = geometry.upsample(probe)[row, :]
+    a_y = np.empty((full.shape[0], gh), np.float32)
+    for i in range(gh):
+        probe = np.zeros((gh, gw), np.float32)
+        probe[i, :] = 1.0
+        a_y[:, i] = geometry.upsample(probe)[:, col] / full[row, col]
+    check = np.random.default_rng(0).random((gh, gw), dtype=np.float32)
+    if np.abs(a_y @ check @ a_x.T - geometry.upsample(check)).max() > 1e-3:
+        return None
+    a_y.flags.writeable = a_x.flags.writeable = False
+    return a_y, a_x
+
+
+def heads_grid(
+    image: Image.Image,
+    geometry,
+    grid_maps,
+    titles=None,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    tile: int = 128,
+    columns: int | None = None,
+    gap: int = 4,
+) -> Image.Image:
+    """One small overlay per map (e.g. one per attention head), tiled in a grid with a caption on each.
+
+    image/geometry: the picture and its geometry (any size; it is shrunk to `tile` pixels once).
+    grid_maps: a sequence of patch-grid maps with values in [0, 1]. titles: one caption per map.
+    All tiles are upsampled and coloured in one batch (a few ms for 12 heads).
+    """
+    maps = np.asarray(list(grid_maps), dtype=np.float32)
+    if maps.ndim != 3 or not len(maps):
+        raise ValueError("heads_grid needs a non-empty sequence of 2-D maps")
+    titles = list(titles) if titles is not None else [str(i) for i in range(len(maps))]
+    small, small_geometry = resized_view(image, geometry, tile)
+    operator = _operator_for(small_geometry)
+    if operator is not None:
+        heats = operator[0] @ maps @ operator[1].T
+    else:
+        heats = np.stack([small_geometry.upsample(m) for m in maps])
+    base = np.asarray(small, dtype=np.float32)
+    coloured = np.take(_colour_table(cmap), _levels(heats), axis=0).astype(np.float32)
+    panels = (base * (1.0 - alpha) + coloured * alpha + 0.5).astype(np.uint8)
+    columns = columns or min(len(maps), max(1, math.ceil(math.sqrt(len(maps) * 1.5))))
+    rows = math.ceil(len(maps) / columns)
+    h, w = base.shape[:2]
+    sheet = np.full((rows * h + (rows - 1) * gap, columns * w + (columns - 1) * gap, 3), 255, np.uint8)
+    for i, (panel, title) in enumerate(zip(panels, titles)):
+        y, x = (i // columns) * (h + gap), (i % columns) * (w + gap)
+        sheet[y : y + h, x : x + w] = panel
+        caption = _caption(str(title))[:h, :w]
+        sheet[y : y + caption.shape[0], x : x + caption.shape[1]] = caption
+    return Image.fromarray(sheet, "RGB")
+
+
+def colormap_stops(cmap: str = "jet", count: int = 9) -> list[str]:
+    """`count` evenly spaced colours of the colormap, low to high, as '#rrggbb' (for a legend)."""
+    table = _colour_table(cmap)
+    return ["#%02x%02x%02x" % tuple(int(c) for c in table[i]) for i in np.linspace(0, 255, count).round().astype(int)]

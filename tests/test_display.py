@@ -1,0 +1,74 @@
+"""Display-sized drawing for the web app: bounded copies, the fast upsampling, the all-heads grid, the legend."""
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+import visualization
+from vit_analyzer import Geometry
+
+GEOMETRIES = [
+    Geometry((500, 375), (341, 256), (58, 16, 224, 224), 16),  # DeiT-style resize + centre crop
+    Geometry((101, 67), (56, 56), (4, 4, 48, 48), 8),  # uneven scaling, cropped
+    Geometry((224, 224), (224, 224), (0, 0, 224, 224), 16),  # plain resize
+    Geometry((64, 40), (70, 40), (-2, 0, 74, 40), 2),  # crop wider than the resized image (padding)
+]
+
+
+@pytest.mark.parametrize("size, side, expected", [
+    ((2048, 1536), 768, (768, 576)), ((300, 200), 768, (300, 200)), ((1, 4000), 768, (1, 768)),
+])
+def test_fit_size_only_shrinks(size, side, expected):
+    assert visualization.fit_size(size, side) == expected
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_resized_view_keeps_patches_in_place(geometry):
+    image = Image.new("RGB", geometry.image_size, (10, 20, 30))
+    small, small_geometry = visualization.resized_view(image, geometry, 50)
+    assert max(small.size) <= 50 and small.size == small_geometry.image_size
+    fx, fy = small.width / image.width, small.height / image.height
+    gh, gw = geometry.grid
+    for row, col in [(0, 0), (gh // 2, gw // 2), (gh - 1, gw - 1)]:
+        x0, y0, x1, y1 = geometry.patch_box(row, col)
+        np.testing.assert_allclose(small_geometry.patch_box(row, col), (x0 * fx, y0 * fy, x1 * fx, y1 * fy), rtol=1e-6)
+        centre = ((x0 + x1) / 2 * fx, (y0 + y1) / 2 * fy)
+        if 0 <= centre[0] < small.width and 0 <= centre[1] < small.height:
+            assert small_geometry.pixel_to_patch(*centre) == (row, col)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_the_fast_upsampling_is_the_geometry_upsampling(geometry):
+    operator = visualization.upsample_operator(geometry)
+    assert operator is not None
+    for seed in range(3):
+        grid_map = np.random.default_rng(seed).random(geometry.grid, dtype=np.float32)
+        np.testing.assert_allclose(visualization.upsample(geometry, grid_map), geometry.upsample(grid_map), atol=1e-5)
+
+
+def test_heads_grid_tiles_one_overlay_per_map():
+    geometry = GEOMETRIES[0]
+    image = Image.new("RGB", geometry.image_size, (0, 160, 0))
+    maps = [np.full(geometry.grid, i / 4, dtype=np.float32) for i in range(5)]
+    grid = visualization.heads_grid(image, geometry, maps, [f"h{i}" for i in range(5)], "jet", 1.0, tile=64, gap=4)
+    tile_w, tile_h = visualization.fit_size(geometry.image_size, 64)
+    columns = 3  # ceil(sqrt(5 * 1.5))
+    assert grid.size == (columns * tile_w + (columns - 1) * 4, 2 * tile_h + 4)
+    jet = matplotlib.colormaps["jet"]
+    pixels = np.asarray(grid).astype(int)
+    levels = [round(i / 4 * 255) for i in range(5)]  # the colour table has 256 levels
+    for i in range(5):  # the middle of each tile (inside the crop) has its map's colour at full opacity
+        x = (i % columns) * (tile_w + 4) + tile_w // 2
+        y = (i // columns) * (tile_h + 4) + tile_h // 2
+        np.testing.assert_allclose(pixels[y, x], np.array(jet(levels[i] / 255)[:3]) * 255, atol=1)
+    assert (pixels[tile_h + 4 :, -tile_w:] == 255).all()  # the unused slot stays blank
+
+
+def test_colormap_stops_run_low_to_high():
+    stops = visualization.colormap_stops("viridis", 5)
+    viridis = matplotlib.colormaps["viridis"]
+    assert len(stops) == 5
+    for stop, t in zip(stops, np.linspace(0, 1, 5)):
+        expected = tuple(round(c * 255) for c in viridis(t)[:3])
+        assert np.abs(np.array([int(stop[i : i + 2], 16) for i in (1, 3, 5)]) - expected).max() <= 3
