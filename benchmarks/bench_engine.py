@@ -35,27 +35,27 @@ def vit_b_shaped() -> va.ViTBundle:
     return va.ViTBundle(model, processor, "random ViT-B/16", 16, (224, 224), 1, dict(cfg.id2label))
 
 
-def plain_forward_backward(bundle: va.ViTBundle, loaded: va.LoadedImage):
+def plain_forward_backward(model, processor, loaded: va.LoadedImage):
     """What a user would write without this tool: preprocess, default-attention forward, backward a logit."""
-    pixel_values = bundle.processor(images=loaded.image, return_tensors="pt")["pixel_values"]
-    logits = bundle.plain_model(pixel_values=pixel_values).logits
+    pixel_values = processor(images=loaded.image, return_tensors="pt")["pixel_values"]
+    logits = model(pixel_values=pixel_values).logits
     logits[0, logits[0].argmax()].backward()
-    bundle.plain_model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=True)
+
+
+def sdpa_twin(bundle: va.ViTBundle):
+    """The same weights with the library's default attention (SDPA), as a plain user would load them."""
+    cfg = type(bundle.model.config).from_dict(bundle.model.config.to_dict())
+    cfg._attn_implementation = "sdpa"
+    model = type(bundle.model)(cfg).eval()
+    model.load_state_dict(bundle.model.state_dict())
+    return model
 
 
 def bench(bundle: va.ViTBundle, image: Image.Image, repeats: int):
-    from transformers import AutoModelForImageClassification
-
-    cfg = bundle.model.config
-    if os.path.isdir(bundle.name):
-        bundle.plain_model = AutoModelForImageClassification.from_pretrained(bundle.name).eval()  # default (SDPA)
-    else:
-        plain_cfg = type(cfg).from_dict(cfg.to_dict())
-        plain_cfg._attn_implementation = "sdpa"
-        bundle.plain_model = type(bundle.model)(plain_cfg).eval()
-        bundle.plain_model.load_state_dict(bundle.model.state_dict())
+    plain_model = sdpa_twin(bundle)
     loaded = va.load_image(image)
-    plain = median_ms(lambda: plain_forward_backward(bundle, loaded), repeats)
+    plain = median_ms(lambda: plain_forward_backward(plain_model, bundle.processor, loaded), repeats)
     ours = median_ms(lambda: va.analyze(bundle, loaded, keep_graph=False), repeats)
     print(f"\n== {bundle.name} ==")
     print(f"analysis pass {ours:.1f} ms / plain HF forward+backward {plain:.1f} ms = {ours / plain:.3f}x")
@@ -66,7 +66,6 @@ def bench(bundle: va.ViTBundle, image: Image.Image, repeats: int):
         full = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, 1.0), reps)
         hf = median_ms(lambda: va.predict_pixels(bundle, x), reps)
         print(f"batch {batch}: full {full:.1f} ms (HF eager forward {hf:.1f} ms)")
-        n = x.shape[1]
         tokens = (x.shape[-1] // bundle.patch_size) * (x.shape[-2] // bundle.patch_size) + bundle.num_special
         for keep in (0.7, 0.5, 0.3):
             pruned = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, keep, None, "merge"), reps)
@@ -84,8 +83,10 @@ def main():
     parser.add_argument("--image", default=str(SHARED / "data" / "imagenet-sample" / "n01440764_tench.JPEG"))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-vit-b", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     image = Image.open(args.image).convert("RGB")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench(va.load_model(args.model), image, args.repeats)
