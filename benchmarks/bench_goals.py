@@ -43,22 +43,24 @@ def pct(x):
 def pruning_goals(bundle, folder, limit):
     rows = rows_of(folder, limit)
     labels = np.array([int(r["label_index"]) for r in rows])
-    pixels, scores = [], {"intent": [], "grad_rollout": []}
+    keeps = (0.5, 0.3, 0.1)
+    pixels, scores = [], {"intent": {k: [] for k in keeps}, "grad_rollout": {k: [] for k in keeps}}
     for r in tqdm(rows, desc="analysis passes", file=sys.stderr):
         analysis = va.analyze(bundle, folder / r["file"], keep_graph=False)
         pixels.append(analysis.pixel_values)
-        scores["intent"].append(analysis.intent(from_block=AFTER).ravel())
-        scores["grad_rollout"].append(analysis.grad_rollout().ravel())
+        for keep in keeps:
+            scores["intent"][keep].append(pruning.analysis_scores(analysis, AFTER, keep)[0].numpy())
+            scores["grad_rollout"][keep].append(analysis.grad_rollout().ravel())
     pixels = torch.cat(pixels)
     top1 = lambda logits: float((logits.argmax(-1).numpy() == labels).mean())
     chunks = lambda fn: torch.cat([fn(pixels[i : i + 50], slice(i, i + 50)) for i in range(0, len(rows), 50)])
     base = top1(chunks(lambda x, s: pruning.forward_pruned(bundle, x, AFTER, 1.0)[0]))
     print(f"\nimagenet-sample n={len(rows)}: unpruned top-1 {pct(base)}")
-    for name, values in scores.items():
-        table = torch.tensor(np.stack(values))
+    for name, per_keep in scores.items():
+        tables = {keep: torch.tensor(np.stack(values)) for keep, values in per_keep.items()}
         line = [
-            f"keep {keep}: {100 * (top1(chunks(lambda x, s: pruning.forward_pruned(bundle, x, AFTER, keep, table[s])[0])) - base):+.1f}"
-            for keep in (0.5, 0.3, 0.1)
+            f"keep {keep}: {100 * (top1(chunks(lambda x, s: pruning.forward_pruned(bundle, x, AFTER, keep, tables[keep][s])[0])) - base):+.1f}"
+            for keep in keeps
         ]
         print(f"  analysis  {name:13s} " + " | ".join(line) + " points")
     for fusion in ("merge", "drop"):
@@ -69,7 +71,7 @@ def pruning_goals(bundle, folder, limit):
         label = "merge+coverage" if fusion == "merge" else "CLS-attn top-k"
         print(f"  efficiency {label:14s} " + " | ".join(line) + " points")
     generator = torch.Generator().manual_seed(0)
-    random_scores = torch.rand(len(rows), len(scores["intent"][0]), generator=generator)
+    random_scores = torch.rand(len(rows), len(scores["intent"][0.5][0]), generator=generator)
     line = [
         f"keep {keep}: {100 * (top1(chunks(lambda x, s: pruning.forward_pruned(bundle, x, AFTER, keep, random_scores[s])[0])) - base):+.1f}"
         for keep in (0.7, 0.5, 0.3)
@@ -126,8 +128,9 @@ def main():
     parser.add_argument("--limit", type=int, default=None, help="images per data set (default: all 500)")
     parser.add_argument("--faithfulness-limit", type=int, default=100)
     parser.add_argument("--only", default="prune,zoom,faithfulness")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest when anything else runs)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     bundle = va.load_model(args.model)
     only = set(args.only.split(","))
     data = SHARED / "data"
