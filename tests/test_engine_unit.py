@@ -333,9 +333,11 @@ def test_prune_result_mask_matches_kept_tokens(analyses):
     result = pruning.prune(analysis, keep=0.5, after_block=1, mode="analysis", timing_repeats=0)
     assert result.kept_mask.shape == GRIDS["tiny_deit_distilled"]
     assert result.kept_mask.sum() == result.tokens_after - 2 == 18
-    # Analysis mode keeps the most intended patches of the block-1 intent map.
+    # Analysis mode keeps exactly the top of its ranking, which starts with the most intended patch.
+    ranking = pruning.analysis_scores(analysis, 1, 0.5)[0].numpy().reshape(result.kept_mask.shape)
+    assert ranking[result.kept_mask].min() > ranking[~result.kept_mask].max()
     intent = analysis.intent(from_block=1)
-    assert intent[result.kept_mask].min() >= intent[~result.kept_mask].max()
+    assert result.kept_mask.ravel()[int(intent.argmax())]
 
 
 # ---- other targets --------------------------------------------------------------------------------------
