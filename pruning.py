@@ -117,9 +117,9 @@ def forward_pruned(
     scores = torch.zeros(b, num_patches) if need_attention else None
     for i, layer in enumerate(bundle.layers[:after_block]):
         score_here = need_attention and i >= after_block - SCORE_BLOCKS
-        x, probs, _ = run_block(layer, x, need_attention=score_here)
+        x, probs = run_block(layer, x, attention_rows=ns if score_here else 0)
         if score_here:
-            scores += probs[:, :, :ns, ns:].mean(dim=(1, 2))
+            scores += probs[:, :, :, ns:].mean(dim=(1, 2))
     bias = None
     if not pruning:
         keep_idx = torch.arange(num_patches).expand(b, -1)
@@ -142,7 +142,7 @@ def forward_pruned(
                 parts.append((_gather(patches, drop_idx) * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True))
             x = torch.cat(parts, dim=1)
     for layer in bundle.layers[after_block:]:
-        x, _, _ = run_block(layer, x, attn_bias=bias)
+        x, _ = run_block(layer, x, attn_bias=bias)
     return classify_tokens(bundle, x), keep_idx
 
 

@@ -367,12 +367,14 @@ def embed(bundle: ViTBundle, pixel_values: torch.Tensor) -> torch.Tensor:
     return bundle.backbone.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
 
 
-def run_block(layer, x: torch.Tensor, attn_bias: torch.Tensor | None = None, need_attention: bool = False):
+def run_block(layer, x: torch.Tensor, attn_bias: torch.Tensor | None = None, attention_rows: int = 0):
     """One pre-norm transformer block, numerically the same as the HF layer, on any number of tokens.
 
     attn_bias (broadcast to B x heads x N x N) is added to the attention logits: log(token size) for merged
     tokens makes a merged token count as the tokens it stands for (proportional attention).
-    Returns (x, attention probabilities or None, keys).
+    attention_rows > 0 also returns the attention probabilities of the first `attention_rows` queries (the
+    special tokens), computed on their own so the block itself keeps the fused SDPA kernel.
+    Returns (x, probabilities (B, heads, attention_rows, N) or None).
     """
     att = layer.attention
     h = layer.layernorm_before(x)
@@ -382,18 +384,16 @@ def run_block(layer, x: torch.Tensor, attn_bias: torch.Tensor | None = None, nee
     k = att.k_proj(h).view(shape).transpose(1, 2)
     v = att.v_proj(h).view(shape).transpose(1, 2)
     probs = None
-    if need_attention:
-        logits = torch.matmul(q, k.transpose(-2, -1)) * att.scaling
+    if attention_rows:
+        logits = torch.matmul(q[:, :, :attention_rows], k.transpose(-2, -1)) * att.scaling
         if attn_bias is not None:
             logits = logits + attn_bias
         probs = logits.softmax(dim=-1)
-        out = torch.matmul(probs, v)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=att.scaling)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=att.scaling)
     out = out.transpose(1, 2).reshape(b, n, -1)
     x = x + att.o_proj(out)
     x = x + layer.mlp(layer.layernorm_after(x))
-    return x, probs, k
+    return x, probs
 
 
 def classify_tokens(bundle: ViTBundle, x: torch.Tensor) -> torch.Tensor:
@@ -637,17 +637,17 @@ def key_removal_effect(attentions: np.ndarray, grads: np.ndarray) -> np.ndarray:
 
 
 def intent_map(analysis: Analysis, from_block: int = 0) -> np.ndarray:
-    """intent = norm(grad-weighted rollout) * sqrt(norm(relu(key-removal effect))), both over blocks from_block..
+    """intent = norm(norm(grad-weighted rollout) + norm(relu(key-removal effect))), both over blocks from_block..
 
     Attention and gradients flow through the rollout (how relevance propagates across layers); the key-removal
-    effect adds, per token, how much the target logit loses without it. Their product keeps tokens that both
-    carry relevance and are needed; the square root keeps the rollout's shape as the primary signal.
+    effect adds, per token, how much the target logit loses without it. A sum rather than a product: a
+    product zeroes most of the map, and ties among zeros made it less faithful on the deletion metric.
     """
     attn = analysis.attentions[from_block:]
     grads = analysis.attention_grads[from_block:]
     flow = analysis._to_grid(analysis._special_rows(grad_rollout_matrix(attn, grads)))
     needed = analysis._to_grid(np.clip(key_removal_effect(attn, grads), 0, None))
-    return normalize_map(normalize_map(flow) * np.sqrt(normalize_map(needed)))
+    return normalize_map(normalize_map(flow) + normalize_map(needed))
 
 
 def _backward(graph: dict, target: int, keep_graph: bool) -> np.ndarray:
