@@ -29,6 +29,8 @@ ZOOM_MASS = 0.6  # the box must hold this share of the map's mass (after the bac
 ZOOM_PADDING = 0.15  # padding added on each side, as a fraction of the box side
 ZOOM_MIN_SIDE = 0.2  # minimum box side as a fraction of the shorter image side
 ZOOM_MAX_AREA = 0.5  # the adaptive policy only zooms when the box covers at most this share of the image
+# A map is diffuse when 60% of its (median-floored) mass needs more than this share of the patches.
+DIFFUSE_SPREAD = 0.3
 # After an adaptive zoom the prediction mixes both looks; 0.7 on the whole image keeps ImageNet-sample top-1
 # from dropping (measured on DeiT-Tiny), while an unsure whole image still defers to a confident crop.
 ZOOM_WHOLE_WEIGHT = 0.7

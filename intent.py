@@ -2,7 +2,7 @@
 
 Measured on the intent map of the predicted class (floored at its median, treated as a distribution):
 - spread: the share of patches needed to hold 60% of the map's mass (uniform map: 0.6; one patch: ~0.005).
-  diffuse  <=>  spread > DIFFUSE_SPREAD.
+  diffuse  <=>  spread > config.DIFFUSE_SPREAD.
 - inverted: with a ground-truth object box, the share of mass inside the box is below one half (most of the
   importance sits outside the object). Without a box, the place the model looks does not support its own
   decision: the crop of the intent box, classified alone, gives the predicted class less than half its
@@ -18,20 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import config
-from vit_analyzer import Analysis
+from vit_analyzer import Analysis, map_spread
+from zoom import zoom
 
 KINDS = ("good", "inverted", "diffuse")
-DIFFUSE_SPREAD = 0.3
 INVERTED_INSIDE = 0.5
-
-
-def spread(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> float:
-    values = np.clip(grid_map - np.median(grid_map), 0, None).ravel()
-    total = values.sum()
-    if total <= 0:
-        return 1.0
-    cumulative = np.cumsum(np.sort(values)[::-1])
-    return float((np.searchsorted(cumulative, mass * total) + 1) / values.size)
 
 
 def mass_inside(analysis: Analysis, grid_map: np.ndarray, box_original) -> float:
@@ -61,8 +52,8 @@ def diagnose(analysis: Analysis, box=None, zoom_result=None) -> Diagnosis:
     """
     analysis = analysis.for_target(analysis.predicted)  # the diagnosis is about the model's own decision
     grid_map = analysis.intent()
-    metrics = {"spread": spread(grid_map)}
-    if metrics["spread"] > DIFFUSE_SPREAD:
+    metrics = {"spread": map_spread(grid_map)}
+    if metrics["spread"] > config.DIFFUSE_SPREAD:
         return Diagnosis(
             "diffuse",
             f"importance is scattered: 60% of it needs {metrics['spread']:.0%} of the patches",
@@ -80,8 +71,6 @@ def diagnose(analysis: Analysis, box=None, zoom_result=None) -> Diagnosis:
             "good", f"{metrics['mass_inside_box']:.0%} of the importance lies on the object", metrics
         )
     if zoom_result is None:
-        from zoom import zoom  # zoom builds on the analysis; imported here to keep the module graph one-way
-
         zoom_result = zoom(analysis, policy="always")
     predicted = analysis.predicted
     p_whole = float(analysis.probs[predicted])

@@ -432,6 +432,16 @@ def normalize_map(values: np.ndarray) -> np.ndarray:
     return (values - lo) / (hi - lo)
 
 
+def map_spread(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> float:
+    """Share of patches needed to hold `mass` of the median-floored map (uniform: about `mass`; one peak: 1/N)."""
+    values = np.clip(grid_map - np.median(grid_map), 0, None).ravel()
+    total = values.sum()
+    if total <= 0:
+        return 1.0
+    cumulative = np.cumsum(np.sort(values)[::-1])
+    return float((np.searchsorted(cumulative, mass * total) + 1) / values.size)
+
+
 def fuse_heads(attention: np.ndarray, head) -> np.ndarray:
     """attention: (..., heads, N, N). head: an index, or 'mean' / 'max' / 'min' across heads."""
     if isinstance(head, str) and head.lstrip("-").isdigit():

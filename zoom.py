@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 import config
-from vit_analyzer import Analysis, Prediction, ZoomViTError, normalize_map, predict, top_predictions
+from vit_analyzer import Analysis, Prediction, ZoomViTError, map_spread, normalize_map, predict, top_predictions
 
 POLICIES = ("adaptive", "always")
 
@@ -140,13 +140,11 @@ def zoom(
 
     Candidate boxes come from `candidate_maps` (or only `method`'s map, if given); the crop the model is
     most certain about wins. adaptive: zoom only when that box is small (at most `max_area` of the image)
-    and its map concentrated (spread at most DIFFUSE_SPREAD), and then predict with both looks,
+    and its map concentrated (spread at most config.DIFFUSE_SPREAD), and then predict with both looks,
     ZOOM_WHOLE_WEIGHT * whole-image probabilities + the rest * crop probabilities, so a confident whole
     image is not overruled by an unsure crop; otherwise keep the whole-image prediction.
     always: the crop's own prediction.
     """
-    from intent import DIFFUSE_SPREAD, spread
-
     if policy not in POLICIES:
         raise ZoomViTError(f"Unknown zoom policy '{policy}': use one of {POLICIES}.")
     bundle = analysis.bundle
@@ -158,14 +156,14 @@ def zoom(
     chosen = max(crop_probs, key=lambda name: crop_probs[name].max())
     box, crop, probs_crop = boxes[chosen], crops[chosen], crop_probs[chosen]
     area = (box[2] - box[0]) * (box[3] - box[1]) / (image.width * image.height)
-    map_spread = spread(maps[chosen])
+    spread = map_spread(maps[chosen])
     probs_before = analysis.probs
     if policy == "always":
         zoomed, reason = True, "zoom forced"
     elif area > max_area:
         zoomed, reason = False, f"box covers {area:.0%} of the image: the model already sees the object whole"
-    elif map_spread > DIFFUSE_SPREAD:
-        zoomed, reason = False, f"attention is scattered ({map_spread:.0%} of patches hold 60% of it)"
+    elif spread > config.DIFFUSE_SPREAD:
+        zoomed, reason = False, f"attention is scattered ({spread:.0%} of patches hold 60% of it)"
     else:
         zoomed, reason = True, (
             f"attention is concentrated in a box covering {area:.0%} of the image: "
