@@ -408,7 +408,7 @@ class Explorer:
 
     @user_errors
     def change_view(self, session, direction, view, layer, head, discard_ratio, target, colormap, opacity):
-        """A new view replaces the patch inspection."""
+        """A new view, or the clear button, replaces the patch inspection."""
         if not isinstance(session, Session):
             return gr.skip(), gr.skip(), gr.skip()
         session.patch = None
@@ -453,15 +453,6 @@ class Explorer:
         overlay, caption, grid = self.inspect_at(session, xd, yd, view_args, skip_same_grid=True)
         x, y = session.display_to_original(xd, yd)
         return overlay, caption, grid, round(x), round(y)
-
-    @user_errors
-    def clear_patch(self, session, direction, view, layer, head, discard_ratio, target, colormap, opacity):
-        if not isinstance(session, Session):
-            return gr.skip(), gr.skip(), gr.skip()
-        session.patch = None
-        return self.render(
-            session, direction, view, layer, head, discard_ratio, target, colormap, opacity, skip_same_grid=True
-        )
 
     @user_errors
     def pick_target(self, session, direction, view, layer, head, discard_ratio, colormap, opacity,
@@ -725,7 +716,7 @@ def build_demo(bundle: vit_analyzer.ViTBundle) -> gr.Blocks:
         colormap.input(
             legend_html, [colormap], [legend], queue=False, api_visibility="private", show_progress="hidden"
         )
-        clear.click(ex.clear_patch, [session, *view_controls], view_outputs, **quiet)
+        clear.click(ex.change_view, [session, *view_controls], view_outputs, **quiet)
         overlay.select(
             ex.click, [session, *view_controls], [*view_outputs, x_in, y_in], show_progress="hidden",
             api_visibility="private", trigger_mode="always_last",
