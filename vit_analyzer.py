@@ -432,14 +432,23 @@ def normalize_map(values: np.ndarray) -> np.ndarray:
     return (values - lo) / (hi - lo)
 
 
-def map_spread(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> float:
-    """Share of patches needed to hold `mass` of the median-floored map (uniform: about `mass`; one peak: 1/N)."""
-    values = np.clip(grid_map - np.median(grid_map), 0, None).ravel()
+def top_mass_patches(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> np.ndarray:
+    """Boolean grid mask of the fewest patches holding `mass` of the map floored at its median (background
+    patches carry no mass); all patches when nothing is left above the floor."""
+    values = np.clip(grid_map - np.median(grid_map), 0, None)
     total = values.sum()
     if total <= 0:
-        return 1.0
-    cumulative = np.cumsum(np.sort(values)[::-1])
-    return float((np.searchsorted(cumulative, mass * total) + 1) / values.size)
+        return np.ones(values.shape, dtype=bool)
+    order = np.argsort(-values, axis=None)
+    count = int(np.searchsorted(np.cumsum(values.ravel()[order]), mass * total) + 1)
+    selected = np.zeros(values.size, dtype=bool)
+    selected[order[:count]] = True
+    return selected.reshape(values.shape)
+
+
+def map_spread(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> float:
+    """Share of patches needed to hold `mass` of the median-floored map (uniform: about `mass`; one peak: 1/N)."""
+    return float(top_mass_patches(grid_map, mass).mean())
 
 
 def fuse_heads(attention: np.ndarray, head) -> np.ndarray:

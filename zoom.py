@@ -16,23 +16,24 @@ import numpy as np
 from PIL import Image
 
 import config
-from vit_analyzer import Analysis, Prediction, ZoomViTError, map_spread, normalize_map, predict, top_predictions
+from vit_analyzer import (
+    Analysis,
+    Prediction,
+    ZoomViTError,
+    map_spread,
+    normalize_map,
+    predict,
+    top_mass_patches,
+    top_predictions,
+)
 
 POLICIES = ("adaptive", "always")
 
 
 def mass_region(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> np.ndarray:
     """Boolean grid mask: the 8-connected region holding the most of the map's top-`mass` patches."""
+    selected = top_mass_patches(grid_map, mass)
     values = np.clip(grid_map - np.median(grid_map), 0, None)
-    total = values.sum()
-    if total <= 0:
-        return np.ones_like(grid_map, dtype=bool)
-    order = np.argsort(-values, axis=None)
-    cumulative = np.cumsum(values.ravel()[order])
-    count = int(np.searchsorted(cumulative, mass * total) + 1)
-    selected = np.zeros(values.size, dtype=bool)
-    selected[order[:count]] = True
-    selected = selected.reshape(values.shape)
     best, best_mass = None, -1.0
     seen = np.zeros_like(selected)
     h, w = selected.shape
