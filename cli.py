@@ -1,4 +1,4 @@
-"""The `zoomvit` command: explain, zoom, prune and serve. Thin wrappers: every computation is a library call.
+"""The `zoomvit` command: explain, zoom, prune, eval and serve. Thin wrappers: every computation is a library call.
 
 With --json each command prints exactly one JSON object on stdout. A user error (unreadable image, unknown
 class, bad option value) prints one line, `zoomvit: error: ...`, on stderr and exits with status 2.
@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
 import config
+import evaluation
 import intent
 import pruning
 import visualization
@@ -101,6 +103,23 @@ def cmd_prune(args):
     _print_predictions("after:", result.after)
 
 
+def cmd_eval(args):
+    keeps = evaluation.parse_keeps(args.keep)
+    tasks = evaluation.parse_tasks(args.tasks)
+    evaluation.read_labels(args.data, args.limit)  # a bad folder fails before the slow model load
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    bundle = vit_analyzer.load_model(args.model)
+    result = evaluation.evaluate(bundle, args.data, args.limit, keeps, args.after_block, tasks, progress=True)
+    out = args.out or f"zoomvit-eval/{Path(args.data).resolve().name}"
+    for path in evaluation.write_outputs(result, out):
+        print(f"wrote {path}", file=sys.stderr)
+    if args.json:
+        return result.summary
+    print(evaluation.markdown_report(result.summary))
+
+
 def cmd_serve(args):
     import app  # only now: the web UI pulls in gradio
 
@@ -141,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fusion", choices=pruning.FUSIONS, default="merge", help="efficiency mode only")
     p.add_argument("--out", metavar="PNG", help="write the image with dropped patches greyed out here")
     p.set_defaults(run=cmd_prune)
+
+    p = commands.add_parser("eval", parents=[common], help="evaluate pruning, zoom, faithfulness and intent on a folder")
+    p.add_argument("--data", required=True, metavar="DIR", help="folder with images and labels.csv (file,label_index"
+                   "[,x0,y0,x1,y1])")
+    p.add_argument("--out", metavar="DIR", help="where results.json, per_image.csv, the plots and report.md go "
+                   "(default: zoomvit-eval/<data folder name>)")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--keep", default=",".join(f"{k:g}" for k in evaluation.DEFAULT_KEEPS), help="token shares to prune to (default: %(default)s)")
+    p.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK)
+    p.add_argument("--tasks", default=",".join(evaluation.TASKS), help="default: %(default)s")
+    p.add_argument("--json", action="store_true", help="print results.json instead of the report")
+    p.set_defaults(run=cmd_eval)
 
     p = commands.add_parser("serve", parents=[common], help="start the web app")
     p.add_argument("--host", default="127.0.0.1")

@@ -1,8 +1,10 @@
 """Diagnosis of the model's intent: good alignment, inverted intent, or diffuse intent.
 
 Measured on the intent map of the predicted class (floored at its median, treated as a distribution):
-- spread: the share of patches needed to hold 60% of the map's mass (uniform map: 0.6; one patch: ~0.005).
-  diffuse  <=>  spread > config.DIFFUSE_SPREAD.
+- spread: the share of patches needed to hold 60% of the map's mass (uniform map: 0.6; one patch: ~0.005);
+- focus: the share of that top-60% mass lying in its largest 8-connected region (one blob: 1).
+  diffuse  <=>  spread > config.DIFFUSE_SPREAD (as spread as noise) or focus < config.DIFFUSE_FOCUS (the
+  importance is split over several separate places, none of them holding much of it).
 - inverted: with a ground-truth object box, the share of mass inside the box is below one half (most of the
   importance sits outside the object). Without a box, the place the model looks does not support its own
   decision: the crop of the intent box, classified alone, gives the predicted class less than half its
@@ -18,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import config
-from vit_analyzer import Analysis, map_spread
-from zoom import zoom
+from vit_analyzer import Analysis, map_spread, top_mass_patches
+from zoom import mass_region, zoom
 
 KINDS = ("good", "inverted", "diffuse")
 INVERTED_INSIDE = 0.5
@@ -32,6 +34,13 @@ def mass_inside(analysis: Analysis, grid_map: np.ndarray, box_original) -> float
     x0, y0, x1, y1 = (int(round(c * s)) for c in box_original)
     total = heat.sum()
     return float(heat[max(0, y0) : max(0, y1), max(0, x0) : max(0, x1)].sum() / total) if total > 0 else 0.0
+
+
+def focus_share(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> float:
+    """Share of the map's top-`mass` patches' (median-floored) mass that lies in their largest connected region."""
+    values = np.clip(grid_map - np.median(grid_map), 0, None)
+    total = values[top_mass_patches(grid_map, mass)].sum()
+    return float(values[mass_region(grid_map, mass)].sum() / total) if total > 0 else 1.0
 
 
 @dataclass
@@ -52,11 +61,17 @@ def diagnose(analysis: Analysis, box=None, zoom_result=None) -> Diagnosis:
     """
     analysis = analysis.for_target(analysis.predicted)  # the diagnosis is about the model's own decision
     grid_map = analysis.intent()
-    metrics = {"spread": map_spread(grid_map)}
+    metrics = {"spread": map_spread(grid_map), "focus": focus_share(grid_map)}
     if metrics["spread"] > config.DIFFUSE_SPREAD:
         return Diagnosis(
             "diffuse",
             f"importance is scattered: 60% of it needs {metrics['spread']:.0%} of the patches",
+            metrics,
+        )
+    if metrics["focus"] < config.DIFFUSE_FOCUS:
+        return Diagnosis(
+            "diffuse",
+            f"importance is split over separate places: the largest holds only {metrics['focus']:.0%} of it",
             metrics,
         )
     if box is not None:

@@ -230,24 +230,36 @@ class PruneResult:
 REDUNDANCY_WEIGHT = 0.2
 
 
+def intent_pick_order(analysis: Analysis, after_block: int, count: int) -> np.ndarray:
+    """The first `count` patches analysis mode keeps, in pick order: greedily the highest intent (of the tokens
+    entering block `after_block`, look-ahead allowed) minus REDUNDANCY_WEIGHT times the cosine similarity to the
+    most similar token already picked. A smaller budget keeps a prefix of the same order."""
+    intent = analysis.intent(from_block=after_block).reshape(-1).astype(np.float32)
+    tokens = analysis.hidden_states[after_block, analysis.num_special :].astype(np.float32)
+    unit = tokens / np.maximum(np.linalg.norm(tokens, axis=-1, keepdims=True), 1e-6)
+    similarity = np.clip(unit @ unit.T, 0, None)
+    redundancy = np.zeros_like(intent)
+    available = np.ones(intent.size, dtype=bool)
+    order = np.empty(count, dtype=np.int64)
+    for step in range(count):
+        pick = int(np.where(available, intent - REDUNDANCY_WEIGHT * redundancy, -np.inf).argmax())
+        order[step] = pick
+        available[pick] = False
+        np.maximum(redundancy, similarity[pick], out=redundancy)
+    return order
+
+
+def scores_from_order(order: np.ndarray, num_patches: int) -> torch.Tensor:
+    """(1, patches) scores whose top len(order) are `order`, earlier picks first (what forward_pruned ranks by)."""
+    scores = torch.zeros(num_patches)
+    scores[torch.as_tensor(order)] = torch.arange(len(order), 0, -1, dtype=torch.float32)
+    return scores.unsqueeze(0)
+
+
 def analysis_scores(analysis: Analysis, after_block: int, keep: float) -> torch.Tensor:
-    """Analysis-mode ranking (1, patches) whose top `keep` share is the tokens to keep: greedily the highest
-    intent (of the tokens entering block `after_block`, look-ahead allowed) minus REDUNDANCY_WEIGHT times
-    the cosine similarity to the most similar token already kept."""
-    intent = torch.from_numpy(analysis.intent(from_block=after_block).reshape(-1).copy())
-    tokens = torch.from_numpy(analysis.hidden_states[after_block, analysis.num_special :].copy())
-    unit = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    similarity = (unit @ unit.T).clamp_min(0)
-    n_keep = kept_count(intent.numel(), keep)
-    ranking = torch.zeros_like(intent)
-    redundancy = torch.zeros_like(intent)
-    chosen = torch.zeros(intent.numel(), dtype=torch.bool)
-    for step in range(n_keep):
-        pick = int((intent - REDUNDANCY_WEIGHT * redundancy).masked_fill(chosen, -float("inf")).argmax())
-        chosen[pick] = True
-        ranking[pick] = n_keep - step + 1  # chosen tokens outrank the rest (0), earlier picks first
-        redundancy = torch.maximum(redundancy, similarity[pick])
-    return ranking.unsqueeze(0)
+    """Analysis-mode ranking (1, patches) whose top `keep` share is the tokens to keep (see intent_pick_order)."""
+    num_patches = analysis.grid[0] * analysis.grid[1]
+    return scores_from_order(intent_pick_order(analysis, after_block, kept_count(num_patches, keep)), num_patches)
 
 
 def prune(

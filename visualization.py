@@ -1,5 +1,5 @@
-"""Drawing on images: heatmap overlays, boxes, kept/dropped tokens. Plain numpy + PIL, no figures, so it stays
-fast on 2048-pixel images."""
+"""Drawing on images: heatmap overlays, boxes, kept/dropped tokens. Plain numpy + PIL (so they stay
+fast on 2048-pixel images), and the evaluation plots (matplotlib figures)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import math
 
 import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 
@@ -210,3 +211,76 @@ def colormap_stops(cmap: str = "jet", count: int = 9) -> list[str]:
     """`count` evenly spaced colours of the colormap, low to high, as '#rrggbb' (for a legend)."""
     table = _colour_table(cmap)
     return ["#%02x%02x%02x" % tuple(int(c) for c in table[i]) for i in np.linspace(0, 255, count).round().astype(int)]
+
+
+# ---- evaluation plots -------------------------------------------------------------------------------------
+# Bare matplotlib Figures (no pyplot): no global state, safe in a server thread, saved with fig.savefig.
+
+
+def plot_pruning(summary: dict) -> Figure:
+    """Top-1 against MACs for every pruning mode and criterion; random is dashed, the unpruned model a line."""
+    entries = summary["prune"]
+    modes = list(dict.fromkeys(e["mode"] for e in entries))
+    fig = Figure(figsize=(5.0 * len(modes), 4.0), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(modes), sharey=True))
+    for ax, mode in zip(axes, modes):
+        for criterion in dict.fromkeys(e["criterion"] for e in entries if e["mode"] == mode):
+            points = sorted(
+                (e["macs_ratio"], 100 * e["top1"]) for e in entries if (e["mode"], e["criterion"]) == (mode, criterion)
+            )
+            style = {"color": "grey", "linestyle": "--"} if criterion == "random" else {}
+            ax.plot(*zip(*points), marker="o", label=criterion, **style)
+        ax.axhline(100 * summary["top1"], color="black", linewidth=0.8, label="unpruned")
+        ax.set_title(f"{mode} mode, pruned after block {summary['settings']['after_block']}")
+        ax.set_xlabel("MACs / unpruned MACs")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    axes[0].set_ylabel("top-1 (%)")
+    fig.suptitle(f"{_data_name(summary)}: top-1 vs compute (n = {summary['n']})")
+    return fig
+
+
+def plot_zoom(summary: dict) -> Figure:
+    """Top-1 before and after adaptive zoom (and of the crop alone), for all items and each group."""
+    z = summary["zoom"]
+    blocks = [("all", z)] + [
+        (v if column == "background" else f"{column} {v}", b)
+        for column, groups in z.get("groups", {}).items() for v, b in groups.items()
+    ]
+    fig = Figure(figsize=(1.6 + 1.3 * len(blocks), 3.8), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(blocks))
+    bars = (("whole image", "top1_before"), ("adaptive zoom", "top1_after"), ("crop only", "top1_crop"))
+    for i, (label, key) in enumerate(bars):
+        values = [100 * b[key] for _, b in blocks]
+        drawn = ax.bar(x + (i - 1) * 0.27, values, 0.27, label=label)
+        ax.bar_label(drawn, fmt="%.0f", fontsize=7)
+    ax.set_xticks(x, [f"{name}\n(n={b['n']})" for name, b in blocks])
+    ax.set_ylabel("top-1 (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{_data_name(summary)}: zoom")
+    return fig
+
+
+def plot_faithfulness(summary: dict) -> Figure:
+    """Mean deletion and insertion curves of every map, AUCs in the legend."""
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, kind, better in zip(axes, ("deletion", "insertion"), ("lower", "higher")):
+        for e in summary["faithfulness"]:
+            curve = np.asarray(e[f"{kind}_curve"])
+            style = {"color": "grey", "linestyle": "--"} if e["method"] == "random" else {}
+            label = f"{e['method']} ({100 * e[f'{kind}_auc']:.1f})"
+            ax.plot(np.linspace(0, 100, len(curve)), curve, marker=".", label=label, **style)
+        ax.set_title(f"{kind} (AUC x 100 in brackets, {better} is better)")
+        ax.set_xlabel(f"% of pixels {'removed' if kind == 'deletion' else 'restored'}, most important first")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("probability of the predicted class")
+    fig.suptitle(f"{_data_name(summary)}: map faithfulness (n = {summary['n']})")
+    return fig
+
+
+def _data_name(summary: dict) -> str:
+    return summary["data"].rstrip("/").split("/")[-1]

@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 import config
@@ -21,8 +22,10 @@ from vit_analyzer import (
     Prediction,
     ZoomViTError,
     map_spread,
+    encode,
+    load_image,
     normalize_map,
-    predict,
+    predict_pixels,
     top_mass_patches,
     top_predictions,
 )
@@ -153,7 +156,8 @@ def zoom(
     maps = candidate_maps(analysis) if method is None else {method: analysis.map(method)}
     boxes = {name: box_from_map(analysis, grid_map) for name, grid_map in maps.items()}
     crops = {name: image.crop(tuple(int(round(c)) for c in box)) for name, box in boxes.items()}
-    crop_probs = {name: predict(bundle, crop) for name, crop in crops.items()}
+    pixels = torch.cat([encode(bundle, load_image(crop))[0] for crop in crops.values()])
+    crop_probs = dict(zip(crops, predict_pixels(bundle, pixels)))  # one batched forward for all candidates
     chosen = max(crop_probs, key=lambda name: crop_probs[name].max())
     box, crop, probs_crop = boxes[chosen], crops[chosen], crop_probs[chosen]
     area = (box[2] - box[0]) * (box[3] - box[1]) / (image.width * image.height)

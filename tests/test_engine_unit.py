@@ -416,3 +416,27 @@ def test_uncached_hub_model_offline_is_one_clear_line(monkeypatch):
     message = str(err.value)
     assert "\n" not in message and "zoomvit-test/not-a-cached-model" in message
     assert "offline" in message and "--model PATH" in message
+
+
+def test_focus_share_tells_one_place_from_several():
+    import intent
+
+    one = np.zeros((8, 8), dtype=np.float32)
+    one[2:4, 2:4] = 1.0
+    assert intent.focus_share(one) == pytest.approx(1.0)
+    two = one.copy()
+    two[6:8, 6:8] = 1.0  # a second, separate blob of the same weight
+    assert intent.focus_share(two, mass=0.99) == pytest.approx(0.5)
+    assert intent.focus_share(two) == pytest.approx(0.8)  # 60% of the mass: 5 patches, 4 of them in one blob
+
+
+def test_smaller_budgets_keep_a_prefix_of_the_pick_order(tiny_vit):
+    rng = np.random.default_rng(1)
+    analysis = vit_analyzer.analyze(tiny_vit, rng.integers(0, 255, (32, 48, 3), dtype=np.uint8), keep_graph=False)
+    patches = analysis.grid[0] * analysis.grid[1]
+    order = pruning.intent_pick_order(analysis, 1, patches)
+    assert sorted(order.tolist()) == list(range(patches))
+    for keep in (0.25, 0.5):
+        count = pruning.kept_count(patches, keep)
+        kept = pruning.analysis_scores(analysis, 1, keep)[0].argsort(descending=True)[:count]
+        assert kept.tolist() == order[:count].tolist()

@@ -1,0 +1,604 @@
+"""Batch evaluation over a labelled image folder (`zoomvit eval`): pruning, zoom, map faithfulness and intent,
+all in one run, written out as results.json, a per-image CSV, PNG plots and a Markdown report.
+
+The folder holds images and labels.csv with at least `file,label_index`; with `x0,y0,x1,y1` (the object box
+in the image's own pixels) the box metrics are added; `background` and `scale` columns, when present, split
+the zoom results into groups.
+
+Two passes:
+1. per image: one analysis pass, then its maps, the zoom, the intent diagnosis and the deletion/insertion
+   curves of every map (one batched pass per image, see `faithfulness`);
+2. pruning: every (mode, criterion, keep) runs over all images in batches of PRUNE_BATCH, then is timed on
+   one batch against the unpruned forward (see `_prune_pass`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import config
+import faithfulness
+import intent
+import pruning
+import visualization
+import vit_analyzer as va
+import zoom
+from vit_analyzer import ImageLoadError, ZoomViTError
+
+TASKS = ("prune", "zoom", "faithfulness", "intent")
+DEFAULT_KEEPS = (0.9, 0.7, 0.5, 0.3, 0.1)
+# Ranking criteria per pruning mode; "random" is each mode's baseline (analysis: random tokens dropped;
+# efficiency: random tokens kept and the rest merged into them, so only the choice differs from "merge").
+CRITERIA = {"analysis": ("intent", "grad_rollout", "random"), "efficiency": ("merge", "cls_topk", "random")}
+FAITHFULNESS_METHODS = ("random", "attention", "cls", "rollout", "grad_rollout", "intent")
+PRUNE_BATCH = 32  # the batch the engine's latency goal is stated at
+LATENCY_ROUNDS = 3
+INTENT_KEEP = 0.5  # the intent groups report pruning at this keep
+GROUP_COLUMNS = ("background", "scale")
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+
+
+@dataclass
+class Item:
+    file: str
+    label: int
+    box: tuple[float, float, float, float] | None  # original image pixels
+    groups: dict = field(default_factory=dict)  # values of the GROUP_COLUMNS the CSV has
+
+
+def read_labels(folder, limit: int | None = None) -> list[Item]:
+    """The rows of `folder`/labels.csv, checked: a clear ZoomViTError names the file and line of any problem."""
+    folder = Path(folder)
+    path = folder / "labels.csv"
+    if not folder.is_dir():
+        raise ZoomViTError(f"Data folder not found: {folder}")
+    if not path.is_file():
+        raise ZoomViTError(f"{path} not found: the folder needs a labels.csv with columns file,label_index.")
+    if limit is not None and limit < 1:
+        raise ZoomViTError(f"--limit must be at least 1, got {limit}.")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = set(reader.fieldnames or ())
+    if not {"file", "label_index"} <= columns:
+        raise ZoomViTError(f"{path} needs the columns file,label_index (found: {', '.join(sorted(columns))}).")
+    box_columns = columns & set(BOX_COLUMNS)
+    if box_columns and box_columns != set(BOX_COLUMNS):
+        raise ZoomViTError(f"{path} has only some of the box columns x0,y0,x1,y1: give all four or none.")
+    items = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            label = int(row["label_index"])
+            box = tuple(float(row[k]) for k in BOX_COLUMNS) if box_columns else None
+        except (TypeError, ValueError):
+            raise ZoomViTError(f"{path}, line {line}: label_index must be an integer and the box numbers.") from None
+        if not row["file"]:
+            raise ZoomViTError(f"{path}, line {line}: empty file name.")
+        groups = {k: row[k] for k in GROUP_COLUMNS if k in columns}
+        items.append(Item(row["file"], label, box, groups))
+    if not items:
+        raise ZoomViTError(f"{path} lists no images.")
+    return items[:limit] if limit else items
+
+
+def parse_keeps(text: str) -> tuple[float, ...]:
+    """'0.9,0.7' -> (0.9, 0.7), each in (0, 1]."""
+    try:
+        keeps = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ZoomViTError(f"--keep must be comma-separated numbers, got '{text}'.") from None
+    if not keeps or any(not 0.0 < k <= 1.0 for k in keeps):
+        raise ZoomViTError(f"--keep values must be in (0, 1], got '{text}'.")
+    return keeps
+
+
+def parse_tasks(text: str) -> tuple[str, ...]:
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown:
+        raise ZoomViTError(f"--tasks must be some of {','.join(TASKS)}, got '{text}'.")
+    return tasks
+
+
+# ---- box metrics ------------------------------------------------------------------------------------------
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def peak_in_box(analysis: va.Analysis, grid_map: np.ndarray, box) -> bool:
+    """Pointing game: the centre of the map's strongest patch lies inside the box (original pixels)."""
+    row, col = np.unravel_index(int(np.argmax(grid_map)), grid_map.shape)
+    x0, y0, x1, y1 = analysis.geometry.to_original(analysis.geometry.patch_box(row, col))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return bool(box[0] <= cx <= box[2] and box[1] <= cy <= box[3])
+
+
+# ---- pass 1: per image ------------------------------------------------------------------------------------
+
+
+def _prune_configs(tasks, keeps):
+    configs = [(m, c, k) for m, names in CRITERIA.items() for c in names for k in keeps] if "prune" in tasks else []
+    if "intent" in tasks:  # the intent groups need keep INTENT_KEEP in both modes, listed or not
+        configs += [cfg for cfg in (("analysis", "intent", INTENT_KEEP), ("efficiency", "merge", INTENT_KEEP))
+                    if cfg not in configs]
+    return configs
+
+
+def _image_pass(bundle, path, item, index, tasks, intent_keeps, after_block):
+    """One image: its CSV row, its model input, its analysis-mode pruning scores and its perturbation curves."""
+    start = time.perf_counter()
+    analysis = va.analyze(bundle, path, keep_graph=False)
+    analysis_ms = (time.perf_counter() - start) * 1000
+    predicted = analysis.predicted
+    row = {
+        "file": item.file, **item.groups, "label": item.label, "predicted": predicted,
+        "correct": int(predicted == item.label), "confidence": float(analysis.probs[predicted]),
+        "label_prob": float(analysis.probs[item.label]),
+    }
+    num_patches = analysis.grid[0] * analysis.grid[1]
+    counts = {k: pruning.kept_count(num_patches, k) for k in intent_keeps}
+    order = pruning.intent_pick_order(analysis, after_block, max(counts.values(), default=0))
+    scores = {  # one greedy pass serves every keep: a smaller budget keeps a prefix of the same order
+        "intent": {k: pruning.scores_from_order(order[:count], num_patches)[0] for k, count in counts.items()},
+        "grad_rollout": torch.from_numpy(analysis.grad_rollout().ravel().copy()),
+    }
+    zoom_result = zoom.zoom(analysis) if {"zoom", "intent"} & set(tasks) else None
+    if "zoom" in tasks:
+        after, crop = int(np.argmax(zoom_result.probs_after)), int(np.argmax(zoom_result.probs_crop))
+        row.update(
+            zoomed=int(zoom_result.zoomed), zoom_predicted=after, zoom_correct=int(after == item.label),
+            crop_correct=int(crop == item.label), zoom_confidence=float(zoom_result.probs_after[predicted]),
+            zoom_source=zoom_result.source,
+            **{f"zoom_{k}": round(v, 1) for k, v in zip(BOX_COLUMNS, zoom_result.box)},
+        )
+        if item.box is not None:
+            row["pointing_hit"] = int(peak_in_box(analysis, zoom.focus_map(analysis), item.box))
+            row["box_iou"] = box_iou(zoom_result.box, item.box)
+    if "intent" in tasks:
+        diagnosis = intent.diagnose(analysis, box=item.box, zoom_result=zoom_result)
+        row["intent"] = diagnosis.kind
+        row.update({f"intent_{k}": v for k, v in diagnosis.metrics.items()})
+    curves = None
+    if "faithfulness" in tasks:
+        maps = {m: None if m == "random" else analysis.map(m) for m in FAITHFULNESS_METHODS}
+        curves = faithfulness.perturbation_curves_many(analysis, maps, seed=index)
+        for m, (deletion, insertion) in curves.items():
+            row[f"deletion_{m}"] = faithfulness.auc(deletion)
+            row[f"insertion_{m}"] = faithfulness.auc(insertion)
+            if item.box is not None and maps[m] is not None:
+                row[f"pointing_{m}"] = int(peak_in_box(analysis, maps[m], item.box))
+    num_tokens = analysis.attentions.shape[-1]
+    return row, analysis.pixel_values, scores, curves, analysis_ms, num_tokens
+
+
+# ---- pass 2: pruning --------------------------------------------------------------------------------------
+
+
+def _fusion(mode: str, criterion: str) -> str:
+    """What happens to the tokens a configuration does not keep (see `pruning.forward_pruned`)."""
+    return "merge" if mode == "efficiency" and criterion in ("merge", "random") else "drop"
+
+
+def _patch_scores(mode, criterion, keep, scores, random_scores, batch):
+    """The ranking one configuration prunes by, for one batch; None = efficiency mode's own attention scores."""
+    if criterion == "intent":
+        return torch.stack([s["intent"][keep] for s in scores[batch]])
+    if criterion == "grad_rollout":
+        return torch.stack([s["grad_rollout"] for s in scores[batch]])
+    if criterion == "random":
+        return random_scores[batch]
+    return None
+
+
+def _prune_pass(bundle, pixels, scores, before, configs, after_block, progress):
+    """{config: (predicted (N,), probability of the unpruned prediction `before` (N,), latency ratio)}.
+
+    Accuracy runs every configuration over all images in batches. Latency is timed afterwards on the first
+    batch, in LATENCY_ROUNDS interleaved rounds (unpruned, then every configuration): the median time of a
+    configuration over the median unpruned time. Timing inside the accuracy loop measured every ratio 0.05-0.15
+    too high on 2 cores: one unpruned run per batch is too noisy a reference."""
+    n = len(pixels)
+    random_scores = torch.rand(n, len(scores[0]["grad_rollout"]), generator=torch.Generator().manual_seed(0))
+    out = {cfg: (np.zeros(n, dtype=int), np.zeros(n)) for cfg in configs}
+    before = torch.as_tensor(before)
+    batches = range(0, n, PRUNE_BATCH)
+    bar = tqdm(total=(len(batches) + LATENCY_ROUNDS) * len(configs), desc="pruning", unit="run", file=sys.stderr,
+               disable=not progress)
+
+    def run(cfg, batch):
+        mode, criterion, keep = cfg
+        patch_scores = _patch_scores(mode, criterion, keep, scores, random_scores, batch)
+        return pruning.forward_pruned(bundle, pixels[batch], after_block, keep, patch_scores, _fusion(mode, criterion))
+
+    for start in batches:
+        batch = slice(start, start + PRUNE_BATCH)
+        for cfg in configs:
+            logits, _ = run(cfg, batch)
+            predicted, kept_prob = out[cfg]
+            predicted[batch] = logits.argmax(-1).numpy()
+            kept_prob[batch] = logits.softmax(-1).gather(1, before[batch, None])[:, 0].numpy()
+            bar.update()
+    first = slice(0, PRUNE_BATCH)
+    full_times, times = [], {cfg: [] for cfg in configs}
+    for _ in range(LATENCY_ROUNDS):
+        full_times.append(_seconds(lambda: pruning.forward_pruned(bundle, pixels[first], after_block, 1.0)))
+        for cfg in configs:
+            times[cfg].append(_seconds(lambda: run(cfg, first)))
+            bar.update()
+    bar.close()
+    full = float(np.median(full_times))
+    return {cfg: (*out[cfg], float(np.median(times[cfg])) / full) for cfg in configs}
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ---- summaries --------------------------------------------------------------------------------------------
+
+
+def _mean(values) -> float | None:
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()) if values.size else None
+
+
+def _change_summary(labels, before_pred, before_conf, after_pred, after_conf):
+    """How a second look (pruned or zoomed) changes accuracy and the confidence in the first decision."""
+    correct = before_pred == labels
+    wrong = ~correct
+    change = after_conf - before_conf
+    return {
+        "top1": _mean(after_pred == labels),
+        "agreement": _mean(after_pred == before_pred),
+        "confidence": _mean(after_conf),
+        "confidence_change": _mean(change),
+        "confidence_change_correct": _mean(change[correct]),
+        "confidence_change_wrong": _mean(change[wrong]),
+        "errors_kept": _mean(after_pred[wrong] == before_pred[wrong]),  # same wrong class again
+        "errors_fixed": _mean(after_pred[wrong] == labels[wrong]),
+        "correct_lost": _mean(after_pred[correct] != labels[correct]),
+    }
+
+
+def _zoom_summary(rows, has_boxes):
+    def block(rs):
+        out = {
+            "n": len(rs),
+            "top1_before": _mean([r["correct"] for r in rs]),
+            "top1_after": _mean([r["zoom_correct"] for r in rs]),
+            "top1_crop": _mean([r["crop_correct"] for r in rs]),
+            "zoomed_fraction": _mean([r["zoomed"] for r in rs]),
+        }
+        if has_boxes:
+            out["pointing_game"] = _mean([r["pointing_hit"] for r in rs])
+            out["box_iou"] = _mean([r["box_iou"] for r in rs])
+        return out
+
+    summary = block(rows)
+    groups = {}
+    for column in GROUP_COLUMNS:
+        values = sorted({r[column] for r in rows if column in r})
+        if values:
+            groups[column] = {v: block([r for r in rows if r.get(column) == v]) for v in values}
+    if groups:
+        summary["groups"] = groups
+    return summary
+
+
+def _intent_summary(rows, pruned):
+    labels = np.array([r["label"] for r in rows])
+    kinds = np.array([r["intent"] for r in rows])
+    before = np.array([r["predicted"] for r in rows])
+    confidence = np.array([r["confidence"] for r in rows])
+    summary = {}
+    for kind in intent.KINDS:
+        sel = kinds == kind
+        group = {"n": int(sel.sum()), "fraction": float(sel.mean()), "top1": _mean(before[sel] == labels[sel]),
+                 "confidence": _mean(confidence[sel])}
+        for mode, criterion in (("analysis", "intent"), ("efficiency", "merge")):
+            predicted, kept_prob, _ = pruned[(mode, criterion, INTENT_KEEP)]
+            group[f"prune_{mode}"] = {
+                "criterion": criterion, "keep": INTENT_KEEP,
+                **_change_summary(labels[sel], before[sel], confidence[sel], predicted[sel], kept_prob[sel]),
+            }
+        if "zoom_predicted" in rows[0]:
+            zoomed = np.array([r["zoom_predicted"] for r in rows])
+            zoom_conf = np.array([r["zoom_confidence"] for r in rows])
+            group["zoom"] = _change_summary(labels[sel], before[sel], confidence[sel], zoomed[sel], zoom_conf[sel])
+        summary[kind] = group
+    return summary
+
+
+def _prune_summary(bundle, rows, pruned, keeps, after_block, num_tokens):
+    labels = np.array([r["label"] for r in rows])
+    before = np.array([r["predicted"] for r in rows])
+    entries = []
+    for (mode, criterion, keep), (predicted, _, latency_ratio) in pruned.items():
+        if keep not in keeps:
+            continue  # only run for the intent groups
+        _, tokens_after, macs_before, macs_after = pruning.pruned_macs(
+            bundle, num_tokens, keep, after_block, mode, _fusion(mode, criterion)
+        )
+        entries.append({
+            "mode": mode, "criterion": criterion, "keep": keep,
+            "top1": _mean(predicted == labels), "agreement": _mean(predicted == before),
+            "macs_ratio": macs_after / macs_before, "latency_ratio": latency_ratio,
+            "tokens_after": tokens_after,
+        })
+    return entries
+
+
+def _faithfulness_summary(rows, curves, has_boxes):
+    entries = []
+    for m in FAITHFULNESS_METHODS:
+        entry = {
+            "method": m,
+            "deletion_auc": _mean([r[f"deletion_{m}"] for r in rows]),
+            "insertion_auc": _mean([r[f"insertion_{m}"] for r in rows]),
+            "deletion_curve": np.mean([c[m][0] for c in curves], axis=0).tolist(),
+            "insertion_curve": np.mean([c[m][1] for c in curves], axis=0).tolist(),
+        }
+        if has_boxes and m != "random":
+            entry["pointing_game"] = _mean([r[f"pointing_{m}"] for r in rows])
+        entries.append(entry)
+    return entries
+
+
+@dataclass
+class Evaluation:
+    summary: dict  # what results.json holds
+    rows: list[dict]  # one per evaluated image: the per-image CSV
+
+
+def evaluate(
+    bundle: va.ViTBundle,
+    data,
+    limit: int | None = None,
+    keeps=DEFAULT_KEEPS,
+    after_block: int = config.PRUNE_AFTER_BLOCK,
+    tasks=TASKS,
+    progress: bool = True,
+) -> Evaluation:
+    """Run the evaluation tasks over a labelled folder (see the module docstring)."""
+    started = time.perf_counter()
+    data = Path(data)
+    items = read_labels(data, limit)
+    keeps = tuple(float(k) for k in keeps)
+    tasks = tuple(t for t in TASKS if t in tasks)
+    pruning._check_block(bundle, after_block)
+    num_labels = len(bundle.id2label)
+    for item in items:
+        if not 0 <= item.label < num_labels:
+            raise ZoomViTError(f"{item.file}: label_index {item.label} is outside this model's 0..{num_labels - 1}.")
+    configs = _prune_configs(tasks, keeps)
+    intent_keeps = sorted({k for m, c, k in configs if c == "intent"})
+    has_boxes = items[0].box is not None
+
+    rows, pixels, scores, curves, analysis_ms, skipped = [], [], [], [], [], []
+    num_tokens = None
+    for index, item in enumerate(tqdm(items, desc=f"images ({data.name})", unit="img", file=sys.stderr,
+                                      disable=not progress)):
+        try:
+            row, x, s, c, ms, num_tokens = _image_pass(
+                bundle, data / item.file, item, index, tasks, intent_keeps, after_block
+            )
+        except ImageLoadError as exc:  # one bad file should not sink a long run: report it and go on
+            skipped.append({"file": item.file, "error": str(exc)})
+            continue
+        rows.append(row)
+        pixels.append(x)
+        scores.append(s)
+        curves.append(c)
+        analysis_ms.append(ms)
+    if not rows:
+        raise ZoomViTError(f"No image in {data} could be read ({skipped[0]['error']}).")
+    images_seconds = time.perf_counter() - started
+
+    pruned = {}
+    if configs:
+        before = np.array([r["predicted"] for r in rows])
+        pruned = _prune_pass(bundle, torch.cat(pixels), scores, before, configs, after_block, progress)
+        for (mode, criterion, keep), (predicted, *_) in pruned.items():
+            if keep in keeps and "prune" in tasks:
+                for row, p in zip(rows, predicted):
+                    row[f"prune_{mode}_{criterion}_{keep:g}"] = int(p)
+
+    summary = {
+        "model": bundle.name,
+        "data": str(data),
+        "n": len(rows),
+        "top1": _mean([r["correct"] for r in rows]),
+        "settings": {"tasks": list(tasks), "keep": list(keeps), "after_block": after_block, "limit": limit,
+                     "prune_batch": PRUNE_BATCH, "latency_rounds": LATENCY_ROUNDS, "faithfulness_steps": faithfulness.STEPS},
+    }
+    if "prune" in tasks:
+        summary["prune"] = _prune_summary(bundle, rows, pruned, keeps, after_block, num_tokens)
+    if "zoom" in tasks:
+        summary["zoom"] = _zoom_summary(rows, has_boxes)
+    if "faithfulness" in tasks:
+        summary["faithfulness"] = _faithfulness_summary(rows, curves, has_boxes)
+    if "intent" in tasks:
+        summary["intent"] = _intent_summary(rows, pruned)
+    summary["skipped"] = skipped
+    summary["speed"] = {
+        "analysis_ms_median": float(np.median(analysis_ms)),
+        "images_seconds": round(images_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    summary["machine"] = {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    return Evaluation(summary, rows)
+
+
+# ---- outputs ----------------------------------------------------------------------------------------------
+
+PLOTS = {"prune": "prune.png", "zoom": "zoom.png", "faithfulness": "faithfulness.png"}
+
+
+def write_outputs(evaluation: Evaluation, out_dir) -> list[Path]:
+    """results.json, per_image.csv, the plots of the tasks that ran, and report.md; returns the paths."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ZoomViTError(f"Could not create {out}: {exc}") from None
+    summary = evaluation.summary
+    written = [out / "results.json", out / "per_image.csv"]
+    written[0].write_text(json.dumps(summary, indent=1) + "\n")
+    columns = list(dict.fromkeys(k for row in evaluation.rows for k in row))
+    with open(written[1], "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(evaluation.rows)
+    figures = {"prune": visualization.plot_pruning, "zoom": visualization.plot_zoom,
+               "faithfulness": visualization.plot_faithfulness}
+    for task, name in PLOTS.items():
+        if task in summary:
+            figures[task](summary).savefig(out / name, dpi=110)
+            written.append(out / name)
+    (out / "report.md").write_text(markdown_report(summary))
+    written.append(out / "report.md")
+    return written
+
+
+# The engine and evaluation issues' goals on DeiT-Tiny (points are top-1 percentage points).
+GOALS = {
+    ("analysis", 0.3): 1.0, ("analysis", 0.1): 5.0,  # max drop, intent criterion
+    ("efficiency", 0.5): 1.5, ("efficiency", 0.3): 5.0,  # max drop, merge criterion
+}
+LATENCY_SLACK = 0.05
+ZOOM_GOALS = {"overall": 0.55, "blur": 0.65, "pointing_game": 0.85}
+FAITHFULNESS_MARGIN = 3.0  # best map's deletion AUC (points) at least this far below rollout's
+
+
+def goal_checks(summary: dict) -> list[tuple[str, str, bool]]:
+    """(goal, measured, met) for every goal the summary has figures for."""
+    checks = []
+    for entry in summary.get("prune", []):
+        ours = "intent" if entry["mode"] == "analysis" else "merge"
+        limit = GOALS.get((entry["mode"], entry["keep"]))
+        if entry["criterion"] != ours or limit is None:
+            continue
+        change = 100 * (entry["top1"] - summary["top1"])
+        checks.append((f"{entry['mode']} pruning, keep {entry['keep']:g}: top-1 drop <= {limit:g} points",
+                       f"{change:+.1f} points", -change <= limit))
+        if entry["mode"] == "efficiency":
+            checks.append((f"efficiency keep {entry['keep']:g}: latency ratio <= MACs ratio + {LATENCY_SLACK}",
+                           f"{entry['latency_ratio']:.2f} vs {entry['macs_ratio']:.2f}",
+                           entry["latency_ratio"] <= entry["macs_ratio"] + LATENCY_SLACK))
+    z = summary.get("zoom")
+    if z and "pointing_game" in z:
+        checks.append((f"top-1 after adaptive zoom >= {ZOOM_GOALS['overall']:.0%}", f"{z['top1_after']:.1%}",
+                       z["top1_after"] >= ZOOM_GOALS["overall"]))
+        blur = z.get("groups", {}).get("background", {}).get("blur")
+        if blur:
+            checks.append((f"blur items: top-1 after zoom >= {ZOOM_GOALS['blur']:.0%}", f"{blur['top1_after']:.1%}",
+                           blur["top1_after"] >= ZOOM_GOALS["blur"]))
+        checks.append((f"map peak inside the object box >= {ZOOM_GOALS['pointing_game']:.0%}",
+                       f"{z['pointing_game']:.1%}", z["pointing_game"] >= ZOOM_GOALS["pointing_game"]))
+    elif z:
+        checks.append(("top-1 with adaptive zoom not lower than without",
+                       f"{z['top1_before']:.1%} -> {z['top1_after']:.1%}", z["top1_after"] >= z["top1_before"]))
+    faith = {e["method"]: e for e in summary.get("faithfulness", [])}
+    if "rollout" in faith:
+        best = min((e for m, e in faith.items() if m != "random"), key=lambda e: e["deletion_auc"])
+        gap = 100 * (faith["rollout"]["deletion_auc"] - best["deletion_auc"])
+        checks.append((f"best map's deletion AUC <= rollout's - {FAITHFULNESS_MARGIN:g} points",
+                       f"{best['method']} {100 * best['deletion_auc']:.2f} vs rollout "
+                       f"{100 * faith['rollout']['deletion_auc']:.2f} ({gap:.2f} points better)",
+                       gap >= FAITHFULNESS_MARGIN))
+    return checks
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _signed(x) -> str:
+    return "–" if x is None else f"{100 * x:+.1f}"
+
+
+def markdown_report(summary: dict) -> str:
+    """The tables of one run, in Markdown (what the README's Results section is pasted from)."""
+    s = summary
+    lines = [f"**{Path(s['data']).name}**, n = {s['n']}, model `{s['model']}`: top-1 {_pct(s['top1'])}.", ""]
+    if s["skipped"]:
+        lines += [f"Skipped (unreadable): {len(s['skipped'])} files.", ""]
+    if "prune" in s:
+        lines += [f"Pruning after block {s['settings']['after_block']} (top-1 change in points; latency at batch "
+                  f"{s['settings']['prune_batch']}):", "",
+                  "| mode | criterion | keep | top-1 | change | agreement | MACs ratio | latency ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for e in s["prune"]:
+            lines.append(f"| {e['mode']} | {e['criterion']} | {e['keep']:g} | {_pct(e['top1'])} | "
+                         f"{_signed(e['top1'] - s['top1'])} | {_pct(e['agreement'])} | {e['macs_ratio']:.2f} | "
+                         f"{e['latency_ratio']:.2f} |")
+        lines.append("")
+    if "zoom" in s:
+        z = s["zoom"]
+        boxes = "pointing_game" in z
+        lines += ["Adaptive zoom (crop: the crop's own prediction, for comparison):", "",
+                  "| items | n | top-1 before | top-1 after | crop only | zoomed |"
+                  + (" pointing game | box IoU |" if boxes else ""),
+                  "|---|---|---|---|---|---|" + ("---|---|" if boxes else "")]
+        blocks = [("all", z)] + [(f"{col} = {v}", b) for col, g in z.get("groups", {}).items() for v, b in g.items()]
+        for name, b in blocks:
+            lines.append(f"| {name} | {b['n']} | {_pct(b['top1_before'])} | {_pct(b['top1_after'])} | "
+                         f"{_pct(b['top1_crop'])} | {_pct(b['zoomed_fraction'])} |"
+                         + (f" {_pct(b['pointing_game'])} | {b['box_iou']:.3f} |" if boxes else ""))
+        lines.append("")
+    if "faithfulness" in s:
+        boxes = any("pointing_game" in e for e in s["faithfulness"])
+        lines += ["Faithfulness (AUC × 100 of the predicted class's probability; deletion lower is better, insertion "
+                  "higher):", "", "| map | deletion AUC | insertion AUC |" + (" pointing game |" if boxes else ""),
+                  "|---|---|---|" + ("---|" if boxes else "")]
+        for e in s["faithfulness"]:
+            lines.append(f"| {e['method']} | {100 * e['deletion_auc']:.2f} | {100 * e['insertion_auc']:.2f} |"
+                         + (f" {_pct(e.get('pointing_game'))} |" if boxes else ""))
+        lines.append("")
+    if "intent" in s:
+        lines += [f"Intent groups: what pruning at keep {INTENT_KEEP:g} and adaptive zoom do (confidence = "
+                  "probability of the unpruned prediction; changes in points):", "",
+                  "| intent | n | top-1 | confidence | second look | top-1 after | agreement | confidence change "
+                  "(right / wrong) | errors kept | errors fixed |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for kind, g in s["intent"].items():
+            looks = [(f"prune {m}", g[f"prune_{m}"]) for m in ("analysis", "efficiency")]
+            looks += [("zoom", g["zoom"])] if "zoom" in g else []
+            for i, (name, c) in enumerate(looks):
+                head = f"| {kind} | {g['n']} | {_pct(g['top1'])} | {_pct(g['confidence'])} |" if i == 0 else "| | | | |"
+                lines.append(f"{head} {name} | {_pct(c['top1'])} | {_pct(c['agreement'])} | "
+                             f"{_signed(c['confidence_change'])} ({_signed(c['confidence_change_correct'])} / "
+                             f"{_signed(c['confidence_change_wrong'])}) | {_pct(c['errors_kept'])} | "
+                             f"{_pct(c['errors_fixed'])} |")
+        lines.append("")
+    checks = goal_checks(s)
+    if checks:
+        lines += ["Goals:", "", "| goal | measured | |", "|---|---|---|"]
+        lines += [f"| {goal} | {measured} | {'met' if met else 'MISSED'} |" for goal, measured, met in checks]
+        lines.append("")
+    sp = s["speed"]
+    lines.append(f"Analysis pass {sp['analysis_ms_median']:.1f} ms per image (median); whole run "
+                 f"{sp['total_seconds'] / 60:.1f} min on {s['machine']['threads']} threads "
+                 f"({s['machine']['processor']}, torch {s['machine']['torch']}).")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,271 @@
+"""`zoomvit eval`: the labels reader, the faithfulness batching, the summaries, and whole runs on DeiT-Tiny."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cli
+import evaluation
+import faithfulness
+import visualization
+import vit_analyzer
+from vit_analyzer import ZoomViTError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_labels(folder: Path, header: str, *lines: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "labels.csv").write_text("\n".join([header, *lines]) + "\n")
+    return folder
+
+
+# ---- labels.csv -------------------------------------------------------------------------------------------
+
+
+def test_read_labels_with_and_without_boxes(tmp_path):
+    plain = evaluation.read_labels(write_labels(tmp_path / "a", "file,label_index,synset", "x.jpg,3,n1", "y.jpg,4,n2"))
+    assert [(i.file, i.label, i.box) for i in plain] == [("x.jpg", 3, None), ("y.jpg", 4, None)]
+    boxed = evaluation.read_labels(
+        write_labels(tmp_path / "b", "file,label_index,x0,y0,x1,y1,background", "z.jpg,7,1,2,30.5,40,blur"), limit=5
+    )
+    assert boxed[0].box == (1.0, 2.0, 30.5, 40.0) and boxed[0].groups == {"background": "blur"}
+    assert len(evaluation.read_labels(tmp_path / "a", limit=1)) == 1
+
+
+@pytest.mark.parametrize(
+    "header, line, message",
+    [
+        ("file,label", "x.jpg,3", "needs the columns file,label_index"),
+        ("file,label_index,x0,y0", "x.jpg,3,1,2", "only some of the box columns"),
+        ("file,label_index", "x.jpg,three", "line 2"),
+        ("file,label_index", ",3", "empty file name"),
+        ("file,label_index", "", "lists no images"),
+    ],
+)
+def test_read_labels_rejects_bad_files(tmp_path, header, line, message):
+    with pytest.raises(ZoomViTError, match=message):
+        evaluation.read_labels(write_labels(tmp_path, header, line))
+
+
+def test_read_labels_missing_folder_and_file(tmp_path):
+    with pytest.raises(ZoomViTError, match="not found"):
+        evaluation.read_labels(tmp_path / "nope")
+    with pytest.raises(ZoomViTError, match="labels.csv"):
+        evaluation.read_labels(tmp_path)
+
+
+def test_parse_keeps_and_tasks():
+    assert evaluation.parse_keeps("0.9, 0.5,0.1") == (0.9, 0.5, 0.1)
+    for bad in ("", "0", "1.5", "a,b"):
+        with pytest.raises(ZoomViTError):
+            evaluation.parse_keeps(bad)
+    assert evaluation.parse_tasks("zoom,prune") == ("zoom", "prune")
+    with pytest.raises(ZoomViTError, match="tasks"):
+        evaluation.parse_tasks("zoom,speed")
+
+
+def test_box_iou():
+    assert evaluation.box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert evaluation.box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert evaluation.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+
+
+# ---- faithfulness batching --------------------------------------------------------------------------------
+
+
+def test_batched_curves_match_one_image_at_a_time(tiny_vit):
+    """Every map's curves from the one batched pass equal perturbing and classifying each image separately."""
+    rng = np.random.default_rng(0)
+    analysis = vit_analyzer.analyze(tiny_vit, rng.integers(0, 255, (32, 48, 3), dtype=np.uint8), keep_graph=False)
+    maps = {"rollout": analysis.rollout(), "cls": analysis.cls_map(), "random": None}
+    curves = faithfulness.perturbation_curves_many(analysis, maps, steps=4, seed=3)
+    x = analysis.pixel_values
+    h, w = x.shape[-2:]
+    blurred = faithfulness._blur(x)
+    prob = lambda image: vit_analyzer.predict_pixels(tiny_vit, image)[0, analysis.target]
+    for name, grid_map in maps.items():
+        order = faithfulness._order(analysis, grid_map, seed=3)
+        for step, f in enumerate(np.linspace(0, 1, 5)):
+            mask = torch.zeros(h * w)
+            mask[order[: int(round(f * h * w))]] = 1
+            mask = mask.view(1, 1, h, w)
+            assert curves[name][0][step] == pytest.approx(prob(x * (1 - mask)), abs=1e-5), (name, step)
+            assert curves[name][1][step] == pytest.approx(prob(blurred * (1 - mask) + x * mask), abs=1e-5)
+    # The single-map form is the same computation.
+    single = faithfulness.perturbation_curves(analysis, maps["rollout"], steps=4)
+    np.testing.assert_allclose(single[0], curves["rollout"][0], atol=1e-6)
+    assert faithfulness.auc(np.array([1.0, 1.0, 1.0])) == pytest.approx(1.0)
+
+
+# ---- summaries and plots ----------------------------------------------------------------------------------
+
+
+def synthetic_summary():
+    prune = [
+        {"mode": m, "criterion": c, "keep": k, "top1": t - (1 - k) * d, "agreement": 0.9, "macs_ratio": 0.5 + k / 2,
+         "latency_ratio": 0.45 + k / 2, "tokens_after": 10}
+        for m, crits in evaluation.CRITERIA.items() for c, d in zip(crits, (0.01, 0.05, 0.2)) for k in (0.5, 0.3)
+        for t in (0.8,)
+    ]
+    curve = list(np.linspace(0.8, 0.0, 11))
+    faith = [{"method": m, "deletion_auc": a, "insertion_auc": 0.4, "deletion_curve": curve, "insertion_curve": curve}
+             for m, a in zip(evaluation.FAITHFULNESS_METHODS, (0.18, 0.17, 0.19, 0.19, 0.12, 0.11))]
+    zoom = {"n": 10, "top1_before": 0.2, "top1_after": 0.6, "top1_crop": 0.5, "zoomed_fraction": 0.7,
+            "pointing_game": 0.9, "box_iou": 0.4,
+            "groups": {"background": {"blur": {"n": 5, "top1_before": 0.3, "top1_after": 0.6, "top1_crop": 0.5,
+                                               "zoomed_fraction": 1.0, "pointing_game": 0.8, "box_iou": 0.5}}}}
+    return {"model": "m", "data": "/x/zoom-bench", "n": 10, "top1": 0.8, "settings": {"after_block": 6,
+            "prune_batch": 32}, "prune": prune, "zoom": zoom, "faithfulness": faith, "skipped": [],
+            "speed": {"analysis_ms_median": 50.0, "total_seconds": 60.0},
+            "machine": {"threads": 2, "processor": "x86_64", "torch": "2"}}
+
+
+def test_goal_checks_report_met_and_missed():
+    checks = {goal: (measured, met) for goal, measured, met in evaluation.goal_checks(synthetic_summary())}
+    keep3 = checks["analysis pruning, keep 0.3: top-1 drop <= 1 points"]
+    assert keep3 == ("-0.7 points", True)  # top-1 0.8 - 0.7 * 0.01 against 0.8
+    assert checks["efficiency keep 0.5: latency ratio <= MACs ratio + 0.05"][1] is True
+    assert checks["top-1 after adaptive zoom >= 55%"] == ("60.0%", True)
+    assert checks["blur items: top-1 after zoom >= 65%"] == ("60.0%", False)
+    faith = checks["best map's deletion AUC <= rollout's - 3 points"]
+    assert faith[1] is True and faith[0].startswith("intent 11.00 vs rollout 19.00")
+
+
+def test_report_and_plots_from_a_summary(tmp_path):
+    summary = synthetic_summary()
+    report = evaluation.markdown_report(summary)
+    assert "| analysis | intent | 0.5 |" in report and "| rollout | 19.00 | 40.00 |" in report and "MISSED" in report
+    for plot in (visualization.plot_pruning, visualization.plot_zoom, visualization.plot_faithfulness):
+        path = tmp_path / f"{plot.__name__}.png"
+        plot(summary).savefig(path)
+        with Image.open(path) as image:
+            assert image.width > 300 and image.height > 200
+
+
+# ---- real runs on DeiT-Tiny -------------------------------------------------------------------------------
+
+LIMIT = 6
+
+
+@pytest.fixture(scope="module")
+def bench_run(deit_tiny, shared_dir, tmp_path_factory):
+    """Every task on the first images of zoom-bench (boxes, background and scale groups)."""
+    result = evaluation.evaluate(deit_tiny, shared_dir / "data" / "zoom-bench", limit=LIMIT, progress=False)
+    out = tmp_path_factory.mktemp("eval")
+    return result, out, evaluation.write_outputs(result, out)
+
+
+def test_run_writes_every_output(bench_run):
+    result, out, written = bench_run
+    assert {p.name for p in written} == {"results.json", "per_image.csv", "prune.png", "zoom.png", "faithfulness.png",
+                                         "report.md"}
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(result.summary))
+    with open(out / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == LIMIT and rows[0]["file"] == "zoom_0000.jpg"
+    for name in ("prune.png", "zoom.png", "faithfulness.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+
+
+def test_results_follow_the_schema(bench_run):
+    s = bench_run[0].summary
+    assert s["n"] == LIMIT and s["model"].endswith("deit-tiny-patch16-224")
+    fractions = [s["top1"]]
+    assert len(s["prune"]) == 6 * len(evaluation.DEFAULT_KEEPS)
+    for e in s["prune"]:
+        assert set(e) >= {"mode", "criterion", "keep", "top1", "agreement", "macs_ratio", "latency_ratio"}
+        assert e["mode"] in ("analysis", "efficiency") and 0 < e["macs_ratio"] < 1 and e["latency_ratio"] > 0
+        fractions += [e["top1"], e["agreement"]]
+    z = s["zoom"]
+    fractions += [z[k] for k in ("top1_before", "top1_after", "zoomed_fraction", "pointing_game", "box_iou")]
+    assert set(z["groups"]) == {"background", "scale"}
+    assert [e["method"] for e in s["faithfulness"]] == list(evaluation.FAITHFULNESS_METHODS)
+    for e in s["faithfulness"]:
+        fractions += [e["deletion_auc"], e["insertion_auc"]]
+        assert len(e["deletion_curve"]) == faithfulness.STEPS + 1
+    assert set(s["intent"]) == {"good", "inverted", "diffuse"}
+    assert sum(g["n"] for g in s["intent"].values()) == LIMIT
+    assert all(0.0 <= f <= 1.0 for f in fractions)
+
+
+def test_results_agree_with_the_library(bench_run, deit_tiny, shared_dir):
+    """The figures are what the library computes image by image: top-1 against the label, the zoom decision."""
+    result = bench_run[0]
+    folder = shared_dir / "data" / "zoom-bench"
+    items = evaluation.read_labels(folder, LIMIT)
+    predicted = [int(vit_analyzer.predict(deit_tiny, folder / item.file).argmax()) for item in items]
+    assert [r["predicted"] for r in result.rows] == predicted
+    assert result.summary["top1"] == pytest.approx(np.mean([p == i.label for p, i in zip(predicted, items)]))
+    assert result.summary["zoom"]["top1_before"] == result.summary["top1"]
+    # Analysis-mode pruning keeps ranked tokens: at keep 0.9 it must agree with the unpruned model far more
+    # often than random pruning at keep 0.1 does.
+    by_config = {(e["mode"], e["criterion"], e["keep"]): e for e in result.summary["prune"]}
+    assert by_config[("analysis", "intent", 0.9)]["agreement"] > by_config[("analysis", "random", 0.1)]["agreement"]
+
+
+def test_keep_one_changes_nothing(deit_tiny, shared_dir):
+    result = evaluation.evaluate(deit_tiny, shared_dir / "data" / "imagenet-sample", limit=3, keeps=(1.0,),
+                                 tasks=("prune",), progress=False)
+    for e in result.summary["prune"]:
+        assert e["agreement"] == 1.0 and e["macs_ratio"] == 1.0 and e["top1"] == result.summary["top1"]
+
+
+def test_intent_map_beats_random_on_deletion(deit_tiny, shared_dir):
+    result = evaluation.evaluate(deit_tiny, shared_dir / "data" / "imagenet-sample", limit=4,
+                                 tasks=("faithfulness",), progress=False)
+    auc = {e["method"]: e for e in result.summary["faithfulness"]}
+    assert auc["intent"]["deletion_auc"] < auc["random"]["deletion_auc"]
+    assert auc["intent"]["insertion_auc"] > auc["random"]["insertion_auc"]
+    assert "prune" not in result.summary and "zoom" not in result.summary
+
+
+def test_unreadable_image_is_skipped_not_fatal(deit_tiny, shared_dir, tmp_path):
+    source = shared_dir / "data" / "imagenet-sample"
+    first = evaluation.read_labels(source, 1)[0]
+    shutil.copy(source / first.file, tmp_path / first.file)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    write_labels(tmp_path, "file,label_index", f"{first.file},{first.label}", "broken.jpg,1", "missing.jpg,2")
+    result = evaluation.evaluate(deit_tiny, tmp_path, tasks=("zoom",), progress=False)
+    assert result.summary["n"] == 1
+    assert [s["file"] for s in result.summary["skipped"]] == ["broken.jpg", "missing.jpg"]
+
+
+def test_label_outside_the_model_is_refused(deit_tiny, tmp_path):
+    write_labels(tmp_path, "file,label_index", "x.jpg,5000")
+    with pytest.raises(ZoomViTError, match="outside this model"):
+        evaluation.evaluate(deit_tiny, tmp_path, progress=False)
+
+
+def test_cli_eval_prints_json_and_shows_progress(deit_model_path, shared_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "eval", "--data", str(shared_dir / "data" / "imagenet-sample"),
+         "--model", deit_model_path, "--limit", "2", "--tasks", "prune", "--keep", "0.5", "--out", str(out), "--json"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["n"] == 2 and [e["keep"] for e in summary["prune"]] == [0.5] * 6
+    assert "images (imagenet-sample)" in proc.stderr and "pruning" in proc.stderr  # the progress bars
+    assert (out / "prune.png").is_file() and not (out / "zoom.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/no/such/folder"], "Data folder not found"),
+    (["--data", ".", "--keep", "2"], "--keep values"),
+    (["--data", ".", "--tasks", "speed"], "--tasks"),
+])
+def test_cli_eval_errors_are_one_line(capsys, argv, message):
+    assert cli.main(["eval", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoomvit: error:") and message in err and err.count("\n") == 1
