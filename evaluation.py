@@ -42,7 +42,7 @@ DEFAULT_KEEPS = (0.9, 0.7, 0.5, 0.3, 0.1)
 CRITERIA = {"analysis": ("intent", "grad_rollout", "random"), "efficiency": ("merge", "cls_topk", "random")}
 FAITHFULNESS_METHODS = ("random", "attention", "cls", "rollout", "grad_rollout", "intent")
 PRUNE_BATCH = 32  # the batch the engine's latency goal is stated at
-LATENCY_ROUNDS = 3
+LATENCY_ROUNDS = 5
 INTENT_KEEP = 0.5  # the intent groups report pruning at this keep
 GROUP_COLUMNS = ("background", "scale")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
@@ -195,31 +195,32 @@ def _fusion(mode: str, criterion: str) -> str:
     return "merge" if mode == "efficiency" and criterion in ("merge", "random") else "drop"
 
 
+OWN_SCORES = ("merge", "cls_topk")  # criteria that rank by the model's own attention at the cut (no scores passed)
+
+
 def _patch_scores(mode, criterion, keep, scores, random_scores, batch):
     """The ranking one configuration prunes by, for one batch; None = efficiency mode's own attention scores."""
+    if criterion in OWN_SCORES:
+        return None
     if criterion == "intent":
         return torch.stack([s["intent"][keep] for s in scores[batch]])
     if criterion == "grad_rollout":
         return torch.stack([s["grad_rollout"] for s in scores[batch]])
-    if criterion == "random":
-        return random_scores[batch]
-    return None
+    return random_scores[batch]
 
 
 def _prune_pass(bundle, pixels, scores, before, configs, after_block, progress):
     """{config: (predicted (N,), probability of the unpruned prediction `before` (N,), latency ratio)}.
 
-    Accuracy runs every configuration over all images in batches. Latency is timed afterwards on the first
-    batch, in LATENCY_ROUNDS interleaved rounds (unpruned, then every configuration): the median time of a
-    configuration over the median unpruned time. Timing inside the accuracy loop measured every ratio 0.05-0.15
-    too high on 2 cores: one unpruned run per batch is too noisy a reference."""
+    Accuracy runs every configuration over all images in batches; latency is timed afterwards on the first batch
+    (see `_latency_ratios`). Timing inside the accuracy loop gave ratios 0.05-0.25 too high on 2 cores: one
+    unpruned run per batch is too noisy a reference."""
     n = len(pixels)
     random_scores = torch.rand(n, len(scores[0]["grad_rollout"]), generator=torch.Generator().manual_seed(0))
     out = {cfg: (np.zeros(n, dtype=int), np.zeros(n)) for cfg in configs}
     before = torch.as_tensor(before)
     batches = range(0, n, PRUNE_BATCH)
-    bar = tqdm(total=(len(batches) + LATENCY_ROUNDS) * len(configs), desc="pruning", unit="run", file=sys.stderr,
-               disable=not progress)
+    bar = tqdm(total=len(batches) * len(configs), desc="pruning", unit="run", file=sys.stderr, disable=not progress)
 
     def run(cfg, batch):
         mode, criterion, keep = cfg
@@ -234,16 +235,25 @@ def _prune_pass(bundle, pixels, scores, before, configs, after_block, progress):
             predicted[batch] = logits.argmax(-1).numpy()
             kept_prob[batch] = logits.softmax(-1).gather(1, before[batch, None])[:, 0].numpy()
             bar.update()
-    first = slice(0, PRUNE_BATCH)
-    full_times, times = [], {cfg: [] for cfg in configs}
-    for _ in range(LATENCY_ROUNDS):
-        full_times.append(_seconds(lambda: pruning.forward_pruned(bundle, pixels[first], after_block, 1.0)))
-        for cfg in configs:
-            times[cfg].append(_seconds(lambda: run(cfg, first)))
-            bar.update()
     bar.close()
+    latency = _latency_ratios(bundle, pixels[:PRUNE_BATCH], random_scores[:PRUNE_BATCH], configs, after_block, progress)
+    return {cfg: (*out[cfg], latency[cfg]) for cfg in configs}
+
+
+def _latency_ratios(bundle, pixels, some_scores, configs, after_block, progress):
+    """{config: median pruned time / median unpruned time} on one batch, over LATENCY_ROUNDS interleaved rounds
+    (unpruned, then every distinct computation). Medians of several rounds: single runs on a shared 2-core
+    machine vary by up to 70%."""
+    paths = {cfg: (_fusion(*cfg[:2]), cfg[1] in OWN_SCORES, cfg[2]) for cfg in configs}
+    full_times, times = [], {path: [] for path in set(paths.values())}
+    for _ in tqdm(range(LATENCY_ROUNDS), desc="timing", unit="round", file=sys.stderr, disable=not progress):
+        full_times.append(_seconds(lambda: pruning.forward_pruned(bundle, pixels, after_block, 1.0)))
+        for path in sorted(times):
+            fusion, own_scores, keep = path
+            scores = None if own_scores else some_scores
+            times[path].append(_seconds(lambda: pruning.forward_pruned(bundle, pixels, after_block, keep, scores, fusion)))
     full = float(np.median(full_times))
-    return {cfg: (*out[cfg], float(np.median(times[cfg])) / full) for cfg in configs}
+    return {cfg: float(np.median(times[path])) / full for cfg, path in paths.items()}
 
 
 def _seconds(fn) -> float:

@@ -269,3 +269,15 @@ def test_cli_eval_errors_are_one_line(capsys, argv, message):
     assert cli.main(["eval", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("zoomvit: error:") and message in err and err.count("\n") == 1
+
+
+def test_readme_results_are_the_committed_reports():
+    """The README's Results tables are report.md files written by `zoomvit eval`, unedited, and each report is
+    what its results.json gives."""
+    readme = (REPO / "README.md").read_text()
+    reports = sorted((REPO / "docs" / "results").glob("*/report.md"))
+    assert {r.parent.name for r in reports} == {"imagenet-sample", "zoom-bench"}
+    for report in reports:
+        summary = json.loads((report.parent / "results.json").read_text())
+        assert report.read_text() == evaluation.markdown_report(summary)
+        assert report.read_text() in readme, f"README.md does not contain {report} verbatim"
