@@ -101,24 +101,9 @@ def resized_view(image: Image.Image, geometry, max_side: int):
     return small, dataclasses.replace(geometry, image_size=size, scale=geometry.scale * factor)
 
 
-def _operator_for(geometry):
-    try:
-        return upsample_operator(geometry)
-    except TypeError:  # an unhashable geometry-like object: no cache, no operator
-        return None
-
-
-def upsample(geometry, grid_map: np.ndarray) -> np.ndarray:
-    """The same as geometry.upsample(grid_map), through the cached `upsample_operator` when there is one."""
-    operator = _operator_for(geometry)
-    if operator is None:
-        return geometry.upsample(grid_map)
-    return operator[0] @ np.asarray(grid_map, dtype=np.float32) @ operator[1].T
-
-
 def heat_overlay(image: Image.Image, geometry, grid_map: np.ndarray, cmap: str = "jet", alpha: float = 0.5):
     """A patch-grid map upsampled through `geometry` (made for this image's size) and blended over it."""
-    return overlay(image, upsample(geometry, grid_map), cmap, alpha)
+    return overlay(image, geometry.upsample(grid_map), cmap, alpha)
 
 
 @functools.lru_cache(maxsize=256)
@@ -131,38 +116,6 @@ def _caption(text: str) -> np.ndarray:
     array = np.asarray(strip)
     array.flags.writeable = False
     return array
-
-
-@functools.lru_cache(maxsize=64)
-def upsample_operator(geometry):
-    """Matrices (A_y: H x rows, A_x: W x cols) with geometry.upsample(G) == A_y @ G @ A_x.T, or None.
-
-    `upsample` is bilinear resizing and pasting, hence linear and separable: one probe per grid row and per
-    grid column recovers it, and then many maps upsample in one matrix product. Checked against `upsample` on
-    a random map; None (use `upsample` itself) if it does not match. Keyed by the (hashable) geometry.
-    """
-    gh, gw = geometry.grid
-    full = geometry.upsample(np.ones((gh, gw), np.float32))
-    if not full.size or full.max() <= 0:
-        return None
-    # full = s_y s_x^T (each axis' weights summed). A column probe gives s_y (A_x e_j)^T, a row probe
-    # (A_y e_i) s_x^T: read both through one pixel (row, col) and divide by full[row, col] = s_y[row] s_x[col].
-    row, col = np.unravel_index(int(np.argmax(full)), full.shape)
-    a_x = np.empty((full.shape[1], gw), np.float32)
-    for j in range(gw):
-        probe = np.zeros((gh, gw), np.float32)
-        probe[:, j] = 1.0
-        a_x[:, j] = geometry.upsample(probe)[row, :]
-    a_y = np.empty((full.shape[0], gh), np.float32)
-    for i in range(gh):
-        probe = np.zeros((gh, gw), np.float32)
-        probe[i, :] = 1.0
-        a_y[:, i] = geometry.upsample(probe)[:, col] / full[row, col]
-    check = np.random.default_rng(0).random((gh, gw), dtype=np.float32)
-    if np.abs(a_y @ check @ a_x.T - geometry.upsample(check)).max() > 1e-3:
-        return None
-    a_y.flags.writeable = a_x.flags.writeable = False
-    return a_y, a_x
 
 
 def heads_grid(
@@ -187,11 +140,7 @@ def heads_grid(
         raise ValueError("heads_grid needs a non-empty sequence of 2-D maps")
     titles = list(titles) if titles is not None else [str(i) for i in range(len(maps))]
     small, small_geometry = resized_view(image, geometry, tile)
-    operator = _operator_for(small_geometry)
-    if operator is not None:
-        heats = operator[0] @ maps @ operator[1].T
-    else:
-        heats = np.stack([small_geometry.upsample(m) for m in maps])
+    heats = small_geometry.upsample(maps)
     base = np.asarray(small, dtype=np.float32)
     coloured = np.take(_colour_table(cmap), _levels(heats), axis=0).astype(np.float32)
     panels = (base * (1.0 - alpha) + coloured * alpha + 0.5).astype(np.uint8)

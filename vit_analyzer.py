@@ -6,6 +6,7 @@ Zoom, pruning, the app and the CLI all read from the same `Analysis`.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -297,7 +298,18 @@ class Geometry:
         return tuple(float(c) / self.scale for c in box)
 
     def upsample(self, grid_map: np.ndarray) -> np.ndarray:
-        """A patch-grid map as a float32 (H, W) array over the working image; 0 where the model sees nothing."""
+        """A patch-grid map (or a stack of them) as float32 (..., H, W) over the working image; 0 where the model
+        sees nothing. Resizing then pasting is linear and separable, so a cached pair of matrices
+        (`upsample_operator`) does it in two products, for a whole stack at once; `upsample_exact` is the
+        reference those matrices are read from."""
+        maps = np.asarray(grid_map, dtype=np.float32)
+        operator = upsample_operator(self)
+        if operator is not None:
+            return operator[0] @ maps @ operator[1].T
+        return np.stack([self.upsample_exact(m) for m in maps]) if maps.ndim == 3 else self.upsample_exact(maps)
+
+    def upsample_exact(self, grid_map: np.ndarray) -> np.ndarray:
+        """One map through the processor's geometry in reverse: bilinear resize to the crop, paste, resize."""
         grid_map = np.asarray(grid_map, dtype=np.float32)
         left, top, cw, ch = self.crop
         rw, rh = self.resized
@@ -312,6 +324,37 @@ class Geometry:
         if (rw, rh) == (w, h):
             return frame
         return np.asarray(Image.fromarray(frame, mode="F").resize((w, h), Image.Resampling.BILINEAR))
+
+
+@functools.lru_cache(maxsize=64)
+def upsample_operator(geometry: Geometry):
+    """Matrices (A_y: H x rows, A_x: W x cols) with geometry.upsample_exact(G) == A_y @ G @ A_x.T, or None.
+
+    One probe per grid row and per grid column recovers them; checked against `upsample_exact` on a random map,
+    None (use it directly) if they do not match. Cached per geometry: the app redraws one image many times.
+    """
+    gh, gw = geometry.grid
+    full = geometry.upsample_exact(np.ones((gh, gw), np.float32))
+    if not full.size or full.max() <= 0:
+        return None
+    # full = s_y s_x^T (each axis' weights summed). A column probe gives s_y (A_x e_j)^T, a row probe
+    # (A_y e_i) s_x^T: read both through one pixel (row, col) and divide by full[row, col] = s_y[row] s_x[col].
+    row, col = np.unravel_index(int(np.argmax(full)), full.shape)
+    a_x = np.empty((full.shape[1], gw), np.float32)
+    for j in range(gw):
+        probe = np.zeros((gh, gw), np.float32)
+        probe[:, j] = 1.0
+        a_x[:, j] = geometry.upsample_exact(probe)[row, :]
+    a_y = np.empty((full.shape[0], gh), np.float32)
+    for i in range(gh):
+        probe = np.zeros((gh, gw), np.float32)
+        probe[i, :] = 1.0
+        a_y[:, i] = geometry.upsample_exact(probe)[:, col] / full[row, col]
+    check = np.random.default_rng(0).random((gh, gw), dtype=np.float32)
+    if np.abs(a_y @ check @ a_x.T - geometry.upsample_exact(check)).max() > 1e-3:
+        return None
+    a_y.flags.writeable = a_x.flags.writeable = False
+    return a_y, a_x
 
 
 def _size_value(size, key):

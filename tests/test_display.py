@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import visualization
+import vit_analyzer
 from vit_analyzer import Geometry
 
 GEOMETRIES = [
@@ -39,12 +40,13 @@ def test_resized_view_keeps_patches_in_place(geometry):
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
-def test_the_fast_upsampling_is_the_geometry_upsampling(geometry):
-    operator = visualization.upsample_operator(geometry)
-    assert operator is not None
-    for seed in range(3):
-        grid_map = np.random.default_rng(seed).random(geometry.grid, dtype=np.float32)
-        np.testing.assert_allclose(visualization.upsample(geometry, grid_map), geometry.upsample(grid_map), atol=1e-5)
+def test_the_fast_upsampling_is_the_exact_upsampling(geometry):
+    assert vit_analyzer.upsample_operator(geometry) is not None
+    maps = np.random.default_rng(0).random((3, *geometry.grid), dtype=np.float32)
+    stacked = geometry.upsample(maps)
+    for grid_map, fast in zip(maps, stacked):
+        np.testing.assert_allclose(geometry.upsample(grid_map), geometry.upsample_exact(grid_map), atol=1e-5)
+        np.testing.assert_allclose(fast, geometry.upsample_exact(grid_map), atol=1e-5)
 
 
 def test_heads_grid_tiles_one_overlay_per_map():
