@@ -198,7 +198,7 @@ def _fusion(mode: str, criterion: str) -> str:
 OWN_SCORES = ("merge", "cls_topk")  # criteria that rank by the model's own attention at the cut (no scores passed)
 
 
-def _patch_scores(mode, criterion, keep, scores, random_scores, batch):
+def _patch_scores(criterion, keep, scores, random_scores, batch):
     """The ranking one configuration prunes by, for one batch; None = efficiency mode's own attention scores."""
     if criterion in OWN_SCORES:
         return None
@@ -224,7 +224,7 @@ def _prune_pass(bundle, pixels, scores, before, configs, after_block, progress):
 
     def run(cfg, batch):
         mode, criterion, keep = cfg
-        patch_scores = _patch_scores(mode, criterion, keep, scores, random_scores, batch)
+        patch_scores = _patch_scores(criterion, keep, scores, random_scores, batch)
         return pruning.forward_pruned(bundle, pixels[batch], after_block, keep, patch_scores, _fusion(mode, criterion))
 
     for start in batches:
