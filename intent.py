@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import config
-from vit_analyzer import Analysis, map_spread, top_mass_patches
+from vit_analyzer import Analysis, floor_at_median, map_spread, top_mass_patches
 from zoom import mass_region, zoom
 
 KINDS = ("good", "inverted", "diffuse")
@@ -29,7 +29,7 @@ INVERTED_INSIDE = 0.5
 
 def mass_inside(analysis: Analysis, grid_map: np.ndarray, box_original) -> float:
     """Share of the map's (median-floored) mass that falls inside a box given in original image pixels."""
-    heat = analysis.upsample(np.clip(grid_map - np.median(grid_map), 0, None))
+    heat = analysis.upsample(floor_at_median(grid_map))
     s = analysis.geometry.scale
     x0, y0, x1, y1 = (int(round(c * s)) for c in box_original)
     total = heat.sum()
@@ -38,7 +38,7 @@ def mass_inside(analysis: Analysis, grid_map: np.ndarray, box_original) -> float
 
 def focus_share(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> float:
     """Share of the map's top-`mass` patches' (median-floored) mass that lies in their largest connected region."""
-    values = np.clip(grid_map - np.median(grid_map), 0, None)
+    values = floor_at_median(grid_map)
     total = values[top_mass_patches(grid_map, mass)].sum()
     return float(values[mass_region(grid_map, mass)].sum() / total) if total > 0 else 1.0
 

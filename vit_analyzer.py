@@ -475,10 +475,15 @@ def normalize_map(values: np.ndarray) -> np.ndarray:
     return (values - lo) / (hi - lo)
 
 
+def floor_at_median(grid_map: np.ndarray) -> np.ndarray:
+    """The map minus its median, clipped at 0: the background half of the patches carries no mass."""
+    return np.clip(grid_map - np.median(grid_map), 0, None)
+
+
 def top_mass_patches(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> np.ndarray:
     """Boolean grid mask of the fewest patches holding `mass` of the map floored at its median (background
     patches carry no mass); all patches when nothing is left above the floor."""
-    values = np.clip(grid_map - np.median(grid_map), 0, None)
+    values = floor_at_median(grid_map)
     total = values.sum()
     if total <= 0:
         return np.ones(values.shape, dtype=bool)

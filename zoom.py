@@ -21,9 +21,10 @@ from vit_analyzer import (
     Analysis,
     Prediction,
     ZoomViTError,
-    map_spread,
     encode,
+    floor_at_median,
     load_image,
+    map_spread,
     normalize_map,
     predict_pixels,
     top_mass_patches,
@@ -36,7 +37,7 @@ POLICIES = ("adaptive", "always")
 def mass_region(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> np.ndarray:
     """Boolean grid mask: the 8-connected region holding the most of the map's top-`mass` patches."""
     selected = top_mass_patches(grid_map, mass)
-    values = np.clip(grid_map - np.median(grid_map), 0, None)
+    values = floor_at_median(grid_map)
     best, best_mass = None, -1.0
     seen = np.zeros_like(selected)
     h, w = selected.shape
