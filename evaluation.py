@@ -140,8 +140,9 @@ def _prune_configs(tasks, keeps):
     return configs
 
 
-def _image_pass(bundle, path, item, index, tasks, intent_keeps, after_block):
-    """One image: its CSV row, its model input, its analysis-mode pruning scores and its perturbation curves."""
+def _image_pass(bundle, path, item, index, tasks, intent_keeps, after_block, need_scores):
+    """One image: its CSV row, its model input, its analysis-mode pruning scores (None unless `need_scores`)
+    and its perturbation curves."""
     start = time.perf_counter()
     analysis = va.analyze(bundle, path, keep_graph=False)
     analysis_ms = (time.perf_counter() - start) * 1000
@@ -151,13 +152,15 @@ def _image_pass(bundle, path, item, index, tasks, intent_keeps, after_block):
         "correct": int(predicted == item.label), "confidence": float(analysis.probs[predicted]),
         "label_prob": float(analysis.probs[item.label]),
     }
-    num_patches = analysis.grid[0] * analysis.grid[1]
-    counts = {k: pruning.kept_count(num_patches, k) for k in intent_keeps}
-    order = pruning.intent_pick_order(analysis, after_block, max(counts.values(), default=0))
-    scores = {  # one greedy pass serves every keep: a smaller budget keeps a prefix of the same order
-        "intent": {k: pruning.scores_from_order(order[:count], num_patches)[0] for k, count in counts.items()},
-        "grad_rollout": torch.from_numpy(analysis.grad_rollout().ravel().copy()),
-    }
+    scores = None
+    if need_scores:
+        num_patches = analysis.grid[0] * analysis.grid[1]
+        counts = {k: pruning.kept_count(num_patches, k) for k in intent_keeps}
+        order = pruning.intent_pick_order(analysis, after_block, max(counts.values(), default=0))
+        scores = {  # one greedy pass serves every keep: a smaller budget keeps a prefix of the same order
+            "intent": {k: pruning.scores_from_order(order[:count], num_patches)[0] for k, count in counts.items()},
+            "grad_rollout": torch.from_numpy(analysis.grad_rollout().ravel().copy()),
+        }
     zoom_result = zoom.zoom(analysis) if {"zoom", "intent"} & set(tasks) else None
     if "zoom" in tasks:
         after, crop = int(np.argmax(zoom_result.probs_after)), int(np.argmax(zoom_result.probs_crop))
@@ -408,7 +411,7 @@ def evaluate(
                                       disable=not progress)):
         try:
             row, x, s, c, ms, num_tokens = _image_pass(
-                bundle, data / item.file, item, index, tasks, intent_keeps, after_block
+                bundle, data / item.file, item, index, tasks, intent_keeps, after_block, bool(configs)
             )
         except ImageLoadError as exc:  # one bad file should not sink a long run: report it and go on
             skipped.append({"file": item.file, "error": str(exc)})
