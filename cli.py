@@ -2,25 +2,94 @@
 
 With --json each command prints exactly one JSON object on stdout. A user error (unreadable image, unknown
 class, bad option value) prints one line, `zoomvit: error: ...`, on stderr and exits with status 2.
+
+Options are checked before the slow model load: ranges at once, blocks and classes against the model's
+config.json. The library (torch, transformers) is imported only when a command runs, so --help is instant.
+Blocks are numbered 1..L as users see them; keep is a fraction in (0, 1].
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import sys
 from pathlib import Path
 
-import numpy as np
-
 import config
-import evaluation
-import intent
-import pruning
-import visualization
-import vit_analyzer
-import zoom
-from vit_analyzer import ZoomViTError
+
+
+class UsageError(Exception):
+    """A bad option value found before the library is imported (ZoomViTError lives in vit_analyzer)."""
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a server can listen on host:port now. SO_REUSEADDR as uvicorn sets it, so only a listening
+    socket makes the port busy, not connections of a server that just stopped."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except (OSError, OverflowError):  # in use, an address not on this machine, a port outside 0..65535
+        return False
+    return True
+
+
+def _check_fraction(option: str, value: float):
+    if not 0.0 < value <= 1.0:
+        raise UsageError(f"{option} must be a fraction in (0, 1], got {value:g}.")
+
+
+def _check_after_block(after_block: int, num_layers: int):
+    if not 1 <= after_block < num_layers:
+        raise UsageError(
+            f"--after-block must be in 1..{num_layers - 1} (after the last block, {num_layers}, nothing is left "
+            f"to prune), got {after_block}."
+        )
+
+
+def _layer_index(block: int | None, num_layers: int) -> int:
+    """--block B (1..L; None or -1 = the last) as the library's 0-based layer index."""
+    if block is None or block == -1:
+        return num_layers - 1
+    if not 1 <= block <= num_layers:
+        raise UsageError(f"--block must be in 1..{num_layers} (or -1 for the last), got {block}.")
+    return block - 1
+
+
+def _model_facts(model: str):
+    """(number of blocks, id2label) from the model's config.json, without loading weights; None when there is
+    no config.json at hand (a hub id not in the cache): the options are then checked on the loaded model."""
+    import vit_analyzer
+
+    cfg = vit_analyzer.read_model_config(model)  # also refuses a broken folder or an unsupported model now
+    if cfg is None or not cfg.get("num_hidden_layers") or not cfg.get("id2label"):
+        return None
+    return int(cfg["num_hidden_layers"]), cfg["id2label"]
+
+
+def _load_model(model: str):
+    import vit_analyzer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keeps stderr to our own messages
+    return vit_analyzer.load_model(model)
+
+
+def _analyze(args, check=None):
+    """Image first, then the options against config.json, then the model, then the analysis pass: each
+    mistake is reported before the slow step after it. `check(num_layers, id2label)` validates the command's
+    options and returns what they resolve to (on the loaded model when config.json was not at hand)."""
+    import vit_analyzer
+
+    loaded = vit_analyzer.load_image(args.image)
+    facts = _model_facts(args.model)
+    resolved = check(*facts) if check and facts else None
+    bundle = _load_model(args.model)
+    if check and not facts:
+        resolved = check(bundle.num_layers, bundle.id2label)
+    return vit_analyzer.analyze(bundle, loaded), resolved
 
 
 def _print_predictions(title, predictions, count=3):
@@ -33,25 +102,57 @@ def _save(image, path):
     try:
         image.save(path)
     except (OSError, ValueError) as exc:  # missing folder, unknown extension, ...
-        raise ZoomViTError(f"Could not write {path}: {exc}") from None
+        raise UsageError(f"Could not write {path}: {exc}") from None
     print(f"wrote {path}", file=sys.stderr)
 
 
-def _analyze(args):
-    """Image first (a bad file fails before the slow model load), then the model, then the analysis pass."""
-    loaded = vit_analyzer.load_image(args.image)
-    from transformers.utils import logging as hf_logging
+# rollout, cls and attention maps come from the forward attentions alone: the same whatever the class.
+CLASS_AGNOSTIC = ("rollout", "cls", "attention")
 
-    hf_logging.disable_progress_bar()  # keeps stderr to our own messages
-    bundle = vit_analyzer.load_model(args.model)
-    return vit_analyzer.analyze(bundle, loaded)
+
+def _where(analysis, heat) -> str:
+    """Where the map's mass lies: its top-ZOOM_MASS patches and their largest connected part (the region the
+    zoom uses), with that part's box in original image pixels."""
+    import numpy as np
+
+    import intent
+    import vit_analyzer
+    import zoom
+
+    selected = vit_analyzer.top_mass_patches(heat)
+    rows, cols = np.nonzero(zoom.mass_region(heat))
+    geo = analysis.geometry
+    x0, y0, _, _ = geo.patch_box(rows.min(), cols.min())
+    _, _, x1, y1 = geo.patch_box(rows.max(), cols.max())
+    vx0, vy0, vx1, vy1 = geo.view_box()
+    box = geo.to_original((max(x0, vx0), max(y0, vy0), min(x1, vx1), min(y1, vy1)))
+    return (
+        f"{config.ZOOM_MASS:.0%} of its mass lies in {int(selected.sum())} of {selected.size} patches; their largest "
+        f"connected part, at ({box[0]:.0f}, {box[1]:.0f}) - ({box[2]:.0f}, {box[3]:.0f}) in image pixels, "
+        f"holds {intent.focus_share(heat):.0%} of that"
+    )
 
 
 def cmd_explain(args):
-    analysis = _analyze(args)
+    if not 0.0 <= args.discard_ratio < 1.0:
+        raise UsageError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio:g}.")
+
+    def check(num_layers, id2label):
+        import vit_analyzer
+
+        target = None if args.target is None else vit_analyzer.match_label(id2label, args.target)
+        return _layer_index(args.block, num_layers), target
+
+    analysis, (layer, target) = _analyze(args, check)
+    import numpy as np
+
+    import intent
+    import visualization
+    import vit_analyzer
+
     bundle = analysis.bundle
-    target = analysis.predicted if args.target is None else bundle.find_label(args.target)
-    heat = analysis.map(args.method, args.layer, args.head, args.discard_ratio, target)
+    target = analysis.predicted if target is None else target
+    heat = analysis.map(args.method, layer, args.head, args.discard_ratio, target)
     diagnosis = intent.diagnose(analysis)  # about the prediction, whatever class the map is for
     if args.out:
         _save(visualization.overlay(analysis.loaded.image, analysis.upsample(heat)), args.out)
@@ -66,14 +167,21 @@ def cmd_explain(args):
             "intent": diagnosis.as_dict(),
         }
     _print_predictions("prediction:", analysis.top())
-    row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    print(f"{args.method} map for '{target_info.label}' on a {heat.shape[0]}x{heat.shape[1]} grid; "
-          f"strongest patch: row {row}, col {col}")
+    if args.method in CLASS_AGNOSTIC:
+        # The strongest spot of such a map is often a background artifact; it does not explain any one class.
+        unchanged = ", so --target does not change it" if args.target is not None else ""
+        title = f"{args.method} map (class-agnostic: the same for every class{unchanged})"
+    else:
+        title = f"{args.method} map for class '{target_info.label}'"
+    print(f"{title} on a {heat.shape[0]}x{heat.shape[1]} grid: {_where(analysis, heat)}.")
     print(f"intent: {diagnosis.kind} ({diagnosis.reason})")
 
 
 def cmd_zoom(args):
-    analysis = _analyze(args)
+    analysis, _ = _analyze(args)
+    import visualization
+    import zoom
+
     result = zoom.zoom(analysis, policy=args.policy)
     if args.out:
         working_box = [c * analysis.geometry.scale for c in result.box]
@@ -88,7 +196,11 @@ def cmd_zoom(args):
 
 
 def cmd_prune(args):
-    analysis = _analyze(args)
+    _check_fraction("--keep", args.keep)
+    analysis, _ = _analyze(args, lambda num_layers, _: _check_after_block(args.after_block, num_layers))
+    import pruning
+    import visualization
+
     result = pruning.prune(analysis, args.keep, args.after_block, args.mode, args.fusion)
     if args.out:
         _save(visualization.token_mask_overlay(analysis.loaded.image, analysis.geometry, result.kept_mask), args.out)
@@ -104,13 +216,16 @@ def cmd_prune(args):
 
 
 def cmd_eval(args):
+    import evaluation
+
     keeps = evaluation.parse_keeps(args.keep)
     tasks = evaluation.parse_tasks(args.tasks)
     evaluation.read_labels(args.data, args.limit)  # a bad folder fails before the slow model load
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    bundle = vit_analyzer.load_model(args.model)
+    facts = _model_facts(args.model)
+    if facts:
+        _check_after_block(args.after_block, facts[0])
+    bundle = _load_model(args.model)
+    _check_after_block(args.after_block, bundle.num_layers)
     result = evaluation.evaluate(bundle, args.data, args.limit, keeps, args.after_block, tasks, progress=True)
     out = args.out or f"zoomvit-eval/{Path(args.data).resolve().name}"
     for path in evaluation.write_outputs(result, out):
@@ -121,6 +236,12 @@ def cmd_eval(args):
 
 
 def cmd_serve(args):
+    # Before the model load and the gradio import: a busy port would otherwise fail only after both.
+    if not port_free(args.host, args.port):
+        raise UsageError(
+            f"Cannot serve on {args.host}:{args.port}: the port is in use (or the address is not on this machine); "
+            "pick another with --port."
+        )
     import app  # only now: the web UI pulls in gradio
 
     app.main(["--host", args.host, "--port", str(args.port), "--model", args.model])
@@ -140,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
 
     p = commands.add_parser("explain", parents=[image], help="importance map and intent diagnosis")
-    p.add_argument("--method", choices=vit_analyzer.MAP_METHODS, default="rollout")
-    p.add_argument("--layer", type=int, default=-1, help="layer for cls/attention maps (default: last)")
+    p.add_argument("--method", choices=config.MAP_METHODS, default="rollout")
+    p.add_argument("--block", type=int, help="block 1..L for cls/attention maps (default and -1: the last, L)")
     p.add_argument("--head", default="mean", help="head index, or mean|max|min across heads")
     p.add_argument("--target", help="class index or label text (default: the predicted class)")
     p.add_argument("--discard-ratio", type=float, default=config.ROLLOUT_DISCARD_RATIO, help="rollout only")
@@ -149,15 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_explain)
 
     p = commands.add_parser("zoom", parents=[image], help="crop where the model looks and classify again")
-    p.add_argument("--policy", choices=zoom.POLICIES, default="adaptive")
+    p.add_argument("--policy", choices=config.ZOOM_POLICIES, default="adaptive")
     p.add_argument("--out", metavar="PNG", help="write the image with the zoom box drawn here")
     p.set_defaults(run=cmd_zoom)
 
     p = commands.add_parser("prune", parents=[image], help="drop tokens after a block and compare")
-    p.add_argument("--keep", type=float, default=config.PRUNE_KEEP, help="share of patch tokens kept")
-    p.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK)
-    p.add_argument("--mode", choices=pruning.MODES, default=config.PRUNE_MODE)
-    p.add_argument("--fusion", choices=pruning.FUSIONS, default="merge", help="efficiency mode only")
+    p.add_argument("--keep", type=float, default=config.PRUNE_KEEP, help="fraction of patch tokens kept, in (0, 1]")
+    p.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK, help="1..L-1 (default: %(default)s)")
+    p.add_argument("--mode", choices=config.PRUNE_MODES, default=config.PRUNE_MODE)
+    p.add_argument("--fusion", choices=config.PRUNE_FUSIONS, default="merge", help="efficiency mode only")
     p.add_argument("--out", metavar="PNG", help="write the image with dropped patches greyed out here")
     p.set_defaults(run=cmd_prune)
 
@@ -167,9 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="where results.json, per_image.csv, the plots and report.md go "
                    "(default: zoomvit-eval/<data folder name>)")
     p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--keep", default=",".join(f"{k:g}" for k in evaluation.DEFAULT_KEEPS), help="token shares to prune to (default: %(default)s)")
-    p.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK)
-    p.add_argument("--tasks", default=",".join(evaluation.TASKS), help="default: %(default)s")
+    p.add_argument("--keep", default=",".join(f"{k:g}" for k in config.EVAL_KEEPS),
+                   help="fractions of patch tokens to keep, each in (0, 1] (default: %(default)s)")
+    p.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK, help="1..L-1 (default: %(default)s)")
+    p.add_argument("--tasks", default=",".join(config.EVAL_TASKS), help="default: %(default)s")
     p.add_argument("--json", action="store_true", help="print results.json instead of the report")
     p.set_defaults(run=cmd_eval)
 
@@ -180,11 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(exc: Exception) -> bool:
+    analyzer = sys.modules.get("vit_analyzer")  # imported lazily: a ZoomViTError can only come once it is
+    return isinstance(exc, UsageError) or (analyzer is not None and isinstance(exc, analyzer.ZoomViTError))
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits with status 2
     try:
         payload = args.run(args)  # a dict with --json; None when the command printed a summary itself
-    except ZoomViTError as exc:
+    except Exception as exc:
+        if not _user_error(exc):
+            raise
         print(f"zoomvit: error: {exc}", file=sys.stderr)
         return 2
     if payload is not None:

@@ -17,10 +17,17 @@ PRUNE_AFTER_BLOCK = 6
 PRUNE_KEEP = 0.5
 PRUNE_MODE = "analysis"
 
-# Input guards: images are downscaled so their longest side is at most this before anything else,
-# which bounds memory for huge uploads; files above MAX_FILE_PIXELS are refused outright.
+# Input guards: images are downscaled so their longest side is at most this before anything else;
+# files above MAX_FILE_PIXELS are refused from the header alone.
 MAX_IMAGE_SIDE = 2048
 MAX_FILE_PIXELS = 12000 * 12000
+# Memory is bounded by what decoding costs, not by file size: a 280 KB PNG can declare 12000x12000 16-bit pixels.
+# Estimated from the header (pixels x bytes per pixel in Pillow's memory x the format's decoder overhead), files
+# above this are refused before decoding. 400 MB holds a 10000x10000 RGB PNG (Pillow keeps RGB at 4 bytes a
+# pixel) or the largest 16-bit greyscale file the pixel limit allows (288 MB); shrinking to RGB then adds only
+# small strips, so one upload stays under about 0.5 GB above the server's baseline, and four at once (~2 GB)
+# still fit the 3 GB goal on a 2-core/24 GB machine. JPEGs are costed at their reduced (draft) decode size.
+MAX_DECODE_BYTES = 400_000_000
 # Preprocessors that resize the shortest edge would blow a 1x4000 strip up to an enormous image.
 MAX_ASPECT_RATIO = 50.0
 
@@ -43,3 +50,12 @@ ZOOM_WHOLE_WEIGHT = 0.7
 def resolve_model_name(explicit=None):
     """--model beats ZOOMVIT_MODEL beats the default hub id."""
     return explicit or os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
+
+# Choices the CLI lists in --help without importing the library (importing torch would make --help slow);
+# tests/test_cli.py checks that they match the library's own tuples.
+MAP_METHODS = ("rollout", "grad_rollout", "intent", "cls", "attention")
+ZOOM_POLICIES = ("adaptive", "always")
+PRUNE_MODES = ("analysis", "efficiency")
+PRUNE_FUSIONS = ("drop", "fuse", "merge")
+EVAL_TASKS = ("prune", "zoom", "faithfulness", "intent")
+EVAL_KEEPS = (0.9, 0.7, 0.5, 0.3, 0.1)

@@ -6,8 +6,10 @@ Zoom, pruning, the app and the CLI all read from the same `Analysis`.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import io
+import json
 import math
 import os
 import warnings
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageMode, UnidentifiedImageError
 
 import config
 
@@ -59,14 +61,60 @@ class LoadedImage:
         return self.image.width / self.original_size[0]
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to 8-bit RGB; transparency is composited on white so it doesn't turn black."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16/32-bit and float: stretch the actual range to 8 bits (a plain convert("L") clips to 255).
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        arr = np.zeros_like(arr) if hi <= lo else (arr - lo) / (hi - lo) * 255.0
-        img = Image.fromarray(np.nan_to_num(arr).astype(np.uint8), "L")
+# Decoders that hold more than the frame buffer itself (peak / buffer, measured at 4000x4000): libwebp and openjpeg
+# keep their own full-size copies (4.2x, 4.9x), libtiff a packed buffer for compressed files (1.8x). Others ~1.05x.
+_DECODE_OVERHEAD = {"WEBP": 4.5, "JPEG2000": 5.0, "TIFF": 2.0}
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_STRIP_BYTES = 8 << 20  # big images are converted this much (as RGB) at a time
+_TRIM_ABOVE = 64 << 20  # decodes smaller than this leave too little behind to be worth a malloc_trim
+_TRANSPOSE = {  # EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose)
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def decode_cost(img: Image.Image) -> int:
+    """Bytes that decoding the current frame of `img` takes, from its header alone (Image.open reads no pixels)."""
+    try:
+        mode = ImageMode.getmode(img.mode)
+        # Pillow stores every multi-band mode at 4 bytes a pixel (RGB too); single-band modes at their type's size.
+        per_pixel = 4 if len(mode.bands) > 1 else np.dtype(mode.typestr).itemsize
+    except KeyError:
+        per_pixel = 4
+    return int(img.width * img.height * per_pixel * _DECODE_OVERHEAD.get(img.format, 1.0))
+
+
+def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """`size` scaled so its longest side is at most max_side, keeping the aspect ratio."""
+    ratio = min(1.0, max_side / max(size))
+    return max(1, round(size[0] * ratio)), max(1, round(size[1] * ratio))
+
+
+def _finite_range(arr: np.ndarray):
+    finite = arr[np.isfinite(arr)]
+    return (float(finite.min()), float(finite.max())) if finite.size else None
+
+
+def _to_rgb(img: Image.Image, value_range=None) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on white so it doesn't turn black.
+
+    16/32-bit and float images are stretched from `value_range` (default: their own finite min and max) to 8 bits,
+    as a plain convert("L") clips at 255; a caller converting strip by strip passes the whole image's range.
+    """
+    if img.mode in _HIGH_BIT_MODES:
+        arr = np.array(img, dtype=np.float32)  # float32 halves the float64 copy; NaN -> 0, +-inf -> the range ends
+        lo, hi = value_range or _finite_range(arr) or (0.0, 0.0)
+        arr -= lo
+        arr *= 0.0 if hi <= lo else 255.0 / (hi - lo)
+        np.clip(arr, 0.0, 255.0, out=arr)
+        if img.mode == "F":
+            np.nan_to_num(arr, copy=False)
+        img = Image.fromarray(arr.astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -76,15 +124,58 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _shrink_to_rgb(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """RGB at `size`, converted strip by strip so a big image is never copied at full size.
+
+    Each strip is box-reduced by the largest whole factor that keeps at least `size` (Pillow's thumbnail keeps
+    twice the size, but at 12000x12000 that result alone is 144 MB); only the small result is resized with LANCZOS.
+    """
+    w, h = img.size
+    factor = max(1, min(w // size[0], h // size[1]))
+    rows = max(1, _STRIP_BYTES // (4 * w) // factor) * factor
+    strips = [(0, y, w, min(h, y + rows)) for y in range(0, h, rows)]
+    value_range = None
+    if img.mode == "F":  # getextrema gives NaN if any pixel is NaN
+        ranges = [r for box in strips if (r := _finite_range(np.array(img.crop(box), dtype=np.float32)))]
+        value_range = (min(r[0] for r in ranges), max(r[1] for r in ranges)) if ranges else (0.0, 0.0)
+    elif img.mode in _HIGH_BIT_MODES:
+        value_range = img.getextrema()
+    out = Image.new("RGB", (-(-w // factor), -(-h // factor)))
+    for box in strips:
+        part = _to_rgb(img.crop(box), value_range)
+        out.paste(part.reduce(factor) if factor > 1 else part, (0, box[1] // factor))
+    return out if out.size == size else out.resize(size, Image.Resampling.LANCZOS)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def release_memory():
+    """Hand freed heap pages back to the OS (glibc; elsewhere a no-op).
+
+    glibc keeps what a big decode or a model run freed in its per-thread arenas, so RSS would stay high.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def load_image(source, max_side: int = config.MAX_IMAGE_SIDE) -> LoadedImage:
     """Open a path, bytes, a PIL image or an HxW(x3/4) array as RGB, with a clear error if it can't.
 
     Handles EXIF rotation, the first frame of animations, grayscale/RGBA/CMYK/16-bit/palette modes, and
-    downscales huge images (JPEG decodes at reduced size via draft mode, so memory stays bounded).
+    downscales huge images. Memory is bounded by the decode cost read from the header (config.MAX_DECODE_BYTES):
+    JPEGs decode at reduced size (draft mode) and the conversion to RGB never copies a big image whole.
     """
     if source is None:
         raise ImageLoadError("No image given.")
     opened = None
+    cost = 0
     try:
         with warnings.catch_warnings():
             # Our own pixel limit below replaces Pillow's decompression-bomb warning and error.
@@ -103,29 +194,35 @@ def load_image(source, max_side: int = config.MAX_IMAGE_SIDE) -> LoadedImage:
                     stream = Path(source)
                     if not stream.is_file():
                         raise ImageLoadError(f"Image file not found: {stream}")
-                img = opened = Image.open(stream)
+                img = opened = Image.open(stream)  # reads the header only
             if img.width * img.height > config.MAX_FILE_PIXELS:
                 raise ImageLoadError(
                     f"Image is too large ({img.width}x{img.height} pixels); "
                     f"the limit is {config.MAX_FILE_PIXELS:,} pixels."
                 )
-            img.seek(0)  # first frame of an animated GIF/WebP/TIFF
+            img.seek(0)  # first frame of an animated GIF/WebP/TIFF; the others are never decoded
             original_size = img.size
             if max(original_size) / max(1, min(original_size)) > config.MAX_ASPECT_RATIO:
                 raise ImageLoadError(
                     f"Image is {original_size[0]}x{original_size[1]}: aspect ratio above "
                     f"{config.MAX_ASPECT_RATIO:g}:1 is not supported."
                 )
-            if img.format == "JPEG" and max(img.size) > 2 * max_side:
-                img.draft("RGB", (max_side, max_side))
+            size = _fit(original_size, max_side)
+            if opened is not None and size != img.size:
+                img.draft(None, size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still at least `size`; others: no-op
+            cost = decode_cost(img)
+            if cost > config.MAX_DECODE_BYTES:
+                raise ImageLoadError(
+                    f"Image is too large to decode: {original_size[0]}x{original_size[1]} {img.mode} pixels "
+                    f"would take about {cost / 1e6:,.0f} MB; the limit is {config.MAX_DECODE_BYTES / 1e6:,.0f} MB."
+                )
             img.load()
-            # EXIF orientation swaps width/height for 90-degree rotations; the "original" is what a viewer shows.
-            transposed = ImageOps.exif_transpose(img)
-            if transposed is not None and transposed is not img:
-                if transposed.size != img.size:
+            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)  # PNG may keep EXIF after the pixels
+            img = _shrink_to_rgb(img, size)
+            if orientation in _TRANSPOSE:
+                img = img.transpose(_TRANSPOSE[orientation])  # on the small image: a rotation copies it
+                if orientation >= 5:  # 90-degree turns: the "original" is what a viewer shows
                     original_size = original_size[::-1]
-                img = transposed
-            img = _to_rgb(img)
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
@@ -136,10 +233,9 @@ def load_image(source, max_side: int = config.MAX_IMAGE_SIDE) -> LoadedImage:
         raise ImageLoadError(f"Could not read the image: {exc}") from None
     finally:
         if opened is not None:
-            opened.close()
-    if max(img.size) > max_side:
-        img = img.copy()
-        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+            opened.close()  # frees the full-size decode
+        if cost > _TRIM_ABOVE:
+            release_memory()
     return LoadedImage(img, tuple(original_size))
 
 
@@ -180,52 +276,204 @@ class ViTBundle:
         return str(self.id2label.get(int(index), f"class {int(index)}"))
 
     def find_label(self, text: str) -> int:
-        """A class index from an index, an exact label, or a unique case-insensitive substring of a label."""
-        text = str(text).strip()
-        if text.lstrip("-").isdigit():
-            index = int(text)
-            if not 0 <= index < len(self.id2label):
-                raise ZoomViTError(f"Class index {index} is out of range (0..{len(self.id2label) - 1}).")
-            return index
-        lowered = text.lower()
-        exact = [i for i, name in self.id2label.items() if str(name).lower() == lowered]
-        if exact:
-            return int(exact[0])
-        names = [(i, str(n).lower()) for i, n in self.id2label.items()]
-        # Prefer a match on a whole comma-separated synonym ("tench" in "tench, Tinca tinca").
-        whole = [i for i, n in names if lowered in [s.strip() for s in n.split(",")]]
-        if len(whole) == 1:
-            return int(whole[0])
-        partial = [i for i, n in names if lowered in n]
-        if len(partial) == 1:
-            return int(partial[0])
-        if not partial:
-            raise ZoomViTError(f"No class label matches '{text}'.")
-        examples = ", ".join(self.label(i) for i in partial[:5])
-        raise ZoomViTError(f"'{text}' matches {len(partial)} labels (e.g. {examples}); be more specific.")
+        return match_label(self.id2label, text)
+
+
+def match_label(id2label: dict, text) -> int:
+    """A class index from an index, an exact label, or a unique case-insensitive substring of a label.
+
+    id2label may have int keys (a loaded model) or str keys (config.json read as JSON), so the CLI can check
+    --target before the weights load."""
+    labels = {int(i): str(name) for i, name in id2label.items()}
+    text = str(text).strip()
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < len(labels):
+            raise ZoomViTError(f"Class index {index} is out of range (0..{len(labels) - 1}).")
+        return index
+    lowered = text.lower()
+
+    def one_of(indices):  # a name that several classes share (ImageNet has two "crane"s): ask, never guess
+        listed = ", ".join(f"'{labels[i]}' [{i}]" for i in indices[:5])
+        raise ZoomViTError(f"'{text}' names {len(indices)} classes: {listed}; give the class index to choose.")
+
+    exact = [i for i, name in labels.items() if name.lower() == lowered]
+    if len(exact) == 1:
+        return exact[0]
+    if exact:
+        one_of(exact)
+    names = [(i, n.lower()) for i, n in labels.items()]
+    # Prefer a match on a whole comma-separated synonym ("tench" in "tench, Tinca tinca").
+    whole = [i for i, n in names if lowered in [s.strip() for s in n.split(",")]]
+    if len(whole) == 1:
+        return whole[0]
+    if whole:
+        one_of(whole)
+    partial = [i for i, n in names if lowered in n]
+    if len(partial) == 1:
+        return partial[0]
+    if not partial:
+        raise ZoomViTError(f"No class label matches '{text}'.")
+    examples = ", ".join(labels[i] for i in partial[:5])
+    raise ZoomViTError(f"'{text}' matches {len(partial)} labels (e.g. {examples}); be more specific.")
+
+
+# The block engine (run_block, classify_tokens) is written for these layouts; other families would load but
+# give wrong maps and pruning, so they are refused up front.
+SUPPORTED_MODEL_TYPES = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViT-MSN"}
+_LOCAL_HINT = f"pass a local folder with --model PATH or {config.MODEL_ENV_VAR}=PATH"
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first non-empty line, whole: hub errors run over several lines; none is cut mid-word."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick request to the hub endpoint: the download path retries for minutes when the hub is down."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # DNS failure, refused connection, timeout, proxy error: whatever the transport raises
+        return False
+    return True
+
+
+def _local_folder(name: str) -> Path | None:
+    """The folder `name` points at, None for a hub id; ModelLoadError for a path that is not a folder."""
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise ModelLoadError(f"Model path is a file, not a folder: {name}")
+    if name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"Model folder not found: {name}")
+    return None
+
+
+def read_model_config(name: str | None = None) -> dict | None:
+    """The model's config.json as a dict, read without loading anything, and checked to be a supported
+    classifier that needs no remote code. From a local folder or the hub cache; None for a hub id not in it."""
+    name = config.resolve_model_name(name)
+    folder = _local_folder(name)
+    if folder is not None:
+        path = folder / "config.json"
+        if not path.is_file():
+            raise ModelLoadError(
+                f"Could not load model '{name}': the folder has no config.json (a model folder in Hugging Face "
+                "layout holds config.json, model.safetensors and preprocessor_config.json)."
+            )
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            path = try_to_load_from_cache(name, "config.json")
+        except ValueError:  # HFValidationError: not a repo id either
+            raise ModelLoadError(f"Model folder not found, and not a valid hub id either: {name}") from None
+        if not isinstance(path, str):
+            return None
+    try:
+        cfg = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"Could not read the config.json of model '{name}': {_first_line(exc)}") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"The config.json of model '{name}' is not a JSON object.")
+    _check_model_config(name, cfg)
+    return cfg
+
+
+def _check_model_config(name: str, cfg: dict) -> None:
+    if cfg.get("auto_map"):
+        raise ModelLoadError(
+            f"Could not load model '{name}': it needs custom code from its repository (auto_map in config.json), "
+            "and ZoomViT never runs remote code."
+        )
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        families = ", ".join(f"{label} ('{key}')" for key, label in SUPPORTED_MODEL_TYPES.items())
+        kind = f"a '{model_type}' model" if model_type else "a model without a model_type in config.json"
+        raise ModelLoadError(
+            f"Could not load model '{name}': it is {kind}; ZoomViT supports only {families} image classifiers."
+        )
+
+
+def _check_local_weights(name: str, folder: Path) -> None:
+    """Safetensors weights present and readable; pickle weights are refused (unpickling can run code)."""
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        if pickles:
+            raise ModelLoadError(
+                f"Could not load model '{name}': the folder has only PyTorch pickle weights ({', '.join(pickles)}), "
+                "which ZoomViT does not load because unpickling a file can run arbitrary code; if you trust it, "
+                "convert it once with transformers (from_pretrained, then save_pretrained writes model.safetensors)."
+            )
+        raise ModelLoadError(f"Could not load model '{name}': the folder has no weights (model.safetensors).")
+    from safetensors import safe_open
+
+    for shard in shards:
+        try:
+            with safe_open(shard, framework="pt"):  # parses the header and checks it covers the whole file
+                pass
+        except Exception as exc:  # SafetensorError derives from Exception only
+            raise ModelLoadError(
+                f"Could not load model '{name}': {shard.name} is corrupt or incomplete ({_first_line(exc)})."
+            ) from None
+    if not (folder / "preprocessor_config.json").is_file():
+        raise ModelLoadError(
+            f"Could not load model '{name}': the folder has no preprocessor_config.json (the image preprocessing)."
+        )
 
 
 def load_model(name: str | None = None) -> ViTBundle:
-    """Load a hub id or a local folder with eager attention (the default SDPA path returns no attentions)."""
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
+    """Load a ViT or DeiT classifier from a local folder or a hub id, safetensors weights only, with eager
+    attention (the default SDPA path returns no attentions). Every failure is a one-line ModelLoadError."""
     name = config.resolve_model_name(name)
-    local = Path(name).expanduser()
-    if local.exists():
-        name = str(local)
-    elif name.startswith((".", "/", "~")):
-        raise ModelLoadError(f"Model folder not found: {name}")
+    folder = _local_folder(name)
+    cfg = read_model_config(name)
+    if folder is not None:
+        _check_local_weights(name, folder)
+        source, local_only = str(folder), True
+    else:
+        # Offline or unreachable, only the cache can serve; say so at once rather than after the hub's retries.
+        local_only = _hub_offline() or not _hub_reachable()
+        if local_only and cfg is None:
+            why = "offline (HF_HUB_OFFLINE is set)" if _hub_offline() else "the Hugging Face hub is unreachable"
+            raise ModelLoadError(f"Could not load model '{name}': {why} and it is not in the local cache; {_LOCAL_HINT}")
+        source = name
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # missing weights are reported below, in one line, not as a log table
     try:
-        processor = AutoImageProcessor.from_pretrained(name)
-        model = AutoModelForImageClassification.from_pretrained(name, attn_implementation="eager")
-    except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
-        why = "offline, and it is not in the local cache" if offline else str(exc).strip().splitlines()[0][:200]
-        hint = (
-            f"Could not load model '{name}' ({why}). Pass a local folder in Hugging Face layout with "
-            f"--model PATH or {config.MODEL_ENV_VAR}=PATH."
+        if cfg is None:  # a hub id fetched now: check its config before downloading the weights
+            from huggingface_hub import hf_hub_download
+
+            _check_model_config(name, json.loads(Path(hf_hub_download(name, "config.json")).read_text("utf-8")))
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
+        model, info = AutoModelForImageClassification.from_pretrained(
+            source, attn_implementation="eager", use_safetensors=True, local_files_only=local_only,
+            output_loading_info=True,
         )
-        raise ModelLoadError(hint) from exc
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # hub, file and transformers errors alike: report the cause in one line
+        raise ModelLoadError(f"Could not load model '{name}': {_first_line(exc)}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = info.get("missing_keys") or []
+    if missing:  # transformers would run these tensors randomly initialised
+        raise ModelLoadError(
+            f"Could not load model '{name}': its weights do not match its config ({len(missing)} tensors missing, "
+            f"e.g. {sorted(missing)[0]})."
+        )
     model.eval()
     cfg = model.config
     if not hasattr(model.base_model, "layers") or not hasattr(model.base_model, "embeddings"):

@@ -3,8 +3,10 @@
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -61,10 +63,32 @@ def test_explain_for_another_class_by_label(capsys, deit_tiny, deit_model_path, 
 def test_explain_summary_and_overlay(capsys, monkeypatch, deit_model_path, photo, tmp_path):
     monkeypatch.setenv(config.MODEL_ENV_VAR, deit_model_path)  # the default model comes from the environment
     out_png = tmp_path / "heat.png"
-    assert cli.main(["explain", photo, "--method", "cls", "--layer", "5", "--head", "max", "--out", str(out_png)]) == 0
+    assert cli.main(["explain", photo, "--method", "cls", "--block", "6", "--head", "max", "--out", str(out_png)]) == 0
     captured = capsys.readouterr()
     assert "tench" in captured.out and "intent:" in captured.out
     assert Image.open(out_png).size == Image.open(photo).size
+
+
+@pytest.mark.parametrize("block, layer", [("1", 0), ("12", 11), ("-1", 11)])
+def test_blocks_are_numbered_from_1(capsys, deit_tiny, deit_model_path, photo, block, layer):
+    result = run_json(capsys, "explain", photo, "--model", deit_model_path, "--json", "--method", "cls", "--block", block)
+    expected = vit_analyzer.analyze(deit_tiny, photo).cls_map(layer)
+    np.testing.assert_allclose(result["map"], expected, atol=1e-4)
+
+
+def test_summary_does_not_credit_a_class_agnostic_map_to_the_class(capsys, deit_tiny, deit_model_path, photo):
+    analysis = vit_analyzer.analyze(deit_tiny, photo)
+    assert cli.main(["explain", photo, "--model", deit_model_path, "--target", "goldfish"]) == 0
+    line = capsys.readouterr().out.splitlines()[-2]
+    patches = int(vit_analyzer.top_mass_patches(analysis.rollout()).sum())
+    assert line.startswith("rollout map (class-agnostic: the same for every class, so --target does not change it)")
+    assert f"60% of its mass lies in {patches} of 196 patches" in line and "strongest" not in line
+
+    assert cli.main(["explain", photo, "--model", deit_model_path, "--method", "grad_rollout", "--target", "goldfish"]) == 0
+    line = capsys.readouterr().out.splitlines()[-2]
+    patches = int(vit_analyzer.top_mass_patches(analysis.grad_rollout(1)).sum())
+    assert line.startswith("grad_rollout map for class 'goldfish, Carassius auratus'")
+    assert f"60% of its mass lies in {patches} of 196 patches" in line
 
 
 def test_prune_json(capsys, deit_model_path, photo, tmp_path):
@@ -125,6 +149,103 @@ def test_unknown_class_exits_2(capsys, deit_model_path, photo):
 def test_missing_model_folder_exits_2(capsys, photo, tmp_path):
     assert cli.main(["prune", photo, "--model", str(tmp_path / "missing-model")]) == 2
     assert capsys.readouterr().err.startswith("zoomvit: error: Model folder not found")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prune", "--keep", "1.5"], "--keep must be a fraction in (0, 1], got 1.5."),
+    (["prune", "--keep", "0"], "--keep must be a fraction in (0, 1], got 0."),
+    (["explain", "--discard-ratio", "1"], "--discard-ratio must be in [0, 1), got 1."),
+])
+def test_option_ranges_are_checked_first(capsys, monkeypatch, deit_model_path, photo, argv, message):
+    for step in ("load_image", "load_model"):
+        monkeypatch.setattr(vit_analyzer, step, lambda *a, **k: pytest.fail("checked only after reading the image"))
+    assert cli.main([*argv[:1], photo, "--model", deit_model_path, *argv[1:]]) == 2
+    assert capsys.readouterr().err == f"zoomvit: error: {message}\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "IMAGE", "--target", "xyzzy"], "No class label matches 'xyzzy'."),
+    (["explain", "IMAGE", "--target", "fish"], "'fish' matches 11 labels (e.g. goldfish, Carassius auratus, "),
+    (["explain", "IMAGE", "--block", "13"], "--block must be in 1..12 (or -1 for the last), got 13."),
+    (["explain", "IMAGE", "--block", "0"], "--block must be in 1..12 (or -1 for the last), got 0."),
+    (["prune", "IMAGE", "--after-block", "12"], "--after-block must be in 1..11 (after the last block, 12, "),
+    (["prune", "IMAGE", "--after-block", "0"], "--after-block must be in 1..11 "),
+    (["eval", "--data", "DATA", "--after-block", "12"], "--after-block must be in 1..11 "),
+])
+def test_options_are_checked_against_config_json_before_the_model_loads(
+    capsys, monkeypatch, shared_dir, deit_model_path, photo, argv, message
+):
+    monkeypatch.setattr(vit_analyzer, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    folders = {"IMAGE": photo, "DATA": str(shared_dir / "data" / "imagenet-sample")}
+    assert cli.main([folders.get(a, a) for a in argv] + ["--model", deit_model_path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"zoomvit: error: {message}")
+
+
+def test_match_label_reads_config_json_labels(deit_tiny):
+    as_json = {str(i): name for i, name in deit_tiny.id2label.items()}  # config.json keys are strings
+    for text in ("goldfish", "Tench", "7", "great white shark"):
+        assert vit_analyzer.match_label(as_json, text) == deit_tiny.find_label(text)
+
+
+def test_pruning_after_the_last_block_is_refused(tiny_vit):
+    """Nothing runs after the last block, so there is nothing to prune: it used to report 197 -> 99 tokens."""
+    import pruning
+
+    analysis = vit_analyzer.analyze(tiny_vit, np.zeros((32, 48, 3), dtype=np.uint8))
+    for after_block in (0, tiny_vit.num_layers):
+        with pytest.raises(vit_analyzer.ZoomViTError, match=r"after_block must be in 1\.\.1,"):
+            pruning.prune(analysis, 0.5, after_block, timing_repeats=0)
+
+
+def test_help_imports_no_library(tmp_path):
+    """--help builds the parser only: no torch, transformers, gradio or numpy (each costs seconds to import)."""
+    code = (
+        "import json, sys, cli\n"
+        "for argv in (['--help'], ['explain', '--help'], ['serve', '--help']):\n"
+        "    try:\n"
+        "        cli.main(argv)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, argv\n"
+        "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(cli.__file__).parent)
+    assert done.returncode == 0, done.stderr
+    assert "--block B" in done.stdout or "--block BLOCK" in done.stdout
+    heavy = {"torch", "transformers", "gradio", "numpy", "PIL", "huggingface_hub", "vit_analyzer", "evaluation", "app"}
+    assert heavy.isdisjoint(json.loads(done.stderr.splitlines()[-1]))
+
+
+def test_cli_choices_match_the_library():
+    import evaluation
+    import pruning
+
+    assert config.MAP_METHODS == vit_analyzer.MAP_METHODS and config.ZOOM_POLICIES == zoom.POLICIES
+    assert (config.PRUNE_MODES, config.PRUNE_FUSIONS) == (pruning.MODES, pruning.FUSIONS)
+    assert (config.EVAL_TASKS, config.EVAL_KEEPS) == (evaluation.TASKS, evaluation.DEFAULT_KEEPS)
+
+
+def test_port_free():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert not cli.port_free("127.0.0.1", port)
+    assert cli.port_free("127.0.0.1", port)
+
+
+def test_serve_on_a_busy_port_exits_2_before_loading(capsys, monkeypatch, deit_model_path):
+    app_stub = types.ModuleType("app")
+    app_stub.main = lambda argv: pytest.fail("the app was started")
+    monkeypatch.setitem(sys.modules, "app", app_stub)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli.main(["serve", "--port", str(port), "--model", deit_model_path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"zoomvit: error: Cannot serve on 127.0.0.1:{port}: the port is in use")
 
 
 def test_usage_errors_exit_2(capsys, photo):

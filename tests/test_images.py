@@ -4,6 +4,13 @@ Every image is generated here in tmp_path; nothing binary lives in the repositor
 """
 
 import io
+import json
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +21,8 @@ import vit_analyzer
 from vit_analyzer import ImageLoadError, analyze, load_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+REPO = Path(__file__).resolve().parents[1]
+MB = 2**20
 
 
 def assert_close_colour(pixel, expected, tolerance=40):
@@ -198,3 +207,99 @@ def test_very_large_jpeg_is_downscaled(tmp_path, deit_tiny):
     x0, y0, x1, y1 = analysis.geometry.to_original(analysis.geometry.view_box())
     assert 0 <= x0 < x1 <= 9000 + 1e-6 and 0 <= y0 < y1 <= 7000 + 1e-6
     assert x1 - x0 > 7000  # the centre crop of a 9000x7000 image spans most of its width
+
+
+# ---- memory: bounded by what decoding costs, not by file size ---------------------------------------------
+
+
+def write_png(path, width, height, bit_depth=8, color_type=0):
+    """A PNG of zeros, compressed row by row: at most a megabyte or so on disk, whatever size it declares."""
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[color_type]  # grey, RGB, grey+alpha, RGBA
+    row = bytes(1 + (width * channels * bit_depth + 7) // 8)  # filter byte, then the row's samples
+    packer = zlib.compressobj(1)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+# Runs in a fresh process and reads the kernel's counters, which see C allocations (Pillow, numpy) that
+# tracemalloc misses. VmHWM, not ru_maxrss: ru_maxrss survives exec, so it would report the forking pytest's
+# size. The loads run in a worker thread, as in the app, twice: glibc keeps freed pages in that thread's arena
+# unless load_image hands them back.
+MEASURE = """
+import json, sys, threading
+import vit_analyzer
+
+def status_mb(key):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(key + ":")) / 1024
+
+sizes = []
+baseline = status_mb("VmRSS")
+worker = threading.Thread(target=lambda: [sizes.append(vit_analyzer.load_image(sys.argv[1]).image.size) for _ in "ab"])
+worker.start()
+worker.join()
+print(json.dumps({"peak": status_mb("VmHWM") - baseline, "after": status_mb("VmRSS") - baseline, "sizes": sizes}))
+"""
+
+
+def measure_load(path):
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "name, size, bit_depth, color_type",
+    [
+        ("16-bit grey 12000x12000, as reported", (12000, 12000), 16, 0),
+        ("grey + alpha", (9000, 9000), 8, 4),
+    ],
+)
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_declared_huge_png_loads_within_its_decode_cost(tmp_path, name, size, bit_depth, color_type):
+    """Peak memory is the decode itself plus small strips (it was 4.5 GB); freed memory goes back to the OS."""
+    path = write_png(tmp_path / "huge.png", *size, bit_depth, color_type)
+    assert path.stat().st_size < 2 * MB
+    with Image.open(path) as header:
+        cost = vit_analyzer.decode_cost(header) / MB
+    assert cost <= config.MAX_DECODE_BYTES / MB
+    used = measure_load(path)
+    assert used["sizes"] == [[config.MAX_IMAGE_SIDE] * 2] * 2
+    assert used["peak"] < cost + 128, (name, cost, used)  # conversion works on strips, never a full-size copy
+    assert used["after"] < 64, (name, used)  # back near the baseline once the image is gone
+
+
+@pytest.mark.parametrize(
+    "name, size, bit_depth, color_type",
+    [
+        ("8-bit RGB, 576 MB decoded", (12000, 12000), 8, 2),
+        ("16-bit RGBA, decoded at 8 bits, 576 MB", (12000, 12000), 16, 6),
+        ("RGB just past the budget", (10001, 10000), 8, 2),
+    ],
+)
+def test_decode_above_the_budget_is_refused_from_the_header(tmp_path, name, size, bit_depth, color_type):
+    path = write_png(tmp_path / "bomb.png", *size, bit_depth, color_type)
+    assert size[0] * size[1] <= config.MAX_FILE_PIXELS  # within the pixel limit: only the decode cost refuses it
+    started = time.perf_counter()
+    with pytest.raises(ImageLoadError, match=r"too large to decode: .* the limit is"):
+        load_image(path)
+    assert time.perf_counter() - started < 1.0, name  # refused before decoding
+
+
+def test_webp_is_costed_with_its_decoder_copies(tmp_path):
+    """libwebp holds its own full-size canvases: a 5000x5000 WebP needs ~450 MB, not its 100 MB of pixels."""
+    path = tmp_path / "big.webp"
+    Image.new("RGB", (5000, 5000), RED).save(path, lossless=True)
+    with pytest.raises(ImageLoadError, match="too large to decode"):
+        load_image(path)
+    small = tmp_path / "small.webp"
+    Image.new("RGB", (3000, 2000), RED).save(small, lossless=True)
+    assert load_image(small).image.getpixel((5, 5)) == RED
