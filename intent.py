@@ -95,7 +95,7 @@ def diagnose(analysis: Analysis, box=None, zoom_result=None) -> Diagnosis:
     if metrics["crop_confidence_ratio"] < 0.5 and int(np.argmax(zoom_result.probs_crop)) != predicted:
         return Diagnosis(
             "inverted",
-            f"the region it looks at does not show a '{label}' on its own "
+            f"the region it looks at, cropped, is not classified as '{label}' "
             f"({p_crop:.0%} on the crop vs {p_whole:.0%} on the whole image)",
             metrics,
         )

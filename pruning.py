@@ -12,7 +12,7 @@ Two modes:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -178,13 +178,21 @@ def pruned_macs(bundle: ViTBundle, num_tokens: int, keep: float, after_block: in
 
 
 def median_ms(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return float(np.median(interleaved_ms([fn], repeats)[0]))
+
+
+def interleaved_ms(fns, repeats: int = 5) -> list[list[float]]:
+    """Milliseconds of each of `fns`, `repeats` runs each after one warm-up, taking turns so that a noisy
+    neighbour on a shared CPU slows all of them alike instead of whichever ran during the noise."""
+    for fn in fns:
         fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return float(np.median(times))
+    runs = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, times in zip(fns, runs):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1000)
+    return runs
 
 
 @dataclass
@@ -201,8 +209,10 @@ class PruneResult:
     tokens_after: int
     macs_before: int
     macs_after: int
-    latency_before_ms: float
+    latency_before_ms: float  # medians of the runs below
     latency_after_ms: float
+    latency_before_runs: list[float] = field(default_factory=list)
+    latency_after_runs: list[float] = field(default_factory=list)
 
     @property
     def decision_kept(self) -> bool:
@@ -221,6 +231,8 @@ class PruneResult:
             "macs_after": self.macs_after,
             "latency_before_ms": round(self.latency_before_ms, 3),
             "latency_after_ms": round(self.latency_after_ms, 3),
+            "latency_before_runs_ms": [round(t, 3) for t in self.latency_before_runs],
+            "latency_after_runs_ms": [round(t, 3) for t in self.latency_after_runs],
             "kept_mask": self.kept_mask.astype(int).tolist(),
         }
 
@@ -272,6 +284,8 @@ def prune(
 ) -> PruneResult:
     """Prune one analysed image and compare with the unpruned model (predictions, tokens, MACs, latency)."""
     bundle = analysis.bundle
+    if not 1 <= int(after_block) < bundle.num_layers:  # after the last block there is nothing left to prune
+        raise ZoomViTError(f"after_block must be in 1..{bundle.num_layers - 1}, got {after_block}.")
     if mode not in MODES:
         raise ZoomViTError(f"Unknown mode '{mode}': use one of {MODES}.")
     after_block = _check_block(bundle, after_block)
@@ -290,11 +304,12 @@ def prune(
     tokens_before, tokens_after, macs_before, macs_after = pruned_macs(
         bundle, num_tokens, keep, after_block, mode, fusion
     )
-    latency_before = median_ms(run_full, timing_repeats) if timing_repeats else float("nan")
-    latency_after = median_ms(run_pruned, timing_repeats) if timing_repeats else float("nan")
+    runs_before, runs_after = interleaved_ms([run_full, run_pruned], timing_repeats) if timing_repeats else ([], [])
+    latency_before = float(np.median(runs_before)) if runs_before else float("nan")
+    latency_after = float(np.median(runs_after)) if runs_after else float("nan")
     return PruneResult(
         mode, float(keep), after_block,
         top_predictions(bundle, probs_before), top_predictions(bundle, probs_after),
         probs_before, probs_after, mask.reshape(gh, gw),
-        tokens_before, tokens_after, macs_before, macs_after, latency_before, latency_after,
+        tokens_before, tokens_after, macs_before, macs_after, latency_before, latency_after, runs_before, runs_after,
     )

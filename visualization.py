@@ -10,7 +10,7 @@ import math
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 
 @functools.lru_cache(maxsize=32)
@@ -45,10 +45,12 @@ def overlay(image: Image.Image, heat: np.ndarray, cmap: str = "jet", alpha: floa
 
 
 def draw_box(image: Image.Image, box, color="red", width: int = 3) -> Image.Image:
-    """A copy of the image with the rectangle box = (x0, y0, x1, y1), in this image's pixels, outlined."""
+    """A copy of the image with the rectangle box = (x0, y0, x1, y1), in this image's pixels, outlined.
+
+    A box under one pixel wide (a patch of a tiny image) is drawn one pixel wide rather than refused."""
     out = image.convert("RGB")  # always a copy
     x0, y0, x1, y1 = (float(c) for c in box)
-    ImageDraw.Draw(out).rectangle((x0, y0, x1 - 1, y1 - 1), outline=color, width=width)
+    ImageDraw.Draw(out).rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=color, width=width)
     return out
 
 
@@ -82,21 +84,27 @@ def token_mask_overlay(image: Image.Image, geometry, kept_mask: np.ndarray, stre
 # ----------------------------------------------------------------------------------------------------------
 
 
-def fit_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """(width, height) scaled down (never up) so the longest side is at most max_side; at least 1 pixel each."""
+def fit_size(size: tuple[int, int], max_side: int, min_side: int = 0) -> tuple[int, int]:
+    """(width, height) scaled down so the longest side is at most max_side, and scaled up (only) so the shortest
+    is at least min_side where max_side allows; at least 1 pixel each."""
     width, height = size
     factor = min(1.0, max_side / max(width, height))
+    if min(width, height) * factor < min_side:
+        factor = min(min_side / min(width, height), max_side / max(width, height))
     return max(1, round(width * factor)), max(1, round(height * factor))
 
 
-def resized_view(image: Image.Image, geometry, max_side: int):
-    """A copy of the image at most max_side pixels on its longest side, and the geometry for that copy.
+def resized_view(image: Image.Image, geometry, max_side: int, min_side: int = 0):
+    """A copy of the image at most max_side pixels on its longest side (and, for tiny images, blown up to
+    min_side on its shortest), and the geometry for that copy.
 
     The patch grid, crop and resize are the model's; only the image side of the mapping changes, so
     `pixel_to_patch`, `patch_box` and `upsample` of the returned geometry work in the copy's pixels.
     """
-    size = fit_size(image.size, max_side)
-    small = image.convert("RGB") if size == image.size else image.resize(size, Image.Resampling.BILINEAR)
+    size = fit_size(image.size, max_side, min_side)
+    # Blown-up pixels stay sharp squares: a tiny image shows what the model was given.
+    resample = Image.Resampling.NEAREST if size[0] > image.width else Image.Resampling.BILINEAR
+    small = image.convert("RGB") if size == image.size else image.resize(size, resample)
     factor = size[0] / geometry.image_size[0]
     return small, dataclasses.replace(geometry, image_size=size, scale=geometry.scale * factor)
 
@@ -154,6 +162,59 @@ def heads_grid(
         caption = _caption(str(title))[:h, :w]
         sheet[y : y + caption.shape[0], x : x + caption.shape[1]] = caption
     return Image.fromarray(sheet, "RGB")
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's built-in scalable font (needs FreeType)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines = []
+    for paragraph in text.splitlines() or [""]:
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}".strip()
+            if line and draw.textlength(candidate, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+def figure_with_legend(image: Image.Image, cmap: str | None = "jet", caption: str = "") -> Image.Image:
+    """The image with a colorbar ("less important" to "more important", when cmap is given) and a wrapped
+    caption below it: a picture that still says what it shows once it is saved and shared."""
+    image = image.convert("RGB")
+    width = image.width
+    unit = max(12, width // 64)
+    font = _font(unit)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = unit
+    lines = _wrap(probe, caption, font, width - 2 * margin) if caption else []
+    bar_height = 2 * unit if cmap else 0
+    label_height = int(unit * 1.4) if cmap else 0
+    text_height = int(len(lines) * unit * 1.35)
+    height = image.height + margin + bar_height + label_height + text_height + margin
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    sheet.paste(image, (0, 0))
+    draw = ImageDraw.Draw(sheet)
+    y = image.height + margin
+    if cmap:
+        ramp = np.tile(np.linspace(0, 255, width - 2 * margin).round().astype(np.uint8), (bar_height, 1))
+        sheet.paste(_colourize(ramp, cmap), (margin, y))
+        y += bar_height
+        draw.text((margin, y), "less important", fill=(0, 0, 0), font=font)
+        draw.text((width - margin, y), "more important", fill=(0, 0, 0), font=font, anchor="ra")
+        y += label_height
+    for line in lines:
+        draw.text((margin, y), line, fill=(0, 0, 0), font=font)
+        y += int(unit * 1.35)
+    return sheet
 
 
 def colormap_stops(cmap: str = "jet", count: int = 9) -> list[str]:

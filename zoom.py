@@ -72,6 +72,12 @@ def _square_inside(x0, y0, x1, y1, width, height, min_side):
     return nx0, ny0, nx0 + side, ny0 + side
 
 
+def _pixel_box(box) -> tuple[int, int, int, int]:
+    """A box rounded to whole pixels, at least one pixel each way (a tiny image's box can round to nothing)."""
+    x0, y0, x1, y1 = (int(round(c)) for c in box)
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
 def box_from_map(
     analysis: Analysis,
     grid_map: np.ndarray,
@@ -156,7 +162,7 @@ def zoom(
     image = analysis.loaded.image
     maps = candidate_maps(analysis) if method is None else {method: analysis.map(method)}
     boxes = {name: box_from_map(analysis, grid_map) for name, grid_map in maps.items()}
-    crops = {name: image.crop(tuple(int(round(c)) for c in box)) for name, box in boxes.items()}
+    crops = {name: image.crop(_pixel_box(box)) for name, box in boxes.items()}
     pixels = torch.cat([encode(bundle, load_image(crop))[0] for crop in crops.values()])
     crop_probs = dict(zip(crops, predict_pixels(bundle, pixels)))  # one batched forward for all candidates
     chosen = max(crop_probs, key=lambda name: crop_probs[name].max())

@@ -1,6 +1,7 @@
 """Shared fixtures: the real DeiT-Tiny from ../shared, and tiny random models that make engine tests fast."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 # Tests never reach the network; the real model comes from the shared folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# The app's temp-folder sweep runs in the tests: give them a folder of their own, not the machine's /tmp/gradio.
+os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="zoomvit-tests-gradio-"))
 
 import vit_analyzer  # noqa: E402  (after the environment above)
 

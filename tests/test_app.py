@@ -5,6 +5,7 @@ side by side, bad uploads, extreme settings and clicks outside the image; the se
 """
 
 import re
+from pathlib import Path
 import threading
 
 import numpy as np
@@ -94,7 +95,7 @@ def test_explain_with_only_the_image(client, tench):
 def test_explain_shows_the_library_map(client, tench, deit_tiny):
     """The overlay is the engine's map, drawn on the displayed image (JPEG-compressed on the way)."""
     path, analysis = tench
-    overlay, *_ = call(client, handle_file(path), "cls", 5, "1", 0.9, "", "viridis", 1.0, api_name="/explain")
+    overlay, *_ = call(client, handle_file(path), "cls", 6, "1", 0.9, "", "viridis", 1.0, api_name="/explain")
     display, geometry = visualization.resized_view(analysis.loaded.image, analysis.geometry, app.DISPLAY_SIDE)
     expected = visualization.heat_overlay(display, geometry, analysis.cls_map(5, 1), "viridis", 1.0)
     difference = np.abs(np.asarray(open_image(overlay), float) - np.asarray(expected, float)).mean()
@@ -112,8 +113,8 @@ def test_explain_with_options(client, tench, deit_tiny):
     )
     assert top_label(label)[0] == expected_label(analysis)  # the prediction does not depend on the target
     assert caption.startswith("**Gradient-weighted** for *goldfish") and f"{analysis.probs[goldfish]:.1%}" in caption
-    _, _, _, caption, _ = call(client, handle_file(path), view="attention", layer=0, head="max", api_name="/explain")
-    assert "layer 0, max over heads" in caption
+    _, _, _, caption, _ = call(client, handle_file(path), view="attention", block=1, head="max", api_name="/explain")
+    assert "block 1, max over heads" in caption
     _, _, _, caption, _ = call(client, handle_file(path), view="intent", target=str(goldfish), api_name="/explain")
     assert caption.startswith("**Intent** for *goldfish")
     _, _, _, caption, _ = call(client, handle_file(path), view="rollout", discard_ratio=0.0, api_name="/explain")
@@ -126,6 +127,8 @@ def test_explain_errors_are_messages(client, tench):
         call(client, handle_file(path), view="grad_rollout", target="dog", api_name="/explain")
     with pytest.raises(AppError, match="No class label matches"):
         call(client, handle_file(path), view="intent", target="no such thing", api_name="/explain")
+    with pytest.raises(AppError, match=r"'crane' names 2 classes: 'crane' \[134\], 'crane' \[517\]"):
+        call(client, handle_file(path), view="intent", target="crane", api_name="/explain")
     with pytest.raises(AppError):  # not one of the choices: Gradio refuses it
         call(client, handle_file(path), view="nonsense", api_name="/explain")
     with pytest.raises(AppError, match="No image"):
@@ -144,9 +147,11 @@ def patch_named(caption):
 
 def test_inspect_patch_with_only_the_image_is_the_centre(client, tench):
     path, analysis = tench
-    overlay, caption, heads = call(client, handle_file(path), api_name="/inspect_patch")
+    overlay, caption, heads, x, y = call(client, handle_file(path), api_name="/inspect_patch")
     w, h = analysis.loaded.original_size
     scale = analysis.geometry.scale
+    assert f"the image centre (x={w / 2:g}, y={h / 2:g})" in caption
+    assert abs(x - w / 2) <= 0.5 and abs(y - h / 2) <= 0.5  # the boxes show whole pixels
     assert patch_named(caption) == analysis.geometry.pixel_to_patch(w / 2 * scale, h / 2 * scale)
     assert "what it attends to" in caption
     assert open_image(overlay).size == visualization.fit_size(analysis.loaded.image.size, app.DISPLAY_SIDE)
@@ -155,23 +160,24 @@ def test_inspect_patch_with_only_the_image_is_the_centre(client, tench):
 @pytest.mark.parametrize("x, y", [(300, 100), (120, 300), (440, 40)])
 def test_inspect_patch_names_the_patch_under_the_point(client, tench, x, y):
     path, analysis = tench
-    _, caption, _ = call(
-        client, handle_file(path), x, y, "attended_by", layer=4, head="2", api_name="/inspect_patch",
+    _, caption, _, x_used, y_used = call(
+        client, handle_file(path), x, y, "attended_by", block=5, head="2", api_name="/inspect_patch",
     )
+    assert (x_used, y_used) == (x, y)
     scale = analysis.geometry.scale
     row, col = analysis.geometry.pixel_to_patch(x * scale, y * scale)
     assert patch_named(caption) == (row, col)
-    assert "what attends to it in layer 4, head 2" in caption
+    assert "what attends to it in block 5, head 2" in caption
 
 
-@pytest.mark.parametrize("x, y", [(-5, 10), (10, 10_000), (1e6, -1e6), (3, 100)])
+@pytest.mark.parametrize("x, y", [(-5, 10), (10, 10_000), (1e6, -1e6), (3, 100), (1e308, 5), (-1e308, 1e308)])
 def test_a_point_outside_what_the_model_sees_is_a_message(client, tench, x, y):
     """Outside the image, or in the strip the centre crop cuts off (x=3 on a 500-pixel-wide photo)."""
     path, _ = tench
-    overlay, caption, _ = call(client, handle_file(path), x, y, api_name="/inspect_patch")
+    overlay, caption, *_ = call(client, handle_file(path), x, y, api_name="/inspect_patch")
     assert "outside what the model sees" in caption and patch_named(caption) is None
     assert open_image(overlay).width > 0
-    _, caption, _ = call(client, handle_file(path), 250, 180, api_name="/inspect_patch")
+    _, caption, *_ = call(client, handle_file(path), 250, 180, api_name="/inspect_patch")
     assert patch_named(caption) is not None
 
 
@@ -201,31 +207,36 @@ def test_prune_with_only_the_image(client, tench):
     path, analysis = tench
     kept, before, after, stats = call(client, handle_file(path), api_name="/prune")
     assert top_label(before)[0] == expected_label(analysis)
-    assert "Keep **50%**" in stats and "after block 6 (analysis mode)" in stats
+    assert "Keep **0.50** of the patch tokens (50%)" in stats and "after block 6 of 12 (analysis mode)" in stats
     assert tokens(stats) == (197, 1 + 98)
-    assert re.search(r"\| measured \| [\d.]+ ms \| [\d.]+ ms", stats)
+    timed = re.search(r"\| time: median of (\d+) \(range\) \| ([\d.]+) ms \(([\d.]+)–([\d.]+)\) \| ([\d.]+) ms \(([\d.]+)–([\d.]+)\)", stats)
+    assert timed and int(timed[1]) == app.TIMING_REPEATS
+    for median, low, high in (timed.group(2, 3, 4), timed.group(5, 6, 7)):
+        assert float(low) <= float(median) <= float(high)
+    assert "noise" in stats
     assert open_image(kept).size == visualization.fit_size(analysis.loaded.image.size, app.DISPLAY_SIDE)
 
 
 def test_prune_at_the_extremes_and_with_options(client, tench):
     path, analysis = tench
-    _, before, after, stats = call(client, handle_file(path), 100, api_name="/prune")
+    _, before, after, stats = call(client, handle_file(path), 1.0, api_name="/prune")
     assert tokens(stats) == (197, 197)
     assert [round(c["confidence"], 4) for c in after["confidences"]] == [
         round(c["confidence"], 4) for c in before["confidences"]
     ]
-    _, before, after_10, stats = call(client, handle_file(path), 10, api_name="/prune")
+    _, before, after_10, stats = call(client, handle_file(path), 0.1, api_name="/prune")
     assert tokens(stats) == (197, 1 + 20)
     assert after_10["confidences"] != before["confidences"]
-    _, _, _, stats = call(client, handle_file(path), 30, 3, "efficiency", api_name="/prune")
-    assert "after block 3 (efficiency mode)" in stats
-    for keep in (5, 0, 105):
+    _, _, _, stats = call(client, handle_file(path), 0.3, 3, "efficiency", api_name="/prune")
+    assert "after block 3 of 12 (efficiency mode)" in stats
+    for keep in (0.05, 0, 1.05, 50):
         with pytest.raises(AppError):
             call(client, handle_file(path), keep, api_name="/prune")
-    with pytest.raises(AppError):
-        call(client, handle_file(path), 50, 99, api_name="/prune")
-    _, _, _, stats = call(client, handle_file(path), 55, api_name="/prune")  # still serving
-    assert "Keep **55%**" in stats
+    for after_block in (0, 12, 99):  # after the last block nothing is left to prune
+        with pytest.raises(AppError):
+            call(client, handle_file(path), 0.5, after_block, api_name="/prune")
+    _, _, _, stats = call(client, handle_file(path), 0.55, 11, api_name="/prune")  # still serving
+    assert "Keep **0.55**" in stats and "after block 11 of 12" in stats
 
 
 # ---- sessions and robustness ----------------------------------------------------------------------------------
@@ -242,7 +253,7 @@ def test_two_concurrent_sessions_keep_their_own_state(server, photos, deit_tiny)
         try:
             c, path = clients[name], handle_file(photos[name])
             _, label, *_ = c.predict(path, api_name="/explain")
-            _, _, after, _ = c.predict(path, 100, api_name="/prune")
+            _, _, after, _ = c.predict(path, 1.0, api_name="/prune")
             _, _, before, *_ = c.predict(path, api_name="/zoom")
             results[name] = (label["label"], after["label"], before["label"])
         except Exception as exc:  # noqa: BLE001 - reported below
@@ -299,8 +310,8 @@ def test_bad_images_are_messages(client, tmp_path, name, tench):
     make(path)
     with pytest.raises(AppError, match=message):
         client.predict(handle_file(str(path)), api_name="/explain")
-    _, _, _, stats = client.predict(handle_file(tench[0]), 100, api_name="/prune")  # still serving
-    assert "Keep **100%**" in stats
+    _, _, _, stats = client.predict(handle_file(tench[0]), 1.0, api_name="/prune")  # still serving
+    assert "Keep **1.00**" in stats
 
 
 def test_unusual_images_work(client, tmp_path):
@@ -343,3 +354,210 @@ def test_a_model_that_does_not_load_is_one_line_and_status_2(capsys, tmp_path):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("zoomvit: error: ") and "no-such-model" in err[0]
+
+
+# ---- hardening: untrusted paths, tiny images, conventions, the temp folder, exports ---------------------------
+
+
+def raw_call(url, api_name, data):
+    """One call over Gradio's plain HTTP API, as any script could make it (gradio_client would upload a local
+    file itself): the event name and the data of the answer."""
+    import httpx
+
+    event_id = httpx.post(f"{url}gradio_api/call/{api_name}", json={"data": data}, timeout=30).json()["event_id"]
+    answer = httpx.get(f"{url}gradio_api/call/{api_name}/{event_id}", timeout=120).text
+    event = re.search(r"^event: (\w+)", answer, re.M)[1]
+    return event, answer.split("data:", 1)[1].strip()
+
+
+RAW_OPTIONS = {  # every input after the image: the plain HTTP API fills in no defaults
+    "explain": ["rollout", -1, "mean", 0.9, "", "jet", 0.5],
+    "inspect_patch": [None, None, "attends_to", "rollout", -1, "mean", 0.9, "", "jet", 0.5],
+    "zoom": ["adaptive"],
+    "prune": [0.5, 6, "analysis"],
+}
+
+
+@pytest.mark.parametrize("api_name", RAW_OPTIONS)
+def test_server_paths_that_were_not_uploaded_are_refused_alike(url, tench, api_name):
+    """A file input naming a server path is refused with one message, whether the path is a real image, another
+    file, a folder, a URL or nothing at all: no pixels come back and nothing tells what exists. With Gradio's
+    file marker Gradio would copy the path (or fetch the URL) into its cache first: refused the same way."""
+    real_image = tench[0]  # exists, and is an image the model would happily explain
+    upload_folder = app.get_upload_folder()
+    ours = ('{"error": "This file did not come through this app\'s upload; upload it again.", "duration": 10, '
+            '"visible": true, "title": "Error"}')
+    gradios = '{"error": null}'  # Gradio's own refusal of a marked path outside its folder names no cause
+    for marker in ({}, {"meta": {"_type": "gradio.FileData"}}):
+        answers = {}
+        for path in (real_image, "/etc/hostname", "/no/such/file.png", "/", f"{upload_folder}/../../etc/hostname",
+                     upload_folder, "http://127.0.0.1:9/x.png"):
+            answers[path] = raw_call(url, api_name, [{"path": path, **marker}, *RAW_OPTIONS[api_name]])
+            assert answers[path] in {("error", ours), ("error", gradios)}, (path, marker, answers[path])
+        assert answers[real_image] == answers["/no/such/file.png"] == answers["/etc/hostname"]
+        if not marker:
+            assert set(answers.values()) == {("error", ours)}
+
+
+def test_uploaded_file_accepts_only_the_upload_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    inside = tmp_path / "uploads" / "abc" / "photo.png"
+    inside.parent.mkdir(parents=True)
+    inside.write_bytes(b"x")
+    assert app.uploaded_file(str(inside)) == str(inside.resolve())
+    outside = tmp_path / "photo.png"
+    outside.write_bytes(b"x")
+    link = tmp_path / "uploads" / "abc" / "link.png"
+    link.symlink_to(outside)  # a link inside that points outside is outside
+    for path in (outside, link, tmp_path / "uploads", tmp_path / "uploads" / ".." / "photo.png"):
+        with pytest.raises(app.gr.Error):
+            app.uploaded_file(str(path))
+
+
+@pytest.mark.parametrize("size", [(8, 8), (12, 600), (1, 1), (600, 12)])
+def test_tiny_images_are_shown_blown_up_and_their_patches_inspectable(client, tmp_path, size):
+    """Images below one patch on a side: a defined, visible result (the display is blown up), and a click or
+    a coordinate on them names a patch."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / f"tiny_{size[0]}x{size[1]}.png"
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    overlay, label, _, _, _ = call(client, handle_file(str(path)), api_name="/explain")
+    assert len(label["confidences"]) == 5
+    shown = open_image(overlay).size
+    assert shown == visualization.fit_size(size, app.DISPLAY_SIDE, app.MIN_DISPLAY_SIDE)
+    assert max(shown) == app.DISPLAY_SIDE or min(shown) >= app.MIN_DISPLAY_SIDE
+    _, caption, _, x, y = call(client, handle_file(str(path)), api_name="/inspect_patch")
+    assert patch_named(caption) is not None, caption
+    _, caption, *_ = call(client, handle_file(str(path)), 0, 0, api_name="/inspect_patch")
+    assert "outside what the model sees" in caption or patch_named(caption) is not None
+
+
+def test_rollout_of_one_head_says_which_head(client, tench):
+    path, _ = tench
+    _, _, _, caption, _ = call(client, handle_file(path), "rollout", 12, "2", api_name="/explain")
+    assert "(head 2," in caption and "mean over heads" not in caption
+    _, _, _, caption, _ = call(client, handle_file(path), "rollout", 12, "max", api_name="/explain")
+    assert "(max over heads," in caption
+
+
+def test_blocks_are_numbered_one_to_twelve(client, tench, deit_tiny):
+    path, analysis = tench
+    _, _, _, caption, _ = call(client, handle_file(path), "cls", 1, "mean", api_name="/explain")
+    assert "block 1, mean over heads" in caption
+    _, _, _, last, _ = call(client, handle_file(path), "cls", 12, api_name="/explain")
+    assert "block 12," in last
+    for block in (0, 13, 2.5, "x"):
+        with pytest.raises(AppError, match="Block must be|not in the list of choices"):
+            call(client, handle_file(path), "cls", block, api_name="/explain")
+
+
+def test_inspecting_with_one_coordinate_or_a_non_number_is_a_message(client, tench):
+    path, _ = tench
+    with pytest.raises(AppError, match="both x and y"):
+        call(client, handle_file(path), 100, None, api_name="/inspect_patch")
+    with pytest.raises(AppError):
+        call(client, handle_file(path), "left", 5, api_name="/inspect_patch")
+    _, caption, *_ = call(client, handle_file(path), 250, 180, api_name="/inspect_patch")  # still serving
+    assert patch_named(caption) is not None
+
+
+def test_model_events_run_one_at_a_time(server):
+    """Every event that can run the model (and decode an image) shares one queue slot: they cannot pile up."""
+    demo, _ = server
+    model_fns = [fn for fn in demo.fns.values() if fn.concurrency_id == app.MODEL_QUEUE]
+    names = {fn.name for fn in model_fns}
+    assert {"explain", "inspect_patch", "zoom", "prune", "on_image", "prune_ui", "change_target"} <= names, names
+    assert all(fn.concurrency_limit == 1 for fn in model_fns)
+
+
+def test_the_janitor_keeps_the_temp_folder_under_its_size_and_age(tmp_path, monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    now = time.time()
+    files = {}
+    for i, (name, age) in enumerate([("stale", 7200), ("a", 50), ("b", 40), ("c", 30), ("d", 20), ("example", 9000)]):
+        path = tmp_path / f"dir{i}" / f"{name}.jpg"
+        path.parent.mkdir()
+        path.write_bytes(b"\0" * 1000)
+        os.utime(path, (now - age, now - age))
+        files[name] = path
+    janitor = app.TempJanitor(max_bytes=3500, max_age_s=3600)
+    janitor.protectors.append(lambda: {str(files["example"])})
+    left = janitor.sweep()
+    survivors = {name for name, path in files.items() if path.exists()}
+    assert survivors == {"c", "d", "example"} and left == 3000  # the kept example counts towards the size
+    assert not (tmp_path / "dir0").exists()  # emptied folders go too
+
+
+def test_bare_uploads_do_not_fill_the_temp_folder(url, monkeypatch):
+    """Posts to the upload route that never reach an event are swept right after, down to the cap."""
+    import time
+
+    import httpx
+
+    folder = Path(app.get_upload_folder())
+
+    def size():
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+    cap = size() + 3 * 1024 * 1024
+    monkeypatch.setattr(app.JANITOR, "max_bytes", cap)
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        response = httpx.post(f"{url}gradio_api/upload",
+                              files={"files": (f"junk{i}.bin", rng.bytes(1024 * 1024))}, timeout=30)
+        assert response.status_code == 200
+        time.sleep(0.1)
+    deadline = time.time() + 10
+    while size() > cap and time.time() < deadline:
+        time.sleep(0.2)
+    assert size() <= cap
+
+
+def test_exports_are_full_size_pictures_with_a_legend_and_the_result_as_json(deit_tiny, tench, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    path, analysis = tench
+    explorer = app.Explorer(deit_tiny)
+    session = explorer.session_for(path, None)
+    with pytest.raises(vit_analyzer.ZoomViTError, match="Nothing to export"):
+        explorer.export_zoom_prune(session)
+    explorer.render(session, "attends_to", "intent", 12, "mean", 0.9, "goldfish", "viridis", 0.6)
+    png, js = explorer.export_explore(session)
+    picture = open_image(png)
+    working = analysis.loaded.image
+    assert picture.width == working.width and picture.height > working.height + 20  # colorbar + caption below
+    goldfish = deit_tiny.find_label("goldfish")
+    expected = visualization.heat_overlay(working, analysis.geometry, analysis.intent(goldfish), "viridis", 0.6)
+    top = np.asarray(picture.crop((0, 0, *working.size)), float)
+    assert np.abs(top - np.asarray(expected, float)).mean() < 1.0
+    data = json.loads(Path(js).read_text())
+    assert data["top"][0]["index"] == analysis.predicted and data["settings"]["target"]["index"] == goldfish
+    assert np.allclose(data["map"], analysis.intent(goldfish), atol=1e-4)
+    assert data["settings"]["block"] == 12 and data["diagnosis"]["kind"] in ("good", "inverted", "diffuse")
+
+    explorer.zoom(path, "always", session)
+    explorer.prune(path, 0.3, 6, "analysis", session)
+    png, js = explorer.export_zoom_prune(session)
+    data = json.loads(Path(js).read_text())
+    assert data["prune"]["tokens_after"] == 1 + 59 and np.asarray(data["prune"]["kept_mask"]).shape == analysis.grid
+    assert len(data["prune"]["latency_before_runs_ms"]) == app.TIMING_REPEATS
+    assert data["zoom"]["box"] == [round(c, 1) for c in session.zoom_result.box]
+    assert open_image(png).width == working.width
+
+
+def test_examples_are_listed_with_captions_and_licences():
+    examples, captions = app._examples()
+    assert len(examples) == len(captions) >= 6
+    readme = (app.EXAMPLES_DIR / "README.md").read_text()
+    photos = [Path(e[0]).name for e in examples if Path(e[0]).name.startswith("photo_")]
+    assert len(photos) >= 3
+    for (path,), caption in zip(examples, captions):
+        assert Path(path).is_file() and Path(path).name in readme
+        assert "_" not in caption and not caption.endswith(".jpg")  # for users, not file names
+    for photo in photos:
+        line = next(line for line in readme.splitlines() if photo in line)
+        assert "CC0" in line or "public domain" in line.lower(), line

@@ -105,7 +105,7 @@ def test_upload_click_a_patch_and_prune(browser, url, deit_tiny, tmp_path):
     # Zoom & prune: the default retention runs when the tab opens; dragging the slider to 10% changes "after".
     page.get_by_role("tab", name="Zoom & prune").click()
     stats = page.locator("#prune_stats")
-    stats.get_by_text("Keep 50%").wait_for()
+    stats.get_by_text("Keep 0.50").wait_for()
     after = page.locator("#prune_after")
     after_at_50 = after.inner_text()
     slider = page.locator("#keep input[type=range]")
@@ -114,8 +114,162 @@ def test_upload_click_a_patch_and_prune(browser, url, deit_tiny, tmp_path):
     page.mouse.down()
     page.mouse.move(box["x"] + 1, box["y"] + box["height"] / 2, steps=10)
     page.mouse.up()
-    stats.get_by_text("Keep 10%").wait_for()
+    stats.get_by_text("Keep 0.10").wait_for()
     assert after.inner_text() != after_at_50
     assert re.search(r"tokens\s+197\s+21\b", stats.inner_text())
     assert not outside, f"the page reached outside: {outside[:5]}"
     page.close()
+
+
+# ---- every way a control changes gives the result it shows; errors keep the last good view --------------------
+
+
+@pytest.fixture
+def page(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    yield page
+    page.close()
+
+
+def upload(page, path, label):
+    page.locator("#image input[type=file]").set_input_files(str(path))
+    if label:
+        page.locator("#prediction").get_by_text(label, exact=True).first.wait_for()
+
+
+def toasts(page) -> str:
+    return " | ".join(page.locator('[data-testid="toast-body"]').all_inner_texts())
+
+
+def wait_for_toast(page, text):
+    page.locator('[data-testid="toast-body"]').filter(has_text=text).first.wait_for()
+
+
+def error_badges(page) -> int:
+    """Gradio marks each output of an event that raised with a red 'Error' status."""
+    return page.locator('[data-testid="status-tracker"]').get_by_text("Error", exact=True).count()
+
+
+def open_prune_tab(page):
+    page.get_by_role("tab", name="Zoom & prune").click()
+    page.locator("#prune_stats").get_by_text("Keep 0.50").wait_for()
+
+
+def test_a_broken_upload_clears_the_previous_result_and_says_why(page, deit_tiny, tmp_path):
+    predicted = deit_tiny.label(vit_analyzer.analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
+    upload(page, EXAMPLE, predicted)
+    fake = tmp_path / "holiday.jpg"
+    fake.write_bytes(os.urandom(5000))  # random bytes named .jpg
+    upload(page, fake, None)
+    page.locator("#diagnosis").get_by_text("Could not analyse this file").wait_for()
+    assert "Not an image file" in page.locator("#diagnosis").inner_text()
+    assert page.locator("#prediction").get_by_text(predicted, exact=True).count() == 0
+    assert page.locator("#overlay img").count() == 0
+    wait_for_toast(page, "Not an image file")
+    assert error_badges(page) == 0
+    # The next good image works as usual.
+    upload(page, EXAMPLE, predicted)
+
+
+def test_an_unknown_target_keeps_the_view_and_the_dropdown_shows_what_is_on_screen(page, deit_tiny):
+    predicted = deit_tiny.label(vit_analyzer.analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
+    upload(page, EXAMPLE, predicted)
+    caption = page.locator("#caption")
+    before = caption.inner_text()
+    overlay_src = page.locator("#overlay img").get_attribute("src")
+    box = page.locator("#target input")
+    box.click()
+    box.fill("xyzzy")
+    box.press("Enter")
+    wait_for_toast(page, "No class label matches 'xyzzy'")
+    assert caption.inner_text() == before and page.locator("#overlay img").get_attribute("src") == overlay_src
+    assert box.input_value() == "predicted class"
+    assert error_badges(page) == 0
+    # Typing part of a label and Enter picks the first matching choice, and the box shows which.
+    box.click()
+    box.fill("goldfi")
+    box.press("Enter")
+    caption.get_by_text(re.compile(r"Gradient-weighted for goldfish")).wait_for()
+    assert box.input_value().startswith("goldfish") and error_badges(page) == 0
+
+
+def test_zoom_and_prune_without_an_image_say_so_and_change_nothing(page):
+    page.get_by_role("tab", name="Zoom & prune").click()
+    checkbox = page.locator("#zoom_on input[type=checkbox]")
+    checkbox.check()
+    wait_for_toast(page, "No image")
+    expect_unchecked = lambda: not checkbox.is_checked()  # noqa: E731
+    page.wait_for_function("() => !document.querySelector('#zoom_on input').checked")
+    assert expect_unchecked()
+    number = page.locator("#keep input[type=number]")
+    number.fill("0.3")
+    number.press("Enter")
+    page.wait_for_timeout(1000)
+    assert error_badges(page) == 0
+    assert "No image" in toasts(page)
+
+
+def test_retention_follows_typing_keys_and_out_of_range_values(page, deit_tiny):
+    predicted = deit_tiny.label(vit_analyzer.analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
+    upload(page, EXAMPLE, predicted)
+    open_prune_tab(page)
+    stats = page.locator("#prune_stats")
+    number = page.locator("#keep input[type=number]")
+    slider = page.locator("#keep input[type=range]")
+
+    number.fill("0.2")  # typed + Enter
+    number.press("Enter")
+    stats.get_by_text("Keep 0.20").wait_for()
+    assert re.search(r"tokens\s+197\s+40\b", stats.inner_text())
+
+    slider.focus()  # the arrow keys on the slider
+    slider.press("ArrowRight")
+    stats.get_by_text("Keep 0.25").wait_for()
+    assert number.input_value() == "0.25"
+
+    number.fill("5")  # out of range: brought to 1.0, and the box says so
+    number.press("Enter")
+    stats.get_by_text("Keep 1.00").wait_for()
+    page.wait_for_function("() => document.querySelector('#keep input[type=number]').value === '1'")
+    wait_for_toast(page, "Keep must be from 0.1 to 1")
+    assert re.search(r"tokens\s+197\s+197\b", stats.inner_text())
+
+    number.fill("0.01")
+    number.press("Enter")
+    stats.get_by_text("Keep 0.10").wait_for()
+    page.wait_for_function("() => document.querySelector('#keep input[type=number]').value === '0.1'")
+    assert error_badges(page) == 0
+
+
+def test_a_tiny_image_is_shown_blown_up_and_clickable(page, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tiny)
+    upload(page, tiny, None)
+    page.locator("#diagnosis").get_by_text("Intent").wait_for()
+    overlay = page.locator("#overlay img")
+    page.wait_for_function("() => { const i = document.querySelector('#overlay img'); return i && i.naturalWidth > 0 }")
+    assert overlay.evaluate("i => i.naturalWidth") == app.MIN_DISPLAY_SIDE
+    shown = overlay.bounding_box()
+    assert shown["width"] > 100 and shown["height"] > 100  # the layout keeps its size
+    overlay.click(position={"x": shown["width"] / 2, "y": shown["height"] / 2})
+    page.locator("#caption").get_by_text(re.compile(r"row \d+, column \d+")).wait_for()
+    assert error_badges(page) == 0
+
+
+def test_export_gives_a_png_and_a_json(page, deit_tiny):
+    predicted = deit_tiny.label(vit_analyzer.analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
+    upload(page, EXAMPLE, predicted)
+    page.locator("#export").click()
+    files = page.locator("#export_files")
+    files.get_by_text("zoomvit-explore-wall_clock").first.wait_for()
+    listed = files.inner_text()
+    assert listed.count("zoomvit-explore-wall_clock") == 2 and ".png" in listed and ".json" in listed
+    open_prune_tab(page)
+    page.locator("#zp_export").click()
+    page.locator("#zp_export_files").get_by_text("zoomvit-zoom-prune-wall_clock").first.wait_for()
+    assert error_badges(page) == 0
