@@ -601,13 +601,7 @@ class Explorer:
     def check_after_block(self, after_block) -> int:
         if after_block in (None, ""):
             return self.prune_after_default
-        number = finite_number(after_block, "Prune after block")
-        if number is None or number != int(number) or not 1 <= number <= self.num_layers - 1:
-            raise ZoomViTError(
-                f"Prune after block must be from 1 to {self.num_layers - 1} (after block {self.num_layers} there "
-                f"is nothing left to prune), got {after_block!r}."
-            )
-        return int(number)
+        return pruning.check_after_block(self.bundle, after_block)
 
     # ---- outputs -----------------------------------------------------------------------------------------
     def label_value(self, session: Session, probs=None) -> dict:

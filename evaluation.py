@@ -396,7 +396,7 @@ def evaluate(
     items = read_labels(data, limit)
     keeps = tuple(float(k) for k in keeps)
     tasks = tuple(t for t in TASKS if t in tasks)
-    pruning._check_block(bundle, after_block)
+    pruning.check_after_block(bundle, after_block)
     num_labels = len(bundle.id2label)
     for item in items:
         if not 0 <= item.label < num_labels:

@@ -11,6 +11,7 @@ Two modes:
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -43,6 +44,22 @@ def _check_block(bundle: ViTBundle, after_block: int) -> int:
     if not 1 <= int(after_block) <= bundle.num_layers:
         raise ZoomViTError(f"after_block must be in 1..{bundle.num_layers}, got {after_block}.")
     return int(after_block)
+
+
+def check_after_block(bundle: ViTBundle, after_block) -> int:
+    """Where pruning can happen: after block 1..L-1 (blocks are numbered 1..L; after the last one there is
+    nothing left to prune)."""
+    last = bundle.num_layers
+    try:
+        number = float(after_block)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (math.isfinite(number) and number.is_integer() and 1 <= number <= last - 1):
+        raise ZoomViTError(
+            f"Prune after block must be from 1 to {last - 1} (after block {last} there is nothing left to prune), "
+            f"got {after_block!r}."
+        )
+    return int(number)
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -284,11 +301,9 @@ def prune(
 ) -> PruneResult:
     """Prune one analysed image and compare with the unpruned model (predictions, tokens, MACs, latency)."""
     bundle = analysis.bundle
-    if not 1 <= int(after_block) < bundle.num_layers:  # after the last block there is nothing left to prune
-        raise ZoomViTError(f"after_block must be in 1..{bundle.num_layers - 1}, got {after_block}.")
+    after_block = check_after_block(bundle, after_block)
     if mode not in MODES:
         raise ZoomViTError(f"Unknown mode '{mode}': use one of {MODES}.")
-    after_block = _check_block(bundle, after_block)
     pixel_values = analysis.pixel_values
     scores = analysis_scores(analysis, after_block, keep) if mode == "analysis" else None
     fusion = fusion if mode == "efficiency" else "drop"

@@ -561,3 +561,27 @@ def test_examples_are_listed_with_captions_and_licences():
     for photo in photos:
         line = next(line for line in readme.splitlines() if photo in line)
         assert "CC0" in line or "public domain" in line.lower(), line
+
+
+def test_no_share_buttons(server):
+    """Share only works on Hugging Face Spaces; elsewhere it only says so."""
+    demo, _ = server
+    images = [block for block in demo.blocks.values() if isinstance(block, app.gr.Image)]
+    assert len(images) >= 6
+    for image in images:
+        assert image.buttons is not None and "share" not in image.buttons, image.elem_id
+
+
+def test_a_busy_port_is_one_line_and_status_2_before_the_model_loads(capsys, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(vit_analyzer, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_info:
+            app.main(["--port", str(port), "--model", "whatever"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"port {port}" in err[0] and "in use" in err[0]

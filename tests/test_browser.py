@@ -273,3 +273,21 @@ def test_export_gives_a_png_and_a_json(page, deit_tiny):
     page.locator("#zp_export").click()
     page.locator("#zp_export_files").get_by_text("zoomvit-zoom-prune-wall_clock").first.wait_for()
     assert error_badges(page) == 0
+
+
+def test_a_new_upload_clears_the_inspected_coordinates(page, deit_tiny):
+    predicted = deit_tiny.label(vit_analyzer.analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
+    upload(page, EXAMPLE, predicted)
+    page.wait_for_function("() => { const i = document.querySelector('#overlay img'); return i && i.naturalWidth > 0 }")
+    overlay = page.locator("#overlay img")
+    shown = overlay.bounding_box()
+    overlay.click(position={"x": shown["width"] / 2, "y": shown["height"] / 2})
+    page.locator("#caption").get_by_text(re.compile(r"row \d+, column \d+")).wait_for()
+    page.get_by_text("Inspect a patch by its pixel coordinates").click()
+    x_box = page.locator("#x input")
+    assert x_box.input_value() != ""
+    other = REPO / "assets" / "photo_coffee.jpg"
+    other_label = deit_tiny.label(vit_analyzer.analyze(deit_tiny, other, keep_graph=False).predicted)
+    upload(page, other, other_label)
+    assert x_box.input_value() == "" and page.locator("#y input").input_value() == ""
+    assert "row" not in page.locator("#caption").inner_text()
