@@ -1033,7 +1033,9 @@ def build_demo(bundle: vit_analyzer.ViTBundle) -> gr.Blocks:
         gr.Markdown(
             f"## ZoomViT Explorer\n"
             f"See where **{Path(bundle.name).name}** looks ({last} blocks × {ex.num_heads} heads, "
-            f"{gh}×{gw} patches of {bundle.patch_size} px), click any patch, zoom in on it and prune what it ignores."
+            f"{gh}×{gw} patches of {bundle.patch_size} px), click any patch, zoom in on it and prune what it ignores.\n\n"
+            f"<small>Model family: {bundle.adapter.describe()}.</small>",
+            elem_id="header",
         )
         with gr.Accordion("About: what the maps, the diagnosis, zoom and pruning mean", open=False, elem_id="about"):
             gr.Markdown(ABOUT.format(layers=last))

@@ -26,7 +26,6 @@ from vit_analyzer import (
     ZoomViTError,
     classify_tokens,
     embed,
-    run_block,
     top_predictions,
 )
 
@@ -132,9 +131,9 @@ def forward_pruned(
     pruning = n_keep < num_patches
     need_attention = pruning and patch_scores is None
     scores = torch.zeros(b, num_patches) if need_attention else None
-    for i, layer in enumerate(bundle.layers[:after_block]):
+    for i in range(after_block):
         score_here = need_attention and i >= after_block - SCORE_BLOCKS
-        x, probs = run_block(layer, x, attention_rows=ns if score_here else 0)
+        x, probs = bundle.adapter.block(i, x, attention_rows=ns if score_here else 0)
         if score_here:
             scores += probs[:, :, :, ns:].mean(dim=(1, 2))
     bias = None
@@ -158,8 +157,8 @@ def forward_pruned(
                 weight = scores.gather(1, drop_idx).clamp_min(0).unsqueeze(-1) + 1e-6
                 parts.append((_gather(patches, drop_idx) * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True))
             x = torch.cat(parts, dim=1)
-    for layer in bundle.layers[after_block:]:
-        x, _ = run_block(layer, x, attn_bias=bias)
+    for i in range(after_block, bundle.num_layers):
+        x, _ = bundle.adapter.block(i, x, attn_bias=bias)
     return classify_tokens(bundle, x), keep_idx
 
 
@@ -174,7 +173,7 @@ def model_macs(bundle: ViTBundle, tokens_before: int, tokens_after: int, after_b
     cfg = bundle.model.config
     patches = tokens_before - bundle.num_special
     embed_macs = patches * cfg.num_channels * bundle.patch_size**2 * cfg.hidden_size
-    head_macs = cfg.hidden_size * cfg.num_labels * (2 if hasattr(bundle.model, "distillation_classifier") else 1)
+    head_macs = bundle.adapter.head_macs()
     blocks = after_block * block_macs(bundle, tokens_before)
     blocks += (bundle.num_layers - after_block) * block_macs(bundle, tokens_after)
     return int(embed_macs + blocks + head_macs + extra)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageMode, UnidentifiedImageError
 
+import backbones
 import config
 
 
@@ -256,21 +256,22 @@ class ViTBundle:
     num_special: int  # CLS (+ distillation token for distilled DeiT)
     id2label: dict
 
+    @functools.cached_property
+    def adapter(self) -> backbones.Backbone:
+        """Everything that depends on the model family (see backbones.py)."""
+        return backbones.adapter_for(self.model)
+
     @property
     def backbone(self):
         return self.model.base_model
 
     @property
-    def layers(self):
-        return self.backbone.layers
-
-    @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        return self.adapter.num_layers
 
     @property
     def num_heads(self) -> int:
-        return self.model.config.num_attention_heads
+        return self.adapter.num_heads
 
     def label(self, index: int) -> str:
         return str(self.id2label.get(int(index), f"class {int(index)}"))
@@ -320,7 +321,7 @@ def match_label(id2label: dict, text) -> int:
 
 # The block engine (run_block, classify_tokens) is written for these layouts; other families would load but
 # give wrong maps and pruning, so they are refused up front.
-SUPPORTED_MODEL_TYPES = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViT-MSN"}
+SUPPORTED_MODEL_TYPES = backbones.FAMILY_NAMES
 _LOCAL_HINT = f"pass a local folder with --model PATH or {config.MODEL_ENV_VAR}=PATH"
 
 
@@ -476,13 +477,16 @@ def load_model(name: str | None = None) -> ViTBundle:
         )
     model.eval()
     cfg = model.config
-    if not hasattr(model.base_model, "layers") or not hasattr(model.base_model, "embeddings"):
-        raise ModelLoadError(f"'{name}' is not a ViT-style image classifier (model type {cfg.model_type}).")
+    try:
+        adapter = backbones.adapter_for(model)
+    except ValueError as exc:
+        raise ModelLoadError(f"Could not load model '{name}': it is {exc}.") from None
     patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
     size = cfg.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
-    num_special = 1 + int(getattr(model.base_model.embeddings, "distillation_token", None) is not None)
-    return ViTBundle(model, processor, name, patch, size, num_special, dict(cfg.id2label))
+    bundle = ViTBundle(model, processor, name, patch, size, adapter.num_prefix, dict(cfg.id2label))
+    bundle.adapter = adapter
+    return bundle
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -654,46 +658,12 @@ def encode(bundle: ViTBundle, loaded: LoadedImage) -> tuple[torch.Tensor, Geomet
 
 
 def embed(bundle: ViTBundle, pixel_values: torch.Tensor) -> torch.Tensor:
-    interpolate = tuple(pixel_values.shape[-2:]) != tuple(bundle.input_size)
-    return bundle.backbone.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
-
-
-def run_block(layer, x: torch.Tensor, attn_bias: torch.Tensor | None = None, attention_rows: int = 0):
-    """One pre-norm transformer block, numerically the same as the HF layer, on any number of tokens.
-
-    attn_bias (broadcast to B x heads x N x N) is added to the attention logits: log(token size) for merged
-    tokens makes a merged token count as the tokens it stands for (proportional attention).
-    attention_rows > 0 also returns the attention probabilities of the first `attention_rows` queries (the
-    special tokens), computed on their own so the block itself keeps the fused SDPA kernel.
-    Returns (x, probabilities (B, heads, attention_rows, N) or None).
-    """
-    att = layer.attention
-    h = layer.layernorm_before(x)
-    b, n, _ = h.shape
-    shape = (b, n, -1, att.head_dim)
-    q = att.q_proj(h).view(shape).transpose(1, 2)
-    k = att.k_proj(h).view(shape).transpose(1, 2)
-    v = att.v_proj(h).view(shape).transpose(1, 2)
-    probs = None
-    if attention_rows:
-        logits = torch.matmul(q[:, :, :attention_rows], k.transpose(-2, -1)) * att.scaling
-        if attn_bias is not None:
-            logits = logits + attn_bias
-        probs = logits.softmax(dim=-1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=att.scaling)
-    out = out.transpose(1, 2).reshape(b, n, -1)
-    x = x + att.o_proj(out)
-    x = x + layer.mlp(layer.layernorm_after(x))
-    return x, probs
+    return bundle.adapter.embed(pixel_values)
 
 
 def classify_tokens(bundle: ViTBundle, x: torch.Tensor) -> torch.Tensor:
-    """Logits from the last block's tokens (special tokens first), for every head layout we support."""
-    seq = bundle.backbone.layernorm(x)
-    model = bundle.model
-    if hasattr(model, "distillation_classifier"):  # distilled DeiT: average the CLS and distillation heads
-        return (model.cls_classifier(seq[:, 0]) + model.distillation_classifier(seq[:, 1])) / 2
-    return model.classifier(seq[:, 0])
+    """Logits from the last block's tokens (the family's own head)."""
+    return bundle.adapter.head(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -975,26 +945,24 @@ def analyze(bundle: ViTBundle, image, target: int | None = None, keep_graph: boo
     """One forward pass with attentions and one backward pass from the target logit (default: predicted)."""
     loaded = image if isinstance(image, LoadedImage) else load_image(image)
     pixel_values, geometry = encode(bundle, loaded)
-    interpolate = tuple(pixel_values.shape[-2:]) != tuple(bundle.input_size)
+    adapter = bundle.adapter
     with torch.enable_grad():
-        out = bundle.model(
-            pixel_values=pixel_values,
-            output_attentions=True,
-            output_hidden_states=True,
-            interpolate_pos_encoding=interpolate,
-        )
-        if not out.attentions:
-            raise ModelLoadError(
-                "The model returned no attention maps; it must be loaded with attn_implementation='eager'."
-            )
-        probs = out.logits[0].detach().softmax(-1).numpy()
+        # The family's own blocks with eager attention: every probability stays in the graph for the backward.
+        x = adapter.embed(pixel_values)
+        hidden, attention = [x], []
+        for i in range(adapter.num_layers):
+            x, probs_i = adapter.block(i, x, full_attention=True)
+            hidden.append(x)
+            attention.append(probs_i)
+        logits = adapter.head(x)
+        probs = logits[0].detach().softmax(-1).numpy()
         target = int(probs.argmax()) if target is None else int(target)
         if not 0 <= target < probs.shape[0]:
             raise ZoomViTError(f"Class index {target} is out of range (0..{probs.shape[0] - 1}).")
-        graph = {"logits": out.logits, "attentions": out.attentions}
+        graph = {"logits": logits, "attentions": attention}
         attention_grads = _backward(graph, target, keep_graph)
-    attentions = torch.stack(out.attentions)[:, 0].detach().numpy()
-    hidden_states = torch.stack(out.hidden_states)[:, 0].detach().numpy()
+    attentions = torch.stack(attention)[:, 0].detach().numpy()
+    hidden_states = torch.stack(hidden)[:, 0].detach().numpy()
     return Analysis(
         bundle, loaded, geometry, pixel_values, probs, attentions, target, attention_grads, hidden_states,
         _graph=graph if keep_graph else None,
@@ -1013,10 +981,11 @@ def predict(bundle: ViTBundle, image) -> np.ndarray:
 def predict_pixels(bundle: ViTBundle, pixel_values: torch.Tensor) -> np.ndarray:
     """(B, classes) probabilities through the block engine: the HF model's logits to float precision, but with
     fused SDPA attention instead of the eager attention the analysis pass needs (about 25% faster)."""
-    x = embed(bundle, pixel_values)
-    for layer in bundle.layers:
-        x, _ = run_block(layer, x)
-    return classify_tokens(bundle, x).softmax(-1).numpy()
+    adapter = bundle.adapter
+    x = adapter.embed(pixel_values)
+    for i in range(adapter.num_layers):
+        x, _ = adapter.block(i, x)
+    return adapter.head(x).softmax(-1).numpy()
 
 
 def top_predictions(bundle: ViTBundle, probs: np.ndarray, k: int = config.TOP_K) -> list[Prediction]:

@@ -585,3 +585,9 @@ def test_a_busy_port_is_one_line_and_status_2_before_the_model_loads(capsys, mon
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"port {port}" in err[0] and "in use" in err[0]
+
+
+def test_the_app_says_which_family_and_token_layout_it_loaded(server):
+    demo, _ = server
+    header = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "header")
+    assert "Model family: ViT: class token, then patches; the head reads the class token" in header.value

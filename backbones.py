@@ -1,0 +1,164 @@
+"""Backbone adapters: everything that depends on a model family, behind one small interface.
+
+The maps, zoom, pruning, the app, the CLI and eval never ask which family they hold: they go through a
+`Backbone`. Tokens are laid out as [prefix tokens (class, distillation, registers), patch tokens], and each
+family says:
+
+- `num_prefix`: how many tokens come before the patches; `decision_tokens`: which of them the head reads
+  (empty for heads that pool the patches);
+- `embed(pixel_values)`: tokens at any input size;
+- `block(i, x, attn_bias, attention_rows, full_attention)`: block i on any subset of tokens, with an additive
+  attention bias, returning the attention probabilities of the first `attention_rows` queries, or (analysis
+  pass) of all of them, differentiable;
+- `head(x)`: logits from the last block's tokens (final norm included);
+- `head_macs()`: the multiply-adds of the head, for the cost figures.
+
+Adding a family is one short class here and one line in `FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Backbone:
+    """The interface; see the module docstring. `model` is the whole classifier (backbone and head)."""
+
+    family = "?"
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.config = model.config
+
+    num_prefix: int = 1
+    decision_tokens: tuple[int, ...] = (0,)
+
+    @property
+    def num_layers(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_attention_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.config.id2label)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def block(self, i: int, x: torch.Tensor, attn_bias: torch.Tensor | None = None, attention_rows: int = 0,
+              full_attention: bool = False):
+        raise NotImplementedError
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head_macs(self) -> int:
+        return self.hidden_size * self.num_labels * max(1, len(self.decision_tokens))
+
+    def describe(self) -> str:
+        """The family and token layout, as the app and the CLI show it."""
+        return f"{self.family}: {self.num_prefix} prefix token(s) before the patches"
+
+
+def attend(q, k, v, scaling: float, attn_bias=None, attention_rows: int = 0, full_attention: bool = False):
+    """Multi-head attention (B, heads, N, head_dim) -> (B, N, heads * head_dim), and probabilities.
+
+    full_attention: computed eagerly, the (B, heads, N, N) probabilities part of the graph (the analysis pass
+    takes gradients with respect to them). Otherwise fused SDPA, and with attention_rows > 0 the probabilities of
+    the first `attention_rows` queries computed on their own (the special tokens' attention, for pruning).
+    """
+    b, _, n, _ = q.shape
+    probs = None
+    if full_attention:
+        logits = torch.matmul(q, k.transpose(-2, -1)) * scaling
+        if attn_bias is not None:
+            logits = logits + attn_bias
+        probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v)
+    else:
+        if attention_rows:
+            logits = torch.matmul(q[:, :, :attention_rows], k.transpose(-2, -1)) * scaling
+            if attn_bias is not None:
+                logits = logits + attn_bias
+            probs = logits.softmax(dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scaling)
+    return out.transpose(1, 2).reshape(b, n, -1), probs
+
+
+class HFViT(Backbone):
+    """Hugging Face ViT, DeiT (distilled too: class + distillation token, the two heads averaged) and ViT-MSN:
+    pre-norm blocks with separate q/k/v projections, absolute position embeddings, the head on the class
+    token(s) after the final layernorm."""
+
+    family = "Hugging Face ViT"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.backbone = model.base_model
+        self.layers = self.backbone.layers
+        # DeiT embeddings always carry a distillation token; only the teacher-distilled head reads it.
+        self.num_prefix = 2 if getattr(self.backbone.embeddings, "distillation_token", None) is not None else 1
+        distilled_head = hasattr(model, "distillation_classifier")
+        self.decision_tokens = (0, 1) if distilled_head else (0,)
+        self.family = {"deit": "DeiT", "vit_msn": "ViT-MSN"}.get(self.config.model_type, "ViT")
+        if distilled_head:
+            self.family += " (distilled)"
+        size = self.config.image_size
+        self.input_size = (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def embed(self, pixel_values):
+        interpolate = tuple(pixel_values.shape[-2:]) != tuple(self.input_size)
+        return self.backbone.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
+
+    def block(self, i, x, attn_bias=None, attention_rows=0, full_attention=False):
+        layer = self.layers[i]
+        att = layer.attention
+        h = layer.layernorm_before(x)
+        shape = (*h.shape[:2], -1, att.head_dim)
+        q = att.q_proj(h).view(shape).transpose(1, 2)
+        k = att.k_proj(h).view(shape).transpose(1, 2)
+        v = att.v_proj(h).view(shape).transpose(1, 2)
+        out, probs = attend(q, k, v, att.scaling, attn_bias, attention_rows, full_attention)
+        x = x + att.o_proj(out)
+        x = x + layer.mlp(layer.layernorm_after(x))
+        return x, probs
+
+    def head(self, x):
+        seq = self.backbone.layernorm(x)
+        if len(self.decision_tokens) == 2:  # distilled DeiT: average the class and distillation heads
+            return (self.model.cls_classifier(seq[:, 0]) + self.model.distillation_classifier(seq[:, 1])) / 2
+        return self.model.classifier(seq[:, 0])
+
+    def describe(self) -> str:
+        tokens = "class + distillation token" if self.num_prefix == 2 else "class token"
+        read = "both" if len(self.decision_tokens) == 2 else "the class token"
+        return f"{self.family}: {tokens}, then patches; the head reads {read}"
+
+
+# model_type -> adapter. The README's list of supported families comes from this table.
+FAMILIES = {
+    "vit": HFViT,
+    "deit": HFViT,
+    "vit_msn": HFViT,
+}
+FAMILY_NAMES = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViT-MSN"}
+
+
+def adapter_for(model: torch.nn.Module) -> Backbone:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FAMILIES:
+        supported = ", ".join(f"{label} ('{key}')" for key, label in FAMILY_NAMES.items())
+        raise ValueError(f"a '{model_type}' model; supported families: {supported}")
+    return FAMILIES[model_type](model)

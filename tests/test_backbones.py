@@ -1,0 +1,85 @@
+"""Backbone adapters (backbones.py): each family's blocks, head and token layout against the library's own model."""
+
+import pytest
+import torch
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    SwinConfig,
+    SwinForImageClassification,
+    ViTMSNConfig,
+    ViTMSNForImageClassification,
+)
+
+import backbones
+
+
+def _tiny(config_cls, **extra):
+    return config_cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                      image_size=32, patch_size=8, num_labels=5, initializer_range=0.2,
+                      attn_implementation="eager", **extra)
+
+
+def deit_without_teacher():
+    torch.manual_seed(2)
+    model = DeiTForImageClassification(_tiny(DeiTConfig)).eval()
+    with torch.no_grad():  # DeiT starts these at zero; random values make the two special tokens differ
+        for param in (model.base_model.embeddings.cls_token, model.base_model.embeddings.distillation_token):
+            param.normal_(std=0.2)
+    return model
+
+
+def vit_msn():
+    torch.manual_seed(3)
+    return ViTMSNForImageClassification(_tiny(ViTMSNConfig)).eval()
+
+
+@pytest.fixture(params=["tiny_vit", "tiny_deit_distilled", "deit_without_teacher", "vit_msn"])
+def model(request):
+    if request.param in ("tiny_vit", "tiny_deit_distilled"):
+        return request.getfixturevalue(request.param).model
+    return globals()[request.param]()
+
+
+def run_adapter(adapter, pixels, full_attention):
+    x = adapter.embed(pixels)
+    attentions = []
+    for i in range(adapter.num_layers):
+        x, probs = adapter.block(i, x, full_attention=full_attention)
+        attentions.append(probs)
+    return adapter.head(x), attentions
+
+
+@torch.no_grad()
+def test_the_adapter_reproduces_the_model(model):
+    """Logits of the block engine (fused and eager) and its attention probabilities equal the library's."""
+    adapter = backbones.adapter_for(model)
+    size = adapter.input_size
+    pixels = torch.randn(2, 3, *size)
+    expected = model(pixel_values=pixels, output_attentions=True)
+    fused, _ = run_adapter(adapter, pixels, full_attention=False)
+    eager, attentions = run_adapter(adapter, pixels, full_attention=True)
+    assert torch.allclose(fused, expected.logits, atol=1e-5)
+    assert torch.allclose(eager, expected.logits, atol=1e-5)
+    for ours, theirs in zip(attentions, expected.attentions, strict=True):
+        assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_token_layouts():
+    for model, layout in ((deit_without_teacher(), (2, (0,), "DeiT")), (vit_msn(), (1, (0,), "ViT-MSN"))):
+        adapter = backbones.adapter_for(model)
+        assert (adapter.num_prefix, adapter.decision_tokens, adapter.family) == layout
+
+
+def test_distilled_deit_reads_both_special_tokens(tiny_deit_distilled, tiny_vit):
+    adapter = tiny_deit_distilled.adapter
+    assert (adapter.num_prefix, adapter.decision_tokens, adapter.family) == (2, (0, 1), "DeiT (distilled)")
+    assert "class + distillation token" in adapter.describe() and "reads both" in adapter.describe()
+    assert (tiny_vit.adapter.num_prefix, tiny_vit.adapter.decision_tokens) == (1, (0,))
+    assert tiny_deit_distilled.adapter.head_macs() == 2 * tiny_vit.adapter.head_macs()
+
+
+def test_an_unsupported_family_names_the_supported_ones():
+    cfg = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1], num_heads=[1], num_labels=3)
+    with pytest.raises(ValueError, match=r"a 'swin' model; supported families: ViT \('vit'\), DeiT \('deit'\)"):
+        backbones.adapter_for(SwinForImageClassification(cfg))
