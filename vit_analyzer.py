@@ -804,8 +804,9 @@ class Analysis:
         return np.asarray(token_values[self.num_special :], dtype=np.float32).reshape(gh, gw)
 
     def _special_rows(self, matrix: np.ndarray) -> np.ndarray:
-        """The decision reads the special token(s): average their rows."""
-        return matrix[: self.num_special].mean(axis=0)
+        """The decision reads the token(s) the head reads (adapter.decision_tokens): average their rows. A DeiT
+        without its teacher head carries a distillation token that the decision never reads."""
+        return matrix[list(self.bundle.adapter.decision_tokens)].mean(axis=0)
 
     # ---- raw attention -----------------------------------------------------------------------------------
     def _layer(self, layer: int) -> int:

@@ -83,3 +83,21 @@ def test_an_unsupported_family_names_the_supported_ones():
     cfg = SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1], num_heads=[1], num_labels=3)
     with pytest.raises(ValueError, match=r"a 'swin' model; supported families: ViT \('vit'\), DeiT \('deit'\)"):
         backbones.adapter_for(SwinForImageClassification(cfg))
+
+
+def test_maps_read_only_the_tokens_the_head_reads(tiny_deit_distilled):
+    """A DeiT without its teacher head has a distillation token the decision never reads: its maps follow the
+    class token's row alone; the distilled head reads both rows."""
+    import numpy as np
+
+    import vit_analyzer
+
+    image = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    plain = vit_analyzer.ViTBundle(deit_without_teacher(), tiny_deit_distilled.processor, "deit", 8, (32, 32), 2,
+                                   {i: str(i) for i in range(5)})
+    analysis = vit_analyzer.analyze(plain, image)
+    cls_row = analysis.attentions[-1].mean(axis=0)[0]
+    assert np.allclose(analysis.cls_map(-1), vit_analyzer.normalize_map(analysis._to_grid(cls_row)), atol=1e-6)
+    distilled = vit_analyzer.analyze(tiny_deit_distilled, image)
+    both = distilled.attentions[-1].mean(axis=0)[:2].mean(axis=0)
+    assert np.allclose(distilled.cls_map(-1), vit_analyzer.normalize_map(distilled._to_grid(both)), atol=1e-6)
