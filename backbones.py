@@ -63,6 +63,13 @@ class Backbone:
     def head_macs(self) -> int:
         return self.hidden_size * self.num_labels * max(1, len(self.decision_tokens))
 
+    def decision_weights(self, num_tokens: int) -> torch.Tensor:
+        """(num_tokens,) weights of the tokens the head reads, summing to 1: a map's row for "the decision" is
+        this weighting of the token rows (the class token's row for a class-token head)."""
+        weights = torch.zeros(num_tokens)
+        weights[list(self.decision_tokens)] = 1.0 / len(self.decision_tokens)
+        return weights
+
     def describe(self) -> str:
         """The family and token layout, as the app and the CLI show it."""
         return f"{self.family}: {self.num_prefix} prefix token(s) before the patches"
@@ -147,13 +154,75 @@ class HFViT(Backbone):
         return f"{self.family}: {tokens}, then patches; the head reads {read}"
 
 
+class HFDinov2(Backbone):
+    """Hugging Face DINOv2 and DINOv2 with registers: [class, registers..., patches]; pre-norm blocks with layer
+    scale; position embeddings always resampled to the input's grid; the head reads the class token and the mean
+    of the patch tokens (after the final layernorm), never the registers.
+
+    Cannot yet: weight the patch mean by merged-token sizes, so efficiency pruning's merge fusion is approximate
+    in the head (dropping, and keep 1.0, are exact)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.backbone = model.base_model
+        self.layers = self.backbone.encoder.layer
+        registers = int(getattr(self.config, "num_register_tokens", 0) or 0)
+        self.num_prefix = 1 + registers
+        self.decision_tokens = (0,)
+        self.family = "DINOv2 with registers" if registers else "DINOv2"
+        size = self.config.image_size
+        self.input_size = (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def embed(self, pixel_values):
+        return self.backbone.embeddings(pixel_values)  # resamples its position table itself, always
+
+    def block(self, i, x, attn_bias=None, attention_rows=0, full_attention=False):
+        layer = self.layers[i]
+        att = layer.attention
+        h = layer.norm1(x)
+        shape = (*h.shape[:2], -1, att.head_dim)
+        q = att.q_proj(h).view(shape).transpose(1, 2)
+        k = att.k_proj(h).view(shape).transpose(1, 2)
+        v = att.v_proj(h).view(shape).transpose(1, 2)
+        out, probs = attend(q, k, v, att.scaling, attn_bias, attention_rows, full_attention)
+        x = x + layer.layer_scale1(att.o_proj(out))
+        x = x + layer.layer_scale2(layer.mlp(layer.norm2(x)))
+        return x, probs
+
+    def head(self, x):
+        seq = self.backbone.layernorm(x)
+        pooled = torch.cat([seq[:, 0], seq[:, self.num_prefix:].mean(dim=1)], dim=-1)
+        return self.model.classifier(pooled)
+
+    def head_macs(self) -> int:
+        return 2 * self.hidden_size * self.num_labels
+
+    def decision_weights(self, num_tokens: int) -> torch.Tensor:
+        weights = torch.zeros(num_tokens)
+        weights[0] = 0.5  # the class token, and the patch mean, each feed half of the classifier's input
+        weights[self.num_prefix:] = 0.5 / (num_tokens - self.num_prefix)
+        return weights
+
+    def describe(self) -> str:
+        registers = self.num_prefix - 1
+        tokens = f"class token + {registers} registers" if registers else "class token"
+        return f"{self.family}: {tokens}, then patches; the head reads the class token and the mean of the patches"
+
+
 # model_type -> adapter. The README's list of supported families comes from this table.
 FAMILIES = {
     "vit": HFViT,
     "deit": HFViT,
     "vit_msn": HFViT,
+    "dinov2": HFDinov2,
+    "dinov2_with_registers": HFDinov2,
 }
-FAMILY_NAMES = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViT-MSN"}
+FAMILY_NAMES = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViT-MSN", "dinov2": "DINOv2",
+                "dinov2_with_registers": "DINOv2 with registers"}
 
 
 def adapter_for(model: torch.nn.Module) -> Backbone:

@@ -804,9 +804,11 @@ class Analysis:
         return np.asarray(token_values[self.num_special :], dtype=np.float32).reshape(gh, gw)
 
     def _special_rows(self, matrix: np.ndarray) -> np.ndarray:
-        """The decision reads the token(s) the head reads (adapter.decision_tokens): average their rows. A DeiT
-        without its teacher head carries a distillation token that the decision never reads."""
-        return matrix[list(self.bundle.adapter.decision_tokens)].mean(axis=0)
+        """The decision's row: the rows of the tokens the head reads, weighted as it reads them
+        (adapter.decision_weights). A DeiT without its teacher head carries a distillation token that the decision
+        never reads; DINOv2 reads its class token and the mean of the patches."""
+        weights = self.bundle.adapter.decision_weights(matrix.shape[0]).numpy().astype(matrix.dtype)
+        return weights @ matrix
 
     # ---- raw attention -----------------------------------------------------------------------------------
     def _layer(self, layer: int) -> int:

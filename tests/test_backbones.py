@@ -4,6 +4,10 @@ import pytest
 import torch
 from transformers import (
     DeiTConfig,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
     DeiTForImageClassification,
     SwinConfig,
     SwinForImageClassification,
@@ -34,7 +38,28 @@ def vit_msn():
     return ViTMSNForImageClassification(_tiny(ViTMSNConfig)).eval()
 
 
-@pytest.fixture(params=["tiny_vit", "tiny_deit_distilled", "deit_without_teacher", "vit_msn"])
+def dinov2():
+    torch.manual_seed(4)
+    model = Dinov2ForImageClassification(_tiny(Dinov2Config)).eval()
+    with torch.no_grad():  # layer scale starts at 1.0 everywhere: random values show it is applied where it belongs
+        for name, param in model.named_parameters():
+            if "lambda1" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+def dinov2_registers():
+    torch.manual_seed(5)
+    model = Dinov2WithRegistersForImageClassification(_tiny(Dinov2WithRegistersConfig)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lambda1" in name or "register_tokens" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(params=["tiny_vit", "tiny_deit_distilled", "deit_without_teacher", "vit_msn", "dinov2",
+                        "dinov2_registers"])
 def model(request):
     if request.param in ("tiny_vit", "tiny_deit_distilled"):
         return request.getfixturevalue(request.param).model
@@ -101,3 +126,44 @@ def test_maps_read_only_the_tokens_the_head_reads(tiny_deit_distilled):
     distilled = vit_analyzer.analyze(tiny_deit_distilled, image)
     both = distilled.attentions[-1].mean(axis=0)[:2].mean(axis=0)
     assert np.allclose(distilled.cls_map(-1), vit_analyzer.normalize_map(distilled._to_grid(both)), atol=1e-6)
+
+
+@pytest.mark.parametrize("make, prefix, family", [(dinov2, 1, "DINOv2"), (dinov2_registers, 5, "DINOv2 with registers")])
+def test_dinov2_end_to_end(make, prefix, family):
+    """Load-free bundle of a tiny DINOv2: analysis, every map in [0, 1], keep-1.0 pruning equals the model's own
+    logits, and the registers are never drawn as patches."""
+    import numpy as np
+    from transformers import ViTImageProcessorPil
+
+    import pruning
+    import vit_analyzer
+
+    model = make()
+    adapter = backbones.adapter_for(model)
+    assert (adapter.num_prefix, adapter.family) == (prefix, family)
+    weights = adapter.decision_weights(prefix + 16)
+    assert float(weights.sum()) == pytest.approx(1.0) and float(weights[1:prefix].sum()) == 0.0  # registers unread
+    bundle = vit_analyzer.ViTBundle(model, ViTImageProcessorPil(size={"height": 32, "width": 32}), family, 8,
+                                    (32, 32), prefix, {i: str(i) for i in range(5)})
+    image = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    analysis = vit_analyzer.analyze(bundle, image)
+    assert analysis.grid == (4, 4) and analysis.attentions.shape[-1] == prefix + 16
+    for method in vit_analyzer.MAP_METHODS:
+        grid_map = analysis.map(method)
+        assert grid_map.shape == (4, 4) and np.isfinite(grid_map).all() and grid_map.min() >= 0 and grid_map.max() <= 1
+    with torch.no_grad():
+        expected = model(pixel_values=analysis.pixel_values).logits.softmax(-1)[0].numpy()
+    assert np.allclose(analysis.probs, expected, atol=1e-5)
+    for mode in pruning.MODES:
+        result = pruning.prune(analysis, 1.0, 1, mode, timing_repeats=0)
+        assert np.allclose(result.probs_after, expected, atol=1e-4)
+        result = pruning.prune(analysis, 0.5, 1, mode, timing_repeats=0)
+        assert result.tokens_after == prefix + 8 and np.isfinite(result.probs_after).all()
+
+
+def test_the_readme_lists_the_supported_families_from_the_table():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("Supported families: "))
+    assert line == "Supported families: " + ", ".join(dict.fromkeys(backbones.FAMILY_NAMES.values())) + "."
