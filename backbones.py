@@ -35,6 +35,17 @@ class Backbone:
     decision_tokens: tuple[int, ...] = (0,)
 
     @property
+    def patch_size(self) -> int:
+        patch = self.config.patch_size
+        return patch if isinstance(patch, int) else patch[0]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the position table was trained for."""
+        size = self.config.image_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    @property
     def num_layers(self) -> int:
         raise NotImplementedError
 
@@ -48,7 +59,7 @@ class Backbone:
 
     @property
     def num_labels(self) -> int:
-        return len(self.config.id2label)
+        return len(self.model.config.id2label)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -118,8 +129,6 @@ class HFViT(Backbone):
         self.family = {"deit": "DeiT", "vit_msn": "ViT-MSN"}.get(self.config.model_type, "ViT")
         if distilled_head:
             self.family += " (distilled)"
-        size = self.config.image_size
-        self.input_size = (size, size) if isinstance(size, int) else tuple(size)
 
     @property
     def num_layers(self) -> int:
@@ -170,8 +179,6 @@ class HFDinov2(Backbone):
         self.num_prefix = 1 + registers
         self.decision_tokens = (0,)
         self.family = "DINOv2 with registers" if registers else "DINOv2"
-        size = self.config.image_size
-        self.input_size = (size, size) if isinstance(size, int) else tuple(size)
 
     @property
     def num_layers(self) -> int:
@@ -213,6 +220,60 @@ class HFDinov2(Backbone):
         return f"{self.family}: {tokens}, then patches; the head reads the class token and the mean of the patches"
 
 
+class HFCLIP(Backbone):
+    """Hugging Face CLIP image classifier: [class, patches] with a layernorm on the embeddings before block 1;
+    the head averages the last block's patch tokens as they are (no final norm) and never reads the class token.
+    Its settings live in config.vision_config.
+
+    Cannot yet: weight the patch mean by merged-token sizes (merge fusion is approximate in the head), and
+    efficiency pruning ranks patches by the class token's attention although the head does not read it."""
+
+    family = "CLIP"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.config = model.config.vision_config
+        self.vision = model.vision_model
+        self.layers = self.vision.encoder.layers
+        self.num_prefix = 1
+        self.decision_tokens = ()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def embed(self, pixel_values):
+        interpolate = tuple(pixel_values.shape[-2:]) != tuple(self.input_size)
+        return self.vision.pre_layrnorm(self.vision.embeddings(pixel_values, interpolate_pos_encoding=interpolate))
+
+    def block(self, i, x, attn_bias=None, attention_rows=0, full_attention=False):
+        layer = self.layers[i]
+        att = layer.self_attn
+        h = layer.layer_norm1(x)
+        shape = (*h.shape[:2], -1, att.head_dim)
+        q = att.q_proj(h).view(shape).transpose(1, 2)
+        k = att.k_proj(h).view(shape).transpose(1, 2)
+        v = att.v_proj(h).view(shape).transpose(1, 2)
+        out, probs = attend(q, k, v, att.scale, attn_bias, attention_rows, full_attention)
+        x = x + att.out_proj(out)
+        x = x + layer.mlp(layer.layer_norm2(x))
+        return x, probs
+
+    def head(self, x):
+        return self.model.classifier(x[:, self.num_prefix:].mean(dim=1))
+
+    def head_macs(self) -> int:
+        return self.hidden_size * self.num_labels
+
+    def decision_weights(self, num_tokens: int) -> torch.Tensor:
+        weights = torch.zeros(num_tokens)
+        weights[self.num_prefix:] = 1.0 / (num_tokens - self.num_prefix)
+        return weights
+
+    def describe(self) -> str:
+        return "CLIP: class token, then patches; the head reads the mean of the patches (not the class token)"
+
+
 # model_type -> adapter. The README's list of supported families comes from this table.
 FAMILIES = {
     "vit": HFViT,
@@ -220,9 +281,10 @@ FAMILIES = {
     "vit_msn": HFViT,
     "dinov2": HFDinov2,
     "dinov2_with_registers": HFDinov2,
+    "clip": HFCLIP,
 }
 FAMILY_NAMES = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViT-MSN", "dinov2": "DINOv2",
-                "dinov2_with_registers": "DINOv2 with registers"}
+                "dinov2_with_registers": "DINOv2 with registers", "clip": "CLIP image classifier"}
 
 
 def adapter_for(model: torch.nn.Module) -> Backbone:

@@ -164,13 +164,13 @@ def forward_pruned(
 
 def block_macs(bundle: ViTBundle, tokens: int) -> int:
     """Multiply-accumulates of one block on `tokens` tokens: qkv + output projection, QK^T and AV, the MLP."""
-    cfg = bundle.model.config
+    cfg = bundle.adapter.config
     d, m = cfg.hidden_size, cfg.intermediate_size
     return 4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * m
 
 
 def model_macs(bundle: ViTBundle, tokens_before: int, tokens_after: int, after_block: int, extra: int = 0) -> int:
-    cfg = bundle.model.config
+    cfg = bundle.adapter.config
     patches = tokens_before - bundle.num_special
     embed_macs = patches * cfg.num_channels * bundle.patch_size**2 * cfg.hidden_size
     head_macs = bundle.adapter.head_macs()
@@ -187,7 +187,7 @@ def pruned_macs(bundle: ViTBundle, num_tokens: int, keep: float, after_block: in
     extra = 0
     if mode == "efficiency" and fusion == "merge" and n_keep < num_tokens - ns:
         patches = num_tokens - ns
-        extra = patches * patches * bundle.model.config.hidden_size  # the token similarity matrix
+        extra = patches * patches * bundle.adapter.config.hidden_size  # the token similarity matrix
     before = model_macs(bundle, num_tokens, num_tokens, after_block)
     after = model_macs(bundle, num_tokens, tokens_after, after_block, extra)
     return num_tokens, tokens_after, before, after

@@ -481,10 +481,9 @@ def load_model(name: str | None = None) -> ViTBundle:
         adapter = backbones.adapter_for(model)
     except ValueError as exc:
         raise ModelLoadError(f"Could not load model '{name}': it is {exc}.") from None
-    patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
-    size = cfg.image_size
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    bundle = ViTBundle(model, processor, name, patch, size, adapter.num_prefix, dict(cfg.id2label))
+    bundle = ViTBundle(
+        model, processor, name, adapter.patch_size, adapter.input_size, adapter.num_prefix, dict(cfg.id2label)
+    )
     bundle.adapter = adapter
     return bundle
 

@@ -3,6 +3,8 @@
 import pytest
 import torch
 from transformers import (
+    CLIPConfig,
+    CLIPForImageClassification,
     DeiTConfig,
     Dinov2Config,
     Dinov2ForImageClassification,
@@ -58,8 +60,19 @@ def dinov2_registers():
     return model
 
 
+def clip():
+    torch.manual_seed(6)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                  patch_size=8, initializer_range=0.2)
+    model = CLIPForImageClassification(CLIPConfig(vision_config=vision, num_labels=5)).eval()
+    model.set_attn_implementation("eager")  # the library's attentions to compare with
+    with torch.no_grad():  # a pre-norm with unit weights would hide a missing one
+        model.vision_model.pre_layrnorm.weight.uniform_(0.5, 1.5)
+    return model
+
+
 @pytest.fixture(params=["tiny_vit", "tiny_deit_distilled", "deit_without_teacher", "vit_msn", "dinov2",
-                        "dinov2_registers"])
+                        "dinov2_registers", "clip"])
 def model(request):
     if request.param in ("tiny_vit", "tiny_deit_distilled"):
         return request.getfixturevalue(request.param).model
@@ -128,10 +141,11 @@ def test_maps_read_only_the_tokens_the_head_reads(tiny_deit_distilled):
     assert np.allclose(distilled.cls_map(-1), vit_analyzer.normalize_map(distilled._to_grid(both)), atol=1e-6)
 
 
-@pytest.mark.parametrize("make, prefix, family", [(dinov2, 1, "DINOv2"), (dinov2_registers, 5, "DINOv2 with registers")])
-def test_dinov2_end_to_end(make, prefix, family):
-    """Load-free bundle of a tiny DINOv2: analysis, every map in [0, 1], keep-1.0 pruning equals the model's own
-    logits, and the registers are never drawn as patches."""
+@pytest.mark.parametrize("make, prefix, family", [(dinov2, 1, "DINOv2"), (dinov2_registers, 5, "DINOv2 with registers"),
+                                                  (clip, 1, "CLIP")])
+def test_pooled_heads_end_to_end(make, prefix, family):
+    """Tiny DINOv2 (class token + patch mean, registers) and CLIP (patch mean): analysis, every map in [0, 1],
+    keep-1.0 pruning equals the model's own logits, the weights of the decision sum to 1 and skip registers."""
     import numpy as np
     from transformers import ViTImageProcessorPil
 
