@@ -274,6 +274,27 @@ class HFCLIP(Backbone):
         return "CLIP: class token, then patches; the head reads the mean of the patches (not the class token)"
 
 
+class HFSiglip(HFCLIP):
+    """Hugging Face SigLIP image classifier: patches only (no prefix token); CLIP-like blocks; the head averages
+    every token after the final layernorm. Its attention-pool head is built but not used by the classifier."""
+
+    family = "SigLIP"
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.num_prefix = 0
+
+    def embed(self, pixel_values):
+        interpolate = tuple(pixel_values.shape[-2:]) != tuple(self.input_size)
+        return self.vision.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
+
+    def head(self, x):
+        return self.model.classifier(self.vision.post_layernorm(x).mean(dim=1))
+
+    def describe(self) -> str:
+        return "SigLIP: patches only (no class token); the head reads the mean of all tokens"
+
+
 # model_type -> adapter. The README's list of supported families comes from this table.
 FAMILIES = {
     "vit": HFViT,
@@ -282,9 +303,11 @@ FAMILIES = {
     "dinov2": HFDinov2,
     "dinov2_with_registers": HFDinov2,
     "clip": HFCLIP,
+    "siglip": HFSiglip,
 }
 FAMILY_NAMES = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViT-MSN", "dinov2": "DINOv2",
-                "dinov2_with_registers": "DINOv2 with registers", "clip": "CLIP image classifier"}
+                "dinov2_with_registers": "DINOv2 with registers", "clip": "CLIP image classifier",
+                "siglip": "SigLIP image classifier"}
 
 
 def adapter_for(model: torch.nn.Module) -> Backbone:

@@ -133,7 +133,11 @@ def forward_pruned(
     scores = torch.zeros(b, num_patches) if need_attention else None
     for i in range(after_block):
         score_here = need_attention and i >= after_block - SCORE_BLOCKS
-        x, probs = bundle.adapter.block(i, x, attention_rows=ns if score_here else 0)
+        # With no prefix token (SigLIP) there is no special row: every query's attention is scored, i.e. the
+        # attention each patch receives, which is what a head pooling all tokens reads.
+        x, probs = bundle.adapter.block(
+            i, x, attention_rows=ns if score_here else 0, full_attention=score_here and ns == 0
+        )
         if score_here:
             scores += probs[:, :, :, ns:].mean(dim=(1, 2))
     bias = None

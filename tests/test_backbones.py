@@ -13,6 +13,8 @@ from transformers import (
     DeiTForImageClassification,
     SwinConfig,
     SwinForImageClassification,
+    SiglipConfig,
+    SiglipForImageClassification,
     ViTMSNConfig,
     ViTMSNForImageClassification,
 )
@@ -71,8 +73,19 @@ def clip():
     return model
 
 
+def siglip():
+    torch.manual_seed(7)
+    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
+                  patch_size=8)
+    model = SiglipForImageClassification(SiglipConfig(vision_config=vision, num_labels=5)).eval()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        model.vision_model.post_layernorm.weight.uniform_(0.5, 1.5)
+    return model
+
+
 @pytest.fixture(params=["tiny_vit", "tiny_deit_distilled", "deit_without_teacher", "vit_msn", "dinov2",
-                        "dinov2_registers", "clip"])
+                        "dinov2_registers", "clip", "siglip"])
 def model(request):
     if request.param in ("tiny_vit", "tiny_deit_distilled"):
         return request.getfixturevalue(request.param).model
@@ -142,7 +155,7 @@ def test_maps_read_only_the_tokens_the_head_reads(tiny_deit_distilled):
 
 
 @pytest.mark.parametrize("make, prefix, family", [(dinov2, 1, "DINOv2"), (dinov2_registers, 5, "DINOv2 with registers"),
-                                                  (clip, 1, "CLIP")])
+                                                  (clip, 1, "CLIP"), (siglip, 0, "SigLIP")])
 def test_pooled_heads_end_to_end(make, prefix, family):
     """Tiny DINOv2 (class token + patch mean, registers) and CLIP (patch mean): analysis, every map in [0, 1],
     keep-1.0 pruning equals the model's own logits, the weights of the decision sum to 1 and skip registers."""
