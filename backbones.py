@@ -45,9 +45,15 @@ class Backbone:
         size = self.config.image_size
         return (size, size) if isinstance(size, int) else tuple(size)
 
+    layers: torch.nn.ModuleList  # the blocks, in order
+
     @property
     def num_layers(self) -> int:
-        raise NotImplementedError
+        return len(self.layers)
+
+    def needs_resampling(self, pixel_values: torch.Tensor) -> bool:
+        """Whether the position table must be resampled for this input (another size than it was trained at)."""
+        return tuple(pixel_values.shape[-2:]) != tuple(self.input_size)
 
     @property
     def num_heads(self) -> int:
@@ -86,6 +92,12 @@ class Backbone:
         return f"{self.family}: {self.num_prefix} prefix token(s) before the patches"
 
 
+def split_heads(attention, h: torch.Tensor):
+    """q, k, v (B, heads, N, head_dim) from separate q/k/v projections (every Hugging Face family here)."""
+    shape = (*h.shape[:2], -1, attention.head_dim)
+    return tuple(proj(h).view(shape).transpose(1, 2) for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
+
+
 def attend(q, k, v, scaling: float, attn_bias=None, attention_rows: int = 0, full_attention: bool = False):
     """Multi-head attention (B, heads, N, head_dim) -> (B, N, heads * head_dim), and probabilities.
 
@@ -116,8 +128,6 @@ class HFViT(Backbone):
     pre-norm blocks with separate q/k/v projections, absolute position embeddings, the head on the class
     token(s) after the final layernorm."""
 
-    family = "Hugging Face ViT"
-
     def __init__(self, model):
         super().__init__(model)
         self.backbone = model.base_model
@@ -130,22 +140,14 @@ class HFViT(Backbone):
         if distilled_head:
             self.family += " (distilled)"
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
     def embed(self, pixel_values):
-        interpolate = tuple(pixel_values.shape[-2:]) != tuple(self.input_size)
-        return self.backbone.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
+        return self.backbone.embeddings(pixel_values, interpolate_pos_encoding=self.needs_resampling(pixel_values))
 
     def block(self, i, x, attn_bias=None, attention_rows=0, full_attention=False):
         layer = self.layers[i]
         att = layer.attention
         h = layer.layernorm_before(x)
-        shape = (*h.shape[:2], -1, att.head_dim)
-        q = att.q_proj(h).view(shape).transpose(1, 2)
-        k = att.k_proj(h).view(shape).transpose(1, 2)
-        v = att.v_proj(h).view(shape).transpose(1, 2)
+        q, k, v = split_heads(att, h)
         out, probs = attend(q, k, v, att.scaling, attn_bias, attention_rows, full_attention)
         x = x + att.o_proj(out)
         x = x + layer.mlp(layer.layernorm_after(x))
@@ -180,10 +182,6 @@ class HFDinov2(Backbone):
         self.decision_tokens = (0,)
         self.family = "DINOv2 with registers" if registers else "DINOv2"
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
     def embed(self, pixel_values):
         return self.backbone.embeddings(pixel_values)  # resamples its position table itself, always
 
@@ -191,10 +189,7 @@ class HFDinov2(Backbone):
         layer = self.layers[i]
         att = layer.attention
         h = layer.norm1(x)
-        shape = (*h.shape[:2], -1, att.head_dim)
-        q = att.q_proj(h).view(shape).transpose(1, 2)
-        k = att.k_proj(h).view(shape).transpose(1, 2)
-        v = att.v_proj(h).view(shape).transpose(1, 2)
+        q, k, v = split_heads(att, h)
         out, probs = attend(q, k, v, att.scaling, attn_bias, attention_rows, full_attention)
         x = x + layer.layer_scale1(att.o_proj(out))
         x = x + layer.layer_scale2(layer.mlp(layer.norm2(x)))
@@ -238,22 +233,15 @@ class HFCLIP(Backbone):
         self.num_prefix = 1
         self.decision_tokens = ()
 
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
-
     def embed(self, pixel_values):
-        interpolate = tuple(pixel_values.shape[-2:]) != tuple(self.input_size)
-        return self.vision.pre_layrnorm(self.vision.embeddings(pixel_values, interpolate_pos_encoding=interpolate))
+        embedded = self.vision.embeddings(pixel_values, interpolate_pos_encoding=self.needs_resampling(pixel_values))
+        return self.vision.pre_layrnorm(embedded)
 
     def block(self, i, x, attn_bias=None, attention_rows=0, full_attention=False):
         layer = self.layers[i]
         att = layer.self_attn
         h = layer.layer_norm1(x)
-        shape = (*h.shape[:2], -1, att.head_dim)
-        q = att.q_proj(h).view(shape).transpose(1, 2)
-        k = att.k_proj(h).view(shape).transpose(1, 2)
-        v = att.v_proj(h).view(shape).transpose(1, 2)
+        q, k, v = split_heads(att, h)
         out, probs = attend(q, k, v, att.scale, attn_bias, attention_rows, full_attention)
         x = x + att.out_proj(out)
         x = x + layer.mlp(layer.layer_norm2(x))
@@ -284,9 +272,8 @@ class HFSiglip(HFCLIP):
         super().__init__(model)
         self.num_prefix = 0
 
-    def embed(self, pixel_values):
-        interpolate = tuple(pixel_values.shape[-2:]) != tuple(self.input_size)
-        return self.vision.embeddings(pixel_values, interpolate_pos_encoding=interpolate)
+    def embed(self, pixel_values):  # no layernorm before block 1
+        return self.vision.embeddings(pixel_values, interpolate_pos_encoding=self.needs_resampling(pixel_values))
 
     def head(self, x):
         return self.model.classifier(self.vision.post_layernorm(x).mean(dim=1))
