@@ -24,8 +24,6 @@ from vit_analyzer import (
     Prediction,
     ViTBundle,
     ZoomViTError,
-    classify_tokens,
-    embed,
     top_predictions,
 )
 
@@ -124,7 +122,7 @@ def forward_pruned(
     if fusion not in FUSIONS:
         raise ZoomViTError(f"Unknown fusion '{fusion}': use one of {FUSIONS}.")
     ns = bundle.num_special
-    x = embed(bundle, pixel_values)
+    x = bundle.adapter.embed(pixel_values)
     b, n, d = x.shape
     num_patches = n - ns
     n_keep = kept_count(num_patches, keep)
@@ -163,7 +161,7 @@ def forward_pruned(
             x = torch.cat(parts, dim=1)
     for i in range(after_block, bundle.num_layers):
         x, _ = bundle.adapter.block(i, x, attn_bias=bias)
-    return classify_tokens(bundle, x), keep_idx
+    return bundle.adapter.head(x), keep_idx
 
 
 def block_macs(bundle: ViTBundle, tokens: int) -> int:

@@ -319,8 +319,8 @@ def match_label(id2label: dict, text) -> int:
     raise ZoomViTError(f"'{text}' matches {len(partial)} labels (e.g. {examples}); be more specific.")
 
 
-# The block engine (run_block, classify_tokens) is written for these layouts; other families would load but
-# give wrong maps and pruning, so they are refused up front.
+# The families with an adapter (backbones.py); others would load but give wrong maps and pruning, so they are
+# refused up front.
 SUPPORTED_MODEL_TYPES = backbones.FAMILY_NAMES
 _LOCAL_HINT = f"pass a local folder with --model PATH or {config.MODEL_ENV_VAR}=PATH"
 
@@ -649,20 +649,6 @@ def encode(bundle: ViTBundle, loaded: LoadedImage) -> tuple[torch.Tensor, Geomet
             f"{(geometry.crop[3], geometry.crop[2])}."
         )
     return pixel_values, geometry
-
-
-# ----------------------------------------------------------------------------------------------------------
-# A block-level forward engine (used for pruning, where later blocks run on fewer tokens)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def embed(bundle: ViTBundle, pixel_values: torch.Tensor) -> torch.Tensor:
-    return bundle.adapter.embed(pixel_values)
-
-
-def classify_tokens(bundle: ViTBundle, x: torch.Tensor) -> torch.Tensor:
-    """Logits from the last block's tokens (the family's own head)."""
-    return bundle.adapter.head(x)
 
 
 # ----------------------------------------------------------------------------------------------------------
