@@ -12,6 +12,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from vit_analyzer import fit_size  # the loader bounds images with it too; the app sizes its views with it
+
 
 @functools.lru_cache(maxsize=32)
 def _colour_table(cmap: str) -> np.ndarray:
@@ -82,16 +84,6 @@ def token_mask_overlay(image: Image.Image, geometry, kept_mask: np.ndarray, stre
 # ----------------------------------------------------------------------------------------------------------
 # Display-sized rendering (the web app): draw on a bounded copy of the image, never on the full-size one
 # ----------------------------------------------------------------------------------------------------------
-
-
-def fit_size(size: tuple[int, int], max_side: int, min_side: int = 0) -> tuple[int, int]:
-    """(width, height) scaled down so the longest side is at most max_side, and scaled up (only) so the shortest
-    is at least min_side where max_side allows; at least 1 pixel each."""
-    width, height = size
-    factor = min(1.0, max_side / max(width, height))
-    if min(width, height) * factor < min_side:
-        factor = min(min_side / min(width, height), max_side / max(width, height))
-    return max(1, round(width * factor)), max(1, round(height * factor))
 
 
 def resized_view(image: Image.Image, geometry, max_side: int, min_side: int = 0):

@@ -89,10 +89,14 @@ def decode_cost(img: Image.Image) -> int:
     return int(img.width * img.height * per_pixel * _DECODE_OVERHEAD.get(img.format, 1.0))
 
 
-def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """`size` scaled so its longest side is at most max_side, keeping the aspect ratio."""
-    ratio = min(1.0, max_side / max(size))
-    return max(1, round(size[0] * ratio)), max(1, round(size[1] * ratio))
+def fit_size(size: tuple[int, int], max_side: int, min_side: int = 0) -> tuple[int, int]:
+    """(width, height) scaled down so the longest side is at most max_side, and scaled up (only) so the shortest
+    is at least min_side where max_side allows; at least 1 pixel each, aspect ratio kept."""
+    width, height = size
+    factor = min(1.0, max_side / max(width, height))
+    if min(width, height) * factor < min_side:
+        factor = min(min_side / min(width, height), max_side / max(width, height))
+    return max(1, round(width * factor)), max(1, round(height * factor))
 
 
 def _finite_range(arr: np.ndarray):
@@ -207,7 +211,7 @@ def load_image(source, max_side: int = config.MAX_IMAGE_SIDE) -> LoadedImage:
                     f"Image is {original_size[0]}x{original_size[1]}: aspect ratio above "
                     f"{config.MAX_ASPECT_RATIO:g}:1 is not supported."
                 )
-            size = _fit(original_size, max_side)
+            size = fit_size(original_size, max_side)
             if opened is not None and size != img.size:
                 img.draft(None, size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale, still at least `size`; others: no-op
             cost = decode_cost(img)
