@@ -591,12 +591,7 @@ class Explorer:
         return other
 
     def block_index(self, block) -> int:
-        """The library's layer index (0-based) of block number `block` (1..L; -1: the last)."""
-        number = finite_number(block, "Block")
-        last = self.num_layers
-        if number is None or number != int(number) or not (1 <= number <= last or number == -1):
-            raise ZoomViTError(f"Block must be a whole number from 1 to {last} (or -1 for the last), got {block!r}.")
-        return (last if number == -1 else int(number)) - 1
+        return vit_analyzer.layer_index(block, self.num_layers)
 
     def check_after_block(self, after_block) -> int:
         if after_block in (None, ""):

@@ -49,15 +49,6 @@ def _check_after_block(after_block: int, num_layers: int):
         )
 
 
-def _layer_index(block: int | None, num_layers: int) -> int:
-    """--block B (1..L; None or -1 = the last) as the library's 0-based layer index."""
-    if block is None or block == -1:
-        return num_layers - 1
-    if not 1 <= block <= num_layers:
-        raise UsageError(f"--block must be in 1..{num_layers} (or -1 for the last), got {block}.")
-    return block - 1
-
-
 def _model_facts(model: str):
     """(number of blocks, id2label) from the model's config.json, without loading weights; None when there is
     no config.json at hand (a hub id not in the cache): the options are then checked on the loaded model."""
@@ -141,7 +132,8 @@ def cmd_explain(args):
         import vit_analyzer
 
         target = None if args.target is None else vit_analyzer.match_label(id2label, args.target)
-        return _layer_index(args.block, num_layers), target
+        block = -1 if args.block is None else args.block  # the last by default
+        return vit_analyzer.layer_index(block, num_layers, "--block"), target
 
     analysis, (layer, target) = _analyze(args, check)
     import numpy as np

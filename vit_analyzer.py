@@ -492,6 +492,20 @@ def load_model(name: str | None = None) -> ViTBundle:
     return bundle
 
 
+def layer_index(block, num_layers: int, name: str = "Block") -> int:
+    """The library's 0-based layer index of block number `block` (blocks are numbered 1..L; -1: the last), as the
+    app, its API and the CLI take it."""
+    try:
+        number = float(block)
+    except (TypeError, ValueError):
+        number = math.nan
+    if number == -1:
+        return num_layers - 1
+    if not (number.is_integer() and 1 <= number <= num_layers):
+        raise ZoomViTError(f"{name} must be in 1..{num_layers} (or -1 for the last), got {block}.")
+    return int(number) - 1
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Geometry: original image pixels <-> model input pixels <-> patch grid
 # ----------------------------------------------------------------------------------------------------------
