@@ -297,9 +297,13 @@ FAMILY_NAMES = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViT-MSN", "dinov2": "D
                 "siglip": "SigLIP image classifier"}
 
 
+def supported_families() -> str:
+    """The families with an adapter, as error messages list them: "ViT ('vit'), DeiT ('deit'), ..."."""
+    return ", ".join(f"{label} ('{key}')" for key, label in FAMILY_NAMES.items())
+
+
 def adapter_for(model: torch.nn.Module) -> Backbone:
     model_type = getattr(model.config, "model_type", None)
     if model_type not in FAMILIES:
-        supported = ", ".join(f"{label} ('{key}')" for key, label in FAMILY_NAMES.items())
-        raise ValueError(f"a '{model_type}' model; supported families: {supported}")
+        raise ValueError(f"a '{model_type}' model; supported families: {supported_families()}")
     return FAMILIES[model_type](model)

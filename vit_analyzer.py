@@ -323,9 +323,6 @@ def match_label(id2label: dict, text) -> int:
     raise ZoomViTError(f"'{text}' matches {len(partial)} labels (e.g. {examples}); be more specific.")
 
 
-# The families with an adapter (backbones.py); others would load but give wrong maps and pruning, so they are
-# refused up front.
-SUPPORTED_MODEL_TYPES = backbones.FAMILY_NAMES
 _LOCAL_HINT = f"pass a local folder with --model PATH or {config.MODEL_ENV_VAR}=PATH"
 
 
@@ -400,11 +397,11 @@ def _check_model_config(name: str, cfg: dict) -> None:
             "and ZoomViT never runs remote code."
         )
     model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        families = ", ".join(f"{label} ('{key}')" for key, label in SUPPORTED_MODEL_TYPES.items())
+    if model_type not in backbones.FAMILIES:
         kind = f"a '{model_type}' model" if model_type else "a model without a model_type in config.json"
         raise ModelLoadError(
-            f"Could not load model '{name}': it is {kind}; ZoomViT supports only {families} image classifiers."
+            f"Could not load model '{name}': it is {kind}; ZoomViT supports only {backbones.supported_families()} "
+            "image classifiers."
         )
 
 
@@ -437,8 +434,10 @@ def _check_local_weights(name: str, folder: Path) -> None:
 
 
 def load_model(name: str | None = None) -> ViTBundle:
-    """Load a ViT or DeiT classifier from a local folder or a hub id, safetensors weights only, with eager
-    attention (the default SDPA path returns no attentions). Every failure is a one-line ModelLoadError."""
+    """Load a classifier of a family with an adapter (backbones.FAMILIES; others would load but give wrong maps and
+    pruning, so they are refused up front) from a local folder or a hub id, safetensors weights only, with eager
+    attention (the model's own attentions stay available to check the adapter's against). Every failure is a
+    one-line ModelLoadError."""
     name = config.resolve_model_name(name)
     folder = _local_folder(name)
     cfg = read_model_config(name)
