@@ -301,8 +301,7 @@ class Session:
     target_text: str = ""  # the last target class that worked (the dropdown goes back to it after an error)
     shown: Shown | None = None
     zoom_result: zoom_lib.ZoomResult | None = None
-    prune_result: pruning.PruneResult | None = None
-    prune_key: tuple | None = None  # the settings of the prune result on screen
+    prune_result: pruning.PruneResult | None = None  # the one on screen
     grid_key: tuple | None = None  # the settings the all-heads grid below was drawn with
     grid_image: Image.Image | None = None
 
@@ -881,7 +880,6 @@ class Explorer:
         session = self.session_for(image, session)
         with self.model_lock:
             result = pruning.prune(session.analysis, keep, after_block, mode, timing_repeats=TIMING_REPEATS)
-        session.prune_key = (session.key, keep, after_block, mode)
         session.prune_result = result
         kept = visualization.token_mask_overlay(session.display, session.geometry, result.kept_mask)
         kept = visualization.draw_box(kept, session.geometry.view_box(), color="white", width=2)  # what it sees
@@ -921,7 +919,8 @@ class Explorer:
         """Opening the tab: run prune once for the current image and settings, not again."""
         if image is None or not isinstance(session, Session):
             return (gr.skip(),) * 6
-        if session.prune_key == (session.key, float(keep), int(after_block), mode):
+        shown = session.prune_result
+        if shown is not None and (shown.keep, shown.after_block, shown.mode) == (float(keep), int(after_block), mode):
             return (gr.skip(),) * 6
         return self.prune_ui(image, keep, after_block, mode, session)
 
