@@ -51,8 +51,8 @@ def resolve_model_name(explicit=None):
     """--model beats ZOOMVIT_MODEL beats the default hub id."""
     return explicit or os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
 
-# Choices the CLI lists in --help without importing the library (importing torch would make --help slow);
-# tests/test_cli.py checks that they match the library's own tuples.
+# The choices of the library's options, here so that the CLI lists them in --help without importing the library
+# (importing torch would make --help slow); the library's MAP_METHODS, POLICIES, MODES, ... are these.
 MAP_METHODS = ("rollout", "grad_rollout", "intent", "cls", "attention")
 ZOOM_POLICIES = ("adaptive", "always")
 PRUNE_MODES = ("analysis", "efficiency")

@@ -35,8 +35,8 @@ import vit_analyzer as va
 import zoom
 from vit_analyzer import ImageLoadError, ZoomViTError
 
-TASKS = ("prune", "zoom", "faithfulness", "intent")
-DEFAULT_KEEPS = (0.9, 0.7, 0.5, 0.3, 0.1)
+TASKS = config.EVAL_TASKS
+DEFAULT_KEEPS = config.EVAL_KEEPS
 # Ranking criteria per pruning mode; "random" is each mode's baseline (analysis: random tokens dropped;
 # efficiency: random tokens kept and the rest merged into them, so only the choice differs from "merge").
 CRITERIA = {"analysis": ("intent", "grad_rollout", "random"), "efficiency": ("merge", "cls_topk", "random")}

@@ -27,8 +27,8 @@ from vit_analyzer import (
     top_predictions,
 )
 
-MODES = ("analysis", "efficiency")
-FUSIONS = ("drop", "fuse", "merge")  # efficiency mode: what happens to the tokens that are not kept
+MODES = config.PRUNE_MODES
+FUSIONS = config.PRUNE_FUSIONS  # efficiency mode: what happens to the tokens that are not kept
 
 
 def kept_count(num_patches: int, keep: float) -> int:

@@ -911,7 +911,7 @@ class Analysis:
         self._graph = None
 
 
-MAP_METHODS = ("rollout", "grad_rollout", "intent", "cls", "attention")
+MAP_METHODS = config.MAP_METHODS
 
 
 def key_removal_effect(attentions: np.ndarray, grads: np.ndarray) -> np.ndarray:

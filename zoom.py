@@ -31,7 +31,7 @@ from vit_analyzer import (
     top_predictions,
 )
 
-POLICIES = ("adaptive", "always")
+POLICIES = config.ZOOM_POLICIES
 
 
 def mass_region(grid_map: np.ndarray, mass: float = config.ZOOM_MASS) -> np.ndarray:
