@@ -157,7 +157,9 @@ def cmd_explain(args):
             "grid": list(analysis.grid),
             "map": np.round(heat.astype(np.float64), 4).tolist(),  # float64: no float32 digits in the JSON
             "intent": diagnosis.as_dict(),
+            "model": {"name": bundle.name, "family": bundle.adapter.describe()},
         }
+    print(f"model: {bundle.name} ({bundle.adapter.describe()})")
     _print_predictions("prediction:", analysis.top())
     if args.method in CLASS_AGNOSTIC:
         # The strongest spot of such a map is often a background artifact; it does not explain any one class.

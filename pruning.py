@@ -4,9 +4,9 @@ Two modes:
 - analysis: tokens ranked by the intent map of the tokens that enter block k, from the full cached pass
   ("does the decision survive when the model sees only its intent?"). Uses look-ahead; saves no time.
 - efficiency: tokens chosen at block k from what the model has computed so far: half the budget by the
-  attention the special tokens paid to each patch in the last blocks before the cut, half to cover the rest
-  of the content; dropped tokens are merged into their most similar kept token (size-weighted mean, with
-  proportional attention afterwards).
+  attention the decision (the tokens the head reads) paid to each patch in the last blocks before the cut,
+  half to cover the rest of the content; dropped tokens are merged into their most similar kept token
+  (size-weighted mean, with proportional attention afterwards).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def merge_into_kept(x, similarity, sizes, keep_idx, drop_idx):
     return total / new_size, new_size
 
 
-# Efficiency mode scores patches by the attention the special tokens paid them in the last few blocks before
+# Efficiency mode scores patches by the attention the decision row paid them in the last few blocks before
 # the cut (earlier blocks attend too uniformly to tell); measured on DeiT-Tiny, 3 beats 1 and 6.
 SCORE_BLOCKS = 3
 
@@ -113,10 +113,11 @@ def forward_pruned(
     """Logits with only the top `keep` share of patch tokens after `after_block` blocks.
 
     patch_scores (B, patches) ranks the patches (analysis mode, plain top-k). None means efficiency mode:
-    rank by the special tokens' attention over the last SCORE_BLOCKS blocks before the cut (no look-ahead);
-    with fusion="merge" half the budget goes to the top-ranked tokens and half to covering the remaining
-    content (see `select_with_coverage`), and dropped tokens are merged into their nearest kept token.
-    Returns (logits, kept patch indices (B, kept)).
+    rank by the decision row's attention (the query rows weighted as the head reads the tokens,
+    `decision_weights`) over the last SCORE_BLOCKS blocks before the cut (no look-ahead); with fusion="merge"
+    half the budget goes to the top-ranked tokens and half to covering the remaining content (see
+    `select_with_coverage`), dropped tokens are merged into their nearest kept token, and pooled heads weigh the
+    merged tokens by their sizes. Returns (logits, kept patch indices (B, kept)).
     """
     after_block = _check_block(bundle, after_block)
     if fusion not in FUSIONS:
@@ -129,16 +130,19 @@ def forward_pruned(
     pruning = n_keep < num_patches
     need_attention = pruning and patch_scores is None
     scores = torch.zeros(b, num_patches) if need_attention else None
+    decision = bundle.adapter.decision_weights(n)
+    rows = int(decision.nonzero().max()) + 1  # the query rows the decision reads
+    row_weights = decision[:rows].view(1, 1, rows, 1)
     for i in range(after_block):
         score_here = need_attention and i >= after_block - SCORE_BLOCKS
-        # With no prefix token (SigLIP) there is no special row: every query's attention is scored, i.e. the
-        # attention each patch receives, which is what a head pooling all tokens reads.
+        # A class-token head reads prefix rows only, computed on their own (cheap); a head pooling the patches
+        # reads patch rows too, which takes every row's probabilities.
         x, probs = bundle.adapter.block(
-            i, x, attention_rows=ns if score_here else 0, full_attention=score_here and ns == 0
+            i, x, attention_rows=rows if score_here and rows <= ns else 0, full_attention=score_here and rows > ns
         )
         if score_here:
-            scores += probs[:, :, :, ns:].mean(dim=(1, 2))
-    bias = None
+            scores += (probs[:, :, :rows, ns:] * row_weights).sum(dim=2).mean(dim=1)
+    bias = sizes = positions = None
     if not pruning:
         keep_idx = torch.arange(num_patches).expand(b, -1)
     else:
@@ -149,8 +153,8 @@ def forward_pruned(
             keep_idx, drop_idx, similarity = select_with_coverage(scores, patches, n_keep)
             kept, kept_size = merge_into_kept(patches, similarity, torch.ones(b, num_patches, 1), keep_idx, drop_idx)
             x = torch.cat([special, kept], dim=1)
-            size = torch.cat([torch.ones(b, ns, 1), kept_size], dim=1)
-            bias = size.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, N'): a merged key counts as its tokens
+            sizes = torch.cat([torch.ones(b, ns, 1), kept_size], dim=1)
+            bias = sizes.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, N'): a merged key counts as its tokens
         else:
             order = scores.argsort(dim=1, descending=True, stable=True)
             keep_idx, drop_idx = order[:, :n_keep], order[:, n_keep:]
@@ -159,9 +163,15 @@ def forward_pruned(
                 weight = scores.gather(1, drop_idx).clamp_min(0).unsqueeze(-1) + 1e-6
                 parts.append((_gather(patches, drop_idx) * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True))
             x = torch.cat(parts, dim=1)
+        # Each token's index in the unpruned sequence, for blocks with a position term (relative bias): a merged
+        # token keeps its kept representative's, EViT's fused token (after the kept ones) has no single place (-1).
+        fused = x.shape[1] - ns - n_keep
+        positions = torch.cat(
+            [torch.arange(ns).expand(b, -1), ns + keep_idx, torch.full((b, fused), -1, dtype=torch.long)], dim=1
+        )
     for i in range(after_block, bundle.num_layers):
-        x, _ = bundle.adapter.block(i, x, attn_bias=bias)
-    return bundle.adapter.head(x), keep_idx
+        x, _ = bundle.adapter.block(i, x, attn_bias=bias, positions=positions)
+    return bundle.adapter.head(x, sizes=sizes), keep_idx
 
 
 def block_macs(bundle: ViTBundle, tokens: int) -> int:

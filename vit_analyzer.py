@@ -363,6 +363,8 @@ def read_model_config(name: str | None = None) -> dict | None:
     """The model's config.json as a dict, read without loading anything, and checked to be a supported
     classifier that needs no remote code. From a local folder or the hub cache; None for a hub id not in it."""
     name = config.resolve_model_name(name)
+    if name.startswith(TIMM_PREFIX):  # checked when timm loads it
+        return None
     folder = _local_folder(name)
     if folder is not None:
         path = folder / "config.json"
@@ -390,13 +392,21 @@ def read_model_config(name: str | None = None) -> dict | None:
     return cfg
 
 
+def _model_type(cfg: dict) -> str | None:
+    """The config's model_type; a folder in timm's hub layout has none, and transformers loads it as
+    TimmWrapperForImageClassification ("timm_wrapper")."""
+    if "model_type" not in cfg and "architecture" in cfg and "pretrained_cfg" in cfg:
+        return "timm_wrapper"
+    return cfg.get("model_type")
+
+
 def _check_model_config(name: str, cfg: dict) -> None:
     if cfg.get("auto_map"):
         raise ModelLoadError(
             f"Could not load model '{name}': it needs custom code from its repository (auto_map in config.json), "
             "and ZoomViT never runs remote code."
         )
-    model_type = cfg.get("model_type")
+    model_type = _model_type(cfg)
     if model_type not in backbones.FAMILIES:
         kind = f"a '{model_type}' model" if model_type else "a model without a model_type in config.json"
         raise ModelLoadError(
@@ -405,8 +415,9 @@ def _check_model_config(name: str, cfg: dict) -> None:
         )
 
 
-def _check_local_weights(name: str, folder: Path) -> None:
-    """Safetensors weights present and readable; pickle weights are refused (unpickling can run code)."""
+def _check_local_weights(name: str, folder: Path, needs_preprocessor: bool = True) -> None:
+    """Safetensors weights present and readable; pickle weights are refused (unpickling can run code). A timm
+    folder keeps its preprocessing in config.json (needs_preprocessor=False)."""
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         pickles = sorted(p.name for p in folder.glob("*.bin"))
@@ -427,7 +438,7 @@ def _check_local_weights(name: str, folder: Path) -> None:
             raise ModelLoadError(
                 f"Could not load model '{name}': {shard.name} is corrupt or incomplete ({_first_line(exc)})."
             ) from None
-    if not (folder / "preprocessor_config.json").is_file():
+    if needs_preprocessor and not (folder / "preprocessor_config.json").is_file():
         raise ModelLoadError(
             f"Could not load model '{name}': the folder has no preprocessor_config.json (the image preprocessing)."
         )
@@ -439,10 +450,13 @@ def load_model(name: str | None = None) -> ViTBundle:
     attention (the model's own attentions stay available to check the adapter's against). Every failure is a
     one-line ModelLoadError."""
     name = config.resolve_model_name(name)
+    if name.startswith(TIMM_PREFIX):
+        return _load_with_timm(name)
     folder = _local_folder(name)
     cfg = read_model_config(name)
+    timm_layout = cfg is not None and _model_type(cfg) == "timm_wrapper"
     if folder is not None:
-        _check_local_weights(name, folder)
+        _check_local_weights(name, folder, needs_preprocessor=not timm_layout)
         source, local_only = str(folder), True
     else:
         # Offline or unreachable, only the cache can serve; say so at once rather than after the hub's retries.
@@ -460,8 +474,14 @@ def load_model(name: str | None = None) -> ViTBundle:
         if cfg is None:  # a hub id fetched now: check its config before downloading the weights
             from huggingface_hub import hf_hub_download
 
-            _check_model_config(name, json.loads(Path(hf_hub_download(name, "config.json")).read_text("utf-8")))
-        processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
+            cfg = json.loads(Path(hf_hub_download(name, "config.json")).read_text("utf-8"))
+            _check_model_config(name, cfg)
+            timm_layout = _model_type(cfg) == "timm_wrapper"
+        if timm_layout:  # timm's own evaluation transform, from the pretrained_cfg in config.json
+            processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
+            processor = backbones.TimmPreprocessor(processor.data_config)
+        else:  # PIL, not torchvision: the same pixels whether or not torchvision is installed
+            processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only, backend="pil")
         model, info = AutoModelForImageClassification.from_pretrained(
             source, attn_implementation="eager", use_safetensors=True, local_files_only=local_only,
             output_loading_info=True,
@@ -478,17 +498,77 @@ def load_model(name: str | None = None) -> ViTBundle:
             f"Could not load model '{name}': its weights do not match its config ({len(missing)} tensors missing, "
             f"e.g. {sorted(missing)[0]})."
         )
+    return _bundle(name, model, processor, dict(model.config.id2label))
+
+
+def _bundle(name: str, model, processor, id2label: dict) -> ViTBundle:
     model.eval()
-    cfg = model.config
     try:
         adapter = backbones.adapter_for(model)
     except ValueError as exc:
         raise ModelLoadError(f"Could not load model '{name}': it is {exc}.") from None
-    bundle = ViTBundle(
-        model, processor, name, adapter.patch_size, adapter.input_size, adapter.num_prefix, dict(cfg.id2label)
-    )
+    bundle = ViTBundle(model, processor, name, adapter.patch_size, adapter.input_size, adapter.num_prefix, id2label)
     bundle.adapter = adapter
     return bundle
+
+
+TIMM_PREFIX = "timm:"
+
+
+def _timm_files(name: str, target: str) -> tuple[Path, Path]:
+    """(config.json, model.safetensors) of `timm:<folder>` or `timm:<model name>` (its hub repository, from the
+    cache when offline), checked like any model folder."""
+    folder = _local_folder(target)
+    if folder is not None:
+        _check_local_weights(name, folder, needs_preprocessor=False)
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"Could not load model '{name}': the folder has no config.json (timm's hub layout "
+                                 "holds config.json with 'architecture' and model.safetensors).")
+        return folder / "config.json", folder / "model.safetensors"
+    import timm
+
+    vit_names = set(timm.list_models(module="vision_transformer")) | set(timm.list_models(module="deit"))
+    architecture = target.split(".")[0]
+    if architecture not in vit_names:
+        known = "an unknown timm model" if not timm.is_model(architecture) else f"timm's '{architecture}'"
+        raise ModelLoadError(f"Could not load model '{name}': it is {known}; ZoomViT supports timm's "
+                             "VisionTransformer family (vit_*, deit_*, deit3_*, ...).")
+    repo = timm.models.get_pretrained_cfg(target).hf_hub_id if timm.models.get_pretrained_cfg(target) else None
+    if not repo:
+        raise ModelLoadError(f"Could not load model '{name}': timm knows no pretrained weights on the hub for it.")
+    from huggingface_hub import hf_hub_download
+
+    local_only = _hub_offline() or not _hub_reachable()
+    try:
+        return tuple(Path(hf_hub_download(repo, file, local_files_only=local_only))
+                     for file in ("config.json", "model.safetensors"))
+    except Exception as exc:
+        why = "offline and not in the local cache" if local_only else _first_line(exc)
+        raise ModelLoadError(f"Could not load model '{name}' ({repo}): {why}; {_LOCAL_HINT}") from None
+
+
+def _load_with_timm(name: str) -> ViTBundle:
+    """`timm:<model name>` or `timm:<folder in timm's hub layout>`, built and loaded by timm itself."""
+    try:
+        import timm
+    except ImportError as exc:
+        raise ModelLoadError(f"Could not load model '{name}': timm is not installed ({exc}).") from None
+    config_path, weights = _timm_files(name, name[len(TIMM_PREFIX):])
+    try:
+        cfg = json.loads(config_path.read_text(encoding="utf-8"))
+        architecture, pretrained_cfg = cfg["architecture"], dict(cfg.get("pretrained_cfg") or {})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"Could not load model '{name}': its config.json is not timm's ({_first_line(exc)}).")
+    try:
+        model = timm.create_model(
+            architecture, pretrained=True, num_classes=cfg.get("num_classes", pretrained_cfg.get("num_classes")),
+            pretrained_cfg_overlay={**pretrained_cfg, "file": str(weights)}, **cfg.get("model_args", {}),
+        )
+        processor = backbones.TimmPreprocessor(timm.data.resolve_data_config(model=model))
+    except Exception as exc:  # unknown architecture, weights that do not fit it, unsupported preprocessing
+        raise ModelLoadError(f"Could not load model '{name}': {_first_line(exc)}") from None
+    labels = cfg.get("label_names") or [f"class {i}" for i in range(model.num_classes)]
+    return _bundle(name, model, processor, dict(enumerate(labels)))
 
 
 def layer_index(block, num_layers: int, name: str = "Block") -> int:
@@ -633,6 +713,9 @@ def geometry_for(bundle: ViTBundle, image_size: tuple[int, int], scale: float = 
     """Reproduce the processor's resize + centre crop as numbers (matches its pixel_values exactly)."""
     proc = bundle.processor
     w, h = image_size
+    if hasattr(proc, "resize_and_crop"):  # timm's transform states its own resize and crop
+        resized, crop = proc.resize_and_crop(w, h)
+        return Geometry((w, h), resized, crop, bundle.patch_size, scale)
     rw, rh = w, h
     if getattr(proc, "do_resize", True):
         size = proc.size

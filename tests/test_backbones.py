@@ -3,8 +3,12 @@
 import pytest
 import torch
 from transformers import (
+    BeitConfig,
+    BeitForImageClassification,
     CLIPConfig,
     CLIPForImageClassification,
+    Data2VecVisionConfig,
+    Data2VecVisionForImageClassification,
     DeiTConfig,
     Dinov2Config,
     Dinov2ForImageClassification,
@@ -84,8 +88,38 @@ def siglip():
     return model
 
 
+def _beit_like(model_cls, config_cls, seed, **options):
+    torch.manual_seed(seed)
+    model = model_cls(_tiny(config_cls, **options)).eval()
+    with torch.no_grad():  # bias tables and embeddings start at zero, layer scale at one value: random values show
+        for name, param in model.named_parameters():  # each is applied where it belongs
+            if "lambda" in name:
+                param.uniform_(0.5, 1.5)
+            elif any(part in name for part in ("relative_position_bias_table", "position_embeddings", "cls_token")):
+                param.normal_(std=0.5)
+    return model
+
+
+def beit_layer_bias():
+    """BEiT as the ImageNet checkpoints: a relative bias per block, layer scale, the head on the patch mean."""
+    return _beit_like(BeitForImageClassification, BeitConfig, 8, use_relative_position_bias=True)
+
+
+def beit_shared_bias_cls():
+    """BEiT with one relative bias shared by the blocks, absolute position embeddings, the head on the class token."""
+    return _beit_like(BeitForImageClassification, BeitConfig, 9, use_shared_relative_position_bias=True,
+                      use_absolute_position_embeddings=True, use_mean_pooling=False)
+
+
+def data2vec_vision():
+    """Data2Vec-vision with both relative biases (added together) and absolute position embeddings."""
+    return _beit_like(Data2VecVisionForImageClassification, Data2VecVisionConfig, 10, use_relative_position_bias=True,
+                      use_shared_relative_position_bias=True, use_absolute_position_embeddings=True)
+
+
 @pytest.fixture(params=["tiny_vit", "tiny_deit_distilled", "deit_without_teacher", "vit_msn", "dinov2",
-                        "dinov2_registers", "clip", "siglip"])
+                        "dinov2_registers", "clip", "siglip", "beit_layer_bias", "beit_shared_bias_cls",
+                        "data2vec_vision"])
 def model(request):
     if request.param in ("tiny_vit", "tiny_deit_distilled"):
         return request.getfixturevalue(request.param).model
@@ -155,12 +189,14 @@ def test_maps_read_only_the_tokens_the_head_reads(tiny_deit_distilled):
 
 
 @pytest.mark.parametrize("make, prefix, family", [(dinov2, 1, "DINOv2"), (dinov2_registers, 5, "DINOv2 with registers"),
-                                                  (clip, 1, "CLIP"), (siglip, 0, "SigLIP")])
+                                                  (clip, 1, "CLIP"), (siglip, 0, "SigLIP"), (beit_layer_bias, 1, "BEiT"),
+                                                  (beit_shared_bias_cls, 1, "BEiT"),
+                                                  (data2vec_vision, 1, "Data2Vec-vision")])
 def test_pooled_heads_end_to_end(make, prefix, family):
-    """Tiny DINOv2 (class token + patch mean, registers) and CLIP (patch mean): analysis, every map in [0, 1],
-    keep-1.0 pruning equals the model's own logits, the weights of the decision sum to 1 and skip registers."""
+    """Tiny DINOv2 (class token + patch mean, registers), CLIP (patch mean), SigLIP, BEiT and Data2Vec-vision
+    (relative bias): analysis, every map in [0, 1], keep-1.0 pruning equals the model's own logits, the weights
+    of the decision sum to 1 and skip registers."""
     import numpy as np
-    from transformers import ViTImageProcessorPil
 
     import pruning
     import vit_analyzer
@@ -170,8 +206,7 @@ def test_pooled_heads_end_to_end(make, prefix, family):
     assert (adapter.num_prefix, adapter.family) == (prefix, family)
     weights = adapter.decision_weights(prefix + 16)
     assert float(weights.sum()) == pytest.approx(1.0) and float(weights[1:prefix].sum()) == 0.0  # registers unread
-    bundle = vit_analyzer.ViTBundle(model, ViTImageProcessorPil(size={"height": 32, "width": 32}), family, 8,
-                                    (32, 32), prefix, {i: str(i) for i in range(5)})
+    bundle = tiny_bundle(model)
     image = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     analysis = vit_analyzer.analyze(bundle, image)
     assert analysis.grid == (4, 4) and analysis.attentions.shape[-1] == prefix + 16
@@ -186,6 +221,136 @@ def test_pooled_heads_end_to_end(make, prefix, family):
         assert np.allclose(result.probs_after, expected, atol=1e-4)
         result = pruning.prune(analysis, 0.5, 1, mode, timing_repeats=0)
         assert result.tokens_after == prefix + 8 and np.isfinite(result.probs_after).all()
+
+
+def tiny_bundle(model):
+    """A model of this file (32x32 input, 8-pixel patches, 5 labels) as the analyzer and pruning take it."""
+    from transformers import ViTImageProcessorPil
+
+    import vit_analyzer
+
+    adapter = backbones.adapter_for(model)
+    return vit_analyzer.ViTBundle(model, ViTImageProcessorPil(size={"height": 32, "width": 32}), adapter.family, 8,
+                                  (32, 32), adapter.num_prefix, {i: str(i) for i in range(5)})
+
+
+RELATIVE_BIAS_MODELS = [beit_layer_bias, beit_shared_bias_cls, data2vec_vision]
+
+
+@pytest.mark.parametrize("make", RELATIVE_BIAS_MODELS)
+@torch.no_grad()
+def test_the_relative_bias_follows_the_input_grid(make):
+    """At another input size (a 6x5 grid, not square) the bias table is resampled as the library resamples it;
+    back at the trained size the trained grid's bias serves again."""
+    model = make()
+    adapter = backbones.adapter_for(model)
+    for size in ((48, 40), (32, 32)):
+        pixels = torch.randn(2, 3, *size)
+        logits, _ = run_adapter(adapter, pixels, full_attention=False)
+        assert torch.allclose(logits, model(pixel_values=pixels).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", RELATIVE_BIAS_MODELS)
+@torch.no_grad()
+def test_blocks_place_tokens_by_their_positions(make):
+    """The patches shuffled, with their original positions, give the model's logits (neither head depends on the
+    patch order); the same shuffle read as the tokens' order does not."""
+    model = make()
+    adapter = backbones.adapter_for(model)
+    pixels = torch.randn(2, 3, 32, 32)
+    x = adapter.embed(pixels)
+    torch.manual_seed(0)
+    order = torch.stack([torch.randperm(16) for _ in range(2)])
+    positions = torch.cat([torch.zeros(2, 1, dtype=torch.long), 1 + order], dim=1)
+    shuffled = x.gather(1, positions.unsqueeze(-1).expand_as(x))
+
+    def logits(positions):
+        y = shuffled
+        for i in range(adapter.num_layers):
+            y, _ = adapter.block(i, y, positions=positions)
+        return adapter.head(y)
+
+    expected = model(pixel_values=pixels).logits
+    assert torch.allclose(logits(positions), expected, atol=1e-5)
+    assert not torch.allclose(logits(None), expected, atol=1e-3)
+
+
+def test_a_token_without_a_place_takes_the_class_tokens_bias():
+    adapter = backbones.adapter_for(beit_layer_bias())
+    adapter.embed(torch.zeros(1, 3, 32, 32))
+    full = adapter.position_bias(0, 17)[0]
+    gathered = adapter.position_bias(0, 3, torch.tensor([[0, 6, -1]]))[0]
+    as_tokens = [0, 6, 0]  # the fused token (-1) reads and is read like the class token
+    assert torch.equal(gathered, full[:, as_tokens][:, :, as_tokens])
+
+
+@torch.no_grad()
+def test_pruned_blocks_gather_the_relative_bias_by_original_positions():
+    """Analysis-mode pruning keeps the patches in ranking order, not index order; the library's own block, given
+    the shared bias matrix gathered by hand at the kept tokens' original indices, computes the same logits."""
+    import pruning
+
+    model = beit_shared_bias_cls()
+    beit = model.beit
+    pixels = torch.randn(2, 3, 32, 32)
+    logits, keep_idx = pruning.forward_pruned(tiny_bundle(model), pixels, 1, 0.5, patch_scores=torch.randn(2, 16))
+    assert (keep_idx.diff(dim=1) < 0).any()  # some kept patch comes before one with a smaller index
+    full = beit.shared_position_bias((4, 4))[0]
+    hidden = beit.layers[0](beit.embeddings(pixels), attention_mask=full.unsqueeze(0))
+    positions = torch.cat([torch.zeros(2, 1, dtype=torch.long), 1 + keep_idx], dim=1)
+    kept = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    gathered = torch.stack([full[:, index][:, :, index] for index in positions])
+    expected = model.classifier(beit.pooler(beit.layernorm(beit.layers[1](kept, attention_mask=gathered))))
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+@torch.no_grad()
+def test_a_merged_token_weighs_in_the_head_as_the_tokens_it_stands_for(model):
+    """head(x, sizes) equals the head of the tokens with each patch repeated `size` times: pooled heads take the
+    size-weighted mean, class-token heads read their prefix tokens as before."""
+    adapter = backbones.adapter_for(model)
+    prefix = adapter.num_prefix
+    torch.manual_seed(0)
+    x = torch.randn(2, prefix + 6, adapter.hidden_size)
+    counts = torch.tensor([1] * prefix + [1, 3, 2, 1, 4, 2])
+    repeated = x.repeat_interleave(counts, dim=1)
+    sizes = counts.view(1, -1, 1).expand(2, -1, -1).float()
+    assert torch.allclose(adapter.head(x, sizes), adapter.head(repeated), atol=1e-5)
+    if adapter.decision_weights(prefix + 6)[prefix:].any():  # a pooled head: the sizes do matter
+        assert not torch.allclose(adapter.head(x), adapter.head(repeated), atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [clip, beit_layer_bias, data2vec_vision])
+def test_merging_after_the_last_block_is_exact_for_a_mean_of_the_raw_patches(make):
+    """Merged tokens are size-weighted means, so a head that averages the last block's patches before any
+    nonlinearity (CLIP; BEiT's norm comes after the mean) sees the same mean when it weighs them by size."""
+    import pruning
+
+    model = make()
+    bundle = tiny_bundle(model)
+    pixels = torch.randn(2, 3, 32, 32)
+    logits, _ = pruning.forward_pruned(bundle, pixels, bundle.num_layers, 0.25, fusion="merge")
+    with torch.no_grad():
+        assert torch.allclose(logits, model(pixel_values=pixels).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [deit_without_teacher, clip, dinov2_registers, siglip, beit_layer_bias])
+@torch.no_grad()
+def test_efficiency_pruning_ranks_patches_by_the_decision_row(make):
+    """Efficiency mode keeps the patches the decision attended to most before the cut: the class row for a class-
+    token head (not the unread distillation token's), the patch-mean row for CLIP and BEiT, the class row and the
+    patch mean by halves for DINOv2 (registers unread), every row for SigLIP."""
+    import pruning
+
+    bundle = tiny_bundle(make())
+    adapter = bundle.adapter
+    pixels = torch.randn(2, 3, 32, 32)
+    _, keep_idx = pruning.forward_pruned(bundle, pixels, 1, 0.25, fusion="drop")
+    x = adapter.embed(pixels)
+    _, probs = adapter.block(0, x, full_attention=True)  # the one block before a cut after block 1
+    decision_row = torch.einsum("q,bhqk->bk", adapter.decision_weights(x.shape[1]), probs)[:, adapter.num_prefix:]
+    expected = decision_row.argsort(dim=1, descending=True)[:, :4]
+    assert [set(row.tolist()) for row in keep_idx] == [set(row.tolist()) for row in expected]
 
 
 def test_the_readme_lists_the_supported_families_from_the_table():
