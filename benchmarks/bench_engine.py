@@ -1,10 +1,11 @@
-"""Engine speed, measured in one run (not a test): analysis pass vs plain HF forward+backward, and pruned vs
-full latency next to the analytic MACs ratio.
+"""Engine speed, measured in one run (not a test): analysis pass vs the library's plain forward+backward, and
+pruned vs full latency next to the analytic MACs ratio.
 
-    python benchmarks/bench_engine.py [--model PATH] [--repeats 7]
+    python benchmarks/bench_engine.py [--model PATH] [--timm-model FOLDER] [--repeats 7]
 
-Prints medians in milliseconds and their ratios, for the given model and for a randomly initialised
-ViT-B-shaped model (hidden 768, 12 layers, 12 heads, 224 px, patch 16).
+Prints medians in milliseconds and their ratios, for the given model, for the timm copy through both of its
+loaders (timm itself and transformers' TimmWrapper), and for a randomly initialised ViT-B-shaped model (hidden 768,
+12 layers, 12 heads, 224 px, patch 16).
 """
 
 import argparse
@@ -38,13 +39,17 @@ def vit_b_shaped() -> va.ViTBundle:
 def plain_forward_backward(model, processor, loaded: va.LoadedImage):
     """What a user would write without this tool: preprocess, default-attention forward, backward a logit."""
     pixel_values = processor(images=loaded.image, return_tensors="pt")["pixel_values"]
-    logits = model(pixel_values=pixel_values).logits
+    logits = model(pixel_values)
+    logits = logits if isinstance(logits, torch.Tensor) else logits.logits  # timm: a tensor; transformers: output
     logits[0, logits[0].argmax()].backward()
     model.zero_grad(set_to_none=True)
 
 
 def sdpa_twin(bundle: va.ViTBundle):
-    """The same weights with the library's default attention (SDPA), as a plain user would load them."""
+    """The same weights with the library's default attention (SDPA), as a plain user would load them. timm's
+    models (and TimmWrapper's) use fused attention whatever we asked for: they are their own twin."""
+    if bundle.adapter.family.startswith("timm"):
+        return bundle.model
     cfg = type(bundle.model.config).from_dict(bundle.model.config.to_dict())
     cfg._attn_implementation = "sdpa"
     model = type(bundle.model)(cfg).eval()
@@ -58,7 +63,8 @@ def bench(bundle: va.ViTBundle, image: Image.Image, repeats: int):
     plain = median_ms(lambda: plain_forward_backward(plain_model, bundle.processor, loaded), repeats)
     ours = median_ms(lambda: va.analyze(bundle, loaded, keep_graph=False), repeats)
     print(f"\n== {bundle.name} ==")
-    print(f"analysis pass {ours:.1f} ms / plain HF forward+backward {plain:.1f} ms = {ours / plain:.3f}x")
+    print(f"analysis pass {ours:.1f} ms / plain {type(plain_model).__name__} forward+backward {plain:.1f} ms "
+          f"= {ours / plain:.3f}x")
     pixel_values, _ = va.encode(bundle, loaded)
     for batch in (1, 32):
         x = pixel_values.expand(batch, -1, -1, -1).contiguous()
@@ -80,6 +86,8 @@ def bench(bundle: va.ViTBundle, image: Image.Image, repeats: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(SHARED / "models" / "deit-tiny-patch16-224"))
+    parser.add_argument("--timm-model", default=str(SHARED / "models" / "deit-tiny-patch16-224-timm"),
+                        help="a folder in timm's hub layout, run through timm and through TimmWrapper ('' skips)")
     parser.add_argument("--image", default=str(SHARED / "data" / "imagenet-sample" / "n01440764_tench.JPEG"))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-vit-b", action="store_true")
@@ -90,6 +98,9 @@ def main():
     image = Image.open(args.image).convert("RGB")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench(va.load_model(args.model), image, args.repeats)
+    if args.timm_model:
+        bench(va.load_model(f"timm:{args.timm_model}"), image, args.repeats)
+        bench(va.load_model(args.timm_model), image, args.repeats)
     if not args.skip_vit_b:
         bench(vit_b_shaped(), image, args.repeats)
 

@@ -217,3 +217,26 @@ def test_the_cli_explains_with_a_timm_model(shared_dir):
     report = json.loads(done.stdout)
     assert report["top"][0]["label"] and report["grid"] == [14, 14]
     assert report["model"]["family"].startswith("timm VisionTransformer: class token")
+
+
+def test_the_app_runs_on_a_timm_model(deit_paths, shared_dir):
+    """The served app on timm's own build of DeiT-Tiny: its header names the family and token layout, and explain,
+    click-inspect, zoom and prune answer over the API with the library's predictions."""
+    from app_server import running_app
+    from gradio_client import Client, handle_file
+
+    bundle = deit_paths["timm"]
+    path = str(shared_dir / "data" / "imagenet-sample" / "n01440764_tench.JPEG")
+    expected = bundle.label(vit_analyzer.analyze(bundle, path, keep_graph=False).predicted)
+    with running_app(bundle) as (demo, url):
+        header = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "header")
+        assert "Model family: timm VisionTransformer: class token, then patches" in header.value
+        client = Client(url, verbose=False)
+        _, label, *_ = client.predict(handle_file(path), api_name="/explain")
+        assert label["label"] == expected
+        _, caption, *_ = client.predict(handle_file(path), 100, 80, api_name="/inspect_patch")
+        assert caption
+        _, _, before, _, info = client.predict(handle_file(path), "always", api_name="/zoom")
+        assert before["label"] == expected and info.startswith("**Zoomed in**")
+        _, before, after, stats = client.predict(handle_file(path), 1.0, api_name="/prune")
+        assert before["label"] == after["label"] == expected and "197" in stats
