@@ -71,7 +71,7 @@ def bench(bundle: va.ViTBundle, image: Image.Image, repeats: int):
         reps = repeats if batch == 1 else max(3, repeats // 2)
         full = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, 1.0), reps)
         hf = median_ms(lambda: va.predict_pixels(bundle, x), reps)
-        print(f"batch {batch}: full {full:.1f} ms (HF eager forward {hf:.1f} ms)")
+        print(f"batch {batch}: full {full:.1f} ms (prediction pass {hf:.1f} ms)")
         tokens = (x.shape[-1] // bundle.patch_size) * (x.shape[-2] // bundle.patch_size) + bundle.num_special
         for keep in (0.7, 0.5, 0.3):
             pruned = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, keep, None, "merge"), reps)
