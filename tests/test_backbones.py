@@ -359,3 +359,25 @@ def test_the_readme_lists_the_supported_families_from_the_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     line = next(line for line in readme.splitlines() if line.startswith("Supported families: "))
     assert line == "Supported families: " + ", ".join(dict.fromkeys(backbones.FAMILY_NAMES.values())) + "."
+
+
+@pytest.mark.parametrize("make, pooled_from", [(clip, 1), (siglip, 0), (beit_layer_bias, 1)])
+def test_without_a_read_class_token_cls_attention_is_the_average_pooled_tokens_row(make, pooled_from):
+    """The README's definition for heads that average tokens: "CLS attention" of a block is the mean of the pooled
+    tokens' attention rows (what each patch receives from the average token), and rollout is the same mean of the
+    rolled-out rows; the unread class token's own row plays no part."""
+    import numpy as np
+
+    import vit_analyzer
+
+    analysis = vit_analyzer.analyze(tiny_bundle(make()), np.random.default_rng(3).integers(0, 256, (32, 32, 3),
+                                                                                         dtype=np.uint8))
+    attention = analysis.attentions[-1].mean(axis=0)
+    expected = vit_analyzer.normalize_map(analysis._to_grid(attention[pooled_from:].mean(axis=0)))
+    assert np.allclose(analysis.cls_map(-1), expected, atol=1e-6)
+    if pooled_from:
+        class_row = vit_analyzer.normalize_map(analysis._to_grid(attention[0]))
+        assert not np.allclose(analysis.cls_map(-1), class_row, atol=1e-3)
+    rolled = vit_analyzer.rollout_matrix(vit_analyzer.fuse_heads(analysis.attentions, "mean"), 0.9)
+    assert np.allclose(analysis.rollout(0.9, "mean"), vit_analyzer.normalize_map(
+        analysis._to_grid(rolled[pooled_from:].mean(axis=0))), atol=1e-6)

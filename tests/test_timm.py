@@ -83,9 +83,11 @@ def test_unsupported_timm_models_say_what_is_supported():
         vit_analyzer.load_model("timm:no_such_model_xyz")
 
 
-def test_an_uncached_timm_name_fails_at_once_offline(monkeypatch):
+def test_an_uncached_timm_name_fails_at_once_offline(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-zoomvit-cache")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     with pytest.raises(vit_analyzer.ModelLoadError, match="deit_small_patch16_224.*offline"):
         vit_analyzer.load_model("timm:deit_small_patch16_224")
 
@@ -240,3 +242,32 @@ def test_the_app_runs_on_a_timm_model(deit_paths, shared_dir):
         assert before["label"] == expected and info.startswith("**Zoomed in**")
         _, before, after, stats = client.predict(handle_file(path), 1.0, api_name="/prune")
         assert before["label"] == after["label"] == expected and "197" in stats
+
+
+def cached_hub_repo(cache, repo, folder):
+    """A hub repository as huggingface_hub caches it (refs/main -> snapshots/<commit>/files), from a local folder:
+    the hub routes, run offline."""
+    commit = "0" * 40
+    snapshot = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snapshot / name).symlink_to(folder / name)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+
+
+def test_hub_timm_ids_load_from_the_cache(shared_dir, tmp_path, monkeypatch, deit_paths):
+    """`timm/<repo>` (through TimmWrapper) and `timm:<name>` (timm's registry names the same repository) both load
+    the real DeiT-Tiny from the hub cache, offline, and predict what the folder predicts."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    cached_hub_repo(cache, "timm/deit_tiny_patch16_224.fb_in1k", shared_dir / "models" / "deit-tiny-patch16-224-timm")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    image = str(shared_dir / "data" / "imagenet-sample" / "n01440764_tench.JPEG")
+    expected = vit_analyzer.predict(deit_paths["timm"], image)
+    for name in ("timm/deit_tiny_patch16_224.fb_in1k", "timm:deit_tiny_patch16_224"):
+        bundle = vit_analyzer.load_model(name)
+        assert bundle.adapter.family == "timm VisionTransformer", name
+        assert np.allclose(vit_analyzer.predict(bundle, image), expected, atol=1e-6), name
