@@ -1028,7 +1028,8 @@ def build_demo(bundle: vit_analyzer.ViTBundle) -> gr.Blocks:
             f"## ZoomViT Explorer\n"
             f"See where **{Path(bundle.name).name}** looks ({last} blocks × {ex.num_heads} heads, "
             f"{gh}×{gw} patches of {bundle.patch_size} px), click any patch, zoom in on it and prune what it ignores.\n\n"
-            f"<small>Model family: {bundle.adapter.describe()}.</small>",
+            f"<small>Model family: {bundle.adapter.describe()}. Running on {bundle.device} in {bundle.dtype_name}."
+            "</small>",
             elem_id="header",
         )
         with gr.Accordion("About: what the maps, the diagnosis, zoom and pruning mean", open=False, elem_id="about"):
@@ -1263,6 +1264,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None,
         help=f"hub id or local model folder (default: ${config.MODEL_ENV_VAR}, else {config.DEFAULT_MODEL})",
     )
+    parser.add_argument(
+        "--device", default=None,
+        help=f"{config.DEVICE_HELP} (default: ${config.DEVICE_ENV_VAR}, else auto)",
+    )
+    parser.add_argument(
+        "--dtype", default=None,
+        help=f"{config.DTYPE_HELP} (default: ${config.DTYPE_ENV_VAR}, else float32)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
     return parser
@@ -1280,8 +1289,9 @@ def main(argv=None) -> int:
 
     hf_logging.disable_progress_bar()
     try:
-        bundle = vit_analyzer.load_model(args.model)  # resolves --model, $ZOOMVIT_MODEL, the default
-    except vit_analyzer.ModelLoadError as exc:
+        # Resolves --model, --device, --dtype or their environment variables; a bad device fails before the load.
+        bundle = vit_analyzer.load_model(args.model, args.device, args.dtype)
+    except vit_analyzer.ZoomViTError as exc:
         print(f"zoomvit: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     one_blas_thread()

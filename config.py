@@ -51,6 +51,26 @@ def resolve_model_name(explicit=None):
     """--model beats ZOOMVIT_MODEL beats the default hub id."""
     return explicit or os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
 
+
+# Where the model runs and in which precision; checked by vit_analyzer.resolve_device / resolve_dtype.
+# auto: cuda if available, else mps, else cpu. A GPU is named as torch names it (cuda:1).
+DEVICE_ENV_VAR = "ZOOMVIT_DEVICE"
+DTYPE_ENV_VAR = "ZOOMVIT_DTYPE"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_HELP = f"{'|'.join(DEVICES)} or cuda:N; auto: cuda, else mps, else cpu"  # the CLI's and the app's --help
+DTYPE_HELP = f"{'|'.join(DTYPES)}; float16 on a GPU only"
+
+
+def resolve_device_name(explicit=None) -> str:
+    """--device beats ZOOMVIT_DEVICE beats auto."""
+    return explicit or os.environ.get(DEVICE_ENV_VAR) or "auto"
+
+
+def resolve_dtype_name(explicit=None) -> str:
+    """--dtype beats ZOOMVIT_DTYPE beats float32."""
+    return explicit or os.environ.get(DTYPE_ENV_VAR) or "float32"
+
 # The choices of the library's options, here so that the CLI lists them in --help without importing the library
 # (importing torch would make --help slow); the library's MAP_METHODS, POLICIES, MODES, ... are these.
 MAP_METHODS = ("rollout", "grad_rollout", "intent", "cls", "attention")

@@ -22,7 +22,7 @@ BATCH = 16  # perturbed images per forward (16 measured fastest per image on 2 C
 
 def _blur(pixel_values: torch.Tensor, kernel: int = 31, sigma: float = 10.0) -> torch.Tensor:
     radius = kernel // 2
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=pixel_values.device)
     g = torch.exp(-(x**2) / (2 * sigma**2))
     g = (g / g.sum()).to(pixel_values.dtype)
     c = pixel_values.shape[1]
@@ -61,7 +61,7 @@ def perturbation_curves_many(analysis: Analysis, maps: dict, steps: int = STEPS,
         order = _order(analysis, grid_map, seed)
         rank[order] = torch.arange(order.numel())
         # mask[i] marks the pixels among the top fractions[i] of the order.
-        mask = torch.stack([(rank < int(round(f * h * w))).view(1, h, w) for f in fractions]).to(x.dtype)
+        mask = torch.stack([(rank < int(round(f * h * w))).view(1, h, w) for f in fractions]).to(x.device, x.dtype)
         inputs += [x * (1 - mask), blurred * (1 - mask) + x * mask]
     batch = torch.cat(inputs)
     probs = np.concatenate(

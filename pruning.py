@@ -69,12 +69,13 @@ def select_with_coverage(scores: torch.Tensor, features: torch.Tensor, n_keep: i
     that dropped tokens can merge into. Returns (keep_idx, drop_idx), each (B, count), sorted ascending."""
     b, p, _ = features.shape
     n_important = max(1, int(round(n_keep * important_share)))
+    features = features.float()  # cosines in float32: bfloat16 ties near-duplicates the greedy order tells apart
     unit = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     similarity = unit @ unit.transpose(1, 2)
-    chosen = torch.zeros(b, p, dtype=torch.bool)
+    chosen = torch.zeros(b, p, dtype=torch.bool, device=features.device)
     chosen.scatter_(1, scores.argsort(dim=1, descending=True, stable=True)[:, :n_important], True)
     coverage = similarity.masked_fill(~chosen.unsqueeze(1), -2.0).amax(dim=-1)
-    rows = torch.arange(b)
+    rows = torch.arange(b, device=features.device)
     for _ in range(n_keep - n_important):
         newcomer = coverage.masked_fill(chosen, 3.0).argmin(dim=1)
         chosen[rows, newcomer] = True
@@ -117,22 +118,24 @@ def forward_pruned(
     `decision_weights`) over the last SCORE_BLOCKS blocks before the cut (no look-ahead); with fusion="merge"
     half the budget goes to the top-ranked tokens and half to covering the remaining content (see
     `select_with_coverage`), dropped tokens are merged into their nearest kept token, and pooled heads weigh the
-    merged tokens by their sizes. Returns (logits, kept patch indices (B, kept)).
+    merged tokens by their sizes. Returns (logits, kept patch indices (B, kept)), float32 and on the CPU whatever
+    the bundle's device and precision.
     """
     after_block = _check_block(bundle, after_block)
     if fusion not in FUSIONS:
         raise ZoomViTError(f"Unknown fusion '{fusion}': use one of {FUSIONS}.")
     ns = bundle.num_special
-    x = bundle.adapter.embed(pixel_values)
+    x = bundle.adapter.embed(bundle.place(pixel_values))
     b, n, d = x.shape
+    device = x.device
     num_patches = n - ns
     n_keep = kept_count(num_patches, keep)
     pruning = n_keep < num_patches
     need_attention = pruning and patch_scores is None
-    scores = torch.zeros(b, num_patches) if need_attention else None
+    scores = torch.zeros(b, num_patches, device=device) if need_attention else None  # summed in float32
     decision = bundle.adapter.decision_weights(n)
     rows = int(decision.nonzero().max()) + 1  # the query rows the decision reads
-    row_weights = decision[:rows].view(1, 1, rows, 1)
+    row_weights = decision[:rows].view(1, 1, rows, 1).to(device)
     for i in range(after_block):
         score_here = need_attention and i >= after_block - SCORE_BLOCKS
         # A class-token head reads prefix rows only, computed on their own (cheap); a head pooling the patches
@@ -144,16 +147,18 @@ def forward_pruned(
             scores += (probs[:, :, :rows, ns:] * row_weights).sum(dim=2).mean(dim=1)
     bias = sizes = positions = None
     if not pruning:
-        keep_idx = torch.arange(num_patches).expand(b, -1)
+        keep_idx = torch.arange(num_patches, device=device).expand(b, -1)
     else:
         if patch_scores is not None:
-            scores = torch.as_tensor(patch_scores, dtype=torch.float32)
+            scores = torch.as_tensor(patch_scores, dtype=torch.float32, device=device)
         special, patches = x[:, :ns], x[:, ns:]
         if fusion == "merge":
             keep_idx, drop_idx, similarity = select_with_coverage(scores, patches, n_keep)
-            kept, kept_size = merge_into_kept(patches, similarity, torch.ones(b, num_patches, 1), keep_idx, drop_idx)
+            # Sizes in the model's precision, as the blocks and the head take them (bfloat16 counts exactly to 256).
+            ones = torch.ones(b, n, 1, dtype=x.dtype, device=device)
+            kept, kept_size = merge_into_kept(patches, similarity, ones[:, ns:], keep_idx, drop_idx)
             x = torch.cat([special, kept], dim=1)
-            sizes = torch.cat([torch.ones(b, ns, 1), kept_size], dim=1)
+            sizes = torch.cat([ones[:, :ns], kept_size], dim=1)
             bias = sizes.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, N'): a merged key counts as its tokens
         else:
             order = scores.argsort(dim=1, descending=True, stable=True)
@@ -161,17 +166,19 @@ def forward_pruned(
             parts = [special, _gather(patches, keep_idx)]
             if fusion == "fuse":  # EViT: one extra token, the score-weighted mean of the dropped ones
                 weight = scores.gather(1, drop_idx).clamp_min(0).unsqueeze(-1) + 1e-6
-                parts.append((_gather(patches, drop_idx) * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True))
+                extra = (_gather(patches, drop_idx) * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True)
+                parts.append(extra.to(x.dtype))  # the float32 weights promoted it
             x = torch.cat(parts, dim=1)
         # Each token's index in the unpruned sequence, for blocks with a position term (relative bias): a merged
         # token keeps its kept representative's, EViT's fused token (after the kept ones) has no single place (-1).
         fused = x.shape[1] - ns - n_keep
         positions = torch.cat(
-            [torch.arange(ns).expand(b, -1), ns + keep_idx, torch.full((b, fused), -1, dtype=torch.long)], dim=1
+            [torch.arange(ns, device=device).expand(b, -1), ns + keep_idx,
+             torch.full((b, fused), -1, dtype=torch.long, device=device)], dim=1
         )
     for i in range(after_block, bundle.num_layers):
         x, _ = bundle.adapter.block(i, x, attn_bias=bias, positions=positions)
-    return bundle.adapter.head(x, sizes=sizes), keep_idx
+    return bundle.adapter.head(x, sizes=sizes).float().cpu(), keep_idx.cpu()
 
 
 def block_macs(bundle: ViTBundle, tokens: int) -> int:
@@ -205,21 +212,39 @@ def pruned_macs(bundle: ViTBundle, num_tokens: int, keep: float, after_block: in
     return num_tokens, tokens_after, before, after
 
 
-def median_ms(fn, repeats: int = 5) -> float:
-    return float(np.median(interleaved_ms([fn], repeats)[0]))
+def synchronize(device) -> None:
+    """Wait until the work queued on `device` is done (a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
-def interleaved_ms(fns, repeats: int = 5) -> list[list[float]]:
-    """Milliseconds of each of `fns`, `repeats` runs each after one warm-up, taking turns so that a noisy
-    neighbour on a shared CPU slows all of them alike instead of whichever ran during the noise."""
+def timed(fn, device="cpu") -> float:
+    """Seconds one call of `fn` takes on `device`. GPU kernels run asynchronously: without waiting for the queue
+    before starting and before stopping the clock, a GPU time would count launches, or an earlier call's work."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median_ms(fn, repeats: int = 5, device="cpu") -> float:
+    return float(np.median(interleaved_ms([fn], repeats, device)[0]))
+
+
+def interleaved_ms(fns, repeats: int = 5, device="cpu") -> list[list[float]]:
+    """Milliseconds of each of `fns` on `device`, `repeats` runs each after one warm-up (first calls pay for
+    allocations and, on a GPU, kernel selection), taking turns so that a noisy neighbour on a shared CPU slows
+    all of them alike instead of whichever ran during the noise."""
     for fn in fns:
-        fn()
+        timed(fn, device)
     runs = [[] for _ in fns]
     for _ in range(repeats):
         for fn, times in zip(fns, runs):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1000)
+            times.append(timed(fn, device) * 1000)
     return runs
 
 
@@ -330,7 +355,8 @@ def prune(
     tokens_before, tokens_after, macs_before, macs_after = pruned_macs(
         bundle, num_tokens, keep, after_block, mode, fusion
     )
-    runs_before, runs_after = interleaved_ms([run_full, run_pruned], timing_repeats) if timing_repeats else ([], [])
+    runs = interleaved_ms([run_full, run_pruned], timing_repeats, bundle.device) if timing_repeats else ([], [])
+    runs_before, runs_after = runs
     latency_before = float(np.median(runs_before)) if runs_before else float("nan")
     latency_after = float(np.median(runs_after)) if runs_after else float("nan")
     return PruneResult(

@@ -259,6 +259,16 @@ class ViTBundle:
     input_size: tuple[int, int]  # (height, width) the model was trained at
     num_special: int  # CLS (+ distillation token for distilled DeiT)
     id2label: dict
+    device: torch.device = torch.device("cpu")  # where the model's weights are (load_model moves them there)
+    dtype: torch.dtype = torch.float32  # the weights' precision; inputs are cast to it, outputs back to float32
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def place(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Model input on the model's device, in its precision (no copy when it already is)."""
+        return pixel_values.to(self.device, self.dtype)
 
     @functools.cached_property
     def adapter(self) -> backbones.Backbone:
@@ -444,14 +454,62 @@ def _check_local_weights(name: str, folder: Path, needs_preprocessor: bool = Tru
         )
 
 
-def load_model(name: str | None = None) -> ViTBundle:
+def resolve_device(device=None) -> torch.device:
+    """The device named by `device` (None: $ZOOMVIT_DEVICE, else auto): auto, cpu, cuda, cuda:N, mps or a
+    torch.device. auto is cuda if torch sees a GPU, else mps if available, else cpu. A device that does not exist
+    here is a ZoomViTError, not a failure deep inside the first forward pass."""
+    given = str(device) if isinstance(device, torch.device) else config.resolve_device_name(device)
+    name = given.strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    kind, _, index = name.partition(":")
+    if kind not in config.DEVICES[1:] or (index and not (kind == "cuda" and index.isdigit())):
+        raise ZoomViTError(
+            f"Unknown device '{given}': use auto, cpu, cuda, cuda:N or mps (--device or ${config.DEVICE_ENV_VAR})."
+        )
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ZoomViTError(f"Device '{given}' is not available: torch sees no CUDA GPU here; use --device cpu.")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ZoomViTError(
+                f"Device '{given}' does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s), "
+                f"cuda:0..cuda:{torch.cuda.device_count() - 1}."
+            )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ZoomViTError(f"Device '{given}' is not available: torch sees no Apple GPU (MPS) here; use --device cpu.")
+    return torch.device(name)
+
+
+def resolve_dtype(dtype=None, device=None) -> torch.dtype:
+    """The precision named by `dtype` (None: $ZOOMVIT_DTYPE, else float32; or a torch.dtype) for a model on
+    `device` (as resolve_device takes it). float16 is refused on the CPU: torch runs it there without half-precision
+    hardware (DeiT-Tiny's forward took 5x as long as in float32 on the 2-core dev machine), and it overflows above
+    65504 where bfloat16 keeps float32's range. bfloat16 is the CPU's low-precision choice (as slow here, fast on
+    CPUs with bfloat16 instructions); float16 is for GPUs."""
+    given = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else config.resolve_dtype_name(dtype)
+    name = given.strip().lower()
+    if name not in config.DTYPES:
+        raise ZoomViTError(
+            f"Unknown dtype '{given}': use {', '.join(config.DTYPES)} (--dtype or ${config.DTYPE_ENV_VAR})."
+        )
+    if name == "float16" and resolve_device(device).type == "cpu":
+        raise ZoomViTError("float16 runs on a GPU only (cuda or mps); on the CPU use bfloat16 or float32.")
+    return getattr(torch, name)
+
+
+def load_model(name: str | None = None, device=None, dtype=None) -> ViTBundle:
     """Load a classifier of a family with an adapter (backbones.FAMILIES; others would load but give wrong maps and
     pruning, so they are refused up front) from a local folder or a hub id, safetensors weights only, with eager
-    attention (the model's own attentions stay available to check the adapter's against). Every failure is a
-    one-line ModelLoadError."""
+    attention (the model's own attentions stay available to check the adapter's against), on `device` in `dtype`
+    (see resolve_device and resolve_dtype; None: $ZOOMVIT_DEVICE / $ZOOMVIT_DTYPE, else auto / float32). Every
+    failure is a one-line ZoomViTError (ModelLoadError for the model itself)."""
     name = config.resolve_model_name(name)
+    device = resolve_device(device)  # a bad device or dtype fails before anything loads
+    dtype = resolve_dtype(dtype, device)
     if name.startswith(TIMM_PREFIX):
-        return _load_with_timm(name)
+        return _load_with_timm(name, device, dtype)
     folder = _local_folder(name)
     cfg = read_model_config(name)
     timm_layout = cfg is not None and _model_type(cfg) == "timm_wrapper"
@@ -498,16 +556,22 @@ def load_model(name: str | None = None) -> ViTBundle:
             f"Could not load model '{name}': its weights do not match its config ({len(missing)} tensors missing, "
             f"e.g. {sorted(missing)[0]})."
         )
-    return _bundle(name, model, processor, dict(model.config.id2label))
+    return _bundle(name, model, processor, dict(model.config.id2label), device, dtype)
 
 
-def _bundle(name: str, model, processor, id2label: dict) -> ViTBundle:
+def _bundle(name: str, model, processor, id2label: dict, device: torch.device, dtype: torch.dtype) -> ViTBundle:
     model.eval()
     try:
         adapter = backbones.adapter_for(model)
     except ValueError as exc:
         raise ModelLoadError(f"Could not load model '{name}': it is {exc}.") from None
-    bundle = ViTBundle(model, processor, name, adapter.patch_size, adapter.input_size, adapter.num_prefix, id2label)
+    try:
+        model.to(device=device, dtype=dtype)
+    except (RuntimeError, TypeError) as exc:  # out of GPU memory, a dtype the device lacks
+        raise ModelLoadError(f"Could not move model '{name}' to {device} in {dtype}: {_first_line(exc)}") from None
+    bundle = ViTBundle(
+        model, processor, name, adapter.patch_size, adapter.input_size, adapter.num_prefix, id2label, device, dtype
+    )
     bundle.adapter = adapter
     return bundle
 
@@ -547,7 +611,7 @@ def _timm_files(name: str, target: str) -> tuple[Path, Path]:
         raise ModelLoadError(f"Could not load model '{name}' ({repo}): {why}; {_LOCAL_HINT}") from None
 
 
-def _load_with_timm(name: str) -> ViTBundle:
+def _load_with_timm(name: str, device: torch.device, dtype: torch.dtype) -> ViTBundle:
     """`timm:<model name>` or `timm:<folder in timm's hub layout>`, built and loaded by timm itself."""
     try:
         import timm
@@ -568,7 +632,7 @@ def _load_with_timm(name: str) -> ViTBundle:
     except Exception as exc:  # unknown architecture, weights that do not fit it, unsupported preprocessing
         raise ModelLoadError(f"Could not load model '{name}': {_first_line(exc)}") from None
     labels = cfg.get("label_names") or [f"class {i}" for i in range(model.num_classes)]
-    return _bundle(name, model, processor, dict(enumerate(labels)))
+    return _bundle(name, model, processor, dict(enumerate(labels)), device, dtype)
 
 
 def layer_index(block, num_layers: int, name: str = "Block") -> int:
@@ -748,7 +812,7 @@ def encode(bundle: ViTBundle, loaded: LoadedImage) -> tuple[torch.Tensor, Geomet
             f"Unexpected preprocessing: got {tuple(pixel_values.shape[-2:])}, expected "
             f"{(geometry.crop[3], geometry.crop[2])}."
         )
-    return pixel_values, geometry
+    return bundle.place(pixel_values), geometry
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1026,7 +1090,12 @@ def intent_map(analysis: Analysis, from_block: int = 0) -> np.ndarray:
 def _backward(graph: dict, target: int, keep_graph: bool) -> np.ndarray:
     """Gradients of one logit w.r.t. every attention map (no weight gradients: they are not needed)."""
     grads = torch.autograd.grad(graph["logits"][0, target], list(graph["attentions"]), retain_graph=keep_graph)
-    return torch.stack(grads)[:, 0].numpy()
+    return to_numpy(torch.stack(grads)[:, 0])
+
+
+def to_numpy(values: torch.Tensor) -> np.ndarray:
+    """float32 on the CPU, whatever device and precision the model ran in: the maps are computed from these."""
+    return values.detach().float().cpu().numpy()
 
 
 def analyze(bundle: ViTBundle, image, target: int | None = None, keep_graph: bool = True) -> Analysis:
@@ -1043,14 +1112,14 @@ def analyze(bundle: ViTBundle, image, target: int | None = None, keep_graph: boo
             hidden.append(x)
             attention.append(probs_i)
         logits = adapter.head(x)
-        probs = logits[0].detach().softmax(-1).numpy()
+        probs = to_numpy(logits[0].detach().float().softmax(-1))  # float32 softmax: bfloat16 keeps 3 digits
         target = int(probs.argmax()) if target is None else int(target)
         if not 0 <= target < probs.shape[0]:
             raise ZoomViTError(f"Class index {target} is out of range (0..{probs.shape[0] - 1}).")
         graph = {"logits": logits, "attentions": attention}
         attention_grads = _backward(graph, target, keep_graph)
-    attentions = torch.stack(attention)[:, 0].detach().numpy()
-    hidden_states = torch.stack(hidden)[:, 0].detach().numpy()
+    attentions = to_numpy(torch.stack(attention)[:, 0])
+    hidden_states = to_numpy(torch.stack(hidden)[:, 0])
     return Analysis(
         bundle, loaded, geometry, pixel_values, probs, attentions, target, attention_grads, hidden_states,
         _graph=graph if keep_graph else None,
@@ -1070,10 +1139,10 @@ def predict_pixels(bundle: ViTBundle, pixel_values: torch.Tensor) -> np.ndarray:
     """(B, classes) probabilities through the block engine: the HF model's logits to float precision, but with
     fused SDPA attention instead of the eager attention the analysis pass needs (about 25% faster)."""
     adapter = bundle.adapter
-    x = adapter.embed(pixel_values)
+    x = adapter.embed(bundle.place(pixel_values))
     for i in range(adapter.num_layers):
         x, _ = adapter.block(i, x)
-    return adapter.head(x).softmax(-1).numpy()
+    return to_numpy(adapter.head(x).float().softmax(-1))
 
 
 def top_predictions(bundle: ViTBundle, probs: np.ndarray, k: int = config.TOP_K) -> list[Prediction]:

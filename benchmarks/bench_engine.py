@@ -1,7 +1,8 @@
 """Engine speed, measured in one run (not a test): analysis pass vs the library's plain forward+backward, and
 pruned vs full latency next to the analytic MACs ratio.
 
-    python benchmarks/bench_engine.py [--model PATH] [--timm-model FOLDER] [--repeats 7]
+    python benchmarks/bench_engine.py [--model PATH] [--timm-model FOLDER] [--repeats 7] [--device cpu]
+                                      [--dtype float32]
 
 Prints medians in milliseconds and their ratios, for the given model, for the timm copy through both of its
 loaders (timm itself and transformers' TimmWrapper), and for a randomly initialised ViT-B-shaped model (hidden 768,
@@ -19,6 +20,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import config  # noqa: E402
 import pruning  # noqa: E402
 import vit_analyzer as va  # noqa: E402
 from pruning import median_ms  # noqa: E402
@@ -26,19 +28,21 @@ from pruning import median_ms  # noqa: E402
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 
 
-def vit_b_shaped() -> va.ViTBundle:
+def vit_b_shaped(device="cpu", dtype="float32") -> va.ViTBundle:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
+    device = va.resolve_device(device)
+    dtype = va.resolve_dtype(dtype, device)
     cfg = ViTConfig(num_labels=1000, attn_implementation="eager")
-    model = ViTForImageClassification(cfg).eval()
+    model = ViTForImageClassification(cfg).eval().to(device, dtype)
     processor = ViTImageProcessor(size={"height": 224, "width": 224})
-    return va.ViTBundle(model, processor, "random ViT-B/16", 16, (224, 224), 1, dict(cfg.id2label))
+    return va.ViTBundle(model, processor, "random ViT-B/16", 16, (224, 224), 1, dict(cfg.id2label), device, dtype)
 
 
-def plain_forward_backward(model, processor, loaded: va.LoadedImage):
+def plain_forward_backward(model, bundle: va.ViTBundle, loaded: va.LoadedImage):
     """What a user would write without this tool: preprocess, default-attention forward, backward a logit."""
-    pixel_values = processor(images=loaded.image, return_tensors="pt")["pixel_values"]
+    pixel_values = bundle.place(bundle.processor(images=loaded.image, return_tensors="pt")["pixel_values"])
     logits = model(pixel_values)
     logits = logits if isinstance(logits, torch.Tensor) else logits.logits  # timm: a tensor; transformers: output
     logits[0, logits[0].argmax()].backward()
@@ -54,27 +58,28 @@ def sdpa_twin(bundle: va.ViTBundle):
     cfg._attn_implementation = "sdpa"
     model = type(bundle.model)(cfg).eval()
     model.load_state_dict(bundle.model.state_dict())
-    return model
+    return model.to(bundle.device, bundle.dtype)
 
 
 def bench(bundle: va.ViTBundle, image: Image.Image, repeats: int):
     plain_model = sdpa_twin(bundle)
     loaded = va.load_image(image)
-    plain = median_ms(lambda: plain_forward_backward(plain_model, bundle.processor, loaded), repeats)
-    ours = median_ms(lambda: va.analyze(bundle, loaded, keep_graph=False), repeats)
-    print(f"\n== {bundle.name} ==")
+    device = bundle.device
+    plain = median_ms(lambda: plain_forward_backward(plain_model, bundle, loaded), repeats, device)
+    ours = median_ms(lambda: va.analyze(bundle, loaded, keep_graph=False), repeats, device)
+    print(f"\n== {bundle.name} on {device} in {bundle.dtype_name} ==")
     print(f"analysis pass {ours:.1f} ms / plain {type(plain_model).__name__} forward+backward {plain:.1f} ms "
           f"= {ours / plain:.3f}x")
     pixel_values, _ = va.encode(bundle, loaded)
     for batch in (1, 32):
         x = pixel_values.expand(batch, -1, -1, -1).contiguous()
         reps = repeats if batch == 1 else max(3, repeats // 2)
-        full = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, 1.0), reps)
-        hf = median_ms(lambda: va.predict_pixels(bundle, x), reps)
+        full = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, 1.0), reps, device)
+        hf = median_ms(lambda: va.predict_pixels(bundle, x), reps, device)
         print(f"batch {batch}: full {full:.1f} ms (prediction pass {hf:.1f} ms)")
         tokens = (x.shape[-1] // bundle.patch_size) * (x.shape[-2] // bundle.patch_size) + bundle.num_special
         for keep in (0.7, 0.5, 0.3):
-            pruned = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, keep, None, "merge"), reps)
+            pruned = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, keep, None, "merge"), reps, device)
             _, after, macs_b, macs_a = pruning.pruned_macs(bundle, tokens, keep, 6, "efficiency", "merge")
             ratio = pruned / full
             print(
@@ -92,17 +97,20 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-vit-b", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help=f"{config.DEVICE_HELP} (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", help=f"{config.DTYPE_HELP} (default: %(default)s)")
     args = parser.parse_args()
+    placement = (args.device, args.dtype)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     image = Image.open(args.image).convert("RGB")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench(va.load_model(args.model), image, args.repeats)
+    bench(va.load_model(args.model, *placement), image, args.repeats)
     if args.timm_model:
-        bench(va.load_model(f"timm:{args.timm_model}"), image, args.repeats)
-        bench(va.load_model(args.timm_model), image, args.repeats)
+        bench(va.load_model(f"timm:{args.timm_model}", *placement), image, args.repeats)
+        bench(va.load_model(args.timm_model, *placement), image, args.repeats)
     if not args.skip_vit_b:
-        bench(vit_b_shaped(), image, args.repeats)
+        bench(vit_b_shaped(*placement), image, args.repeats)
 
 
 if __name__ == "__main__":

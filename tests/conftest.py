@@ -44,7 +44,14 @@ def deit_model_path(shared_dir) -> str:
 
 @pytest.fixture(scope="session")
 def deit_tiny(deit_model_path) -> vit_analyzer.ViTBundle:
-    return vit_analyzer.load_model(deit_model_path)
+    # Pinned: the tests compare with float32 CPU references, whatever $ZOOMVIT_DEVICE / $ZOOMVIT_DTYPE say.
+    return vit_analyzer.load_model(deit_model_path, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def deit_tiny_bf16(deit_model_path) -> vit_analyzer.ViTBundle:
+    """The same DeiT-Tiny in bfloat16 (on this CPU about 6x slower than float32: use it on a few images)."""
+    return vit_analyzer.load_model(deit_model_path, device="cpu", dtype="bfloat16")
 
 
 def _tiny_config(config_cls, image_size):

@@ -587,7 +587,25 @@ def test_a_busy_port_is_one_line_and_status_2_before_the_model_loads(capsys, mon
     assert len(err) == 1 and f"port {port}" in err[0] and "in use" in err[0]
 
 
+def header_of(demo) -> str:
+    return next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "header").value
+
+
 def test_the_app_says_which_family_and_token_layout_it_loaded(server):
     demo, _ = server
-    header = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "header")
-    assert "Model family: ViT: class token, then patches; the head reads the class token" in header.value
+    assert ("Model family: ViT: class token, then patches; the head reads the class token. Running on cpu in float32."
+            in header_of(demo))
+
+
+def test_the_header_shows_the_device_and_dtype_of_the_model(deit_tiny_bf16):
+    assert "Running on cpu in bfloat16." in header_of(app.build_demo(deit_tiny_bf16))
+
+
+def test_a_bad_device_is_one_line_and_status_2_before_the_model_loads(capsys, monkeypatch):
+    monkeypatch.setattr(vit_analyzer, "read_model_config", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr(app, "build_demo", lambda *a, **k: pytest.fail("the app must not start"))
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--port", "0", "--model", "whatever", "--device", "tpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("zoomvit: error: Unknown device 'tpu': use auto, cpu, cuda")
