@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -60,12 +61,20 @@ def _model_facts(model: str):
     return int(cfg["num_hidden_layers"]), cfg["id2label"]
 
 
-def _load_model(model: str):
+def _placement(args):
+    """(device, dtype) from --device and --dtype (or their environment variables), checked before anything slow."""
+    import vit_analyzer
+
+    device = vit_analyzer.resolve_device(args.device)
+    return device, vit_analyzer.resolve_dtype(args.dtype, device)
+
+
+def _load_model(model: str, placement):
     import vit_analyzer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keeps stderr to our own messages
-    return vit_analyzer.load_model(model)
+    return vit_analyzer.load_model(model, *placement)
 
 
 def _analyze(args, check=None):
@@ -74,10 +83,11 @@ def _analyze(args, check=None):
     options and returns what they resolve to (on the loaded model when config.json was not at hand)."""
     import vit_analyzer
 
+    placement = _placement(args)
     loaded = vit_analyzer.load_image(args.image)
     facts = _model_facts(args.model)
     resolved = check(*facts) if check and facts else None
-    bundle = _load_model(args.model)
+    bundle = _load_model(args.model, placement)
     if check and not facts:
         resolved = check(bundle.num_layers, bundle.id2label)
     return vit_analyzer.analyze(bundle, loaded), resolved
@@ -157,9 +167,10 @@ def cmd_explain(args):
             "grid": list(analysis.grid),
             "map": np.round(heat.astype(np.float64), 4).tolist(),  # float64: no float32 digits in the JSON
             "intent": diagnosis.as_dict(),
-            "model": {"name": bundle.name, "family": bundle.adapter.describe()},
+            "model": {"name": bundle.name, "family": bundle.adapter.describe(), "device": str(bundle.device),
+                      "dtype": bundle.dtype_name},
         }
-    print(f"model: {bundle.name} ({bundle.adapter.describe()})")
+    print(f"model: {bundle.name} ({bundle.adapter.describe()}) on {bundle.device} in {bundle.dtype_name}")
     _print_predictions("prediction:", analysis.top())
     if args.method in CLASS_AGNOSTIC:
         # The strongest spot of such a map is often a background artifact; it does not explain any one class.
@@ -214,16 +225,25 @@ def cmd_eval(args):
 
     keeps = evaluation.parse_keeps(args.keep)
     tasks = evaluation.parse_tasks(args.tasks)
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}.")
+    device, dtype = _placement(args)
     evaluation.read_labels(args.data, args.limit)  # a bad folder fails before the slow model load
     facts = _model_facts(args.model)
     if facts:
         _check_after_block(args.after_block, facts[0])
-    bundle = _load_model(args.model)
+    bundle = _load_model(args.model, (evaluation.rank_device(device), dtype))  # under torchrun: a GPU per process
     _check_after_block(args.after_block, bundle.num_layers)
-    result = evaluation.evaluate(bundle, args.data, args.limit, keeps, args.after_block, tasks, progress=True)
-    out = args.out or f"zoomvit-eval/{Path(args.data).resolve().name}"
+    out = Path(args.out or f"zoomvit-eval/{Path(args.data).resolve().name}")
+    work = out / evaluation.WORK_DIR
+    with evaluation.distributed(bundle.device):  # started by torchrun: its processes share the run out
+        result = evaluation.evaluate(bundle, args.data, args.limit, keeps, args.after_block, tasks, progress=True,
+                                     work_dir=work, resume=args.resume, workers=args.workers)
+    if result is None:  # another process of a torchrun launch: rank 0 writes the outputs
+        return None
     for path in evaluation.write_outputs(result, out):
         print(f"wrote {path}", file=sys.stderr)
+    shutil.rmtree(work)  # the run is complete: nothing is left to resume
     if args.json:
         return result.summary
     print(evaluation.markdown_report(result.summary))
@@ -236,9 +256,11 @@ def cmd_serve(args):
             f"Cannot serve on {args.host}:{args.port}: the port is in use (or the address is not on this machine); "
             "pick another with --port."
         )
+    _placement(args)  # a bad --device or --dtype fails before gradio loads
     import app  # only now: the web UI pulls in gradio
 
-    app.main(["--host", args.host, "--port", str(args.port), "--model", args.model])
+    app.main(["--host", args.host, "--port", str(args.port), "--model", args.model, "--device", args.device,
+              "--dtype", args.dtype])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--model", default=config.resolve_model_name(),
         help=f"hub id or local model folder (default: %(default)s, from ${config.MODEL_ENV_VAR} or built in)",
+    )
+    common.add_argument(
+        "--device", default=config.resolve_device_name(),
+        help=f"{config.DEVICE_HELP} (default: %(default)s, from ${config.DEVICE_ENV_VAR} or built in)",
+    )
+    common.add_argument(
+        "--dtype", default=config.resolve_dtype_name(),
+        help=f"{config.DTYPE_HELP} (default: %(default)s, from ${config.DTYPE_ENV_VAR} or built in)",
     )
     image = argparse.ArgumentParser(add_help=False, parents=[common])
     image.add_argument("image", help="image file")
@@ -276,7 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="PNG", help="write the image with dropped patches greyed out here")
     p.set_defaults(run=cmd_prune)
 
-    p = commands.add_parser("eval", parents=[common], help="evaluate pruning, zoom, faithfulness and intent on a folder")
+    p = commands.add_parser(
+        "eval", parents=[common], help="evaluate pruning, zoom, faithfulness and intent on a folder",
+        description="Evaluate pruning, zoom, faithfulness and intent on a labelled folder. Started by torchrun "
+        "(torchrun --nproc-per-node N -m cli eval ...), its processes share the work and rank 0 writes the outputs.",
+    )
     p.add_argument("--data", required=True, metavar="DIR", help="folder with images and labels.csv (file,label_index"
                    "[,x0,y0,x1,y1])")
     p.add_argument("--out", metavar="DIR", help="where results.json, per_image.csv, the plots and report.md go "
@@ -286,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fractions of patch tokens to keep, each in (0, 1] (default: %(default)s)")
     p.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK, help="1..L-1 (default: %(default)s)")
     p.add_argument("--tasks", default=",".join(config.EVAL_TASKS), help="default: %(default)s")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (per-image results "
+                   "wait in OUT/.work until a run completes), with the same settings; without --resume an interrupted "
+                   "run there is refused, never overwritten")
+    p.add_argument("--workers", type=int, help="processes decoding images while the model runs (default: the cores "
+                   "per process less one, 1 to 4; 0: none)")
     p.add_argument("--json", action="store_true", help="print results.json instead of the report")
     p.set_defaults(run=cmd_eval)
 

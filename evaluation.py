@@ -10,20 +10,32 @@ Two passes:
    curves of every map (one batched pass per image, see `faithfulness`);
 2. pruning: every (mode, criterion, keep) runs over all images in batches of PRUNE_BATCH, then is timed on
    one batch against the unpruned forward (see `_prune_pass`).
+
+Pass 1 writes one small file per image into a work folder (see `_open_work`), so an interrupted run resumes
+where it stopped, and processes started by torchrun (`torch.distributed`) share the images and the pruning
+batches: every process runs exactly the computations a single process would, so the figures are the same.
+Images are decoded in DataLoader worker processes while the model runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
+import os
 import platform
+import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import config
@@ -129,6 +141,152 @@ def peak_in_box(analysis: va.Analysis, grid_map: np.ndarray, box) -> bool:
     return bool(box[0] <= cx <= box[2] and box[1] <= cy <= box[3])
 
 
+# ---- the work folder, image loading and torch.distributed -------------------------------------------------
+
+WORK_DIR = ".work"  # the CLI's work folder, inside --out; removed once the outputs are written
+_RECORD = re.compile(r"(\d+)(\.skipped)?\.pt")  # pass 1's file of the image with that index
+
+
+def _fingerprint(bundle, data: Path, items, limit, keeps, tasks, after_block) -> dict:
+    """The settings pass 1's files depend on: resuming under others would mix two runs in one result."""
+    listing = json.dumps([[i.file, i.label, i.box, i.groups] for i in items])
+    return {
+        "model": bundle.name, "device": bundle.device.type, "dtype": bundle.dtype_name, "data": str(data.resolve()),
+        "limit": limit, "keep": list(keeps), "tasks": list(tasks), "after_block": after_block,
+        "faithfulness_steps": faithfulness.STEPS, "images": hashlib.sha256(listing.encode()).hexdigest(),
+    }
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(a temporary path), then rename it to `path`: a run killed mid-write leaves no half-written file."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def _record_path(work: Path, index: int, skipped: bool = False) -> Path:
+    return work / f"{index:06d}{'.skipped' if skipped else ''}.pt"
+
+
+def _save_record(work: Path, index: int, record: dict, skipped: bool = False) -> None:
+    _write_atomic(_record_path(work, index, skipped), lambda path: torch.save(record, path))
+
+
+def _load_record(work: Path, index: int, skipped: bool = False) -> dict:
+    return torch.load(_record_path(work, index, skipped), weights_only=True)  # tensors and plain values only
+
+
+def _finished(work: Path) -> dict[int, bool]:
+    """{index: skipped} of the images pass 1 has written a file for."""
+    return {int(m[1]): bool(m[2]) for m in map(_RECORD.fullmatch, os.listdir(work)) if m}
+
+
+def _open_work(work: Path, fingerprint: dict, resume: bool) -> dict[int, bool]:
+    """The images already done in `work` ({index: skipped}; none for a new run, whose settings are written there).
+    A run found there is continued only with `resume` and the same settings: an interrupted run's hours are not
+    overwritten by a repeated command, nor mixed with another run's."""
+    settings = work / "settings.json"
+    if settings.is_file():
+        if not resume:
+            raise ZoomViTError(f"{work} holds an interrupted run: add --resume to continue it, or delete that folder "
+                               "to start afresh.")
+        stored = json.loads(settings.read_text())
+        changed = [key for key, value in fingerprint.items() if stored.get(key) != value]
+        if changed:
+            raise ZoomViTError(f"Cannot resume the run in {work}: it was started with other settings "
+                               f"({', '.join(changed)}); use those, or delete that folder to start afresh.")
+        return _finished(work)
+    if work.is_dir() and any(work.iterdir()):
+        raise ZoomViTError(f"{work} is not empty and holds no evaluation run: use another output folder.")
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ZoomViTError(f"Could not create {work}: {exc}") from None
+    _write_atomic(settings, lambda path: path.write_text(json.dumps(fingerprint, indent=1) + "\n"))
+    return {}
+
+
+class _Images(Dataset):
+    """The items' images, decoded (in DataLoader workers): (index, LoadedImage, None), or (index, None, the error)
+    for a file that cannot be read, which is skipped; raised in a worker, the error would end the whole run."""
+
+    def __init__(self, folder: Path, items: list[Item]):
+        self.folder, self.items = folder, items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        try:
+            return index, va.load_image(self.folder / self.items[index].file), None
+        except ImageLoadError as exc:
+            return index, None, str(exc)
+
+
+def default_workers(world: int = 1) -> int:
+    """DataLoader processes per evaluating process: its share of the cores less one for the model, 1 to 4 (a photo
+    decodes in milliseconds, the model takes tens to hundreds per image: one worker keeps ahead of it)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(1, min(4, cores // world - 1))
+
+
+def _rank_world() -> tuple[int, int]:
+    """(this process's rank, number of processes) in a torch.distributed run; (0, 1) otherwise."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def _barrier() -> None:
+    if _rank_world()[1] > 1:
+        dist.barrier()
+
+
+def _from_rank0(compute):
+    """compute() run by rank 0 alone, its result (or its ZoomViTError) on every rank: one decision about the
+    shared work folder, taken before any rank writes to it."""
+    rank, world = _rank_world()
+    result = None
+    if rank == 0:
+        try:
+            result = compute()
+        except ZoomViTError as exc:
+            result = exc
+    if world > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if isinstance(result, ZoomViTError):
+        raise result
+    return result
+
+
+_TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets and env:// reads
+
+
+def rank_device(device) -> torch.device:
+    """Under torchrun, a GPU without a number is this process's own, cuda:LOCAL_RANK (one GPU per process)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+@contextlib.contextmanager
+def distributed(device="cpu"):
+    """The process group of a torchrun launch for the block (gloo for a model on the CPU, nccl on a CUDA GPU), so
+    that `evaluate` shares the work out; nothing for a process torchrun did not start."""
+    if not all(name in os.environ for name in _TORCHRUN_ENV) or dist.is_initialized():
+        yield
+        return
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # nccl's collectives run on the current GPU: make it this process's
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- pass 1: per image ------------------------------------------------------------------------------------
 
 
@@ -140,11 +298,11 @@ def _prune_configs(tasks, keeps):
     return configs
 
 
-def _image_pass(bundle, path, item, index, tasks, intent_keeps, after_block, need_scores):
-    """One image: its CSV row, its model input, its analysis-mode pruning scores (None unless `need_scores`)
-    and its perturbation curves."""
+def _image_pass(bundle, image, item, index, tasks, intent_keeps, after_block, need_scores):
+    """One image (a path or a LoadedImage): its CSV row, its analysis-mode pruning scores (None unless
+    `need_scores`) and its perturbation curves."""
     start = time.perf_counter()
-    analysis = va.analyze(bundle, path, keep_graph=False)
+    analysis = va.analyze(bundle, image, keep_graph=False)
     analysis_ms = (time.perf_counter() - start) * 1000
     predicted = analysis.predicted
     row = {
@@ -187,7 +345,7 @@ def _image_pass(bundle, path, item, index, tasks, intent_keeps, after_block, nee
             if item.box is not None and maps[m] is not None:
                 row[f"pointing_{m}"] = int(peak_in_box(analysis, maps[m], item.box))
     num_tokens = analysis.attentions.shape[-1]
-    return row, analysis.pixel_values, scores, curves, analysis_ms, num_tokens
+    return row, scores, curves, analysis_ms, num_tokens
 
 
 # ---- pass 2: pruning --------------------------------------------------------------------------------------
@@ -201,45 +359,78 @@ def _fusion(mode: str, criterion: str) -> str:
 OWN_SCORES = ("merge", "cls_topk")  # criteria that rank by the model's own attention at the cut (no scores passed)
 
 
-def _patch_scores(criterion, keep, scores, random_scores, batch):
-    """The ranking one configuration prunes by, for one batch; None = efficiency mode's own attention scores."""
+def _patch_scores(criterion, keep, scores, random_scores):
+    """The ranking one configuration prunes a batch by (`scores`: its images' pass-1 scores, `random_scores`: its
+    rows of the random baseline's); None = efficiency mode's own attention scores."""
     if criterion in OWN_SCORES:
         return None
     if criterion == "intent":
-        return torch.stack([s["intent"][keep] for s in scores[batch]])
+        return torch.stack([s["intent"][keep] for s in scores])
     if criterion == "grad_rollout":
-        return torch.stack([s["grad_rollout"] for s in scores[batch]])
-    return random_scores[batch]
+        return torch.stack([s["grad_rollout"] for s in scores])
+    return random_scores
 
 
-def _prune_pass(bundle, pixels, scores, before, configs, after_block, progress):
-    """{config: (predicted (N,), probability of the unpruned prediction `before` (N,), latency ratio)}.
+def _batches(kept, rank, world):
+    """This rank's pruning batches, (start, image indices): every world-th batch of PRUNE_BATCH readable images.
+    The batches are a single process's: a batch's logits depend on which images share it."""
+    return [(start, kept[start:start + PRUNE_BATCH]) for start in range(0, len(kept), PRUNE_BATCH)[rank::world]]
 
-    Accuracy runs every configuration over all images in batches; latency is timed afterwards on the first batch
-    (see `_latency_ratios`). Timing inside the accuracy loop gave ratios 0.05-0.25 too high on 2 cores: one
-    unpruned run per batch is too noisy a reference."""
-    n = len(pixels)
-    random_scores = torch.rand(n, len(scores[0]["grad_rollout"]), generator=torch.Generator().manual_seed(0))
-    out = {cfg: (np.zeros(n, dtype=int), np.zeros(n)) for cfg in configs}
-    before = torch.as_tensor(before)
-    batches = range(0, n, PRUNE_BATCH)
+
+def _pixels(bundle, images, entry):
+    index, loaded, error = entry
+    if error is not None:
+        raise ZoomViTError(f"{images.items[index].file} could be read in pass 1 but not now: {error}")
+    return va.encode(bundle, loaded)[0]
+
+
+def _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress):
+    """{config: (predicted (N,), probability of the unpruned prediction (N,), latency ratio)} for the N readable
+    images `kept` (indices into `images`, in order) on rank 0; None on the other ranks.
+
+    Accuracy runs every configuration over all images in batches (under torch.distributed every rank runs its
+    share, see `_batches`, and rank 0 gathers them). The images are decoded again rather than kept from pass 1:
+    the same pixels, without holding a whole data set's in memory. `records`: pass 1's, at least for this rank's
+    batches. Latency is timed afterwards on the first batch, on rank 0 once the others are done (see
+    `_latency_ratios`). Timing inside the accuracy loop gave ratios 0.05-0.25 too high on 2 cores: one unpruned run
+    per batch is too noisy a reference."""
+    rank, world = _rank_world()
+    n = len(kept)
+    batches = _batches(kept, rank, world)
+    if batches:
+        num_patches = len(records[batches[0][1][0]]["scores"]["grad_rollout"])
+        random_scores = torch.rand(n, num_patches, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(images, batch_sampler=[indices for _, indices in batches], num_workers=workers,
+                        collate_fn=list)
+    results, first_pixels = {}, None
     bar = tqdm(total=len(batches) * len(configs), desc="pruning", unit="run", file=sys.stderr, disable=not progress)
-
-    def run(cfg, batch):
-        mode, criterion, keep = cfg
-        patch_scores = _patch_scores(criterion, keep, scores, random_scores, batch)
-        return pruning.forward_pruned(bundle, pixels[batch], after_block, keep, patch_scores, _fusion(mode, criterion))
-
-    for start in batches:
-        batch = slice(start, start + PRUNE_BATCH)
-        for cfg in configs:
-            logits, _ = run(cfg, batch)
-            predicted, kept_prob = out[cfg]
-            predicted[batch] = logits.argmax(-1).numpy()
-            kept_prob[batch] = logits.softmax(-1).gather(1, before[batch, None])[:, 0].numpy()
+    for (start, indices), entries in zip(batches, loader):
+        pixels = torch.cat([_pixels(bundle, images, entry) for entry in entries])
+        scores = [records[i]["scores"] for i in indices]
+        before = torch.tensor([[records[i]["row"]["predicted"]] for i in indices])
+        batch_random = random_scores[start:start + len(indices)]
+        results[start] = {}
+        for mode, criterion, keep in configs:
+            fusion, patch_scores = _fusion(mode, criterion), _patch_scores(criterion, keep, scores, batch_random)
+            logits, _ = pruning.forward_pruned(bundle, pixels, after_block, keep, patch_scores, fusion)
+            results[start][mode, criterion, keep] = (logits.argmax(-1).numpy(),
+                                                     logits.softmax(-1).gather(1, before)[:, 0].numpy())
             bar.update()
+        if start == 0:
+            first_pixels = pixels
     bar.close()
-    latency = _latency_ratios(bundle, pixels[:PRUNE_BATCH], random_scores[:PRUNE_BATCH], configs, after_block, progress)
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(results, gathered, dst=0)
+        if rank != 0:
+            return None
+        results = {start: part for ranks in gathered for start, part in ranks.items()}
+    out = {cfg: (np.zeros(n, dtype=int), np.zeros(n)) for cfg in configs}
+    for start, part in results.items():
+        for cfg, values in part.items():
+            for column, value in zip(out[cfg], values):
+                column[start:start + len(value)] = value
+    latency = _latency_ratios(bundle, first_pixels, random_scores[:PRUNE_BATCH], configs, after_block, progress)
     return {cfg: (*out[cfg], latency[cfg]) for cfg in configs}
 
 
@@ -250,19 +441,14 @@ def _latency_ratios(bundle, pixels, some_scores, configs, after_block, progress)
     paths = {cfg: (_fusion(*cfg[:2]), cfg[1] in OWN_SCORES, cfg[2]) for cfg in configs}
     full_times, times = [], {path: [] for path in set(paths.values())}
     for _ in tqdm(range(LATENCY_ROUNDS), desc="timing", unit="round", file=sys.stderr, disable=not progress):
-        full_times.append(_seconds(lambda: pruning.forward_pruned(bundle, pixels, after_block, 1.0)))
+        full_times.append(pruning.timed(lambda: pruning.forward_pruned(bundle, pixels, after_block, 1.0), bundle.device))
         for path in sorted(times):
             fusion, own_scores, keep = path
             scores = None if own_scores else some_scores
-            times[path].append(_seconds(lambda: pruning.forward_pruned(bundle, pixels, after_block, keep, scores, fusion)))
+            run = lambda: pruning.forward_pruned(bundle, pixels, after_block, keep, scores, fusion)
+            times[path].append(pruning.timed(run, bundle.device))
     full = float(np.median(full_times))
     return {cfg: float(np.median(times[path])) / full for cfg, path in paths.items()}
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 # ---- summaries --------------------------------------------------------------------------------------------
@@ -389,8 +575,22 @@ def evaluate(
     after_block: int = config.PRUNE_AFTER_BLOCK,
     tasks=TASKS,
     progress: bool = True,
-) -> Evaluation:
-    """Run the evaluation tasks over a labelled folder (see the module docstring)."""
+    work_dir=None,
+    resume: bool = False,
+    workers: int | None = None,
+) -> Evaluation | None:
+    """Run the evaluation tasks over a labelled folder (see the module docstring).
+
+    Pass 1 writes one file per image to `work_dir` (a temporary folder when None; see `_open_work`): with `resume`
+    a run interrupted there goes on with the images it had not done. Images are decoded by `workers` DataLoader
+    processes (None: `default_workers`; 0: this process). Under torch.distributed (torchrun, see `distributed`)
+    each process takes a share of the images and of the pruning batches, all in the one shared `work_dir`: rank 0
+    returns the Evaluation, the others None."""
+    if work_dir is None:
+        if _rank_world()[1] > 1:
+            raise ZoomViTError("A distributed evaluation needs a work folder that every process shares (work_dir).")
+        with tempfile.TemporaryDirectory(prefix="zoomvit-eval-") as work_dir:
+            return evaluate(bundle, data, limit, keeps, after_block, tasks, progress, work_dir, resume, workers)
     started = time.perf_counter()
     data = Path(data)
     items = read_labels(data, limit)
@@ -405,34 +605,59 @@ def evaluate(
     intent_keeps = sorted({k for m, c, k in configs if c == "intent"})
     has_boxes = items[0].box is not None
 
-    rows, pixels, scores, curves, analysis_ms, skipped = [], [], [], [], [], []
-    num_tokens = None
-    for index, item in enumerate(tqdm(items, desc=f"images ({data.name})", unit="img", file=sys.stderr,
-                                      disable=not progress)):
-        try:
-            row, x, s, c, ms, num_tokens = _image_pass(
-                bundle, data / item.file, item, index, tasks, intent_keeps, after_block, bool(configs)
-            )
-        except ImageLoadError as exc:  # one bad file should not sink a long run: report it and go on
-            skipped.append({"file": item.file, "error": str(exc)})
+    rank, world = _rank_world()
+    progress = progress and rank == 0  # one set of bars, not one per process
+    workers = default_workers(world) if workers is None else workers
+    work = Path(work_dir)
+    fingerprint = _fingerprint(bundle, data, items, limit, keeps, tasks, after_block)
+    finished = _from_rank0(lambda: _open_work(work, fingerprint, resume))
+    images = _Images(data, items)
+    todo = [i for i in range(len(items)) if i not in finished][rank::world]  # even shares of what is left
+    loader = DataLoader(images, batch_size=None, sampler=todo, num_workers=workers)  # decodes ahead of the model
+    for index, loaded, error in tqdm(loader, total=len(todo), desc=f"images ({data.name})", unit="img",
+                                     file=sys.stderr, disable=not progress):
+        if error is None:
+            try:
+                row, scores, curves, ms, num_tokens = _image_pass(
+                    bundle, loaded, items[index], index, tasks, intent_keeps, after_block, bool(configs)
+                )
+            except ImageLoadError as exc:  # the model's preprocessing can refuse an image too
+                error = str(exc)
+        if error is not None:  # one bad file should not sink a long run: report it and go on
+            _save_record(work, index, {"error": error}, skipped=True)
             continue
-        rows.append(row)
-        pixels.append(x)
-        scores.append(s)
-        curves.append(c)
-        analysis_ms.append(ms)
-    if not rows:
-        raise ZoomViTError(f"No image in {data} could be read ({skipped[0]['error']}).")
+        _save_record(work, index, {
+            "row": row, "scores": scores, "analysis_ms": ms, "num_tokens": num_tokens,
+            # tensors, not arrays: torch.load(weights_only=True) reads tensors and plain values only
+            "curves": curves and {m: tuple(map(torch.from_numpy, pair)) for m, pair in curves.items()},
+        })
+    _barrier()  # every image has its file now
     images_seconds = time.perf_counter() - started
+    finished = _finished(work)
+    if len(finished) < len(items):  # each machine of a multi-machine run wrote to a disk of its own
+        raise ZoomViTError(f"{work} lacks {len(items) - len(finished)} images' results: every process of a run must "
+                           "write to the same folder (a shared file system across machines).")
+    kept = sorted(i for i, skipped in finished.items() if not skipped)
+    if not kept:
+        raise ZoomViTError(f"No image in {data} could be read ({_load_record(work, min(finished), True)['error']}).")
+    if rank == 0:  # it summarises every image
+        needed = kept
+    else:  # the others need only their pruning batches' files
+        needed = [i for _, indices in _batches(kept, rank, world) for i in indices] if configs else []
+    records = {i: _load_record(work, i) for i in needed}
 
     pruned = {}
     if configs:
-        before = np.array([r["predicted"] for r in rows])
-        pruned = _prune_pass(bundle, torch.cat(pixels), scores, before, configs, after_block, progress)
-        for (mode, criterion, keep), (predicted, *_) in pruned.items():
-            if keep in keeps and "prune" in tasks:
-                for row, p in zip(rows, predicted):
-                    row[f"prune_{mode}_{criterion}_{keep:g}"] = int(p)
+        pruned = _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress)
+    if rank != 0:
+        return None
+    rows = [records[i]["row"] for i in kept]
+    for (mode, criterion, keep), (predicted, *_) in pruned.items():
+        if keep in keeps and "prune" in tasks:
+            for row, p in zip(rows, predicted):
+                row[f"prune_{mode}_{criterion}_{keep:g}"] = int(p)
+    skipped = [{"file": items[i].file, "error": _load_record(work, i, True)["error"]}
+               for i in sorted(finished) if finished[i]]
 
     summary = {
         "model": bundle.name,
@@ -443,16 +668,17 @@ def evaluate(
                      "prune_batch": PRUNE_BATCH, "latency_rounds": LATENCY_ROUNDS, "faithfulness_steps": faithfulness.STEPS},
     }
     if "prune" in tasks:
-        summary["prune"] = _prune_summary(bundle, rows, pruned, keeps, after_block, num_tokens)
+        summary["prune"] = _prune_summary(bundle, rows, pruned, keeps, after_block, records[kept[0]]["num_tokens"])
     if "zoom" in tasks:
         summary["zoom"] = _zoom_summary(rows, has_boxes)
     if "faithfulness" in tasks:
+        curves = [{m: tuple(t.numpy() for t in pair) for m, pair in records[i]["curves"].items()} for i in kept]
         summary["faithfulness"] = _faithfulness_summary(rows, curves, has_boxes)
     if "intent" in tasks:
         summary["intent"] = _intent_summary(rows, pruned)
     summary["skipped"] = skipped
     summary["speed"] = {
-        "analysis_ms_median": float(np.median(analysis_ms)),
+        "analysis_ms_median": float(np.median([records[i]["analysis_ms"] for i in kept])),
         "images_seconds": round(images_seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
     }

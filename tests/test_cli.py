@@ -50,6 +50,47 @@ def test_explain_json(capsys, deit_tiny, deit_model_path, photo):
     assert result["intent"]["kind"] in intent.KINDS and result["intent"]["reason"]
 
 
+def test_explain_in_bfloat16_on_the_cpu(capsys, deit_tiny, deit_model_path, photo):
+    result = run_json(capsys, "explain", photo, "--model", deit_model_path, "--device", "cpu", "--dtype", "bfloat16",
+                      "--json")
+    assert result["model"]["device"] == "cpu" and result["model"]["dtype"] == "bfloat16"
+    check_predictions(result["top"])
+    assert result["top"][0]["index"] == int(vit_analyzer.predict(deit_tiny, photo).argmax())
+    heat = np.array(result["map"])
+    assert heat.shape == (14, 14) and heat.min() >= 0 and heat.max() == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["explain", "IMAGE", "--device", "tpu"], "Unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps "),
+    (["zoom", "IMAGE", "--dtype", "float64"], "Unknown dtype 'float64': use float32, bfloat16, float16 "),
+    (["prune", "IMAGE", "--device", "cpu", "--dtype", "float16"], "float16 runs on a GPU only (cuda or mps); "),
+    (["eval", "--data", "DATA", "--device", "tpu"], "Unknown device 'tpu'"),
+    (["serve", "--port", "0", "--device", "tpu"], "Unknown device 'tpu'"),
+])
+def test_a_bad_device_or_dtype_is_one_line_and_status_2_before_anything_loads(
+    capsys, monkeypatch, shared_dir, deit_model_path, photo, argv, message
+):
+    for step in ("load_image", "read_model_config", "load_model"):
+        monkeypatch.setattr(vit_analyzer, step, lambda *a, **k: pytest.fail("checked only after loading"))
+    app_stub = types.ModuleType("app")
+    app_stub.main = lambda argv: pytest.fail("the app was started")
+    monkeypatch.setitem(sys.modules, "app", app_stub)
+    folders = {"IMAGE": photo, "DATA": str(shared_dir / "data" / "imagenet-sample")}
+    assert cli.main([folders.get(a, a) for a in argv] + ["--model", deit_model_path]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"zoomvit: error: {message}")
+
+
+def test_device_and_dtype_default_to_the_environment(capsys, monkeypatch, deit_model_path, photo):
+    monkeypatch.setattr(vit_analyzer, "load_image", lambda *a, **k: pytest.fail("checked only after loading"))
+    monkeypatch.setenv("ZOOMVIT_DTYPE", "float16")
+    assert cli.main(["explain", photo, "--model", deit_model_path, "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("zoomvit: error: float16 runs on a GPU only")
+    monkeypatch.setenv("ZOOMVIT_DEVICE", "tpu")
+    assert cli.main(["explain", photo, "--model", deit_model_path, "--dtype", "float32"]) == 2
+    assert capsys.readouterr().err.startswith("zoomvit: error: Unknown device 'tpu'")
+
+
 def test_explain_for_another_class_by_label(capsys, deit_tiny, deit_model_path, photo):
     args = ["explain", photo, "--model", deit_model_path, "--json", "--method", "grad_rollout"]
     predicted = run_json(capsys, *args)
@@ -213,6 +254,7 @@ def test_help_imports_no_library(tmp_path):
                           cwd=Path(cli.__file__).parent)
     assert done.returncode == 0, done.stderr
     assert "--block B" in done.stdout or "--block BLOCK" in done.stdout
+    assert "--device DEVICE" in done.stdout and "--dtype DTYPE" in done.stdout
     heavy = {"torch", "transformers", "gradio", "numpy", "PIL", "huggingface_hub", "vit_analyzer", "evaluation", "app"}
     assert heavy.isdisjoint(json.loads(done.stderr.splitlines()[-1]))
 

@@ -1,0 +1,162 @@
+"""`zoomvit eval` at scale: a torchrun launch and an interrupted, resumed run give the single process's results;
+images decoded in DataLoader workers give the rows of the per-image pass on the files themselves."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cli
+import config
+import evaluation
+
+REPO = Path(__file__).resolve().parents[1]
+LIMIT = 6
+RESUME_AFTER = 3  # images done before the simulated interruption
+
+
+def eval_args(shared_dir, model, out):
+    return ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", model, "--device", "cpu",
+            "--limit", str(LIMIT), "--tasks", "prune,zoom,faithfulness,intent", "--keep", "0.5", "--out", str(out)]
+
+
+SMALL_BATCH = 2  # pruning batches in the run that splits them over the ranks
+SMALL_TASKS = ("prune", "intent")  # intent: its figures hold the pruned probabilities, float for float
+
+
+@pytest.fixture(scope="module")
+def launches(shared_dir, deit_model_path, tmp_path_factory):
+    """Runs in subprocesses, all started at the first use and collected by name as (output folder, stdout): the
+    CLI in one process, the CLI under a 2-process torchrun, and `evaluate` under torchrun with pruning batches of
+    SMALL_BATCH images. Every process on one thread, as torchrun sets it (float results differ in the last digits
+    between thread counts)."""
+    root = tmp_path_factory.mktemp("scale")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    data = str(shared_dir / "data" / "imagenet-sample")
+    commands = {
+        "single": [sys.executable, "-m", "cli", *eval_args(shared_dir, deit_model_path, root / "single")],
+        "torchrun": [*torchrun, "-m", "cli", *eval_args(shared_dir, deit_model_path, root / "torchrun")],
+        "small batches": [*torchrun, "tests/torchrun_evaluate.py", deit_model_path, data, str(root / "small"),
+                          str(LIMIT), str(SMALL_BATCH), ",".join(SMALL_TASKS)],
+    }
+    procs = {name: subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True) for name, command in commands.items()}
+    runs = {}
+
+    def finished(name):
+        if name not in runs:
+            stdout, stderr = procs[name].communicate(timeout=600)
+            assert procs[name].returncode == 0, stderr
+            runs[name] = root / name, stdout
+        return runs[name]
+
+    yield finished
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+TIMING = ("speed", "machine")  # and every prune entry's latency_ratio
+
+
+def without_timing(summary: dict) -> dict:
+    summary = {k: v for k, v in summary.items() if k not in TIMING}
+    summary["prune"] = [{k: v for k, v in e.items() if k != "latency_ratio"} for e in summary["prune"]]
+    return summary
+
+
+def assert_same_outputs(out: Path, reference: Path):
+    """results.json equal but for the timing fields; per_image.csv identical; the same plots; report.md what the
+    reference's results with this run's timing figures give."""
+    ours, theirs = (json.loads((d / "results.json").read_text()) for d in (out, reference))
+    assert without_timing(ours) == without_timing(theirs)
+    assert (out / "per_image.csv").read_text() == (reference / "per_image.csv").read_text()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    timed = {**theirs, **{k: ours[k] for k in TIMING}}
+    timed["prune"] = [{**e, "latency_ratio": o["latency_ratio"]} for e, o in zip(theirs["prune"], ours["prune"])]
+    assert (out / "report.md").read_text() == evaluation.markdown_report(timed)
+    assert not (out / evaluation.WORK_DIR).exists()  # a complete run leaves nothing to resume
+
+
+def test_interrupted_run_resumes_to_the_same_results(launches, shared_dir, deit_model_path, tmp_path, monkeypatch,
+                                                     capsys):
+    out = tmp_path / "resumed"
+    argv = [*eval_args(shared_dir, deit_model_path, out), "--workers", "0"]
+    real = evaluation._image_pass
+    calls, interrupt = [], {"after": RESUME_AFTER}
+
+    def image_pass(*args, **kwargs):
+        if len(calls) == interrupt["after"]:
+            raise KeyboardInterrupt  # as a Ctrl-C or a killed job would
+        calls.append(args[3])  # the image's index
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_image_pass", image_pass)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    work = out / evaluation.WORK_DIR
+    assert sorted(p.name for p in work.glob("*.pt")) == [f"{i:06d}.pt" for i in range(RESUME_AFTER)]
+    capsys.readouterr()
+
+    # The same command again, without --resume or with other settings: refused in one line, the work kept.
+    assert cli.main(argv) == 2
+    assert "holds an interrupted run: add --resume" in capsys.readouterr().err
+    other = [*eval_args(shared_dir, deit_model_path, out)[:-4], "--keep", "0.7", "--out", str(out), "--resume"]
+    assert cli.main(other) == 2
+    err = capsys.readouterr().err
+    assert "started with other settings (keep)" in err and err.count("\n") == 1
+    assert len(list(work.glob("*.pt"))) == RESUME_AFTER
+
+    interrupt["after"] = None
+    assert cli.main([*argv, "--resume"]) == 0
+    assert calls == list(range(LIMIT))  # the resumed run analysed only the images not done before
+    reference, _ = launches("single")
+    assert_same_outputs(out, reference)
+
+
+def test_torchrun_gives_the_single_process_results(launches):
+    reference, single_stdout = launches("single")
+    out, stdout = launches("torchrun")
+    assert_same_outputs(out, reference)
+    # Rank 0 alone printed the report; the other process printed nothing.
+    assert stdout == (out / "report.md").read_text() + "\n"
+    with open(out / "per_image.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == LIMIT
+
+
+def test_worker_decoded_rows_are_the_per_image_pass_on_the_files(deit_tiny, shared_dir, tmp_path):
+    """Images decoded in DataLoader worker processes give the rows the per-image pass gives on the file paths
+    (the way images were read before the loader), and a bad file comes back from its worker as a skipped image."""
+    source = shared_dir / "data" / "imagenet-sample"
+    items = evaluation.read_labels(source, 2)
+    for item in items:
+        shutil.copy(source / item.file, tmp_path / item.file)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    lines = [f"{items[0].file},{items[0].label}", "broken.jpg,1", f"{items[1].file},{items[1].label}"]
+    (tmp_path / "labels.csv").write_text("\n".join(["file,label_index", *lines]) + "\n")
+    tasks = ("zoom", "intent")
+    result = evaluation.evaluate(deit_tiny, tmp_path, tasks=tasks, workers=2, progress=False)
+    assert [s["file"] for s in result.summary["skipped"]] == ["broken.jpg"]
+    after_block, intent_keeps = config.PRUNE_AFTER_BLOCK, [evaluation.INTENT_KEEP]
+    direct = [evaluation._image_pass(deit_tiny, tmp_path / item.file, item, index, tasks, intent_keeps, after_block,
+                                     True)[0] for index, item in zip((0, 2), items)]
+    assert result.rows == direct
+
+
+def test_torchrun_splits_the_pruning_batches_over_the_ranks(launches, deit_tiny, shared_dir, monkeypatch):
+    """With batches of SMALL_BATCH images rank 0 runs batches 0 and 2 and rank 1 batch 1; rank 0 gathers them into
+    what one process running every batch gives."""
+    monkeypatch.setattr(evaluation, "PRUNE_BATCH", SMALL_BATCH)
+    expected = evaluation.evaluate(deit_tiny, shared_dir / "data" / "imagenet-sample", LIMIT, keeps=(0.5,),
+                                   tasks=SMALL_TASKS, progress=False)
+    expected = json.loads(json.dumps({"rows": expected.rows, "summary": expected.summary}))
+    got = json.loads(launches("small batches")[1])
+    assert got["rows"] == expected["rows"]
+    assert without_timing(got["summary"]) == without_timing(expected["summary"])

@@ -1,0 +1,23 @@
+"""Started by tests/test_eval_scale.py under torchrun: `evaluation.evaluate` with pruning batches of a few images, so
+that every rank runs some of them; rank 0 prints the rows and the summary as JSON.
+
+usage: torchrun ... tests/torchrun_evaluate.py MODEL DATA WORK_DIR LIMIT PRUNE_BATCH TASKS
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules, wherever torchrun starts
+
+import evaluation  # noqa: E402
+import vit_analyzer  # noqa: E402
+
+model, data, work_dir, limit, batch, tasks = sys.argv[1:]
+evaluation.PRUNE_BATCH = int(batch)
+bundle = vit_analyzer.load_model(model, "cpu")
+with evaluation.distributed(bundle.device):
+    result = evaluation.evaluate(bundle, data, int(limit), keeps=(0.5,), tasks=tasks.split(","), progress=False,
+                                 work_dir=work_dir)
+if result is not None:
+    print(json.dumps({"rows": result.rows, "summary": result.summary}))
