@@ -527,9 +527,6 @@ class TimmViT(Backbone):
             pooled = pooled_mean(x, self._pooled_from(), sizes)
         return m.head(m.fc_norm(pooled))
 
-    def head_macs(self) -> int:
-        return self.hidden_size * self.num_labels * max(1, len(self.decision_tokens))
-
     def decision_weights(self, num_tokens: int) -> torch.Tensor:
         if self.pool == "token":
             return super().decision_weights(num_tokens)

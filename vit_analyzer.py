@@ -597,7 +597,8 @@ def _timm_files(name: str, target: str) -> tuple[Path, Path]:
         known = "an unknown timm model" if not timm.is_model(architecture) else f"timm's '{architecture}'"
         raise ModelLoadError(f"Could not load model '{name}': it is {known}; ZoomViT supports timm's "
                              "VisionTransformer family (vit_*, deit_*, deit3_*, ...).")
-    repo = timm.models.get_pretrained_cfg(target).hf_hub_id if timm.models.get_pretrained_cfg(target) else None
+    pretrained = timm.models.get_pretrained_cfg(target)
+    repo = pretrained.hf_hub_id if pretrained else None
     if not repo:
         raise ModelLoadError(f"Could not load model '{name}': timm knows no pretrained weights on the hub for it.")
     from huggingface_hub import hf_hub_download
