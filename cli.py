@@ -227,6 +227,8 @@ def cmd_eval(args):
     tasks = evaluation.parse_tasks(args.tasks)
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}.")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}.")
     device, dtype = _placement(args)
     evaluation.read_labels(args.data, args.limit)  # a bad folder fails before the slow model load
     facts = _model_facts(args.model)
@@ -238,7 +240,8 @@ def cmd_eval(args):
     work = out / evaluation.WORK_DIR
     with evaluation.distributed(bundle.device):  # started by torchrun: its processes share the run out
         result = evaluation.evaluate(bundle, args.data, args.limit, keeps, args.after_block, tasks, progress=True,
-                                     work_dir=work, resume=args.resume, workers=args.workers)
+                                     work_dir=work, resume=args.resume, workers=args.workers,
+                                     batch=args.batch)
     if result is None:  # another process of a torchrun launch: rank 0 writes the outputs
         return None
     for path in evaluation.write_outputs(result, out):
@@ -325,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "run there is refused, never overwritten")
     p.add_argument("--workers", type=int, help="processes decoding images while the model runs (default: the cores "
                    "per process less one, 1 to 4; 0: none)")
+    p.add_argument("--batch", type=int, default=config.EVAL_BATCH, help="images analysed together (one batched "
+                   "analysis pass; their perturbation forwards run together) (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print results.json instead of the report")
     p.set_defaults(run=cmd_eval)
 

@@ -79,3 +79,6 @@ PRUNE_MODES = ("analysis", "efficiency")
 PRUNE_FUSIONS = ("drop", "fuse", "merge")
 EVAL_TASKS = ("prune", "zoom", "faithfulness", "intent")
 EVAL_KEEPS = (0.9, 0.7, 0.5, 0.3, 0.1)
+# `zoomvit eval --batch`: images analysed together in pass 1 (one batched analysis pass with its backward; their
+# perturbation forwards run together, in batches of faithfulness.BATCH).
+EVAL_BATCH = 8

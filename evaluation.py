@@ -6,8 +6,9 @@ in the image's own pixels) the box metrics are added; `background` and `scale` c
 the zoom results into groups.
 
 Two passes:
-1. per image: one analysis pass, then its maps, the zoom, the intent diagnosis and the deletion/insertion
-   curves of every map (one batched pass per image, see `faithfulness`);
+1. per group of GROUP images: one batched analysis pass, then per image its maps, the zoom and the intent
+   diagnosis, and the deletion/insertion curves of every map of every image of the group in one run of batched
+   forwards (see `faithfulness`);
 2. pruning: every (mode, criterion, keep) runs over all images in batches of PRUNE_BATCH, then is timed on
    one batch against the unpruned forward (see `_prune_pass`).
 
@@ -147,12 +148,13 @@ WORK_DIR = ".work"  # the CLI's work folder, inside --out; removed once the outp
 _RECORD = re.compile(r"(\d+)(\.skipped)?\.pt")  # pass 1's file of the image with that index
 
 
-def _fingerprint(bundle, data: Path, items, limit, keeps, tasks, after_block) -> dict:
-    """The settings pass 1's files depend on: resuming under others would mix two runs in one result."""
+def _fingerprint(bundle, data: Path, items, limit, keeps, tasks, after_block, batch) -> dict:
+    """The settings pass 1's files depend on: resuming under others would mix two runs in one result (the batch
+    too: which images share a batch moves results in the last float digits)."""
     listing = json.dumps([[i.file, i.label, i.box, i.groups] for i in items])
     return {
         "model": bundle.name, "device": bundle.device.type, "dtype": bundle.dtype_name, "data": str(data.resolve()),
-        "limit": limit, "keep": list(keeps), "tasks": list(tasks), "after_block": after_block,
+        "limit": limit, "keep": list(keeps), "tasks": list(tasks), "after_block": after_block, "batch": batch,
         "faithfulness_steps": faithfulness.STEPS, "images": hashlib.sha256(listing.encode()).hexdigest(),
     }
 
@@ -221,6 +223,14 @@ class _Images(Dataset):
             return index, va.load_image(self.folder / self.items[index].file), None
         except ImageLoadError as exc:
             return index, None, str(exc)
+
+
+def _groups_to_do(count: int, finished, batch: int) -> list[list[int]]:
+    """The groups of pass 1 not yet done, each [index, ...]. Groups are fixed runs of `batch` images of the whole
+    list, so every image is computed in the same batch whether a run is resumed or split over processes: the
+    figures do not depend on how a run was cut up. A group done in part is run again whole."""
+    groups = [list(range(start, min(start + batch, count))) for start in range(0, count, batch)]
+    return [group for group in groups if not all(i in finished for i in group)]
 
 
 def default_workers(world: int = 1) -> int:
@@ -298,12 +308,48 @@ def _prune_configs(tasks, keeps):
     return configs
 
 
-def _image_pass(bundle, image, item, index, tasks, intent_keeps, after_block, need_scores):
-    """One image (a path or a LoadedImage): its CSV row, its analysis-mode pruning scores (None unless
-    `need_scores`) and its perturbation curves."""
-    start = time.perf_counter()
-    analysis = va.analyze(bundle, image, keep_graph=False)
-    analysis_ms = (time.perf_counter() - start) * 1000
+def _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, need_scores) -> dict:
+    """Pass 1 for one group of images, [(index, LoadedImage, None) or (index, None, error)]: {index: record}, where
+    a record holds the image's CSV row, its analysis-mode pruning scores (None unless `need_scores`), its
+    perturbation curves and its share of the batched analysis pass's time, or the error that skips it. The group's
+    analysis pass is one batch, and its perturbation forwards run together (see
+    `faithfulness.perturbation_curves_group`)."""
+    records, by_shape = {}, {}
+    for index, loaded, error in entries:
+        if error is None:
+            try:  # the model's preprocessing can refuse an image too
+                pixels, geometry = va.encode(bundle, loaded)
+                by_shape.setdefault(tuple(pixels.shape), []).append((index, loaded, pixels, geometry))
+            except ImageLoadError as exc:
+                error = str(exc)
+        if error is not None:
+            records[index] = {"error": error}
+    done = []  # (index, analysis)
+    for group in by_shape.values():  # one size for every image with the processors here: one batch
+        start = time.perf_counter()
+        analyses = va.analyze_encoded(bundle, *[[member[k] for member in group] for k in (1, 2, 3)])
+        analysis_ms = (time.perf_counter() - start) * 1000 / len(group)
+        for (index, *_), analysis in zip(group, analyses):
+            row, scores = _image_results(analysis, items[index], tasks, intent_keeps, after_block, need_scores)
+            records[index] = {"row": row, "scores": scores, "analysis_ms": analysis_ms, "curves": None,
+                              "num_tokens": analysis.attentions.shape[-1]}
+            done.append((index, analysis))
+    if "faithfulness" in tasks and done:
+        maps = [{m: None if m == "random" else a.map(m) for m in FAITHFULNESS_METHODS} for _, a in done]
+        curves = faithfulness.perturbation_curves_group([a for _, a in done], maps, [i for i, _ in done])
+        for (index, analysis), image_maps, image_curves in zip(done, maps, curves):
+            row, box = records[index]["row"], items[index].box
+            for m, (deletion, insertion) in image_curves.items():
+                row[f"deletion_{m}"] = faithfulness.auc(deletion)
+                row[f"insertion_{m}"] = faithfulness.auc(insertion)
+                if box is not None and image_maps[m] is not None:
+                    row[f"pointing_{m}"] = int(peak_in_box(analysis, image_maps[m], box))
+            records[index]["curves"] = image_curves
+    return records
+
+
+def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores):
+    """One analysed image's CSV row (without the faithfulness columns) and its analysis-mode pruning scores."""
     predicted = analysis.predicted
     row = {
         "file": item.file, **item.groups, "label": item.label, "predicted": predicted,
@@ -335,17 +381,7 @@ def _image_pass(bundle, image, item, index, tasks, intent_keeps, after_block, ne
         diagnosis = intent.diagnose(analysis, box=item.box, zoom_result=zoom_result)
         row["intent"] = diagnosis.kind
         row.update({f"intent_{k}": v for k, v in diagnosis.metrics.items()})
-    curves = None
-    if "faithfulness" in tasks:
-        maps = {m: None if m == "random" else analysis.map(m) for m in FAITHFULNESS_METHODS}
-        curves = faithfulness.perturbation_curves_many(analysis, maps, seed=index)
-        for m, (deletion, insertion) in curves.items():
-            row[f"deletion_{m}"] = faithfulness.auc(deletion)
-            row[f"insertion_{m}"] = faithfulness.auc(insertion)
-            if item.box is not None and maps[m] is not None:
-                row[f"pointing_{m}"] = int(peak_in_box(analysis, maps[m], item.box))
-    num_tokens = analysis.attentions.shape[-1]
-    return row, scores, curves, analysis_ms, num_tokens
+    return row, scores
 
 
 # ---- pass 2: pruning --------------------------------------------------------------------------------------
@@ -384,7 +420,7 @@ def _pixels(bundle, images, entry):
     return va.encode(bundle, loaded)[0]
 
 
-def _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress):
+def _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings):
     """{config: (predicted (N,), probability of the unpruned prediction (N,), latency ratio)} for the N readable
     images `kept` (indices into `images`, in order) on rank 0; None on the other ranks.
 
@@ -392,8 +428,8 @@ def _prune_pass(bundle, images, kept, records, configs, after_block, workers, pr
     share, see `_batches`, and rank 0 gathers them). The images are decoded again rather than kept from pass 1:
     the same pixels, without holding a whole data set's in memory. `records`: pass 1's, at least for this rank's
     batches. Latency is timed afterwards on the first batch, on rank 0 once the others are done (see
-    `_latency_ratios`). Timing inside the accuracy loop gave ratios 0.05-0.25 too high on 2 cores: one unpruned run
-    per batch is too noisy a reference."""
+    `_latency_ratios`; its seconds go to `timings["latency_seconds"]`). Timing inside the accuracy loop gave ratios
+    0.05-0.25 too high on 2 cores: one unpruned run per batch is too noisy a reference."""
     rank, world = _rank_world()
     n = len(kept)
     batches = _batches(kept, rank, world)
@@ -410,9 +446,13 @@ def _prune_pass(bundle, images, kept, records, configs, after_block, workers, pr
         before = torch.tensor([[records[i]["row"]["predicted"]] for i in indices])
         batch_random = random_scores[start:start + len(indices)]
         results[start] = {}
+        cuts = {}  # the blocks before the cut run once per batch (twice when some configurations need scores)
         for mode, criterion, keep in configs:
             fusion, patch_scores = _fusion(mode, criterion), _patch_scores(criterion, keep, scores, batch_random)
-            logits, _ = pruning.forward_pruned(bundle, pixels, after_block, keep, patch_scores, fusion)
+            with_scores = pruning.needs_own_scores(bundle, pixels, keep, patch_scores)
+            if with_scores not in cuts:
+                cuts[with_scores] = pruning.run_to_cut(bundle, pixels, after_block, with_scores)
+            logits, _ = pruning.finish_pruned(bundle, cuts[with_scores], keep, patch_scores, fusion)
             results[start][mode, criterion, keep] = (logits.argmax(-1).numpy(),
                                                      logits.softmax(-1).gather(1, before)[:, 0].numpy())
             bar.update()
@@ -430,7 +470,9 @@ def _prune_pass(bundle, images, kept, records, configs, after_block, workers, pr
         for cfg, values in part.items():
             for column, value in zip(out[cfg], values):
                 column[start:start + len(value)] = value
+    latency_started = time.perf_counter()
     latency = _latency_ratios(bundle, first_pixels, random_scores[:PRUNE_BATCH], configs, after_block, progress)
+    timings["latency_seconds"] = time.perf_counter() - latency_started
     return {cfg: (*out[cfg], latency[cfg]) for cfg in configs}
 
 
@@ -578,19 +620,22 @@ def evaluate(
     work_dir=None,
     resume: bool = False,
     workers: int | None = None,
+    batch: int = config.EVAL_BATCH,
 ) -> Evaluation | None:
     """Run the evaluation tasks over a labelled folder (see the module docstring).
 
     Pass 1 writes one file per image to `work_dir` (a temporary folder when None; see `_open_work`): with `resume`
     a run interrupted there goes on with the images it had not done. Images are decoded by `workers` DataLoader
-    processes (None: `default_workers`; 0: this process). Under torch.distributed (torchrun, see `distributed`)
+    processes (None: `default_workers`; 0: this process). Pass 1 analyses `batch` images at a time (one batched analysis pass; their
+    perturbation forwards run together). Under torch.distributed (torchrun, see `distributed`)
     each process takes a share of the images and of the pruning batches, all in the one shared `work_dir`: rank 0
     returns the Evaluation, the others None."""
     if work_dir is None:
         if _rank_world()[1] > 1:
             raise ZoomViTError("A distributed evaluation needs a work folder that every process shares (work_dir).")
         with tempfile.TemporaryDirectory(prefix="zoomvit-eval-") as work_dir:
-            return evaluate(bundle, data, limit, keeps, after_block, tasks, progress, work_dir, resume, workers)
+            return evaluate(bundle, data, limit, keeps, after_block, tasks, progress, work_dir, resume, workers,
+                            batch)
     started = time.perf_counter()
     data = Path(data)
     items = read_labels(data, limit)
@@ -609,28 +654,25 @@ def evaluate(
     progress = progress and rank == 0  # one set of bars, not one per process
     workers = default_workers(world) if workers is None else workers
     work = Path(work_dir)
-    fingerprint = _fingerprint(bundle, data, items, limit, keeps, tasks, after_block)
+    if not isinstance(batch, int) or batch < 1:
+        raise ZoomViTError(f"--batch must be a whole number of images, at least 1, got {batch!r}.")
+    fingerprint = _fingerprint(bundle, data, items, limit, keeps, tasks, after_block, batch)
     finished = _from_rank0(lambda: _open_work(work, fingerprint, resume))
     images = _Images(data, items)
-    todo = [i for i in range(len(items)) if i not in finished][rank::world]  # even shares of what is left
-    loader = DataLoader(images, batch_size=None, sampler=todo, num_workers=workers)  # decodes ahead of the model
-    for index, loaded, error in tqdm(loader, total=len(todo), desc=f"images ({data.name})", unit="img",
-                                     file=sys.stderr, disable=not progress):
-        if error is None:
-            try:
-                row, scores, curves, ms, num_tokens = _image_pass(
-                    bundle, loaded, items[index], index, tasks, intent_keeps, after_block, bool(configs)
-                )
-            except ImageLoadError as exc:  # the model's preprocessing can refuse an image too
-                error = str(exc)
-        if error is not None:  # one bad file should not sink a long run: report it and go on
-            _save_record(work, index, {"error": error}, skipped=True)
-            continue
-        _save_record(work, index, {
-            "row": row, "scores": scores, "analysis_ms": ms, "num_tokens": num_tokens,
-            # tensors, not arrays: torch.load(weights_only=True) reads tensors and plain values only
-            "curves": curves and {m: tuple(map(torch.from_numpy, pair)) for m, pair in curves.items()},
-        })
+    todo = _groups_to_do(len(items), finished, batch)[rank::world]  # even shares of what is left
+    loader = DataLoader(images, batch_sampler=todo, num_workers=workers, collate_fn=list)  # decodes ahead
+    bar = tqdm(total=sum(map(len, todo)), desc=f"images ({data.name})", unit="img", file=sys.stderr, disable=not progress)
+    for entries in loader:
+        records = _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, bool(configs))
+        for index, record in records.items():
+            if "error" in record:  # one bad file should not sink a long run: report it and go on
+                _save_record(work, index, record, skipped=True)
+                continue
+            curves = record["curves"]  # tensors, not arrays: torch.load(weights_only=True) reads no arrays
+            record["curves"] = curves and {m: tuple(map(torch.from_numpy, pair)) for m, pair in curves.items()}
+            _save_record(work, index, record)
+        bar.update(len(entries))
+    bar.close()
     _barrier()  # every image has its file now
     images_seconds = time.perf_counter() - started
     finished = _finished(work)
@@ -646,9 +688,9 @@ def evaluate(
         needed = [i for _, indices in _batches(kept, rank, world) for i in indices] if configs else []
     records = {i: _load_record(work, i) for i in needed}
 
-    pruned = {}
+    pruned, timings = {}, {}
     if configs:
-        pruned = _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress)
+        pruned = _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings)
     if rank != 0:
         return None
     rows = [records[i]["row"] for i in kept]
@@ -680,6 +722,7 @@ def evaluate(
     summary["speed"] = {
         "analysis_ms_median": float(np.median([records[i]["analysis_ms"] for i in kept])),
         "images_seconds": round(images_seconds, 1),
+        "latency_seconds": round(timings.get("latency_seconds", 0.0), 1),  # timing the pruning (one batch)
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     summary["machine"] = {

@@ -4,8 +4,9 @@ Deletion: remove the most important pixels first, 10% of the image per step (rem
 0 after normalisation), and track the target-class probability; lower area under the curve = more faithful.
 Insertion: start from a blurred image and put the most important pixels back first; higher AUC = better.
 
-Every map of one image is scored in one batched pass. Inputs shared by all maps are run once: the untouched
-image is the analysis pass's own prediction, and the fully deleted and fully blurred images are one forward each.
+Every map of one image (or of a group of images) is scored in one batched pass. Inputs shared by all maps are run
+once: the untouched image is the analysis pass's own prediction, and the fully deleted and fully blurred images are
+one forward each.
 """
 
 from __future__ import annotations
@@ -51,6 +52,43 @@ def _order(analysis: Analysis, grid_map: np.ndarray | None, seed: int) -> torch.
 def perturbation_curves_many(analysis: Analysis, maps: dict, steps: int = STEPS, seed: int = 0) -> dict:
     """{name: (deletion, insertion)}: target-class probabilities at 0, 1/steps, ..., 1 of the pixels, for every
     map in `maps` ({name: grid map, or None for a random pixel order drawn from `seed`})."""
+    return perturbation_curves_group([analysis], [maps], [seed], steps)[0]
+
+
+def perturbation_curves_group(analyses: list, maps: list, seeds: list, steps: int = STEPS,
+                              batch: int = BATCH) -> list[dict]:
+    """`perturbation_curves_many` for several images at once: their perturbed images run together, in forwards
+    of `batch` images (evaluation's groups fill every batch)."""
+    inputs = [_perturbed_inputs(a, m, seed, steps) for a, m, seed in zip(analyses, maps, seeds)]
+    bundle = analyses[0].bundle
+    probs = np.concatenate([predict_pixels(bundle, pixels) for pixels in _batches(inputs, batch)])
+    out, start = [], 0
+    for analysis, image_maps, image_inputs in zip(analyses, maps, inputs):
+        image_probs = probs[start : start + len(image_inputs), analysis.target]
+        start += len(image_inputs)
+        out.append(_curves(analysis, image_maps, image_probs, steps))
+    return out
+
+
+def _batches(tensors: list, batch: int):
+    """Consecutive batches of `batch` rows across the tensors (the last may be short), without concatenating all."""
+    pending, count = [], 0
+    for t in tensors:
+        start = 0
+        while start < len(t):
+            take = min(batch - count, len(t) - start)
+            pending.append(t[start : start + take])
+            count, start = count + take, start + take
+            if count == batch:
+                yield torch.cat(pending)
+                pending, count = [], 0
+    if pending:
+        yield torch.cat(pending)
+
+
+def _perturbed_inputs(analysis: Analysis, maps: dict, seed: int, steps: int) -> torch.Tensor:
+    """[everything deleted, blurred], then per map its deleted and its inserted images at 1/steps, ..., 1 - 1/steps
+    (the untouched image is the analysis pass's own prediction)."""
     x = analysis.pixel_values
     h, w = x.shape[-2:]
     fractions = np.linspace(0, 1, steps + 1)[1:-1]  # the ends are the same for every map
@@ -63,10 +101,10 @@ def perturbation_curves_many(analysis: Analysis, maps: dict, steps: int = STEPS,
         # mask[i] marks the pixels among the top fractions[i] of the order.
         mask = torch.stack([(rank < int(round(f * h * w))).view(1, h, w) for f in fractions]).to(x.device, x.dtype)
         inputs += [x * (1 - mask), blurred * (1 - mask) + x * mask]
-    batch = torch.cat(inputs)
-    probs = np.concatenate(
-        [predict_pixels(analysis.bundle, batch[i : i + BATCH])[:, analysis.target] for i in range(0, len(batch), BATCH)]
-    )
+    return torch.cat(inputs)
+
+
+def _curves(analysis: Analysis, maps: dict, probs: np.ndarray, steps: int) -> dict:
     untouched = float(analysis.probs[analysis.target])
     inner = steps - 1
     curves = {}

@@ -102,42 +102,29 @@ def merge_into_kept(x, similarity, sizes, keep_idx, drop_idx):
 SCORE_BLOCKS = 3
 
 
-@torch.inference_mode()
-def forward_pruned(
-    bundle: ViTBundle,
-    pixel_values: torch.Tensor,
-    after_block: int = config.PRUNE_AFTER_BLOCK,
-    keep: float = 1.0,
-    patch_scores: torch.Tensor | None = None,
-    fusion: str = "drop",
-):
-    """Logits with only the top `keep` share of patch tokens after `after_block` blocks.
+@dataclass
+class Cut:
+    """The state at the cut: the tokens after `after_block` unpruned blocks and, when asked for, the efficiency
+    scores (the decision row's attention to each patch over the last SCORE_BLOCKS blocks, float32). Several
+    pruning configurations of one batch can share it (`finish_pruned`), so the blocks before the cut run once."""
 
-    patch_scores (B, patches) ranks the patches (analysis mode, plain top-k). None means efficiency mode:
-    rank by the decision row's attention (the query rows weighted as the head reads the tokens,
-    `decision_weights`) over the last SCORE_BLOCKS blocks before the cut (no look-ahead); with fusion="merge"
-    half the budget goes to the top-ranked tokens and half to covering the remaining content (see
-    `select_with_coverage`), dropped tokens are merged into their nearest kept token, and pooled heads weigh the
-    merged tokens by their sizes. Returns (logits, kept patch indices (B, kept)), float32 and on the CPU whatever
-    the bundle's device and precision.
-    """
+    x: torch.Tensor
+    after_block: int
+    scores: torch.Tensor | None
+
+
+@torch.inference_mode()
+def run_to_cut(bundle: ViTBundle, pixel_values: torch.Tensor, after_block: int, with_scores: bool) -> Cut:
     after_block = _check_block(bundle, after_block)
-    if fusion not in FUSIONS:
-        raise ZoomViTError(f"Unknown fusion '{fusion}': use one of {FUSIONS}.")
     ns = bundle.num_special
     x = bundle.adapter.embed(bundle.place(pixel_values))
-    b, n, d = x.shape
-    device = x.device
-    num_patches = n - ns
-    n_keep = kept_count(num_patches, keep)
-    pruning = n_keep < num_patches
-    need_attention = pruning and patch_scores is None
-    scores = torch.zeros(b, num_patches, device=device) if need_attention else None  # summed in float32
+    b, n, _ = x.shape
+    scores = torch.zeros(b, n - ns, device=x.device) if with_scores else None  # summed in float32
     decision = bundle.adapter.decision_weights(n)
     rows = int(decision.nonzero().max()) + 1  # the query rows the decision reads
-    row_weights = decision[:rows].view(1, 1, rows, 1).to(device)
+    row_weights = decision[:rows].view(1, 1, rows, 1).to(x.device)
     for i in range(after_block):
-        score_here = need_attention and i >= after_block - SCORE_BLOCKS
+        score_here = with_scores and i >= after_block - SCORE_BLOCKS
         # A class-token head reads prefix rows only, computed on their own (cheap); a head pooling the patches
         # reads patch rows too, which takes every row's probabilities.
         x, probs = bundle.adapter.block(
@@ -145,12 +132,29 @@ def forward_pruned(
         )
         if score_here:
             scores += (probs[:, :, :rows, ns:] * row_weights).sum(dim=2).mean(dim=1)
+    return Cut(x, after_block, scores)
+
+
+@torch.inference_mode()
+def finish_pruned(bundle: ViTBundle, cut: Cut, keep: float = 1.0, patch_scores: torch.Tensor | None = None,
+                  fusion: str = "drop"):
+    """`forward_pruned` from a `Cut` (which must carry scores when patch_scores is None and tokens are pruned)."""
+    if fusion not in FUSIONS:
+        raise ZoomViTError(f"Unknown fusion '{fusion}': use one of {FUSIONS}.")
+    ns = bundle.num_special
+    x = cut.x
+    b, n, _ = x.shape
+    device = x.device
+    num_patches = n - ns
+    n_keep = kept_count(num_patches, keep)
+    pruning = n_keep < num_patches
     bias = sizes = positions = None
     if not pruning:
         keep_idx = torch.arange(num_patches, device=device).expand(b, -1)
     else:
-        if patch_scores is not None:
-            scores = torch.as_tensor(patch_scores, dtype=torch.float32, device=device)
+        scores = cut.scores if patch_scores is None else torch.as_tensor(patch_scores, dtype=torch.float32, device=device)
+        if scores is None:
+            raise ValueError("this cut was run without scores: pass patch_scores, or run_to_cut(with_scores=True)")
         special, patches = x[:, :ns], x[:, ns:]
         if fusion == "merge":
             keep_idx, drop_idx, similarity = select_with_coverage(scores, patches, n_keep)
@@ -176,9 +180,40 @@ def forward_pruned(
             [torch.arange(ns, device=device).expand(b, -1), ns + keep_idx,
              torch.full((b, fused), -1, dtype=torch.long, device=device)], dim=1
         )
-    for i in range(after_block, bundle.num_layers):
+    for i in range(cut.after_block, bundle.num_layers):
         x, _ = bundle.adapter.block(i, x, attn_bias=bias, positions=positions)
     return bundle.adapter.head(x, sizes=sizes).float().cpu(), keep_idx.cpu()
+
+
+def needs_own_scores(bundle: ViTBundle, pixel_values: torch.Tensor, keep: float, patch_scores) -> bool:
+    """Whether a configuration ranks by the model's own attention at the cut (efficiency mode, really pruning)."""
+    h, w = pixel_values.shape[-2:]
+    num_patches = (h // bundle.patch_size) * (w // bundle.patch_size)
+    return patch_scores is None and kept_count(num_patches, keep) < num_patches
+
+
+def forward_pruned(
+    bundle: ViTBundle,
+    pixel_values: torch.Tensor,
+    after_block: int = config.PRUNE_AFTER_BLOCK,
+    keep: float = 1.0,
+    patch_scores: torch.Tensor | None = None,
+    fusion: str = "drop",
+):
+    """Logits with only the top `keep` share of patch tokens after `after_block` blocks.
+
+    patch_scores (B, patches) ranks the patches (analysis mode, plain top-k). None means efficiency mode:
+    rank by the decision row's attention (the query rows weighted as the head reads the tokens,
+    `decision_weights`) over the last SCORE_BLOCKS blocks before the cut (no look-ahead); with fusion="merge"
+    half the budget goes to the top-ranked tokens and half to covering the remaining content (see
+    `select_with_coverage`), dropped tokens are merged into their nearest kept token, and pooled heads weigh the
+    merged tokens by their sizes. Returns (logits, kept patch indices (B, kept)), float32 and on the CPU whatever
+    the bundle's device and precision.
+    """
+    if fusion not in FUSIONS:
+        raise ZoomViTError(f"Unknown fusion '{fusion}': use one of {FUSIONS}.")
+    cut = run_to_cut(bundle, pixel_values, after_block, needs_own_scores(bundle, pixel_values, keep, patch_scores))
+    return finish_pruned(bundle, cut, keep, patch_scores, fusion)
 
 
 def block_macs(bundle: ViTBundle, tokens: int) -> int:

@@ -1047,7 +1047,7 @@ class Analysis:
             if self._graph is None:  # graph was released: pay one more forward
                 memo[target] = analyze(self.bundle, self.loaded, target=target, keep_graph=False)
             else:
-                grads = _backward(self._graph, target, keep_graph=True)
+                grads = _backward(self._graph, [target], keep_graph=True)[:, 0]
                 memo[target] = Analysis(
                     self.bundle, self.loaded, self.geometry, self.pixel_values, self.probs, self.attentions,
                     target, grads, self.hidden_states, _graph=None,
@@ -1088,10 +1088,13 @@ def intent_map(analysis: Analysis, from_block: int = 0) -> np.ndarray:
     return normalize_map(normalize_map(flow) + normalize_map(needed))
 
 
-def _backward(graph: dict, target: int, keep_graph: bool) -> np.ndarray:
-    """Gradients of one logit w.r.t. every attention map (no weight gradients: they are not needed)."""
-    grads = torch.autograd.grad(graph["logits"][0, target], list(graph["attentions"]), retain_graph=keep_graph)
-    return to_numpy(torch.stack(grads)[:, 0])
+def _backward(graph: dict, targets: list[int], keep_graph: bool) -> np.ndarray:
+    """Gradients of each image's target logit w.r.t. its attention maps, (layers, B, heads, N, N); no weight
+    gradients: they are not needed. Images never interact, so one backward of the sum gives each its own."""
+    logits = graph["logits"]
+    chosen = logits[torch.arange(len(targets), device=logits.device), torch.as_tensor(targets, device=logits.device)]
+    grads = torch.autograd.grad(chosen.sum(), list(graph["attentions"]), retain_graph=keep_graph)
+    return to_numpy(torch.stack(grads))
 
 
 def to_numpy(values: torch.Tensor) -> np.ndarray:
@@ -1103,6 +1106,26 @@ def analyze(bundle: ViTBundle, image, target: int | None = None, keep_graph: boo
     """One forward pass with attentions and one backward pass from the target logit (default: predicted)."""
     loaded = image if isinstance(image, LoadedImage) else load_image(image)
     pixel_values, geometry = encode(bundle, loaded)
+    return analyze_encoded(bundle, [loaded], [pixel_values], [geometry], [target], keep_graph)[0]
+
+
+def analyze_many(bundle: ViTBundle, images) -> list[Analysis]:
+    """`analyze` (predicted class, no graph kept) for several images in one batched forward and backward, as
+    evaluation runs it: each result equals its own `analyze` to float precision. The images must preprocess to
+    one size (every processor here makes the model's input size)."""
+    loaded = [image if isinstance(image, LoadedImage) else load_image(image) for image in images]
+    encoded = [encode(bundle, item) for item in loaded]
+    return analyze_encoded(bundle, loaded, [pixels for pixels, _ in encoded], [geometry for _, geometry in encoded])
+
+
+def analyze_encoded(bundle: ViTBundle, loaded: list, pixel_values: list, geometries: list, targets=None,
+                    keep_graph: bool = False) -> list[Analysis]:
+    """The batched analysis pass over images already `encode`d (each (1, C, H, W), all one size)."""
+    shapes = {tuple(pixels.shape) for pixels in pixel_values}
+    if len(shapes) > 1:
+        raise ZoomViTError(f"A batched analysis needs images that preprocess to one size, got {sorted(shapes)}.")
+    targets = [None] * len(loaded) if targets is None else targets
+    pixel_values = torch.cat(pixel_values)
     adapter = bundle.adapter
     with torch.enable_grad():
         # The family's own blocks with eager attention: every probability stays in the graph for the backward.
@@ -1113,18 +1136,24 @@ def analyze(bundle: ViTBundle, image, target: int | None = None, keep_graph: boo
             hidden.append(x)
             attention.append(probs_i)
         logits = adapter.head(x)
-        probs = to_numpy(logits[0].detach().float().softmax(-1))  # float32 softmax: bfloat16 keeps 3 digits
-        target = int(probs.argmax()) if target is None else int(target)
-        if not 0 <= target < probs.shape[0]:
-            raise ZoomViTError(f"Class index {target} is out of range (0..{probs.shape[0] - 1}).")
+        probs = to_numpy(logits.detach().float().softmax(-1))  # float32 softmax: bfloat16 keeps 3 digits
+        targets = [int(p.argmax()) if t is None else int(t) for p, t in zip(probs, targets)]
+        for t in targets:
+            if not 0 <= t < probs.shape[1]:
+                raise ZoomViTError(f"Class index {t} is out of range (0..{probs.shape[1] - 1}).")
         graph = {"logits": logits, "attentions": attention}
-        attention_grads = _backward(graph, target, keep_graph)
-    attentions = to_numpy(torch.stack(attention)[:, 0])
-    hidden_states = to_numpy(torch.stack(hidden)[:, 0])
-    return Analysis(
-        bundle, loaded, geometry, pixel_values, probs, attentions, target, attention_grads, hidden_states,
-        _graph=graph if keep_graph else None,
-    )
+        attention_grads = _backward(graph, targets, keep_graph)
+    attentions = to_numpy(torch.stack(attention))
+    hidden_states = to_numpy(torch.stack(hidden))
+    return [
+        Analysis(
+            # Copies: one image's results should not hold on to its batch's arrays.
+            bundle, loaded[i], geometries[i], pixel_values[i : i + 1].clone(), probs[i].copy(),
+            attentions[:, i].copy(), targets[i], attention_grads[:, i].copy(), hidden_states[:, i].copy(),
+            _graph=graph if keep_graph else None,
+        )
+        for i in range(len(loaded))
+    ]
 
 
 @torch.no_grad()

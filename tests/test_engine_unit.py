@@ -56,6 +56,20 @@ def test_analysis_shapes(request, analyses, name):
 
 
 @pytest.mark.parametrize("name", BUNDLES)
+def test_a_batched_analysis_gives_each_image_its_own_analysis(request, name):
+    bundle = request.getfixturevalue(name)
+    images = [random_image(64, 40, seed=s) for s in (3, 4, 5)]
+    together = vit_analyzer.analyze_many(bundle, images)
+    for image, batched in zip(images, together):
+        alone = analyze(bundle, image, keep_graph=False)
+        assert batched.target == alone.target and batched.geometry == alone.geometry
+        for field in ("probs", "attentions", "attention_grads", "hidden_states"):
+            np.testing.assert_allclose(getattr(batched, field), getattr(alone, field), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(batched.intent(), alone.intent(), atol=1e-4, rtol=0)
+        assert batched.attentions.base is None  # its own copy, not a view that keeps the batch alive
+
+
+@pytest.mark.parametrize("name", BUNDLES)
 @pytest.mark.parametrize("method", vit_analyzer.MAP_METHODS)
 def test_maps_lie_in_unit_range_on_config_grid(analyses, name, method):
     analysis = analyses[name]
@@ -279,6 +293,30 @@ def test_analysis_ranking_skips_duplicates(tiny_vit):
     hidden[1, ns + 1] = np.random.default_rng(1).normal(size=hidden.shape[-1])
     ranking = pruning.analysis_scores(analysis, 1, 2 / patches)[0]
     assert set(ranking.argsort(descending=True)[:2].tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_one_cut_serves_every_configuration_exactly(request, name):
+    """Evaluation runs the blocks before the cut once per batch for all its configurations: finishing each from
+    that shared cut gives forward_pruned's logits and kept tokens bit for bit."""
+    bundle = request.getfixturevalue(name)
+    pixels = random_pixels(bundle, 3, seed=5)
+    scores = torch.rand(3, GRIDS[name][0] * GRIDS[name][1], generator=torch.Generator().manual_seed(0))
+    cut = pruning.run_to_cut(bundle, pixels, 1, with_scores=True)
+    for keep, patch_scores, fusion in [(0.5, None, "merge"), (0.3, None, "drop"), (0.7, None, "fuse"),
+                                       (0.5, scores, "drop"), (0.3, scores, "merge"), (1.0, None, "merge")]:
+        expected, expected_kept = pruning.forward_pruned(bundle, pixels, 1, keep, patch_scores, fusion)
+        logits, kept = pruning.finish_pruned(bundle, cut, keep, patch_scores, fusion)
+        assert torch.equal(logits, expected) and torch.equal(kept, expected_kept), (keep, fusion)
+
+
+def test_a_cut_without_scores_needs_patch_scores(tiny_vit):
+    cut = pruning.run_to_cut(tiny_vit, random_pixels(tiny_vit, 1), 1, with_scores=False)
+    with pytest.raises(ValueError, match="without scores"):
+        pruning.finish_pruned(tiny_vit, cut, 0.5, None, "merge")
+    assert pruning.needs_own_scores(tiny_vit, random_pixels(tiny_vit, 1), 0.5, None)
+    assert not pruning.needs_own_scores(tiny_vit, random_pixels(tiny_vit, 1), 1.0, None)
+    assert not pruning.needs_own_scores(tiny_vit, random_pixels(tiny_vit, 1), 0.5, torch.zeros(1, 24))
 
 
 @pytest.mark.parametrize("name", BUNDLES)

@@ -14,15 +14,17 @@ import pytest
 import cli
 import config
 import evaluation
+import vit_analyzer
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 6
-RESUME_AFTER = 3  # images done before the simulated interruption
+BATCH = 2  # images analysed together: 3 groups, so torchrun's ranks and a resumed run each take some
+RESUME_AFTER = 2  # groups done before the simulated interruption
 
 
 def eval_args(shared_dir, model, out):
     return ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", model, "--device", "cpu",
-            "--limit", str(LIMIT), "--tasks", "prune,zoom,faithfulness,intent", "--keep", "0.5", "--out", str(out)]
+            "--limit", str(LIMIT), "--tasks", "prune,zoom,faithfulness,intent", "--keep", "0.5", "--batch", str(BATCH), "--out", str(out)]
 
 
 SMALL_BATCH = 2  # pruning batches in the run that splits them over the ranks
@@ -89,34 +91,36 @@ def test_interrupted_run_resumes_to_the_same_results(launches, shared_dir, deit_
                                                      capsys):
     out = tmp_path / "resumed"
     argv = [*eval_args(shared_dir, deit_model_path, out), "--workers", "0"]
-    real = evaluation._image_pass
+    real = evaluation._group_pass
     calls, interrupt = [], {"after": RESUME_AFTER}
 
-    def image_pass(*args, **kwargs):
+    def group_pass(bundle, entries, *args, **kwargs):
         if len(calls) == interrupt["after"]:
             raise KeyboardInterrupt  # as a Ctrl-C or a killed job would
-        calls.append(args[3])  # the image's index
-        return real(*args, **kwargs)
+        calls.append([index for index, *_ in entries])
+        return real(bundle, entries, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "_image_pass", image_pass)
+    monkeypatch.setattr(evaluation, "_group_pass", group_pass)
     with pytest.raises(KeyboardInterrupt):
         cli.main(argv)
     work = out / evaluation.WORK_DIR
-    assert sorted(p.name for p in work.glob("*.pt")) == [f"{i:06d}.pt" for i in range(RESUME_AFTER)]
+    done = RESUME_AFTER * BATCH
+    assert sorted(p.name for p in work.glob("*.pt")) == [f"{i:06d}.pt" for i in range(done)]
     capsys.readouterr()
 
     # The same command again, without --resume or with other settings: refused in one line, the work kept.
     assert cli.main(argv) == 2
     assert "holds an interrupted run: add --resume" in capsys.readouterr().err
-    other = [*eval_args(shared_dir, deit_model_path, out)[:-4], "--keep", "0.7", "--out", str(out), "--resume"]
+    other = [*argv, "--keep", "0.7", "--resume"]  # the last --keep counts
     assert cli.main(other) == 2
     err = capsys.readouterr().err
     assert "started with other settings (keep)" in err and err.count("\n") == 1
-    assert len(list(work.glob("*.pt"))) == RESUME_AFTER
+    assert len(list(work.glob("*.pt"))) == done
 
     interrupt["after"] = None
     assert cli.main([*argv, "--resume"]) == 0
-    assert calls == list(range(LIMIT))  # the resumed run analysed only the images not done before
+    # The resumed run analysed only the images not done before, in the groups of an uninterrupted run.
+    assert calls == [list(range(start, start + BATCH)) for start in range(0, LIMIT, BATCH)]
     reference, _ = launches("single")
     assert_same_outputs(out, reference)
 
@@ -131,9 +135,9 @@ def test_torchrun_gives_the_single_process_results(launches):
         assert len(list(csv.DictReader(f))) == LIMIT
 
 
-def test_worker_decoded_rows_are_the_per_image_pass_on_the_files(deit_tiny, shared_dir, tmp_path):
-    """Images decoded in DataLoader worker processes give the rows the per-image pass gives on the file paths
-    (the way images were read before the loader), and a bad file comes back from its worker as a skipped image."""
+def test_worker_decoded_rows_are_the_group_pass_on_the_files(deit_tiny, shared_dir, tmp_path):
+    """Images decoded in DataLoader worker processes give the rows pass 1 gives on images read here, and a bad file
+    comes back from its worker as a skipped image."""
     source = shared_dir / "data" / "imagenet-sample"
     items = evaluation.read_labels(source, 2)
     for item in items:
@@ -145,9 +149,10 @@ def test_worker_decoded_rows_are_the_per_image_pass_on_the_files(deit_tiny, shar
     result = evaluation.evaluate(deit_tiny, tmp_path, tasks=tasks, workers=2, progress=False)
     assert [s["file"] for s in result.summary["skipped"]] == ["broken.jpg"]
     after_block, intent_keeps = config.PRUNE_AFTER_BLOCK, [evaluation.INTENT_KEEP]
-    direct = [evaluation._image_pass(deit_tiny, tmp_path / item.file, item, index, tasks, intent_keeps, after_block,
-                                     True)[0] for index, item in zip((0, 2), items)]
-    assert result.rows == direct
+    entries = [(index, vit_analyzer.load_image(tmp_path / item.file), None) for index, item in zip((0, 2), items)]
+    direct = evaluation._group_pass(deit_tiny, entries, [items[0], None, items[1]], tasks, intent_keeps,
+                                    after_block, True)
+    assert result.rows == [direct[0]["row"], direct[2]["row"]]
 
 
 def test_torchrun_splits_the_pruning_batches_over_the_ranks(launches, deit_tiny, shared_dir, monkeypatch):

@@ -106,6 +106,29 @@ def test_batched_curves_match_one_image_at_a_time(tiny_vit):
     assert faithfulness.auc(np.array([1.0, 1.0, 1.0])) == pytest.approx(1.0)
 
 
+def test_a_group_of_images_gives_each_image_its_own_curves(tiny_vit):
+    """Evaluation runs the perturbed images of a group of images together, in batches that straddle images: each
+    image's curves are the ones it gets on its own."""
+    rng = np.random.default_rng(1)
+    analyses = [vit_analyzer.analyze(tiny_vit, rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), keep_graph=False)
+                for _ in range(3)]
+    maps = [{"rollout": a.rollout(), "random": None} for a in analyses]
+    together = faithfulness.perturbation_curves_group(analyses, maps, [5, 6, 7], steps=4, batch=5)
+    for analysis, image_maps, seed, curves in zip(analyses, maps, [5, 6, 7], together):
+        alone = faithfulness.perturbation_curves_many(analysis, image_maps, steps=4, seed=seed)
+        for name in image_maps:
+            for a, b in zip(alone[name], curves[name]):
+                np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_pass_one_groups_are_fixed_runs_of_the_list():
+    """Groups do not depend on what is already done (a resumed run batches images as an uninterrupted one);
+    a group done in part is run again."""
+    assert evaluation._groups_to_do(7, {}, 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert evaluation._groups_to_do(7, {0: False, 1: True, 2: False, 3: False}, 3) == [[3, 4, 5], [6]]
+    assert evaluation._groups_to_do(4, {i: False for i in range(4)}, 2) == []
+
+
 # ---- summaries and plots ----------------------------------------------------------------------------------
 
 
@@ -264,6 +287,7 @@ def test_cli_eval_prints_json_and_shows_progress(deit_model_path, shared_dir, tm
     (["--data", "/no/such/folder"], "Data folder not found"),
     (["--data", ".", "--keep", "2"], "--keep values"),
     (["--data", ".", "--tasks", "speed"], "--tasks"),
+    (["--data", ".", "--batch", "0"], "--batch must be at least 1"),
 ])
 def test_cli_eval_errors_are_one_line(capsys, argv, message):
     assert cli.main(["eval", *argv]) == 2
