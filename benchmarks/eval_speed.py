@@ -8,13 +8,13 @@ Runs the same evaluation (all tasks, the first --limit images) three ways, --rou
            checked out into a temporary worktree, one process;
   after    this checkout, one process;
   after xN this checkout under `torchrun --nproc-per-node N` (one thread per process).
-Then it times the plain model forward (`predict_pixels`, batch 16, one process) in the same threads.
+Then, in this process: pass 1 of the first 16 images with every plain forward timed, between two measurements of
+the plain forward's throughput at batch 16 (`forward_share`).
 
 Prints each run's wall time, pass-1 seconds per image and the pruning pass's seconds, the ratios against
 `before`, the time extrapolated to --scale images (fixed costs + per-image costs; pass 1 and the pruning pass
 grow linearly), the largest change of any reported figure against `before` (in points: percentages and AUC x 100),
-and how close one process gets to the cost of its forwards: the perturbation forwards alone (110 per image) at the
-plain forward's throughput, against the measured pass-1 time per image.
+and how close one process gets to the cost of its forwards.
 """
 
 import argparse
@@ -33,7 +33,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", ROOT.parent / "shared"))
-PERTURBATION_FORWARDS = 2 + 6 * 2 * 9  # see faithfulness.perturbation_curves_many: 6 maps, 9 inner steps, 2 curves
 
 
 def run_eval(code: Path, out: Path, args, procs: int = 1) -> dict:
@@ -82,12 +81,10 @@ def figures(results: dict) -> dict:
     return out
 
 
-def forward_throughput(model: str, threads: int, batch: int = 16, rounds: int = 7) -> float:
+def forward_throughput(bundle, batch: int = 16, rounds: int = 7) -> float:
     """Images per second of the plain model forward (`predict_pixels`) at `batch`, median of `rounds`."""
     import vit_analyzer as va
 
-    torch.set_num_threads(threads)
-    bundle = va.load_model(model, device="cpu")
     x = torch.randn(batch, 3, *bundle.input_size)
     va.predict_pixels(bundle, x)
     times = []
@@ -96,6 +93,38 @@ def forward_throughput(model: str, threads: int, batch: int = 16, rounds: int = 
         va.predict_pixels(bundle, x)
         times.append(time.perf_counter() - start)
     return batch / float(np.median(times))
+
+
+def forward_share(args, images: int = 16) -> dict:
+    """In this process: `evaluate` (all tasks) on the first `images` images with every plain forward of pass 1
+    (perturbations and zoom crops) timed, bracketed by the plain forward's throughput at batch 16 just before and
+    after. Says how much of pass 1 is the forwards themselves, at the same moment on the same machine."""
+    import faithfulness
+    import evaluation
+    import vit_analyzer as va
+    import zoom
+
+    bundle = va.load_model(str(args.model), device="cpu")
+    spent = {"seconds": 0.0, "images": 0}
+
+    def timed_predict(b, pixels):
+        start = time.perf_counter()
+        out = va.predict_pixels(b, pixels)
+        spent["seconds"] += time.perf_counter() - start
+        spent["images"] += len(pixels)
+        return out
+
+    before = forward_throughput(bundle)
+    faithfulness.predict_pixels, zoom.predict_pixels = timed_predict, timed_predict
+    try:
+        result = evaluation.evaluate(bundle, args.data, limit=images, progress=False, workers=0)
+    finally:
+        faithfulness.predict_pixels = zoom.predict_pixels = va.predict_pixels
+    after = forward_throughput(bundle)
+    pass_one = result.summary["speed"]["images_seconds"]
+    return {"pass_one_s_per_image": pass_one / images, "forward_s_per_image": spent["seconds"] / images,
+            "forwards_per_image": spent["images"] / images, "plain_ips": (before + after) / 2,
+            "plain_ips_range": (before, after)}
 
 
 def main():
@@ -107,9 +136,12 @@ def main():
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="each way is run this many times, in alternating "
                         "order (default: %(default)s)")
+    parser.add_argument("--share-only", action="store_true", help="only the forward share (no eval runs)")
     parser.add_argument("--scale", type=int, default=500, help="extrapolate the times to this many images")
     args = parser.parse_args()
     args.data, args.model = Path(args.data).resolve(), Path(args.model).resolve()
+    if args.share_only:
+        return report_share(args)
 
     with tempfile.TemporaryDirectory(prefix="zoomvit-speed-") as tmp:
         tmp = Path(tmp)
@@ -128,7 +160,6 @@ def main():
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=True)
     runs = {name: mean_run(name_runs) for name, name_runs in runs.items()}
-    forward_ips = forward_throughput(str(args.model), torch.get_num_threads())
 
     n = args.limit
     reference = figures(runs["before"]["results"])
@@ -151,12 +182,19 @@ def main():
     for name in list(runs)[1:]:
         print(f"{name} against before, extrapolated to {args.scale} images: "
               f"{extrapolated['before'] / extrapolated[name]:.2f}x")
-    per_image_after = runs["after"]["results"]["speed"]["images_seconds"] / n
-    forwards_s = PERTURBATION_FORWARDS / forward_ips
-    print(f"plain forward: {forward_ips:.1f} images/s (batch 16, {torch.get_num_threads()} threads); "
-          f"the {PERTURBATION_FORWARDS} perturbation forwards of one image take {forwards_s:.2f} s of its "
-          f"{per_image_after:.2f} s pass 1 ({forwards_s / per_image_after:.0%}); "
-          f"one process evaluates {1 / per_image_after:.3f} images/s")
+    report_share(args)
+
+
+def report_share(args):
+    share = forward_share(args)
+    ips = share["plain_ips"]
+    print(f"one process, {torch.get_num_threads()} threads, first 16 images: pass 1 takes "
+          f"{share['pass_one_s_per_image']:.2f} s per image ({1 / share['pass_one_s_per_image']:.3f} images/s), of "
+          f"which {share['forward_s_per_image']:.2f} s ({share['forward_s_per_image'] / share['pass_one_s_per_image']:.0%})"
+          f" are its {share['forwards_per_image']:.0f} plain forwards per image (perturbations, zoom crops); the plain "
+          f"forward alone runs {ips:.1f} images/s at batch 16 ({share['plain_ips_range'][0]:.1f} before, "
+          f"{share['plain_ips_range'][1]:.1f} after), so those forwards would take "
+          f"{share['forwards_per_image'] / ips:.2f} s per image by themselves")
 
 
 if __name__ == "__main__":
