@@ -6,9 +6,9 @@ in the image's own pixels) the box metrics are added; `background` and `scale` c
 the zoom results into groups.
 
 Two passes:
-1. per group of GROUP images: one batched analysis pass, then per image its maps, the zoom and the intent
-   diagnosis, and the deletion/insertion curves of every map of every image of the group in one run of batched
-   forwards (see `faithfulness`);
+1. per group of `batch` images (8 by default): one batched analysis pass, then per image its maps, the zoom and
+   the intent diagnosis, and the deletion/insertion curves of every map of every image of the group in one run of
+   batched forwards (see `faithfulness`);
 2. pruning: every (mode, criterion, keep) runs over all images in batches of PRUNE_BATCH, then is timed on
    one batch against the unpruned forward (see `_prune_pass`).
 
@@ -626,10 +626,10 @@ def evaluate(
 
     Pass 1 writes one file per image to `work_dir` (a temporary folder when None; see `_open_work`): with `resume`
     a run interrupted there goes on with the images it had not done. Images are decoded by `workers` DataLoader
-    processes (None: `default_workers`; 0: this process). Pass 1 analyses `batch` images at a time (one batched analysis pass; their
-    perturbation forwards run together). Under torch.distributed (torchrun, see `distributed`)
-    each process takes a share of the images and of the pruning batches, all in the one shared `work_dir`: rank 0
-    returns the Evaluation, the others None."""
+    processes (None: `default_workers`; 0: this process). Pass 1 analyses `batch` images at a time (one batched
+    analysis pass; their perturbation forwards run together). Under torch.distributed (torchrun, see
+    `distributed`) each process takes a share of the image groups and of the pruning batches, all in the one shared
+    `work_dir`: rank 0 returns the Evaluation, the others None."""
     if work_dir is None:
         if _rank_world()[1] > 1:
             raise ZoomViTError("A distributed evaluation needs a work folder that every process shares (work_dir).")
@@ -661,7 +661,8 @@ def evaluate(
     images = _Images(data, items)
     todo = _groups_to_do(len(items), finished, batch)[rank::world]  # even shares of what is left
     loader = DataLoader(images, batch_sampler=todo, num_workers=workers, collate_fn=list)  # decodes ahead
-    bar = tqdm(total=sum(map(len, todo)), desc=f"images ({data.name})", unit="img", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=sum(map(len, todo)), desc=f"images ({data.name})", unit="img", file=sys.stderr,
+               disable=not progress)
     for entries in loader:
         records = _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, bool(configs))
         for index, record in records.items():
@@ -707,7 +708,8 @@ def evaluate(
         "n": len(rows),
         "top1": _mean([r["correct"] for r in rows]),
         "settings": {"tasks": list(tasks), "keep": list(keeps), "after_block": after_block, "limit": limit,
-                     "prune_batch": PRUNE_BATCH, "latency_rounds": LATENCY_ROUNDS, "faithfulness_steps": faithfulness.STEPS},
+                     "batch": batch, "prune_batch": PRUNE_BATCH, "latency_rounds": LATENCY_ROUNDS,
+                     "faithfulness_steps": faithfulness.STEPS},
     }
     if "prune" in tasks:
         summary["prune"] = _prune_summary(bundle, rows, pruned, keeps, after_block, records[kept[0]]["num_tokens"])

@@ -152,7 +152,9 @@ def finish_pruned(bundle: ViTBundle, cut: Cut, keep: float = 1.0, patch_scores: 
     if not pruning:
         keep_idx = torch.arange(num_patches, device=device).expand(b, -1)
     else:
-        scores = cut.scores if patch_scores is None else torch.as_tensor(patch_scores, dtype=torch.float32, device=device)
+        scores = cut.scores
+        if patch_scores is not None:
+            scores = torch.as_tensor(patch_scores, dtype=torch.float32, device=device)
         if scores is None:
             raise ValueError("this cut was run without scores: pass patch_scores, or run_to_cut(with_scores=True)")
         special, patches = x[:, :ns], x[:, ns:]

@@ -187,11 +187,10 @@ def main():
 
 def report_share(args):
     share = forward_share(args)
-    ips = share["plain_ips"]
+    ips, pass_one, forwards = share["plain_ips"], share["pass_one_s_per_image"], share["forward_s_per_image"]
     print(f"one process, {torch.get_num_threads()} threads, first 16 images: pass 1 takes "
-          f"{share['pass_one_s_per_image']:.2f} s per image ({1 / share['pass_one_s_per_image']:.3f} images/s), of "
-          f"which {share['forward_s_per_image']:.2f} s ({share['forward_s_per_image'] / share['pass_one_s_per_image']:.0%})"
-          f" are its {share['forwards_per_image']:.0f} plain forwards per image (perturbations, zoom crops); the plain "
+          f"{pass_one:.2f} s per image ({1 / pass_one:.3f} images/s), of which {forwards:.2f} s "
+          f"({forwards / pass_one:.0%}) are its {share['forwards_per_image']:.0f} plain forwards per image (perturbations, zoom crops); the plain "
           f"forward alone runs {ips:.1f} images/s at batch 16 ({share['plain_ips_range'][0]:.1f} before, "
           f"{share['plain_ips_range'][1]:.1f} after), so those forwards would take "
           f"{share['forwards_per_image'] / ips:.2f} s per image by themselves")

@@ -24,7 +24,8 @@ RESUME_AFTER = 2  # groups done before the simulated interruption
 
 def eval_args(shared_dir, model, out):
     return ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", model, "--device", "cpu",
-            "--limit", str(LIMIT), "--tasks", "prune,zoom,faithfulness,intent", "--keep", "0.5", "--batch", str(BATCH), "--out", str(out)]
+            "--limit", str(LIMIT), "--tasks", "prune,zoom,faithfulness,intent", "--keep", "0.5", "--batch", str(BATCH),
+            "--out", str(out)]
 
 
 SMALL_BATCH = 2  # pruning batches in the run that splits them over the ranks
