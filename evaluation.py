@@ -327,7 +327,8 @@ def _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, need_s
     done = []  # (index, analysis)
     for group in by_shape.values():  # one size for every image with the processors here: one batch
         start = time.perf_counter()
-        analyses = va.analyze_encoded(bundle, *[[member[k] for member in group] for k in (1, 2, 3)])
+        _, loaded, pixels, geometries = map(list, zip(*group))
+        analyses = va.analyze_encoded(bundle, loaded, pixels, geometries)
         analysis_ms = (time.perf_counter() - start) * 1000 / len(group)
         for (index, *_), analysis in zip(group, analyses):
             row, scores = _image_results(analysis, items[index], tasks, intent_keeps, after_block, need_scores)
