@@ -55,9 +55,13 @@ import config  # noqa: E402
 import intent  # noqa: E402
 import pruning  # noqa: E402
 import visualization  # noqa: E402
-import vit_analyzer  # noqa: E402
+import models  # noqa: E402
 import zoom as zoom_lib  # noqa: E402
-from vit_analyzer import ZoomViTError  # noqa: E402
+from checks import check_after_block, layer_index  # noqa: E402
+from errors import ZoomViTError  # noqa: E402
+from geometry import Geometry, geometry_for  # noqa: E402
+from images import load_image, release_memory  # noqa: E402
+from vit_analyzer import Analysis, Prediction, analyze, top_predictions  # noqa: E402
 
 log = logging.getLogger("zoomvit.app")
 
@@ -68,7 +72,7 @@ DISPLAY_SIDE = 768  # images are drawn at most this many pixels on their longest
 MIN_DISPLAY_SIDE = 256  # ... and tiny images are blown up to this on their shortest side (where the longest allows)
 CROP_SIDE = 384  # the zoom crop, shown beside the image
 HEAD_TILE = 128  # one tile of the all-heads grid
-MAX_UPLOAD = "25mb"  # Gradio refuses larger uploads; vit_analyzer.load_image also bounds the decoded pixels
+MAX_UPLOAD = "25mb"  # Gradio refuses larger uploads; images.load_image also bounds the decoded pixels
 MAX_SESSIONS = 32  # sessions whose state the server keeps (oldest dropped first): ~15-70 MB each
 SESSION_TTL_S = 2 * 3600  # a session's analysis is dropped after this long without an update
 GRAPHS_KEPT = 4  # analyses that keep their autograd graph (a target change then costs only a backward)
@@ -292,9 +296,9 @@ class Session:
 
     key: str  # content hash of the image file
     path: str  # the uploaded file it came from (a later event with the same path skips hashing)
-    analysis: vit_analyzer.Analysis
+    analysis: Analysis
     display: Image.Image  # the working image, at most DISPLAY_SIDE pixels
-    geometry: vit_analyzer.Geometry  # the model's geometry, for `display`'s pixels
+    geometry: Geometry  # the model's geometry, for `display`'s pixels
     diagnosis: intent.Diagnosis
     label_index: dict = field(default_factory=dict)  # top-k label text (as shown) -> class index
     patch: tuple | None = None  # the clicked patch (row, col), if any
@@ -409,7 +413,7 @@ def hand_over_the_file(image: gr.Image) -> gr.Image:
     Stock gr.Image opens any server path sent as {"path": ...} without Gradio's file marker, and with the marker
     Gradio copies any server path (or fetches any URL) into its cache before the component sees it: both doors
     are closed here. The stock preprocess also opens the file with Pillow first (a broken file fails inside
-    Gradio with a bare "Error"); `vit_analyzer.load_image` gives a message that says what is wrong.
+    Gradio with a bare "Error"); `images.load_image` gives a message that says what is wrong.
     """
     stock_preprocess = image.preprocess
     stock_move, stock_async_move = image.move_resource_to_block_cache, image.async_move_resource_to_block_cache
@@ -537,7 +541,7 @@ def clamped(value, low: float, high: float, name: str) -> tuple[float, bool]:
 
 
 class Explorer:
-    def __init__(self, bundle: vit_analyzer.ViTBundle):
+    def __init__(self, bundle: models.ViTBundle):
         self.bundle = bundle
         self.model_lock = threading.Lock()  # one model run (and one image decode) at a time
         self.graphs = GraphBudget(GRAPHS_KEPT)
@@ -562,13 +566,13 @@ class Explorer:
             session.path = path
             return session
         with self.model_lock:  # the decode too: one large image in memory at a time
-            loaded = vit_analyzer.load_image(path)  # clear errors for anything that is not a usable image
-            analysis = vit_analyzer.analyze(self.bundle, loaded)
+            loaded = load_image(path)  # clear errors for anything that is not a usable image
+            analysis = analyze(self.bundle, loaded)
             probe = zoom_lib.zoom(analysis, policy="always")
             diagnosis = intent.diagnose(analysis, zoom_result=probe)  # computes the intent map on the way
         analysis.grad_rollout()  # numpy only; cached, so the first switch to that view is a pure redraw
         self.graphs.add(analysis)
-        vit_analyzer.release_memory()  # the decode's and the pass's freed memory back to the OS, not held by malloc
+        release_memory()  # the decode's and the pass's freed memory back to the OS, not held by malloc
         display, geometry = visualization.resized_view(
             loaded.image, analysis.geometry, DISPLAY_SIDE, MIN_DISPLAY_SIDE
         )
@@ -580,7 +584,7 @@ class Explorer:
             return session.analysis.predicted
         return self.bundle.find_label(text)
 
-    def for_target(self, session: Session, target: int) -> vit_analyzer.Analysis:
+    def for_target(self, session: Session, target: int) -> Analysis:
         analysis = session.analysis
         if target == analysis.target:
             return analysis
@@ -590,18 +594,18 @@ class Explorer:
         return other
 
     def block_index(self, block) -> int:
-        return vit_analyzer.layer_index(block, self.num_layers)
+        return layer_index(block, self.num_layers)
 
     def check_after_block(self, after_block) -> int:
         if after_block in (None, ""):
             return self.prune_after_default
-        return pruning.check_after_block(self.bundle, after_block)
+        return check_after_block(after_block, self.num_layers)
 
     # ---- outputs -----------------------------------------------------------------------------------------
     def label_value(self, session: Session, probs=None) -> dict:
         """Top-k as a gr.Label value; a label shown twice (ImageNet has two 'crane's) gets its index."""
         probs = session.analysis.probs if probs is None else probs
-        top = vit_analyzer.top_predictions(self.bundle, probs)
+        top = top_predictions(self.bundle, probs)
         names = [p.label for p in top]
         value = {}
         for p in top:
@@ -650,7 +654,7 @@ class Explorer:
             if view in TARGET_VIEWS:
                 target_index = self.resolve_target(session, target)
                 source = self.for_target(session, target_index)
-                settings["target"] = vit_analyzer.Prediction(
+                settings["target"] = Prediction(
                     target_index, self.bundle.label(target_index), float(analysis.probs[target_index])
                 ).as_dict()
             else:
@@ -1010,13 +1014,13 @@ def _examples():
     return [[str(EXAMPLES_DIR / row["file"])] for row in rows], [row["caption"] for row in rows]
 
 
-def build_demo(bundle: vit_analyzer.ViTBundle) -> gr.Blocks:
+def build_demo(bundle: models.ViTBundle) -> gr.Blocks:
     ex = Explorer(bundle)
     last = ex.num_layers
     blocks = [(f"{b} (last)" if b == last else str(b), b) for b in range(1, last + 1)]
     heads = [("mean over heads", "mean"), ("max over heads", "max"), ("min over heads", "min")]
     heads += [(f"head {h}", str(h)) for h in range(ex.num_heads)]
-    gh, gw = vit_analyzer.geometry_for(bundle, (bundle.input_size[1], bundle.input_size[0])).grid
+    gh, gw = geometry_for(bundle, (bundle.input_size[1], bundle.input_size[0])).grid
     all_targets = [("predicted class", "")]
     all_targets += [(f"{bundle.label(i)} [{i}]", str(i)) for i in range(len(bundle.id2label))]
     examples, example_labels = _examples()
@@ -1290,8 +1294,8 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     try:
         # Resolves --model, --device, --dtype or their environment variables; a bad device fails before the load.
-        bundle = vit_analyzer.load_model(args.model, args.device, args.dtype)
-    except vit_analyzer.ZoomViTError as exc:
+        bundle = models.load_model(args.model, args.device, args.dtype)
+    except ZoomViTError as exc:
         print(f"zoomvit: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     one_blas_thread()

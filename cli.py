@@ -17,11 +17,13 @@ import socket
 import sys
 from pathlib import Path
 
+import checks
 import config
+from errors import ZoomViTError
 
 
-class UsageError(Exception):
-    """A bad option value found before the library is imported (ZoomViTError lives in vit_analyzer)."""
+class UsageError(ZoomViTError):
+    """A bad option value, found before anything heavy is imported."""
 
 
 def port_free(host: str, port: int) -> bool:
@@ -37,25 +39,12 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def _check_fraction(option: str, value: float):
-    if not 0.0 < value <= 1.0:
-        raise UsageError(f"{option} must be a fraction in (0, 1], got {value:g}.")
-
-
-def _check_after_block(after_block: int, num_layers: int):
-    if not 1 <= after_block < num_layers:
-        raise UsageError(
-            f"--after-block must be in 1..{num_layers - 1} (after the last block, {num_layers}, nothing is left "
-            f"to prune), got {after_block}."
-        )
-
-
 def _model_facts(model: str):
     """(number of blocks, id2label) from the model's config.json, without loading weights; None when there is
     no config.json at hand (a hub id not in the cache): the options are then checked on the loaded model."""
-    import vit_analyzer
+    import models
 
-    cfg = vit_analyzer.read_model_config(model)  # also refuses a broken folder or an unsupported model now
+    cfg = models.read_model_config(model)  # also refuses a broken folder or an unsupported model now
     if cfg is None or not cfg.get("num_hidden_layers") or not cfg.get("id2label"):
         return None
     return int(cfg["num_hidden_layers"]), cfg["id2label"]
@@ -63,34 +52,36 @@ def _model_facts(model: str):
 
 def _placement(args):
     """(device, dtype) from --device and --dtype (or their environment variables), checked before anything slow."""
-    import vit_analyzer
+    import models
 
-    device = vit_analyzer.resolve_device(args.device)
-    return device, vit_analyzer.resolve_dtype(args.dtype, device)
+    device = models.resolve_device(args.device)
+    return device, models.resolve_dtype(args.dtype, device)
 
 
 def _load_model(model: str, placement):
-    import vit_analyzer
     from transformers.utils import logging as hf_logging
 
+    import models
+
     hf_logging.disable_progress_bar()  # keeps stderr to our own messages
-    return vit_analyzer.load_model(model, *placement)
+    return models.load_model(model, *placement)
 
 
 def _analyze(args, check=None):
     """Image first, then the options against config.json, then the model, then the analysis pass: each
     mistake is reported before the slow step after it. `check(num_layers, id2label)` validates the command's
     options and returns what they resolve to (on the loaded model when config.json was not at hand)."""
-    import vit_analyzer
+    import images
+    from vit_analyzer import analyze
 
     placement = _placement(args)
-    loaded = vit_analyzer.load_image(args.image)
+    loaded = images.load_image(args.image)
     facts = _model_facts(args.model)
     resolved = check(*facts) if check and facts else None
     bundle = _load_model(args.model, placement)
     if check and not facts:
         resolved = check(bundle.num_layers, bundle.id2label)
-    return vit_analyzer.analyze(bundle, loaded), resolved
+    return analyze(bundle, loaded), resolved
 
 
 def _print_predictions(title, predictions, count=3):
@@ -117,10 +108,10 @@ def _where(analysis, heat) -> str:
     import numpy as np
 
     import intent
-    import vit_analyzer
     import zoom
+    from maps import top_mass_patches
 
-    selected = vit_analyzer.top_mass_patches(heat)
+    selected = top_mass_patches(heat)
     rows, cols = np.nonzero(zoom.mass_region(heat))
     geo = analysis.geometry
     x0, y0, _, _ = geo.patch_box(rows.min(), cols.min())
@@ -139,18 +130,18 @@ def cmd_explain(args):
         raise UsageError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio:g}.")
 
     def check(num_layers, id2label):
-        import vit_analyzer
+        import models
 
-        target = None if args.target is None else vit_analyzer.match_label(id2label, args.target)
+        target = None if args.target is None else models.match_label(id2label, args.target)
         block = -1 if args.block is None else args.block  # the last by default
-        return vit_analyzer.layer_index(block, num_layers, "--block"), target
+        return checks.layer_index(block, num_layers, "--block"), target
 
     analysis, (layer, target) = _analyze(args, check)
     import numpy as np
 
     import intent
     import visualization
-    import vit_analyzer
+    from vit_analyzer import Prediction
 
     bundle = analysis.bundle
     target = analysis.predicted if target is None else target
@@ -158,7 +149,7 @@ def cmd_explain(args):
     diagnosis = intent.diagnose(analysis)  # about the prediction, whatever class the map is for
     if args.out:
         _save(visualization.overlay(analysis.loaded.image, analysis.upsample(heat)), args.out)
-    target_info = vit_analyzer.Prediction(target, bundle.label(target), float(analysis.probs[target]))
+    target_info = Prediction(target, bundle.label(target), float(analysis.probs[target]))
     if args.json:
         return {
             "method": args.method,
@@ -201,8 +192,9 @@ def cmd_zoom(args):
 
 
 def cmd_prune(args):
-    _check_fraction("--keep", args.keep)
-    analysis, _ = _analyze(args, lambda num_layers, _: _check_after_block(args.after_block, num_layers))
+    checks.check_keep(args.keep, "--keep")
+    analysis, _ = _analyze(args, lambda num_layers, _: checks.check_after_block(args.after_block, num_layers,
+                                                                                 "--after-block"))
     import pruning
     import visualization
 
@@ -233,9 +225,9 @@ def cmd_eval(args):
     evaluation.read_labels(args.data, args.limit)  # a bad folder fails before the slow model load
     facts = _model_facts(args.model)
     if facts:
-        _check_after_block(args.after_block, facts[0])
+        checks.check_after_block(args.after_block, facts[0], "--after-block")
     bundle = _load_model(args.model, (evaluation.rank_device(device), dtype))  # under torchrun: a GPU per process
-    _check_after_block(args.after_block, bundle.num_layers)
+    checks.check_after_block(args.after_block, bundle.num_layers, "--after-block")
     out = Path(args.out or f"zoomvit-eval/{Path(args.data).resolve().name}")
     work = out / evaluation.WORK_DIR
     with evaluation.distributed(bundle.device):  # started by torchrun: its processes share the run out
@@ -340,17 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error(exc: Exception) -> bool:
-    analyzer = sys.modules.get("vit_analyzer")  # imported lazily: a ZoomViTError can only come once it is
-    return isinstance(exc, UsageError) or (analyzer is not None and isinstance(exc, analyzer.ZoomViTError))
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits with status 2
     try:
         payload = args.run(args)  # a dict with --json; None when the command printed a summary itself
     except Exception as exc:
-        if not _user_error(exc):
+        if not isinstance(exc, ZoomViTError):
             raise
         print(f"zoomvit: error: {exc}", file=sys.stderr)
         return 2

@@ -40,13 +40,17 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import config
+from checks import check_after_block, check_keep
 import faithfulness
 import intent
 import pruning
 import visualization
-import vit_analyzer as va
 import zoom
-from vit_analyzer import ImageLoadError, ZoomViTError
+from errors import ImageLoadError, ZoomViTError
+from geometry import encode
+from images import load_image
+from models import ViTBundle
+from vit_analyzer import Analysis, analyze_encoded
 
 TASKS = config.EVAL_TASKS
 DEFAULT_KEEPS = config.EVAL_KEEPS
@@ -110,9 +114,9 @@ def parse_keeps(text: str) -> tuple[float, ...]:
         keeps = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise ZoomViTError(f"--keep must be comma-separated numbers, got '{text}'.") from None
-    if not keeps or any(not 0.0 < k <= 1.0 for k in keeps):
+    if not keeps:
         raise ZoomViTError(f"--keep values must be in (0, 1], got '{text}'.")
-    return keeps
+    return tuple(check_keep(k, "--keep values") for k in keeps)
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:
@@ -134,7 +138,7 @@ def box_iou(a, b) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def peak_in_box(analysis: va.Analysis, grid_map: np.ndarray, box) -> bool:
+def peak_in_box(analysis: Analysis, grid_map: np.ndarray, box) -> bool:
     """Pointing game: the centre of the map's strongest patch lies inside the box (original pixels)."""
     row, col = np.unravel_index(int(np.argmax(grid_map)), grid_map.shape)
     x0, y0, x1, y1 = analysis.geometry.to_original(analysis.geometry.patch_box(row, col))
@@ -220,7 +224,7 @@ class _Images(Dataset):
 
     def __getitem__(self, index):
         try:
-            return index, va.load_image(self.folder / self.items[index].file), None
+            return index, load_image(self.folder / self.items[index].file), None
         except ImageLoadError as exc:
             return index, None, str(exc)
 
@@ -318,7 +322,7 @@ def _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, need_s
     for index, loaded, error in entries:
         if error is None:
             try:  # the model's preprocessing can refuse an image too
-                pixels, geometry = va.encode(bundle, loaded)
+                pixels, geometry = encode(bundle, loaded)
                 by_shape.setdefault(tuple(pixels.shape), []).append((index, loaded, pixels, geometry))
             except ImageLoadError as exc:
                 error = str(exc)
@@ -328,7 +332,7 @@ def _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, need_s
     for group in by_shape.values():  # one size for every image with the processors here: one batch
         start = time.perf_counter()
         _, loaded, pixels, geometries = map(list, zip(*group))
-        analyses = va.analyze_encoded(bundle, loaded, pixels, geometries)
+        analyses = analyze_encoded(bundle, loaded, pixels, geometries)
         analysis_ms = (time.perf_counter() - start) * 1000 / len(group)
         for (index, *_), analysis in zip(group, analyses):
             row, scores = _image_results(analysis, items[index], tasks, intent_keeps, after_block, need_scores)
@@ -418,7 +422,7 @@ def _pixels(bundle, images, entry):
     index, loaded, error = entry
     if error is not None:
         raise ZoomViTError(f"{images.items[index].file} could be read in pass 1 but not now: {error}")
-    return va.encode(bundle, loaded)[0]
+    return encode(bundle, loaded)[0]
 
 
 def _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings):
@@ -611,7 +615,7 @@ class Evaluation:
 
 
 def evaluate(
-    bundle: va.ViTBundle,
+    bundle: ViTBundle,
     data,
     limit: int | None = None,
     keeps=DEFAULT_KEEPS,
@@ -642,7 +646,7 @@ def evaluate(
     items = read_labels(data, limit)
     keeps = tuple(float(k) for k in keeps)
     tasks = tuple(t for t in TASKS if t in tasks)
-    pruning.check_after_block(bundle, after_block)
+    check_after_block(after_block, bundle.num_layers)
     num_labels = len(bundle.id2label)
     for item in items:
         if not 0 <= item.label < num_labels:

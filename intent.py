@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import config
-from vit_analyzer import Analysis, floor_at_median, map_spread, top_mass_patches
+from maps import floor_at_median, map_spread, top_mass_patches
+from vit_analyzer import Analysis
 from zoom import mass_region, zoom
 
 KINDS = ("good", "inverted", "diffuse")

@@ -11,7 +11,6 @@ Two modes:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,44 +18,18 @@ import numpy as np
 import torch
 
 import config
-from vit_analyzer import (
-    Analysis,
-    Prediction,
-    ViTBundle,
-    ZoomViTError,
-    top_predictions,
-)
+from checks import check_after_block, check_keep
+from errors import ZoomViTError
+from models import ViTBundle
+from vit_analyzer import Analysis, Prediction, top_predictions
 
 MODES = config.PRUNE_MODES
 FUSIONS = config.PRUNE_FUSIONS  # efficiency mode: what happens to the tokens that are not kept
 
 
 def kept_count(num_patches: int, keep: float) -> int:
-    if not 0.0 < keep <= 1.0:
-        raise ZoomViTError(f"keep must be in (0, 1], got {keep}.")
+    keep = check_keep(keep)
     return max(1, min(num_patches, int(round(keep * num_patches))))
-
-
-def _check_block(bundle: ViTBundle, after_block: int) -> int:
-    if not 1 <= int(after_block) <= bundle.num_layers:
-        raise ZoomViTError(f"after_block must be in 1..{bundle.num_layers}, got {after_block}.")
-    return int(after_block)
-
-
-def check_after_block(bundle: ViTBundle, after_block) -> int:
-    """Where pruning can happen: after block 1..L-1 (blocks are numbered 1..L; after the last one there is
-    nothing left to prune)."""
-    last = bundle.num_layers
-    try:
-        number = float(after_block)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and number.is_integer() and 1 <= number <= last - 1):
-        raise ZoomViTError(
-            f"Prune after block must be from 1 to {last - 1} (after block {last} there is nothing left to prune), "
-            f"got {after_block!r}."
-        )
-    return int(number)
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -115,7 +88,7 @@ class Cut:
 
 @torch.inference_mode()
 def run_to_cut(bundle: ViTBundle, pixel_values: torch.Tensor, after_block: int, with_scores: bool) -> Cut:
-    after_block = _check_block(bundle, after_block)
+    after_block = check_after_block(after_block, bundle.num_layers, "after_block", last_allowed=True)
     ns = bundle.num_special
     x = bundle.adapter.embed(bundle.place(pixel_values))
     b, n, _ = x.shape
@@ -374,7 +347,7 @@ def prune(
 ) -> PruneResult:
     """Prune one analysed image and compare with the unpruned model (predictions, tokens, MACs, latency)."""
     bundle = analysis.bundle
-    after_block = check_after_block(bundle, after_block)
+    after_block = check_after_block(after_block, bundle.num_layers)
     if mode not in MODES:
         raise ZoomViTError(f"Unknown mode '{mode}': use one of {MODES}.")
     pixel_values = analysis.pixel_values

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from vit_analyzer import fit_size  # the loader bounds images with it too; the app sizes its views with it
+from images import fit_size  # the loader bounds images with it too; the app sizes its views with it
 
 
 @functools.lru_cache(maxsize=32)

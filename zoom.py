@@ -17,19 +17,11 @@ import torch
 from PIL import Image
 
 import config
-from vit_analyzer import (
-    Analysis,
-    Prediction,
-    ZoomViTError,
-    encode,
-    floor_at_median,
-    load_image,
-    map_spread,
-    normalize_map,
-    predict_pixels,
-    top_mass_patches,
-    top_predictions,
-)
+from errors import ZoomViTError
+from geometry import encode
+from images import load_image
+from maps import floor_at_median, map_spread, normalize_map, top_mass_patches
+from vit_analyzer import Analysis, Prediction, predict_pixels, top_predictions
 
 POLICIES = config.ZOOM_POLICIES
 

@@ -21,25 +21,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import config  # noqa: E402
 import pruning  # noqa: E402
-import vit_analyzer as va  # noqa: E402
+from geometry import encode
+from images import LoadedImage, load_image
+from models import ViTBundle, load_model, resolve_device, resolve_dtype
+from vit_analyzer import analyze, predict_pixels  # noqa: E402
 from pruning import median_ms  # noqa: E402
 
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 
 
-def vit_b_shaped(device="cpu", dtype="float32") -> va.ViTBundle:
+def vit_b_shaped(device="cpu", dtype="float32") -> ViTBundle:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
-    device = va.resolve_device(device)
-    dtype = va.resolve_dtype(dtype, device)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     cfg = ViTConfig(num_labels=1000, attn_implementation="eager")
     model = ViTForImageClassification(cfg).eval().to(device, dtype)
     processor = ViTImageProcessor(size={"height": 224, "width": 224})
-    return va.ViTBundle(model, processor, "random ViT-B/16", 16, (224, 224), 1, dict(cfg.id2label), device, dtype)
+    return ViTBundle(model, processor, "random ViT-B/16", 16, (224, 224), 1, dict(cfg.id2label), device, dtype)
 
 
-def plain_forward_backward(model, bundle: va.ViTBundle, loaded: va.LoadedImage):
+def plain_forward_backward(model, bundle: ViTBundle, loaded: LoadedImage):
     """What a user would write without this tool: preprocess, default-attention forward, backward a logit."""
     pixel_values = bundle.place(bundle.processor(images=loaded.image, return_tensors="pt")["pixel_values"])
     logits = model(pixel_values)
@@ -48,7 +51,7 @@ def plain_forward_backward(model, bundle: va.ViTBundle, loaded: va.LoadedImage):
     model.zero_grad(set_to_none=True)
 
 
-def sdpa_twin(bundle: va.ViTBundle):
+def sdpa_twin(bundle: ViTBundle):
     """The same weights with the library's default attention (SDPA), as a plain user would load them. timm's
     models (and TimmWrapper's) use fused attention whatever we asked for: they are their own twin."""
     if bundle.adapter.family.startswith("timm"):
@@ -60,21 +63,21 @@ def sdpa_twin(bundle: va.ViTBundle):
     return model.to(bundle.device, bundle.dtype)
 
 
-def bench(bundle: va.ViTBundle, image: Image.Image, repeats: int):
+def bench(bundle: ViTBundle, image: Image.Image, repeats: int):
     plain_model = sdpa_twin(bundle)
-    loaded = va.load_image(image)
+    loaded = load_image(image)
     device = bundle.device
     plain = median_ms(lambda: plain_forward_backward(plain_model, bundle, loaded), repeats, device)
-    ours = median_ms(lambda: va.analyze(bundle, loaded, keep_graph=False), repeats, device)
+    ours = median_ms(lambda: analyze(bundle, loaded, keep_graph=False), repeats, device)
     print(f"\n== {bundle.name} on {device} in {bundle.dtype_name} ==")
     print(f"analysis pass {ours:.1f} ms / plain {type(plain_model).__name__} forward+backward {plain:.1f} ms "
           f"= {ours / plain:.3f}x")
-    pixel_values, _ = va.encode(bundle, loaded)
+    pixel_values, _ = encode(bundle, loaded)
     for batch in (1, 32):
         x = pixel_values.expand(batch, -1, -1, -1).contiguous()
         reps = repeats if batch == 1 else max(3, repeats // 2)
         full = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, 1.0), reps, device)
-        hf = median_ms(lambda: va.predict_pixels(bundle, x), reps, device)
+        hf = median_ms(lambda: predict_pixels(bundle, x), reps, device)
         print(f"batch {batch}: full {full:.1f} ms (prediction pass {hf:.1f} ms)")
         tokens = (x.shape[-1] // bundle.patch_size) * (x.shape[-2] // bundle.patch_size) + bundle.num_special
         for keep in (0.7, 0.5, 0.3):
@@ -104,10 +107,10 @@ def main():
     torch.set_num_threads(args.threads)
     image = Image.open(args.image).convert("RGB")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench(va.load_model(args.model, *placement), image, args.repeats)
+    bench(load_model(args.model, *placement), image, args.repeats)
     if args.timm_model:
-        bench(va.load_model(f"timm:{args.timm_model}", *placement), image, args.repeats)
-        bench(va.load_model(args.timm_model, *placement), image, args.repeats)
+        bench(load_model(f"timm:{args.timm_model}", *placement), image, args.repeats)
+        bench(load_model(args.timm_model, *placement), image, args.repeats)
     if not args.skip_vit_b:
         bench(vit_b_shaped(*placement), image, args.repeats)
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import app  # noqa: E402
-import vit_analyzer as va  # noqa: E402
+from models import load_model  # noqa: E402
 from bench_engine import vit_b_shaped  # noqa: E402
 
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", REPO.parent / "shared"))
@@ -118,7 +118,7 @@ def main():
           f"display side {app.DISPLAY_SIDE} px")
     if not args.skip_vit_b:
         bench(vit_b_shaped(), args.image, args.repeats)
-    bench(va.load_model(args.model), args.image, args.repeats)
+    bench(load_model(args.model), args.image, args.repeats)
 
 
 if __name__ == "__main__":

@@ -18,18 +18,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import vit_analyzer as va  # noqa: E402
+from images import load_image
+from models import ViTBundle, load_model
+from vit_analyzer import analyze  # noqa: E402
 from compare_timm_hf import MAPS, SHARED, correlation, dev_images  # noqa: E402
 
 
-def compare(reference: va.ViTBundle, low: va.ViTBundle, images) -> dict:
+def compare(reference: ViTBundle, low: ViTBundle, images) -> dict:
     """Figures of `low` against `reference` over `images` [(path, label)]."""
     labels, ref_top1, low_top1, prob_delta = [], [], [], []
     corr = {m: [] for m in MAPS}
     for path, label in images:
-        loaded = va.load_image(path)
-        ref = va.analyze(reference, loaded, keep_graph=False)
-        other = va.analyze(low, loaded, target=ref.predicted, keep_graph=False)
+        loaded = load_image(path)
+        ref = analyze(reference, loaded, keep_graph=False)
+        other = analyze(low, loaded, target=ref.predicted, keep_graph=False)
         labels.append(label)
         ref_top1.append(ref.predicted)
         low_top1.append(other.predicted)
@@ -59,8 +61,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    reference = va.load_model(args.model, args.device, "float32")
-    low = va.load_model(args.model, args.device, "bfloat16")
+    reference = load_model(args.model, args.device, "float32")
+    low = load_model(args.model, args.device, "bfloat16")
     f = compare(reference, low, dev_images(args.limit))
     print(f"{f['images']} dev images, {reference.name} on {reference.device}: bfloat16 against float32")
     print(f"top-1 accuracy: float32 {f['top1_float32']:.3f}, bfloat16 {f['top1_bfloat16']:.3f}; "

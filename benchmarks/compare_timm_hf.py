@@ -22,7 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import vit_analyzer as va  # noqa: E402
+from images import load_image
+from models import load_model
+from vit_analyzer import analyze, predict  # noqa: E402
 
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 MAPS = ("rollout", "grad_rollout", "intent")
@@ -51,15 +53,15 @@ def compare(paths: dict, images, maps_on: int):
     map_corr = {name: {m: [] for m in MAPS} for name in paths if name != reference_name}
     labels = []
     for index, (path, label) in enumerate(images):
-        loaded = va.load_image(path)
+        loaded = load_image(path)
         labels.append(label)
         for name, bundle in paths.items():
-            own_top1[name].append(int(va.predict(bundle, loaded).argmax()))
-            same_top1[name].append(int(va.predict(same_pixels[name], loaded).argmax()))
+            own_top1[name].append(int(predict(bundle, loaded).argmax()))
+            same_top1[name].append(int(predict(same_pixels[name], loaded).argmax()))
         if index < maps_on:
-            ref = va.analyze(reference, loaded, keep_graph=False)
+            ref = analyze(reference, loaded, keep_graph=False)
             for name in map_corr:
-                other = va.analyze(same_pixels[name], loaded, keep_graph=False)
+                other = analyze(same_pixels[name], loaded, keep_graph=False)
                 for method in MAPS:
                     map_corr[name][method].append(correlation(ref.map(method), other.map(method)))
     labels = np.array(labels)
@@ -86,9 +88,9 @@ def main():
     torch.set_num_threads(2)
     models = SHARED / "models"
     paths = {
-        "Hugging Face": va.load_model(str(models / "deit-tiny-patch16-224")),
-        "timm": va.load_model(f"timm:{models / 'deit-tiny-patch16-224-timm'}"),
-        "TimmWrapper": va.load_model(str(models / "deit-tiny-patch16-224-timm")),
+        "Hugging Face": load_model(str(models / "deit-tiny-patch16-224")),
+        "timm": load_model(f"timm:{models / 'deit-tiny-patch16-224-timm'}"),
+        "TimmWrapper": load_model(str(models / "deit-tiny-patch16-224-timm")),
     }
     figures = compare(paths, dev_images(args.limit), args.maps)
     print(f"{figures['images']} dev images; maps compared on {figures['maps_on']}; reference: Hugging Face")

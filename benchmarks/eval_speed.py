@@ -83,14 +83,14 @@ def figures(results: dict) -> dict:
 
 def forward_throughput(bundle, batch: int = 16, rounds: int = 7) -> float:
     """Images per second of the plain model forward (`predict_pixels`) at `batch`, median of `rounds`."""
-    import vit_analyzer as va
+    from vit_analyzer import predict_pixels
 
     x = torch.randn(batch, 3, *bundle.input_size)
-    va.predict_pixels(bundle, x)
+    predict_pixels(bundle, x)
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        va.predict_pixels(bundle, x)
+        predict_pixels(bundle, x)
         times.append(time.perf_counter() - start)
     return batch / float(np.median(times))
 
@@ -101,15 +101,16 @@ def forward_share(args, images: int = 16) -> dict:
     after. Says how much of pass 1 is the forwards themselves, at the same moment on the same machine."""
     import faithfulness
     import evaluation
-    import vit_analyzer as va
     import zoom
+    from models import load_model
+    from vit_analyzer import predict_pixels
 
-    bundle = va.load_model(str(args.model), device="cpu")
+    bundle = load_model(str(args.model), device="cpu")
     spent = {"seconds": 0.0, "images": 0}
 
     def timed_predict(b, pixels):
         start = time.perf_counter()
-        out = va.predict_pixels(b, pixels)
+        out = predict_pixels(b, pixels)
         spent["seconds"] += time.perf_counter() - start
         spent["images"] += len(pixels)
         return out
@@ -119,7 +120,7 @@ def forward_share(args, images: int = 16) -> dict:
     try:
         result = evaluation.evaluate(bundle, args.data, limit=images, progress=False, workers=0)
     finally:
-        faithfulness.predict_pixels = zoom.predict_pixels = va.predict_pixels
+        faithfulness.predict_pixels = zoom.predict_pixels = predict_pixels
     after = forward_throughput(bundle)
     pass_one = result.summary["speed"]["images_seconds"]
     return {"pass_one_s_per_image": pass_one / images, "forward_s_per_image": spent["seconds"] / images,

@@ -13,7 +13,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # The app's temp-folder sweep runs in the tests: give them a folder of their own, not the machine's /tmp/gradio.
 os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="zoomvit-tests-gradio-"))
 
-import vit_analyzer  # noqa: E402  (after the environment above)
+from models import ViTBundle, load_model  # noqa: E402  (after the environment above)
 
 # The models here are small: a second intra-op thread gains little on 2 cores and, when anything else is
 # running (a served app, another job), thread contention makes every pass 10-20x slower.
@@ -43,15 +43,15 @@ def deit_model_path(shared_dir) -> str:
 
 
 @pytest.fixture(scope="session")
-def deit_tiny(deit_model_path) -> vit_analyzer.ViTBundle:
+def deit_tiny(deit_model_path) -> ViTBundle:
     # Pinned: the tests compare with float32 CPU references, whatever $ZOOMVIT_DEVICE / $ZOOMVIT_DTYPE say.
-    return vit_analyzer.load_model(deit_model_path, device="cpu", dtype="float32")
+    return load_model(deit_model_path, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
-def deit_tiny_bf16(deit_model_path) -> vit_analyzer.ViTBundle:
+def deit_tiny_bf16(deit_model_path) -> ViTBundle:
     """The same DeiT-Tiny in bfloat16 (on this CPU about 6x slower than float32: use it on a few images)."""
-    return vit_analyzer.load_model(deit_model_path, device="cpu", dtype="bfloat16")
+    return load_model(deit_model_path, device="cpu", dtype="bfloat16")
 
 
 def _tiny_config(config_cls, image_size):
@@ -70,7 +70,7 @@ def _tiny_config(config_cls, image_size):
 
 
 @pytest.fixture(scope="session")
-def tiny_vit() -> vit_analyzer.ViTBundle:
+def tiny_vit() -> ViTBundle:
     """Random ViT on a non-square 32x48 input: a 4x6 patch grid, so rows and columns cannot be confused."""
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessorPil
 
@@ -78,11 +78,11 @@ def tiny_vit() -> vit_analyzer.ViTBundle:
     cfg = _tiny_config(ViTConfig, (32, 48))
     model = ViTForImageClassification(cfg).eval()
     processor = ViTImageProcessorPil(size={"height": 32, "width": 48})
-    return vit_analyzer.ViTBundle(model, processor, "tiny-vit", 8, (32, 48), 1, dict(cfg.id2label))
+    return ViTBundle(model, processor, "tiny-vit", 8, (32, 48), 1, dict(cfg.id2label))
 
 
 @pytest.fixture(scope="session")
-def tiny_deit_distilled() -> vit_analyzer.ViTBundle:
+def tiny_deit_distilled() -> ViTBundle:
     """Random distilled DeiT (CLS + distillation token) behind a resize-then-centre-crop processor: 6x6 grid."""
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessorPil
 
@@ -94,4 +94,4 @@ def tiny_deit_distilled() -> vit_analyzer.ViTBundle:
         for param in (embeddings.cls_token, embeddings.distillation_token, embeddings.position_embeddings):
             param.normal_(std=cfg.initializer_range)
     processor = DeiTImageProcessorPil(size={"height": 56, "width": 56}, crop_size={"height": 48, "width": 48})
-    return vit_analyzer.ViTBundle(model, processor, "tiny-deit-distilled", 8, (48, 48), 2, dict(cfg.id2label))
+    return ViTBundle(model, processor, "tiny-deit-distilled", 8, (48, 48), 2, dict(cfg.id2label))

@@ -15,8 +15,10 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 import app
+import models
 import visualization
-import vit_analyzer
+from errors import ZoomViTError
+from vit_analyzer import analyze, predict
 from app_server import running_app
 
 pytestmark = [  # Gradio's queue trips over pandas 3 deprecations: not ours
@@ -50,7 +52,7 @@ def photos(shared_dir):
 @pytest.fixture(scope="module")
 def tench(photos, deit_tiny):
     """The tench photo and the library's own analysis of it, to check what the app shows."""
-    return photos["tench"], vit_analyzer.analyze(deit_tiny, photos["tench"])
+    return photos["tench"], analyze(deit_tiny, photos["tench"])
 
 
 def top_label(value):
@@ -245,7 +247,7 @@ def test_prune_at_the_extremes_and_with_options(client, tench):
 def test_two_concurrent_sessions_keep_their_own_state(server, photos, deit_tiny):
     demo, url = server
     clients = {name: Client(url, verbose=False) for name in ("tench", "shark")}
-    expected = {name: deit_tiny.label(vit_analyzer.predict(deit_tiny, path).argmax()) for name, path in photos.items()}
+    expected = {name: deit_tiny.label(predict(deit_tiny, path).argmax()) for name, path in photos.items()}
     assert expected["tench"] != expected["shark"]
     results, errors = {}, []
 
@@ -523,7 +525,7 @@ def test_exports_are_full_size_pictures_with_a_legend_and_the_result_as_json(dei
     path, analysis = tench
     explorer = app.Explorer(deit_tiny)
     session = explorer.session_for(path, None)
-    with pytest.raises(vit_analyzer.ZoomViTError, match="Nothing to export"):
+    with pytest.raises(ZoomViTError, match="Nothing to export"):
         explorer.export_zoom_prune(session)
     explorer.render(session, "attends_to", "intent", 12, "mean", 0.9, "goldfish", "viridis", 0.6)
     png, js = explorer.export_explore(session)
@@ -575,7 +577,7 @@ def test_no_share_buttons(server):
 def test_a_busy_port_is_one_line_and_status_2_before_the_model_loads(capsys, monkeypatch):
     import socket
 
-    monkeypatch.setattr(vit_analyzer, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -602,7 +604,7 @@ def test_the_header_shows_the_device_and_dtype_of_the_model(deit_tiny_bf16):
 
 
 def test_a_bad_device_is_one_line_and_status_2_before_the_model_loads(capsys, monkeypatch):
-    monkeypatch.setattr(vit_analyzer, "read_model_config", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setattr(models, "read_model_config", lambda *a, **k: pytest.fail("the model must not load"))
     monkeypatch.setattr(app, "build_demo", lambda *a, **k: pytest.fail("the app must not start"))
     with pytest.raises(SystemExit) as exit_info:
         app.main(["--port", "0", "--model", "whatever", "--device", "tpu"])

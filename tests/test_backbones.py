@@ -24,6 +24,9 @@ from transformers import (
 )
 
 import backbones
+from maps import fuse_heads, normalize_map, rollout_matrix
+from models import ViTBundle
+from vit_analyzer import MAP_METHODS, analyze
 
 
 def _tiny(config_cls, **extra):
@@ -175,17 +178,16 @@ def test_maps_read_only_the_tokens_the_head_reads(tiny_deit_distilled):
     class token's row alone; the distilled head reads both rows."""
     import numpy as np
 
-    import vit_analyzer
 
     image = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
-    plain = vit_analyzer.ViTBundle(deit_without_teacher(), tiny_deit_distilled.processor, "deit", 8, (32, 32), 2,
+    plain = ViTBundle(deit_without_teacher(), tiny_deit_distilled.processor, "deit", 8, (32, 32), 2,
                                    {i: str(i) for i in range(5)})
-    analysis = vit_analyzer.analyze(plain, image)
+    analysis = analyze(plain, image)
     cls_row = analysis.attentions[-1].mean(axis=0)[0]
-    assert np.allclose(analysis.cls_map(-1), vit_analyzer.normalize_map(analysis._to_grid(cls_row)), atol=1e-6)
-    distilled = vit_analyzer.analyze(tiny_deit_distilled, image)
+    assert np.allclose(analysis.cls_map(-1), normalize_map(analysis._to_grid(cls_row)), atol=1e-6)
+    distilled = analyze(tiny_deit_distilled, image)
     both = distilled.attentions[-1].mean(axis=0)[:2].mean(axis=0)
-    assert np.allclose(distilled.cls_map(-1), vit_analyzer.normalize_map(distilled._to_grid(both)), atol=1e-6)
+    assert np.allclose(distilled.cls_map(-1), normalize_map(distilled._to_grid(both)), atol=1e-6)
 
 
 @pytest.mark.parametrize("make, prefix, family", [(dinov2, 1, "DINOv2"), (dinov2_registers, 5, "DINOv2 with registers"),
@@ -199,7 +201,6 @@ def test_pooled_heads_end_to_end(make, prefix, family):
     import numpy as np
 
     import pruning
-    import vit_analyzer
 
     model = make()
     adapter = backbones.adapter_for(model)
@@ -208,9 +209,9 @@ def test_pooled_heads_end_to_end(make, prefix, family):
     assert float(weights.sum()) == pytest.approx(1.0) and float(weights[1:prefix].sum()) == 0.0  # registers unread
     bundle = tiny_bundle(model)
     image = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
-    analysis = vit_analyzer.analyze(bundle, image)
+    analysis = analyze(bundle, image)
     assert analysis.grid == (4, 4) and analysis.attentions.shape[-1] == prefix + 16
-    for method in vit_analyzer.MAP_METHODS:
+    for method in MAP_METHODS:
         grid_map = analysis.map(method)
         assert grid_map.shape == (4, 4) and np.isfinite(grid_map).all() and grid_map.min() >= 0 and grid_map.max() <= 1
     with torch.no_grad():
@@ -227,10 +228,9 @@ def tiny_bundle(model):
     """A model of this file (32x32 input, 8-pixel patches, 5 labels) as the analyzer and pruning take it."""
     from transformers import ViTImageProcessorPil
 
-    import vit_analyzer
 
     adapter = backbones.adapter_for(model)
-    return vit_analyzer.ViTBundle(model, ViTImageProcessorPil(size={"height": 32, "width": 32}), adapter.family, 8,
+    return ViTBundle(model, ViTImageProcessorPil(size={"height": 32, "width": 32}), adapter.family, 8,
                                   (32, 32), adapter.num_prefix, {i: str(i) for i in range(5)})
 
 
@@ -368,16 +368,15 @@ def test_without_a_read_class_token_cls_attention_is_the_average_pooled_tokens_r
     rolled-out rows; the unread class token's own row plays no part."""
     import numpy as np
 
-    import vit_analyzer
 
-    analysis = vit_analyzer.analyze(tiny_bundle(make()), np.random.default_rng(3).integers(0, 256, (32, 32, 3),
+    analysis = analyze(tiny_bundle(make()), np.random.default_rng(3).integers(0, 256, (32, 32, 3),
                                                                                          dtype=np.uint8))
     attention = analysis.attentions[-1].mean(axis=0)
-    expected = vit_analyzer.normalize_map(analysis._to_grid(attention[pooled_from:].mean(axis=0)))
+    expected = normalize_map(analysis._to_grid(attention[pooled_from:].mean(axis=0)))
     assert np.allclose(analysis.cls_map(-1), expected, atol=1e-6)
     if pooled_from:
-        class_row = vit_analyzer.normalize_map(analysis._to_grid(attention[0]))
+        class_row = normalize_map(analysis._to_grid(attention[0]))
         assert not np.allclose(analysis.cls_map(-1), class_row, atol=1e-3)
-    rolled = vit_analyzer.rollout_matrix(vit_analyzer.fuse_heads(analysis.attentions, "mean"), 0.9)
-    assert np.allclose(analysis.rollout(0.9, "mean"), vit_analyzer.normalize_map(
+    rolled = rollout_matrix(fuse_heads(analysis.attentions, "mean"), 0.9)
+    assert np.allclose(analysis.rollout(0.9, "mean"), normalize_map(
         analysis._to_grid(rolled[pooled_from:].mean(axis=0))), atol=1e-6)

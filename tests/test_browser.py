@@ -15,7 +15,8 @@ import pytest
 
 import app
 import visualization
-import vit_analyzer
+from images import load_image
+from vit_analyzer import analyze
 from app_server import running_app
 
 pytestmark = [
@@ -64,8 +65,8 @@ def url(deit_tiny):
 
 
 def test_upload_click_a_patch_and_prune(browser, url, deit_tiny, tmp_path):
-    loaded = vit_analyzer.load_image(EXAMPLE)
-    analysis = vit_analyzer.analyze(deit_tiny, loaded, keep_graph=False)
+    loaded = load_image(EXAMPLE)
+    analysis = analyze(deit_tiny, loaded, keep_graph=False)
     predicted = deit_tiny.label(analysis.predicted)
     _, geometry = visualization.resized_view(loaded.image, analysis.geometry, app.DISPLAY_SIDE)
     # The patch to click: the strongest rollout patch (on the clock), at its centre in the shown image's pixels.
@@ -158,7 +159,7 @@ def open_prune_tab(page):
 
 
 def test_a_broken_upload_clears_the_previous_result_and_says_why(page, deit_tiny, tmp_path):
-    predicted = deit_tiny.label(vit_analyzer.analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
+    predicted = deit_tiny.label(analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
     upload(page, EXAMPLE, predicted)
     fake = tmp_path / "holiday.jpg"
     fake.write_bytes(os.urandom(5000))  # random bytes named .jpg
@@ -174,7 +175,7 @@ def test_a_broken_upload_clears_the_previous_result_and_says_why(page, deit_tiny
 
 
 def test_an_unknown_target_keeps_the_view_and_the_dropdown_shows_what_is_on_screen(page, deit_tiny):
-    predicted = deit_tiny.label(vit_analyzer.analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
+    predicted = deit_tiny.label(analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
     upload(page, EXAMPLE, predicted)
     caption = page.locator("#caption")
     before = caption.inner_text()
@@ -212,7 +213,7 @@ def test_zoom_and_prune_without_an_image_say_so_and_change_nothing(page):
 
 
 def test_retention_follows_typing_keys_and_out_of_range_values(page, deit_tiny):
-    predicted = deit_tiny.label(vit_analyzer.analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
+    predicted = deit_tiny.label(analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
     upload(page, EXAMPLE, predicted)
     open_prune_tab(page)
     stats = page.locator("#prune_stats")
@@ -262,7 +263,7 @@ def test_a_tiny_image_is_shown_blown_up_and_clickable(page, tmp_path):
 
 
 def test_export_gives_a_png_and_a_json(page, deit_tiny):
-    predicted = deit_tiny.label(vit_analyzer.analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
+    predicted = deit_tiny.label(analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
     upload(page, EXAMPLE, predicted)
     page.locator("#export").click()
     files = page.locator("#export_files")
@@ -276,7 +277,7 @@ def test_export_gives_a_png_and_a_json(page, deit_tiny):
 
 
 def test_a_new_upload_clears_the_inspected_coordinates(page, deit_tiny):
-    predicted = deit_tiny.label(vit_analyzer.analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
+    predicted = deit_tiny.label(analyze(deit_tiny, EXAMPLE, keep_graph=False).predicted)
     upload(page, EXAMPLE, predicted)
     page.wait_for_function("() => { const i = document.querySelector('#overlay img'); return i && i.naturalWidth > 0 }")
     overlay = page.locator("#overlay img")
@@ -287,7 +288,7 @@ def test_a_new_upload_clears_the_inspected_coordinates(page, deit_tiny):
     x_box = page.locator("#x input")
     assert x_box.input_value() != ""
     other = REPO / "assets" / "photo_coffee.jpg"
-    other_label = deit_tiny.label(vit_analyzer.analyze(deit_tiny, other, keep_graph=False).predicted)
+    other_label = deit_tiny.label(analyze(deit_tiny, other, keep_graph=False).predicted)
     upload(page, other, other_label)
     assert x_box.input_value() == "" and page.locator("#y input").input_value() == ""
     assert "row" not in page.locator("#caption").inner_text()

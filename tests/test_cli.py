@@ -15,9 +15,14 @@ from PIL import Image
 
 import cli
 import config
+import images
 import intent
-import vit_analyzer
+import models
 import zoom
+from errors import ZoomViTError
+from maps import top_mass_patches
+from models import match_label
+from vit_analyzer import MAP_METHODS, analyze, predict
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +47,7 @@ def test_explain_json(capsys, deit_tiny, deit_model_path, photo):
     result = run_json(capsys, "explain", photo, "--model", deit_model_path, "--json")
     assert {"top", "grid", "map", "intent", "target", "method"} <= set(result)
     check_predictions(result["top"])
-    assert result["top"][0]["index"] == int(vit_analyzer.predict(deit_tiny, photo).argmax())
+    assert result["top"][0]["index"] == int(predict(deit_tiny, photo).argmax())
     assert result["target"]["index"] == result["top"][0]["index"]
     assert result["grid"] == [14, 14]
     heat = np.array(result["map"])
@@ -55,7 +60,7 @@ def test_explain_in_bfloat16_on_the_cpu(capsys, deit_tiny, deit_model_path, phot
                       "--json")
     assert result["model"]["device"] == "cpu" and result["model"]["dtype"] == "bfloat16"
     check_predictions(result["top"])
-    assert result["top"][0]["index"] == int(vit_analyzer.predict(deit_tiny, photo).argmax())
+    assert result["top"][0]["index"] == int(predict(deit_tiny, photo).argmax())
     heat = np.array(result["map"])
     assert heat.shape == (14, 14) and heat.min() >= 0 and heat.max() == 1
 
@@ -70,8 +75,8 @@ def test_explain_in_bfloat16_on_the_cpu(capsys, deit_tiny, deit_model_path, phot
 def test_a_bad_device_or_dtype_is_one_line_and_status_2_before_anything_loads(
     capsys, monkeypatch, shared_dir, deit_model_path, photo, argv, message
 ):
-    for step in ("load_image", "read_model_config", "load_model"):
-        monkeypatch.setattr(vit_analyzer, step, lambda *a, **k: pytest.fail("checked only after loading"))
+    for module, step in ((images, "load_image"), (models, "read_model_config"), (models, "load_model")):
+        monkeypatch.setattr(module, step, lambda *a, **k: pytest.fail("checked only after loading"))
     app_stub = types.ModuleType("app")
     app_stub.main = lambda argv: pytest.fail("the app was started")
     monkeypatch.setitem(sys.modules, "app", app_stub)
@@ -82,7 +87,7 @@ def test_a_bad_device_or_dtype_is_one_line_and_status_2_before_anything_loads(
 
 
 def test_device_and_dtype_default_to_the_environment(capsys, monkeypatch, deit_model_path, photo):
-    monkeypatch.setattr(vit_analyzer, "load_image", lambda *a, **k: pytest.fail("checked only after loading"))
+    monkeypatch.setattr(images, "load_image", lambda *a, **k: pytest.fail("checked only after loading"))
     monkeypatch.setenv("ZOOMVIT_DTYPE", "float16")
     assert cli.main(["explain", photo, "--model", deit_model_path, "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith("zoomvit: error: float16 runs on a GPU only")
@@ -96,7 +101,7 @@ def test_explain_for_another_class_by_label(capsys, deit_tiny, deit_model_path, 
     predicted = run_json(capsys, *args)
     other = run_json(capsys, *args, "--target", "goldfish")
     assert other["target"]["index"] == deit_tiny.find_label("goldfish") == 1
-    expected = vit_analyzer.analyze(deit_tiny, photo).grad_rollout(1)
+    expected = analyze(deit_tiny, photo).grad_rollout(1)
     np.testing.assert_allclose(other["map"], expected, atol=1e-4)
     assert not np.allclose(other["map"], predicted["map"], atol=1e-2)
 
@@ -113,21 +118,21 @@ def test_explain_summary_and_overlay(capsys, monkeypatch, deit_model_path, photo
 @pytest.mark.parametrize("block, layer", [("1", 0), ("12", 11), ("-1", 11)])
 def test_blocks_are_numbered_from_1(capsys, deit_tiny, deit_model_path, photo, block, layer):
     result = run_json(capsys, "explain", photo, "--model", deit_model_path, "--json", "--method", "cls", "--block", block)
-    expected = vit_analyzer.analyze(deit_tiny, photo).cls_map(layer)
+    expected = analyze(deit_tiny, photo).cls_map(layer)
     np.testing.assert_allclose(result["map"], expected, atol=1e-4)
 
 
 def test_summary_does_not_credit_a_class_agnostic_map_to_the_class(capsys, deit_tiny, deit_model_path, photo):
-    analysis = vit_analyzer.analyze(deit_tiny, photo)
+    analysis = analyze(deit_tiny, photo)
     assert cli.main(["explain", photo, "--model", deit_model_path, "--target", "goldfish"]) == 0
     line = capsys.readouterr().out.splitlines()[-2]
-    patches = int(vit_analyzer.top_mass_patches(analysis.rollout()).sum())
+    patches = int(top_mass_patches(analysis.rollout()).sum())
     assert line.startswith("rollout map (class-agnostic: the same for every class, so --target does not change it)")
     assert f"60% of its mass lies in {patches} of 196 patches" in line and "strongest" not in line
 
     assert cli.main(["explain", photo, "--model", deit_model_path, "--method", "grad_rollout", "--target", "goldfish"]) == 0
     line = capsys.readouterr().out.splitlines()[-2]
-    patches = int(vit_analyzer.top_mass_patches(analysis.grad_rollout(1)).sum())
+    patches = int(top_mass_patches(analysis.grad_rollout(1)).sum())
     assert line.startswith("grad_rollout map for class 'goldfish, Carassius auratus'")
     assert f"60% of its mass lies in {patches} of 196 patches" in line
 
@@ -160,7 +165,7 @@ def test_zoom_reports_the_box_in_original_pixels(capsys, shared_dir, deit_tiny, 
     check_predictions(result["before"])
     check_predictions(result["after"])
 
-    analysis = vit_analyzer.analyze(deit_tiny, big_path)
+    analysis = analyze(deit_tiny, big_path)
     expected = zoom.zoom(analysis)
     np.testing.assert_allclose(result["box"], expected.box, atol=0.051)
     assert result["zoomed"] == expected.zoomed
@@ -198,8 +203,8 @@ def test_missing_model_folder_exits_2(capsys, photo, tmp_path):
     (["explain", "--discard-ratio", "1"], "--discard-ratio must be in [0, 1), got 1."),
 ])
 def test_option_ranges_are_checked_first(capsys, monkeypatch, deit_model_path, photo, argv, message):
-    for step in ("load_image", "load_model"):
-        monkeypatch.setattr(vit_analyzer, step, lambda *a, **k: pytest.fail("checked only after reading the image"))
+    for module, step in ((images, "load_image"), (models, "load_model")):
+        monkeypatch.setattr(module, step, lambda *a, **k: pytest.fail("checked only after reading the image"))
     assert cli.main([*argv[:1], photo, "--model", deit_model_path, *argv[1:]]) == 2
     assert capsys.readouterr().err == f"zoomvit: error: {message}\n"
 
@@ -216,7 +221,7 @@ def test_option_ranges_are_checked_first(capsys, monkeypatch, deit_model_path, p
 def test_options_are_checked_against_config_json_before_the_model_loads(
     capsys, monkeypatch, shared_dir, deit_model_path, photo, argv, message
 ):
-    monkeypatch.setattr(vit_analyzer, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     folders = {"IMAGE": photo, "DATA": str(shared_dir / "data" / "imagenet-sample")}
     assert cli.main([folders.get(a, a) for a in argv] + ["--model", deit_model_path]) == 2
     err = capsys.readouterr().err
@@ -226,16 +231,16 @@ def test_options_are_checked_against_config_json_before_the_model_loads(
 def test_match_label_reads_config_json_labels(deit_tiny):
     as_json = {str(i): name for i, name in deit_tiny.id2label.items()}  # config.json keys are strings
     for text in ("goldfish", "Tench", "7", "great white shark"):
-        assert vit_analyzer.match_label(as_json, text) == deit_tiny.find_label(text)
+        assert match_label(as_json, text) == deit_tiny.find_label(text)
 
 
 def test_pruning_after_the_last_block_is_refused(tiny_vit):
     """Nothing runs after the last block, so there is nothing to prune: it used to report 197 -> 99 tokens."""
     import pruning
 
-    analysis = vit_analyzer.analyze(tiny_vit, np.zeros((32, 48, 3), dtype=np.uint8))
+    analysis = analyze(tiny_vit, np.zeros((32, 48, 3), dtype=np.uint8))
     for after_block in (0, tiny_vit.num_layers):
-        with pytest.raises(vit_analyzer.ZoomViTError, match=r"Prune after block must be from 1 to 1 "):
+        with pytest.raises(ZoomViTError, match=r"Prune after block must be in 1\.\.1 \(after the last block, 2, "):
             pruning.prune(analysis, 0.5, after_block, timing_repeats=0)
 
 
@@ -263,7 +268,7 @@ def test_cli_choices_match_the_library():
     import evaluation
     import pruning
 
-    assert config.MAP_METHODS == vit_analyzer.MAP_METHODS and config.ZOOM_POLICIES == zoom.POLICIES
+    assert config.MAP_METHODS == MAP_METHODS and config.ZOOM_POLICIES == zoom.POLICIES
     assert (config.PRUNE_MODES, config.PRUNE_FUSIONS) == (pruning.MODES, pruning.FUSIONS)
     assert (config.EVAL_TASKS, config.EVAL_KEEPS) == (evaluation.TASKS, evaluation.DEFAULT_KEEPS)
 
@@ -307,5 +312,5 @@ def test_console_script(deit_tiny, deit_model_path, photo):
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result["top"][0]["index"] == int(vit_analyzer.predict(deit_tiny, photo).argmax())
+    assert result["top"][0]["index"] == int(predict(deit_tiny, photo).argmax())
     assert result["grid"] == [14, 14]

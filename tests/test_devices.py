@@ -8,10 +8,12 @@ import pytest
 import torch
 
 import faithfulness
+import models
 import pruning
-import vit_analyzer
 import zoom
-from vit_analyzer import ZoomViTError, resolve_device, resolve_dtype
+from errors import ZoomViTError
+from models import load_model, resolve_device, resolve_dtype
+from vit_analyzer import analyze, predict
 
 MAPS = ("rollout", "grad_rollout", "intent")
 # The first 6 dev images: bfloat16 gave float32's top-1 on all 6 (top-2 margins 0.12 to 0.82) and map correlations
@@ -107,11 +109,11 @@ def test_float16_is_refused_on_the_cpu_only(no_gpu):
 
 
 def test_load_model_checks_device_and_dtype_before_loading(no_gpu, deit_model_path):
-    no_gpu.setattr(vit_analyzer, "read_model_config", lambda *a: pytest.fail("the model was read"))
+    no_gpu.setattr(models, "read_model_config", lambda *a: pytest.fail("the model was read"))
     with pytest.raises(ZoomViTError, match=r"^Unknown device 'tpu'"):
-        vit_analyzer.load_model(deit_model_path, device="tpu")
+        load_model(deit_model_path, device="tpu")
     with pytest.raises(ZoomViTError, match=r"^float16 runs on a GPU only"):
-        vit_analyzer.load_model(deit_model_path, device="cpu", dtype="float16")
+        load_model(deit_model_path, device="cpu", dtype="float16")
 
 
 # ---- timing --------------------------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def image_paths(shared_dir):
 @pytest.fixture(scope="module")
 def pairs(deit_tiny, deit_tiny_bf16, image_paths):
     """(float32 analysis, bfloat16 analysis) per image."""
-    return [(vit_analyzer.analyze(deit_tiny, p), vit_analyzer.analyze(deit_tiny_bf16, p)) for p in image_paths]
+    return [(analyze(deit_tiny, p), analyze(deit_tiny_bf16, p)) for p in image_paths]
 
 
 def correlation(a, b) -> float:
@@ -192,9 +194,9 @@ def test_bfloat16_maps_are_not_the_float32_maps(pairs):
 
 
 def test_predict_in_bfloat16(deit_tiny, deit_tiny_bf16, image_paths):
-    probs = vit_analyzer.predict(deit_tiny_bf16, image_paths[0])
+    probs = predict(deit_tiny_bf16, image_paths[0])
     assert probs.dtype == np.float32 and abs(float(probs.sum()) - 1) < 1e-5
-    assert probs.argmax() == vit_analyzer.predict(deit_tiny, image_paths[0]).argmax()
+    assert probs.argmax() == predict(deit_tiny, image_paths[0]).argmax()
 
 
 @pytest.mark.parametrize("mode, fusion", [("analysis", "drop"), ("efficiency", "merge"), ("efficiency", "fuse"),

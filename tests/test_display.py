@@ -6,8 +6,7 @@ import pytest
 from PIL import Image
 
 import visualization
-import vit_analyzer
-from vit_analyzer import Geometry
+from geometry import Geometry, upsample_operator
 
 GEOMETRIES = [
     Geometry((500, 375), (341, 256), (58, 16, 224, 224), 16),  # DeiT-style resize + centre crop
@@ -41,7 +40,7 @@ def test_resized_view_keeps_patches_in_place(geometry):
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
 def test_the_fast_upsampling_is_the_exact_upsampling(geometry):
-    assert vit_analyzer.upsample_operator(geometry) is not None
+    assert upsample_operator(geometry) is not None
     maps = np.random.default_rng(0).random((3, *geometry.grid), dtype=np.float32)
     stacked = geometry.upsample(maps)
     for grid_map, fast in zip(maps, stacked):

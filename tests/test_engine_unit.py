@@ -9,8 +9,11 @@ from PIL import Image
 from transformers import DeiTImageProcessorPil, ViTImageProcessorPil
 
 import pruning
-import vit_analyzer
-from vit_analyzer import Geometry, analyze, geometry_for, normalize_map, rollout_matrix
+from errors import ModelLoadError
+from geometry import Geometry, geometry_for
+from maps import normalize_map, rollout_matrix
+from models import load_model
+from vit_analyzer import MAP_METHODS, analyze, analyze_many
 
 # The grids the tiny configs imply: 32x48 input / patch 8 and 48x48 / patch 8 (see conftest).
 GRIDS = {"tiny_vit": (4, 6), "tiny_deit_distilled": (6, 6)}
@@ -59,7 +62,7 @@ def test_analysis_shapes(request, analyses, name):
 def test_a_batched_analysis_gives_each_image_its_own_analysis(request, name):
     bundle = request.getfixturevalue(name)
     images = [random_image(64, 40, seed=s) for s in (3, 4, 5)]
-    together = vit_analyzer.analyze_many(bundle, images)
+    together = analyze_many(bundle, images)
     for image, batched in zip(images, together):
         alone = analyze(bundle, image, keep_graph=False)
         assert batched.target == alone.target and batched.geometry == alone.geometry
@@ -70,7 +73,7 @@ def test_a_batched_analysis_gives_each_image_its_own_analysis(request, name):
 
 
 @pytest.mark.parametrize("name", BUNDLES)
-@pytest.mark.parametrize("method", vit_analyzer.MAP_METHODS)
+@pytest.mark.parametrize("method", MAP_METHODS)
 def test_maps_lie_in_unit_range_on_config_grid(analyses, name, method):
     analysis = analyses[name]
     assert analysis.grid == GRIDS[name]
@@ -278,7 +281,7 @@ def test_analysis_scores_pick_the_top_patches(request, name):
 
 def test_analysis_ranking_skips_duplicates(tiny_vit):
     """With two identical top tokens, redundancy-aware ranking keeps one of them and the next distinct token."""
-    analysis = vit_analyzer.analyze(tiny_vit, random_image(64, 40), keep_graph=False)
+    analysis = analyze(tiny_vit, random_image(64, 40), keep_graph=False)
     patches = analysis.grid[0] * analysis.grid[1]
     ns = analysis.num_special
     intent = np.linspace(1.0, 0.0, patches, dtype=np.float32)  # patch 0 best, then 1, 2, ...
@@ -407,7 +410,7 @@ def test_load_model_derives_the_token_layout(request, tmp_path, name):
     bundle = request.getfixturevalue(name)
     bundle.model.save_pretrained(tmp_path)
     bundle.processor.save_pretrained(tmp_path)
-    loaded = vit_analyzer.load_model(str(tmp_path))
+    loaded = load_model(str(tmp_path))
     assert type(loaded.model) is type(bundle.model)
     assert loaded.num_special == SPECIAL[name]
     assert (loaded.patch_size, loaded.input_size) == (bundle.patch_size, bundle.input_size)
@@ -418,8 +421,8 @@ def test_load_model_derives_the_token_layout(request, tmp_path, name):
 
 
 def test_load_model_reports_a_missing_folder(tmp_path):
-    with pytest.raises(vit_analyzer.ModelLoadError, match="not found"):
-        vit_analyzer.load_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_model(str(tmp_path / "nope"))
 
 
 # ---- compute accounting ---------------------------------------------------------------------------------
@@ -449,8 +452,8 @@ def test_deit_tiny_macs_match_the_published_figure(deit_tiny):
 
 def test_uncached_hub_model_offline_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(vit_analyzer.ModelLoadError) as err:
-        vit_analyzer.load_model("zoomvit-test/not-a-cached-model")
+    with pytest.raises(ModelLoadError) as err:
+        load_model("zoomvit-test/not-a-cached-model")
     message = str(err.value)
     assert "\n" not in message and "zoomvit-test/not-a-cached-model" in message
     assert "offline" in message and "--model PATH" in message
@@ -470,7 +473,7 @@ def test_focus_share_tells_one_place_from_several():
 
 def test_smaller_budgets_keep_a_prefix_of_the_pick_order(tiny_vit):
     rng = np.random.default_rng(1)
-    analysis = vit_analyzer.analyze(tiny_vit, rng.integers(0, 255, (32, 48, 3), dtype=np.uint8), keep_graph=False)
+    analysis = analyze(tiny_vit, rng.integers(0, 255, (32, 48, 3), dtype=np.uint8), keep_graph=False)
     patches = analysis.grid[0] * analysis.grid[1]
     order = pruning.intent_pick_order(analysis, 1, patches)
     assert sorted(order.tolist()) == list(range(patches))

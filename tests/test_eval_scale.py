@@ -14,7 +14,7 @@ import pytest
 import cli
 import config
 import evaluation
-import vit_analyzer
+from images import load_image
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 6
@@ -150,7 +150,7 @@ def test_worker_decoded_rows_are_the_group_pass_on_the_files(deit_tiny, shared_d
     result = evaluation.evaluate(deit_tiny, tmp_path, tasks=tasks, workers=2, progress=False)
     assert [s["file"] for s in result.summary["skipped"]] == ["broken.jpg"]
     after_block, intent_keeps = config.PRUNE_AFTER_BLOCK, [evaluation.INTENT_KEEP]
-    entries = [(index, vit_analyzer.load_image(tmp_path / item.file), None) for index, item in zip((0, 2), items)]
+    entries = [(index, load_image(tmp_path / item.file), None) for index, item in zip((0, 2), items)]
     direct = evaluation._group_pass(deit_tiny, entries, [items[0], None, items[1]], tasks, intent_keeps,
                                     after_block, True)
     assert result.rows == [direct[0]["row"], direct[2]["row"]]

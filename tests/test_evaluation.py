@@ -16,8 +16,8 @@ import cli
 import evaluation
 import faithfulness
 import visualization
-import vit_analyzer
-from vit_analyzer import ZoomViTError
+from errors import ZoomViTError
+from vit_analyzer import analyze, predict, predict_pixels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,13 +85,13 @@ def test_box_iou():
 def test_batched_curves_match_one_image_at_a_time(tiny_vit):
     """Every map's curves from the one batched pass equal perturbing and classifying each image separately."""
     rng = np.random.default_rng(0)
-    analysis = vit_analyzer.analyze(tiny_vit, rng.integers(0, 255, (32, 48, 3), dtype=np.uint8), keep_graph=False)
+    analysis = analyze(tiny_vit, rng.integers(0, 255, (32, 48, 3), dtype=np.uint8), keep_graph=False)
     maps = {"rollout": analysis.rollout(), "cls": analysis.cls_map(), "random": None}
     curves = faithfulness.perturbation_curves_many(analysis, maps, steps=4, seed=3)
     x = analysis.pixel_values
     h, w = x.shape[-2:]
     blurred = faithfulness._blur(x)
-    prob = lambda image: vit_analyzer.predict_pixels(tiny_vit, image)[0, analysis.target]
+    prob = lambda image: predict_pixels(tiny_vit, image)[0, analysis.target]
     for name, grid_map in maps.items():
         order = faithfulness._order(analysis, grid_map, seed=3)
         for step, f in enumerate(np.linspace(0, 1, 5)):
@@ -110,7 +110,7 @@ def test_a_group_of_images_gives_each_image_its_own_curves(tiny_vit):
     """Evaluation runs the perturbed images of a group of images together, in batches that straddle images: each
     image's curves are the ones it gets on its own."""
     rng = np.random.default_rng(1)
-    analyses = [vit_analyzer.analyze(tiny_vit, rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), keep_graph=False)
+    analyses = [analyze(tiny_vit, rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), keep_graph=False)
                 for _ in range(3)]
     maps = [{"rollout": a.rollout(), "random": None} for a in analyses]
     together = faithfulness.perturbation_curves_group(analyses, maps, [5, 6, 7], steps=4, batch=5)
@@ -226,7 +226,7 @@ def test_results_agree_with_the_library(bench_run, deit_tiny, shared_dir):
     result = bench_run[0]
     folder = shared_dir / "data" / "zoom-bench"
     items = evaluation.read_labels(folder, LIMIT)
-    predicted = [int(vit_analyzer.predict(deit_tiny, folder / item.file).argmax()) for item in items]
+    predicted = [int(predict(deit_tiny, folder / item.file).argmax()) for item in items]
     assert [r["predicted"] for r in result.rows] == predicted
     assert result.summary["top1"] == pytest.approx(np.mean([p == i.label for p, i in zip(predicted, items)]))
     assert result.summary["zoom"]["top1_before"] == result.summary["top1"]

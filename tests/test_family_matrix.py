@@ -12,7 +12,9 @@ import backbones
 import pruning
 import test_backbones as hf
 import test_timm
-import vit_analyzer
+from maps import fuse_heads, rollout_matrix
+from models import load_model
+from vit_analyzer import MAP_METHODS, analyze
 import zoom
 
 # row -> (builder, model_type in backbones.FAMILIES, prefix tokens, how the folder is loaded)
@@ -81,19 +83,19 @@ def test_every_family_has_a_row():
 @pytest.mark.parametrize("row", MATRIX)
 def test_family_through_the_whole_tool(row, tmp_path):
     _, model_type, prefix, _ = MATRIX[row]
-    bundle = vit_analyzer.load_model(saved_folder(row, tmp_path))
+    bundle = load_model(saved_folder(row, tmp_path))
     assert bundle.num_special == prefix == bundle.adapter.num_prefix
     image = np.random.default_rng(7).integers(0, 256, (45, 61, 3), dtype=np.uint8)
-    analysis = vit_analyzer.analyze(bundle, image)
+    analysis = analyze(bundle, image)
     assert analysis.grid == GRID and analysis.attentions.shape[-1] == prefix + GRID[0] * GRID[1]
 
     # Maps: every method, every head fusion, finite and in [0, 1].
-    for method in vit_analyzer.MAP_METHODS:
+    for method in MAP_METHODS:
         for head in ("mean", "max", 0):
             grid_map = analysis.map(method, head=head)
             assert grid_map.shape == GRID and np.isfinite(grid_map).all(), (method, head)
             assert grid_map.min() >= 0 and grid_map.max() <= 1, (method, head)
-    matrix = vit_analyzer.rollout_matrix(vit_analyzer.fuse_heads(analysis.attentions, "mean"), 0.9)
+    matrix = rollout_matrix(fuse_heads(analysis.attentions, "mean"), 0.9)
     assert np.allclose(matrix.sum(axis=1), 1.0)
     # Click-inspection of one patch, both directions.
     for inspected in (analysis.attended_by_patch(1, 2), analysis.attending_patch(1, 2)):

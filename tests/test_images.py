@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 import config
-import vit_analyzer
-from vit_analyzer import ImageLoadError, analyze, load_image
+from errors import ImageLoadError
+from images import decode_cost, load_image
+from vit_analyzer import analyze, predict
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 REPO = Path(__file__).resolve().parents[1]
@@ -181,7 +182,7 @@ def test_one_pixel_image_gives_the_result_of_its_colour(tmp_path, deit_tiny):
     path = tmp_path / "dot.png"
     Image.new("RGB", (1, 1), (200, 40, 40)).save(path)
     analysis = assert_analyzable(deit_tiny, load_image(path))
-    flat = vit_analyzer.predict(deit_tiny, Image.new("RGB", (224, 224), (200, 40, 40)))
+    flat = predict(deit_tiny, Image.new("RGB", (224, 224), (200, 40, 40)))
     np.testing.assert_allclose(analysis.probs, flat, atol=1e-4)
 
 
@@ -233,7 +234,7 @@ def write_png(path, width, height, bit_depth=8, color_type=0):
 # unless load_image hands them back.
 MEASURE = """
 import json, sys, threading
-import vit_analyzer
+from images import load_image
 
 def status_mb(key):
     with open("/proc/self/status") as status:
@@ -241,7 +242,7 @@ def status_mb(key):
 
 sizes = []
 baseline = status_mb("VmRSS")
-worker = threading.Thread(target=lambda: [sizes.append(vit_analyzer.load_image(sys.argv[1]).image.size) for _ in "ab"])
+worker = threading.Thread(target=lambda: [sizes.append(load_image(sys.argv[1]).image.size) for _ in "ab"])
 worker.start()
 worker.join()
 print(json.dumps({"peak": status_mb("VmHWM") - baseline, "after": status_mb("VmRSS") - baseline, "sizes": sizes}))
@@ -269,7 +270,7 @@ def test_declared_huge_png_loads_within_its_decode_cost(tmp_path, name, size, bi
     path = write_png(tmp_path / "huge.png", *size, bit_depth, color_type)
     assert path.stat().st_size < 2 * MB
     with Image.open(path) as header:
-        cost = vit_analyzer.decode_cost(header) / MB
+        cost = decode_cost(header) / MB
     assert cost <= config.MAX_DECODE_BYTES / MB
     used = measure_load(path)
     assert used["sizes"] == [[config.MAX_IMAGE_SIDE] * 2] * 2

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import vit_analyzer
+from errors import ModelLoadError
+from models import load_model
 
 NOT_CACHED = "zoomvit-test/not-a-cached-model"
 PHOTO = "data/imagenet-sample/n01440764_tench.JPEG"
@@ -27,8 +28,8 @@ def model_folder(tmp_path, deit_model_path):
 
 
 def load_error(folder) -> str:
-    with pytest.raises(vit_analyzer.ModelLoadError) as err:
-        vit_analyzer.load_model(str(folder))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(str(folder))
     message = str(err.value)
     assert "\n" not in message and str(folder) in message
     assert "local cache" not in message  # the old catch-all reason, wrong for every case here
@@ -117,8 +118,8 @@ def test_other_model_families_name_the_supported_ones(tmp_path, family):
 
 def test_uncached_hub_id_offline_fails_at_once(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(vit_analyzer.ModelLoadError) as err:
-        vit_analyzer.load_model(NOT_CACHED)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(NOT_CACHED)
     assert str(err.value) == (
         f"Could not load model '{NOT_CACHED}': offline (HF_HUB_OFFLINE is set) and it is not in the local cache; "
         "pass a local folder with --model PATH or ZOOMVIT_MODEL=PATH"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pruning
-import vit_analyzer
+from vit_analyzer import analyze, predict
 
 SAMPLE_SIZE = 100
 
@@ -26,7 +26,7 @@ def test_predict_matches_the_hf_pipeline(deit_tiny, deit_model_path, sample_path
 
     classifier = pipeline("image-classification", model=deit_model_path, device="cpu")
     theirs = [out[0]["label"] for out in classifier([str(p) for p in sample_paths], top_k=1, batch_size=10)]
-    ours = [deit_tiny.label(vit_analyzer.predict(deit_tiny, p).argmax()) for p in sample_paths]
+    ours = [deit_tiny.label(predict(deit_tiny, p).argmax()) for p in sample_paths]
     mismatches = [(p.name, a, b) for p, a, b in zip(sample_paths, ours, theirs) if a != b]
     assert not mismatches
 
@@ -35,7 +35,7 @@ def test_analysis_mode_pruning_keeps_decisions(deit_tiny, sample_paths):
     """Only the 30% most intended tokens after block 6: the decision survives on at least 95 of 100 photos."""
     agree = 0
     for path in sample_paths:
-        analysis = vit_analyzer.analyze(deit_tiny, path, keep_graph=False)
+        analysis = analyze(deit_tiny, path, keep_graph=False)
         scores = pruning.analysis_scores(analysis, 6, 0.3)
         logits, keep_idx = pruning.forward_pruned(deit_tiny, analysis.pixel_values, 6, 0.3, scores)
         assert keep_idx.shape == (1, round(0.3 * 196))

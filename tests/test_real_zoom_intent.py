@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import intent
-import vit_analyzer
+from vit_analyzer import analyze
 import zoom
 
 BLUR_ITEMS = 30
@@ -32,7 +32,7 @@ def _covered(box, target):
 def test_zoom_box_covers_the_object_on_blur_items(deit_tiny, blur_items):
     covered, gains = [], 0
     for path, gt, label in blur_items:
-        analysis = vit_analyzer.analyze(deit_tiny, path, keep_graph=False)
+        analysis = analyze(deit_tiny, path, keep_graph=False)
         result = zoom.zoom(analysis)
         x0, y0, x1, y1 = result.box
         w, h = analysis.loaded.original_size
@@ -51,7 +51,7 @@ def test_adaptive_zoom_leaves_a_full_frame_object_alone(deit_tiny, blur_items):
 
     path, gt, _ = blur_items[0]
     photo = Image.open(path).crop(tuple(int(c) for c in gt)).resize((448, 448))
-    result = zoom.zoom(vit_analyzer.analyze(deit_tiny, photo, keep_graph=False))
+    result = zoom.zoom(analyze(deit_tiny, photo, keep_graph=False))
     if result.box_area > 0.5:
         assert not result.zoomed and np.allclose(result.probs_after, result.probs_before)
     else:
@@ -60,7 +60,7 @@ def test_adaptive_zoom_leaves_a_full_frame_object_alone(deit_tiny, blur_items):
 
 def test_inverted_means_most_mass_outside_the_box(deit_tiny, blur_items):
     path, gt, _ = blur_items[0]
-    analysis = vit_analyzer.analyze(deit_tiny, path, keep_graph=False)
+    analysis = analyze(deit_tiny, path, keep_graph=False)
     w, h = analysis.loaded.original_size
     inside = intent.diagnose(analysis, box=gt)
     # The complement-ish box: a thin strip in a corner away from the object holds little of the map.
@@ -78,7 +78,7 @@ def test_inverted_means_most_mass_outside_the_box(deit_tiny, blur_items):
 
 def test_diagnosis_without_a_box_uses_the_crop(deit_tiny, shared_dir):
     path = shared_dir / "data" / "imagenet-sample" / "n01440764_tench.JPEG"
-    diagnosis = intent.diagnose(vit_analyzer.analyze(deit_tiny, path, keep_graph=False))
+    diagnosis = intent.diagnose(analyze(deit_tiny, path, keep_graph=False))
     assert diagnosis.kind in intent.KINDS and diagnosis.reason
     if diagnosis.kind != "diffuse":
         assert "crop_confidence_ratio" in diagnosis.metrics

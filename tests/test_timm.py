@@ -13,7 +13,11 @@ from PIL import Image
 
 import backbones
 import pruning
-import vit_analyzer
+from errors import ModelLoadError
+from geometry import encode
+from images import load_image
+from models import load_model
+from vit_analyzer import MAP_METHODS, analyze, predict, predict_pixels
 
 timm = pytest.importorskip("timm")  # a project dependency: the import fails loudly if it is missing
 
@@ -77,10 +81,10 @@ def test_unsupported_timm_models_say_what_is_supported():
     map_head = timm.create_model("vit_base_patch16_siglip_224", pretrained=False, **TINY)
     with pytest.raises(ValueError, match="global_pool='map'"):
         backbones.adapter_for(map_head)
-    with pytest.raises(vit_analyzer.ModelLoadError, match="VisionTransformer family"):
-        vit_analyzer.load_model("timm:resnet18")
-    with pytest.raises(vit_analyzer.ModelLoadError, match="unknown timm model"):
-        vit_analyzer.load_model("timm:no_such_model_xyz")
+    with pytest.raises(ModelLoadError, match="VisionTransformer family"):
+        load_model("timm:resnet18")
+    with pytest.raises(ModelLoadError, match="unknown timm model"):
+        load_model("timm:no_such_model_xyz")
 
 
 def test_an_uncached_timm_name_fails_at_once_offline(monkeypatch, tmp_path):
@@ -88,8 +92,8 @@ def test_an_uncached_timm_name_fails_at_once_offline(monkeypatch, tmp_path):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
-    with pytest.raises(vit_analyzer.ModelLoadError, match="deit_small_patch16_224.*offline"):
-        vit_analyzer.load_model("timm:deit_small_patch16_224")
+    with pytest.raises(ModelLoadError, match="deit_small_patch16_224.*offline"):
+        load_model("timm:deit_small_patch16_224")
 
 
 def save_timm_folder(model, name, folder, crop_pct=0.875):
@@ -118,18 +122,18 @@ def test_a_timm_folder_loads_through_timm_and_through_transformers(name, tmp_pat
     reproduces timm's own logits; labels and the family line come from the folder."""
     model = tiny_timm(name, seed=3)
     folder = save_timm_folder(model, name, tmp_path / "tiny-timm")
-    by_timm = vit_analyzer.load_model(f"timm:{folder}")
-    by_transformers = vit_analyzer.load_model(str(folder))
+    by_timm = load_model(f"timm:{folder}")
+    by_transformers = load_model(str(folder))
     assert type(by_transformers.model).__name__ == "TimmWrapperForImageClassification"
     image = np.random.default_rng(2).integers(0, 256, (45, 61, 3), dtype=np.uint8)
-    analyses = [vit_analyzer.analyze(bundle, image) for bundle in (by_timm, by_transformers)]
+    analyses = [analyze(bundle, image) for bundle in (by_timm, by_transformers)]
     assert torch.equal(analyses[0].pixel_values, analyses[1].pixel_values)
     with torch.no_grad():
         expected = model(analyses[0].pixel_values).softmax(-1)[0].numpy()
     for bundle, analysis in zip((by_timm, by_transformers), analyses):
         assert bundle.label(4) == "thing 4" and bundle.adapter.family.startswith("timm")
         assert analysis.grid == (4, 4) and np.allclose(analysis.probs, expected, atol=1e-5)
-        for method in vit_analyzer.MAP_METHODS:
+        for method in MAP_METHODS:
             grid_map = analysis.map(method)
             assert np.isfinite(grid_map).all() and 0 <= grid_map.min() and grid_map.max() <= 1
         for mode in pruning.MODES:
@@ -164,8 +168,8 @@ def test_timm_refuses_preprocessing_it_cannot_map_back():
 @pytest.fixture(scope="module")
 def deit_paths(shared_dir, deit_tiny):
     folder = shared_dir / "models" / "deit-tiny-patch16-224-timm"
-    return {"hf": deit_tiny, "timm": vit_analyzer.load_model(f"timm:{folder}"),
-            "wrapper": vit_analyzer.load_model(str(folder))}
+    return {"hf": deit_tiny, "timm": load_model(f"timm:{folder}"),
+            "wrapper": load_model(str(folder))}
 
 
 def test_the_real_timm_copy_loads_both_ways(deit_paths):
@@ -190,10 +194,10 @@ def test_the_timm_copy_equals_the_hf_copy_on_every_dev_image(deit_paths, shared_
     hf = deit_paths["hf"]
     others = [dataclasses.replace(deit_paths[k], processor=hf.processor) for k in ("timm", "wrapper")]
     for start in range(0, len(files), 50):
-        pixels = torch.cat([vit_analyzer.encode(hf, vit_analyzer.load_image(p))[0] for p in files[start:start + 50]])
-        reference = vit_analyzer.predict_pixels(hf, pixels)
+        pixels = torch.cat([encode(hf, load_image(p))[0] for p in files[start:start + 50]])
+        reference = predict_pixels(hf, pixels)
         for other in others:
-            probs = vit_analyzer.predict_pixels(other, pixels)
+            probs = predict_pixels(other, pixels)
             assert np.array_equal(probs.argmax(1), reference.argmax(1)) and np.abs(probs - reference).max() < 1e-4
 
 
@@ -204,8 +208,8 @@ def test_the_timm_copy_gives_the_hf_copy_maps(deit_paths, shared_dir):
     timm_path = dataclasses.replace(deit_paths["timm"], processor=hf.processor)
     folder = shared_dir / "data" / "imagenet-sample"
     for path in sorted(folder.glob("*.JPEG"))[:6]:
-        loaded = vit_analyzer.load_image(path)
-        ref, other = vit_analyzer.analyze(hf, loaded), vit_analyzer.analyze(timm_path, loaded)
+        loaded = load_image(path)
+        ref, other = analyze(hf, loaded), analyze(timm_path, loaded)
         for method in ("rollout", "grad_rollout", "intent"):
             assert np.corrcoef(ref.map(method).ravel(), other.map(method).ravel())[0, 1] >= 0.999, (path, method)
 
@@ -229,7 +233,7 @@ def test_the_app_runs_on_a_timm_model(deit_paths, shared_dir):
 
     bundle = deit_paths["timm"]
     path = str(shared_dir / "data" / "imagenet-sample" / "n01440764_tench.JPEG")
-    expected = bundle.label(vit_analyzer.analyze(bundle, path, keep_graph=False).predicted)
+    expected = bundle.label(analyze(bundle, path, keep_graph=False).predicted)
     with running_app(bundle) as (demo, url):
         header = next(block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "header")
         assert "Model family: timm VisionTransformer: class token, then patches" in header.value
@@ -266,8 +270,8 @@ def test_hub_timm_ids_load_from_the_cache(shared_dir, tmp_path, monkeypatch, dei
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     image = str(shared_dir / "data" / "imagenet-sample" / "n01440764_tench.JPEG")
-    expected = vit_analyzer.predict(deit_paths["timm"], image)
+    expected = predict(deit_paths["timm"], image)
     for name in ("timm/deit_tiny_patch16_224.fb_in1k", "timm:deit_tiny_patch16_224"):
-        bundle = vit_analyzer.load_model(name)
+        bundle = load_model(name)
         assert bundle.adapter.family == "timm VisionTransformer", name
-        assert np.allclose(vit_analyzer.predict(bundle, image), expected, atol=1e-6), name
+        assert np.allclose(predict(bundle, image), expected, atol=1e-6), name

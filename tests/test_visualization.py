@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import visualization
-from vit_analyzer import Geometry
+from geometry import Geometry
 
 GREEN = (0, 160, 0)
 

@@ -1,0 +1,51 @@
+"""One check for each rule a user's number must follow: block numbers, where pruning cuts, kept shares.
+
+The library, the app, its API and the CLI all call these, each naming the value as its user knows it
+("--after-block", "Prune after block"), so a rule is written once and says the same thing everywhere.
+Imports nothing heavy: the CLI checks its options with these before torch loads.
+"""
+
+from __future__ import annotations
+
+import math
+
+from errors import ZoomViTError
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def layer_index(block, num_layers: int, name: str = "Block") -> int:
+    """The library's 0-based layer index of block number `block` (blocks are numbered 1..L; -1: the last), as the
+    app, its API and the CLI take it."""
+    number = _number(block)
+    if number == -1:
+        return num_layers - 1
+    if not (number.is_integer() and 1 <= number <= num_layers):
+        raise ZoomViTError(f"{name} must be in 1..{num_layers} (or -1 for the last), got {block}.")
+    return int(number) - 1
+
+
+def check_after_block(after_block, num_layers: int, name: str = "Prune after block", last_allowed=False) -> int:
+    """Where pruning can happen: after block 1..L-1 (blocks are numbered 1..L; after the last one there is nothing
+    left to prune). The engine itself can cut after the last block too (`last_allowed`): merging there is exact for
+    heads that average the patches."""
+    last = num_layers if last_allowed else num_layers - 1
+    number = _number(after_block)
+    if not (math.isfinite(number) and number.is_integer() and 1 <= number <= last):
+        why = "" if last_allowed else f" (after the last block, {num_layers}, nothing is left to prune)"
+        raise ZoomViTError(f"{name} must be in 1..{last}{why}, got {after_block}.")
+    return int(number)
+
+
+def check_keep(keep, name: str = "keep") -> float:
+    """A share of patch tokens to keep: a fraction in (0, 1]."""
+    number = _number(keep)
+    if not 0.0 < number <= 1.0:
+        shown = f"{keep:g}" if isinstance(keep, (int, float)) else repr(keep)
+        raise ZoomViTError(f"{name} must be a fraction in (0, 1], got {shown}.")
+    return number
