@@ -41,7 +41,7 @@ class ViTBundle:
 
     @functools.cached_property
     def adapter(self) -> backbones.Backbone:
-        """Everything that depends on the model family (see backbones.py)."""
+        """Everything that depends on the model family (see the backbones package)."""
         return backbones.adapter_for(self.model)
 
     @property

@@ -1,57 +1,54 @@
-"""Backbone adapters (backbones.py): each family's blocks, head and token layout against the library's own model."""
+"""Backbone adapters (the backbones package): each family's blocks, head and token layout against the library's own
+model. The tiny models are built from each family's real hub config keys (hub_configs.py), once per session."""
+
+import functools
 
 import pytest
 import torch
 from transformers import (
-    BeitConfig,
     BeitForImageClassification,
-    CLIPConfig,
     CLIPForImageClassification,
-    Data2VecVisionConfig,
     Data2VecVisionForImageClassification,
-    DeiTConfig,
-    Dinov2Config,
     Dinov2ForImageClassification,
-    Dinov2WithRegistersConfig,
     Dinov2WithRegistersForImageClassification,
     DeiTForImageClassification,
     SwinConfig,
     SwinForImageClassification,
-    SiglipConfig,
     SiglipForImageClassification,
-    ViTMSNConfig,
     ViTMSNForImageClassification,
 )
 
 import backbones
+from hub_configs import config_for
 from maps import fuse_heads, normalize_map, rollout_matrix
 from models import ViTBundle
 from vit_analyzer import MAP_METHODS, analyze
 
-
-def _tiny(config_cls, **extra):
-    return config_cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                      image_size=32, patch_size=8, num_labels=5, initializer_range=0.2,
-                      attn_implementation="eager", **extra)
+# A larger init range than the real 0.02 gives peaked, distinguishable attention in a random model.
+INIT = dict(initializer_range=0.2)
 
 
+@functools.cache
 def deit_without_teacher():
     torch.manual_seed(2)
-    model = DeiTForImageClassification(_tiny(DeiTConfig)).eval()
+    model = DeiTForImageClassification(config_for("deit", **INIT)).eval()
     with torch.no_grad():  # DeiT starts these at zero; random values make the two special tokens differ
         for param in (model.base_model.embeddings.cls_token, model.base_model.embeddings.distillation_token):
             param.normal_(std=0.2)
     return model
 
 
+@functools.cache
 def vit_msn():
     torch.manual_seed(3)
-    return ViTMSNForImageClassification(_tiny(ViTMSNConfig)).eval()
+    return ViTMSNForImageClassification(config_for("vit_msn", **INIT)).eval()
 
 
+@functools.cache
 def dinov2():
+    """DINOv2 as its hub config has it: the MLP's width from mlp_ratio, no intermediate_size."""
     torch.manual_seed(4)
-    model = Dinov2ForImageClassification(_tiny(Dinov2Config)).eval()
+    model = Dinov2ForImageClassification(config_for("dinov2", **INIT)).eval()
     with torch.no_grad():  # layer scale starts at 1.0 everywhere: random values show it is applied where it belongs
         for name, param in model.named_parameters():
             if "lambda1" in name:
@@ -59,9 +56,10 @@ def dinov2():
     return model
 
 
+@functools.cache
 def dinov2_registers():
     torch.manual_seed(5)
-    model = Dinov2WithRegistersForImageClassification(_tiny(Dinov2WithRegistersConfig)).eval()
+    model = Dinov2WithRegistersForImageClassification(config_for("dinov2_with_registers", **INIT)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lambda1" in name or "register_tokens" in name:
@@ -69,31 +67,29 @@ def dinov2_registers():
     return model
 
 
+@functools.cache
 def clip():
     torch.manual_seed(6)
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                  patch_size=8, initializer_range=0.2)
-    model = CLIPForImageClassification(CLIPConfig(vision_config=vision, num_labels=5)).eval()
+    model = CLIPForImageClassification(config_for("clip", vision=INIT)).eval()
     model.set_attn_implementation("eager")  # the library's attentions to compare with
     with torch.no_grad():  # a pre-norm with unit weights would hide a missing one
         model.vision_model.pre_layrnorm.weight.uniform_(0.5, 1.5)
     return model
 
 
+@functools.cache
 def siglip():
     torch.manual_seed(7)
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                  patch_size=8)
-    model = SiglipForImageClassification(SiglipConfig(vision_config=vision, num_labels=5)).eval()
+    model = SiglipForImageClassification(config_for("siglip")).eval()
     model.set_attn_implementation("eager")
     with torch.no_grad():
         model.vision_model.post_layernorm.weight.uniform_(0.5, 1.5)
     return model
 
 
-def _beit_like(model_cls, config_cls, seed, **options):
+def _beit_like(model_cls, model_type, seed, **options):
     torch.manual_seed(seed)
-    model = model_cls(_tiny(config_cls, **options)).eval()
+    model = model_cls(config_for(model_type, **INIT, **options)).eval()
     with torch.no_grad():  # bias tables and embeddings start at zero, layer scale at one value: random values show
         for name, param in model.named_parameters():  # each is applied where it belongs
             if "lambda" in name:
@@ -103,20 +99,24 @@ def _beit_like(model_cls, config_cls, seed, **options):
     return model
 
 
+@functools.cache
 def beit_layer_bias():
     """BEiT as the ImageNet checkpoints: a relative bias per block, layer scale, the head on the patch mean."""
-    return _beit_like(BeitForImageClassification, BeitConfig, 8, use_relative_position_bias=True)
+    return _beit_like(BeitForImageClassification, "beit", 8)
 
 
+@functools.cache
 def beit_shared_bias_cls():
     """BEiT with one relative bias shared by the blocks, absolute position embeddings, the head on the class token."""
-    return _beit_like(BeitForImageClassification, BeitConfig, 9, use_shared_relative_position_bias=True,
-                      use_absolute_position_embeddings=True, use_mean_pooling=False)
+    return _beit_like(BeitForImageClassification, "beit", 9, use_relative_position_bias=False,
+                      use_shared_relative_position_bias=True, use_absolute_position_embeddings=True,
+                      use_mean_pooling=False)
 
 
+@functools.cache
 def data2vec_vision():
     """Data2Vec-vision with both relative biases (added together) and absolute position embeddings."""
-    return _beit_like(Data2VecVisionForImageClassification, Data2VecVisionConfig, 10, use_relative_position_bias=True,
+    return _beit_like(Data2VecVisionForImageClassification, "data2vec-vision", 10, use_relative_position_bias=True,
                       use_shared_relative_position_bias=True, use_absolute_position_embeddings=True)
 
 

@@ -1,17 +1,22 @@
 """Every supported family, saved to a folder and loaded the way a user loads it, through the whole tool: the grid,
 every map (finite, in [0, 1]), rollout rows that sum to 1, click-inspection, zoom (a box inside the image), and
-pruning in both modes (keep 1.0 gives the model's own logits; the prefix tokens always stay)."""
+pruning in both modes (keep 1.0 gives the model's own logits; the prefix tokens always stay). Each Hugging Face
+model is built from its family's real hub config keys (hub_configs.py), sizes shrunk, as a user's checkpoint loads."""
+
+import functools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, DeiTImageProcessorPil, ViTConfig, \
-    ViTForImageClassification
+from transformers import DeiTForImageClassificationWithTeacher, DeiTImageProcessorPil, ViTForImageClassification
 
 import backbones
 import pruning
 import test_backbones as hf
 import test_timm
+from hub_configs import config_for
 from maps import fuse_heads, rollout_matrix
 from models import load_model
 from vit_analyzer import MAP_METHODS, analyze
@@ -41,14 +46,16 @@ MATRIX = {
 GRID = (4, 4)  # every model here sees 32 x 32 pixels in 8-pixel patches
 
 
+@functools.cache
 def vit():
     torch.manual_seed(11)
-    return ViTForImageClassification(hf._tiny(ViTConfig)).eval()
+    return ViTForImageClassification(config_for("vit", **hf.INIT)).eval()
 
 
+@functools.cache
 def deit_distilled():
     torch.manual_seed(12)
-    model = DeiTForImageClassificationWithTeacher(hf._tiny(DeiTConfig)).eval()
+    model = DeiTForImageClassificationWithTeacher(config_for("deit", **hf.INIT)).eval()
     with torch.no_grad():  # zero at init: the two special tokens would be identical
         for param in (model.base_model.embeddings.cls_token, model.base_model.embeddings.distillation_token):
             param.normal_(std=0.2)
@@ -131,3 +138,30 @@ def test_family_through_the_whole_tool(row, tmp_path):
             assert kept.kept_mask.sum() == 8
     finally:
         del bundle.adapter.block
+
+
+@pytest.fixture(scope="module", params=["DINOv2", "DINOv2 with registers"])
+def dinov2_bundle(request, tmp_path_factory):
+    """A DINOv2 saved and loaded as a user's checkpoint: its config.json has mlp_ratio and no intermediate_size."""
+    folder = saved_folder(request.param, tmp_path_factory.mktemp("dinov2"))
+    saved = json.loads((Path(folder) / "config.json").read_text())
+    assert "mlp_ratio" in saved and "intermediate_size" not in saved
+    return load_model(folder)
+
+
+@pytest.mark.parametrize("mode, fusion", [("analysis", "drop"), ("efficiency", "drop"), ("efficiency", "fuse"),
+                                          ("efficiency", "merge")])
+def test_a_real_shaped_dinov2_prunes_in_both_modes(dinov2_bundle, mode, fusion):
+    """Pruning a DINOv2 (with or without registers) from its real config, MACs included: the MLP's width is
+    hidden_size * mlp_ratio, read from the blocks' Linear layers, not from a config key DINOv2 does not have."""
+    bundle = dinov2_bundle
+    analysis = analyze(bundle, np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    result = pruning.prune(analysis, 0.5, 1, mode, fusion, timing_repeats=0)
+    prefix = bundle.num_special
+    assert result.tokens_after == prefix + 8 + (fusion == "fuse") and np.isfinite(result.probs_after).all()
+    d = bundle.adapter.hidden_size
+    width = d * bundle.model.config.mlp_ratio
+    assert bundle.adapter.mlp_macs() == 2 * d * width
+    tokens = prefix + 16
+    assert pruning.block_macs(bundle, tokens) == 4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * width
+    assert 0 < result.macs_after < result.macs_before
