@@ -192,10 +192,9 @@ def forward_pruned(
 
 
 def block_macs(bundle: ViTBundle, tokens: int) -> int:
-    """Multiply-accumulates of one block on `tokens` tokens: qkv + output projection, QK^T and AV, the MLP."""
-    cfg = bundle.adapter.config
-    d, m = cfg.hidden_size, cfg.intermediate_size
-    return 4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * m
+    """Multiply-accumulates of one block on `tokens` tokens: qkv + output projection, QK^T and AV, the MLP (its
+    sizes read from its modules by the adapter: not every family's config names them, DINOv2's has mlp_ratio)."""
+    return bundle.adapter.block_macs(tokens)
 
 
 def model_macs(bundle: ViTBundle, tokens_before: int, tokens_after: int, after_block: int, extra: int = 0) -> int:
@@ -245,16 +244,19 @@ def median_ms(fn, repeats: int = 5, device="cpu") -> float:
     return float(np.median(interleaved_ms([fn], repeats, device)[0]))
 
 
-def interleaved_ms(fns, repeats: int = 5, device="cpu") -> list[list[float]]:
+def interleaved_ms(fns, repeats: int = 5, device="cpu", on_round=None) -> list[list[float]]:
     """Milliseconds of each of `fns` on `device`, `repeats` runs each after one warm-up (first calls pay for
     allocations and, on a GPU, kernel selection), taking turns so that a noisy neighbour on a shared CPU slows
-    all of them alike instead of whichever ran during the noise."""
+    all of them alike instead of whichever ran during the noise. `on_round()`, if given, is called after each
+    round (a progress bar's update)."""
     for fn in fns:
         timed(fn, device)
     runs = [[] for _ in fns]
     for _ in range(repeats):
         for fn, times in zip(fns, runs):
             times.append(timed(fn, device) * 1000)
+        if on_round is not None:
+            on_round()
     return runs
 
 

@@ -13,6 +13,10 @@ import pytest
 
 import cli
 import config
+import eval_data
+import eval_report
+import eval_tasks
+import eval_work
 import evaluation
 from images import load_image
 
@@ -84,8 +88,8 @@ def assert_same_outputs(out: Path, reference: Path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
     timed = {**theirs, **{k: ours[k] for k in TIMING}}
     timed["prune"] = [{**e, "latency_ratio": o["latency_ratio"]} for e, o in zip(theirs["prune"], ours["prune"])]
-    assert (out / "report.md").read_text() == evaluation.markdown_report(timed)
-    assert not (out / evaluation.WORK_DIR).exists()  # a complete run leaves nothing to resume
+    assert (out / "report.md").read_text() == eval_report.markdown_report(timed)
+    assert not (out / eval_work.WORK_DIR).exists()  # a complete run leaves nothing to resume
 
 
 def test_interrupted_run_resumes_to_the_same_results(launches, shared_dir, deit_model_path, tmp_path, monkeypatch,
@@ -104,7 +108,7 @@ def test_interrupted_run_resumes_to_the_same_results(launches, shared_dir, deit_
     monkeypatch.setattr(evaluation, "_group_pass", group_pass)
     with pytest.raises(KeyboardInterrupt):
         cli.main(argv)
-    work = out / evaluation.WORK_DIR
+    work = out / eval_work.WORK_DIR
     done = RESUME_AFTER * BATCH
     assert sorted(p.name for p in work.glob("*.pt")) == [f"{i:06d}.pt" for i in range(done)]
     capsys.readouterr()
@@ -140,7 +144,7 @@ def test_worker_decoded_rows_are_the_group_pass_on_the_files(deit_tiny, shared_d
     """Images decoded in DataLoader worker processes give the rows pass 1 gives on images read here, and a bad file
     comes back from its worker as a skipped image."""
     source = shared_dir / "data" / "imagenet-sample"
-    items = evaluation.read_labels(source, 2)
+    items = eval_data.read_labels(source, 2)
     for item in items:
         shutil.copy(source / item.file, tmp_path / item.file)
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
@@ -149,7 +153,7 @@ def test_worker_decoded_rows_are_the_group_pass_on_the_files(deit_tiny, shared_d
     tasks = ("zoom", "intent")
     result = evaluation.evaluate(deit_tiny, tmp_path, tasks=tasks, workers=2, progress=False)
     assert [s["file"] for s in result.summary["skipped"]] == ["broken.jpg"]
-    after_block, intent_keeps = config.PRUNE_AFTER_BLOCK, [evaluation.INTENT_KEEP]
+    after_block, intent_keeps = config.PRUNE_AFTER_BLOCK, [eval_tasks.INTENT_KEEP]
     entries = [(index, load_image(tmp_path / item.file), None) for index, item in zip((0, 2), items)]
     direct = evaluation._group_pass(deit_tiny, entries, [items[0], None, items[1]], tasks, intent_keeps,
                                     after_block, True)

@@ -13,6 +13,10 @@ import torch
 from PIL import Image
 
 import cli
+import eval_data
+import eval_report
+import eval_tasks
+import eval_work
 import evaluation
 import faithfulness
 import visualization
@@ -32,13 +36,13 @@ def write_labels(folder: Path, header: str, *lines: str) -> Path:
 
 
 def test_read_labels_with_and_without_boxes(tmp_path):
-    plain = evaluation.read_labels(write_labels(tmp_path / "a", "file,label_index,synset", "x.jpg,3,n1", "y.jpg,4,n2"))
+    plain = eval_data.read_labels(write_labels(tmp_path / "a", "file,label_index,synset", "x.jpg,3,n1", "y.jpg,4,n2"))
     assert [(i.file, i.label, i.box) for i in plain] == [("x.jpg", 3, None), ("y.jpg", 4, None)]
-    boxed = evaluation.read_labels(
+    boxed = eval_data.read_labels(
         write_labels(tmp_path / "b", "file,label_index,x0,y0,x1,y1,background", "z.jpg,7,1,2,30.5,40,blur"), limit=5
     )
     assert boxed[0].box == (1.0, 2.0, 30.5, 40.0) and boxed[0].groups == {"background": "blur"}
-    assert len(evaluation.read_labels(tmp_path / "a", limit=1)) == 1
+    assert len(eval_data.read_labels(tmp_path / "a", limit=1)) == 1
 
 
 @pytest.mark.parametrize(
@@ -53,24 +57,24 @@ def test_read_labels_with_and_without_boxes(tmp_path):
 )
 def test_read_labels_rejects_bad_files(tmp_path, header, line, message):
     with pytest.raises(ZoomViTError, match=message):
-        evaluation.read_labels(write_labels(tmp_path, header, line))
+        eval_data.read_labels(write_labels(tmp_path, header, line))
 
 
 def test_read_labels_missing_folder_and_file(tmp_path):
     with pytest.raises(ZoomViTError, match="not found"):
-        evaluation.read_labels(tmp_path / "nope")
+        eval_data.read_labels(tmp_path / "nope")
     with pytest.raises(ZoomViTError, match="labels.csv"):
-        evaluation.read_labels(tmp_path)
+        eval_data.read_labels(tmp_path)
 
 
 def test_parse_keeps_and_tasks():
-    assert evaluation.parse_keeps("0.9, 0.5,0.1") == (0.9, 0.5, 0.1)
+    assert eval_tasks.parse_keeps("0.9, 0.5,0.1") == (0.9, 0.5, 0.1)
     for bad in ("", "0", "1.5", "a,b"):
         with pytest.raises(ZoomViTError):
-            evaluation.parse_keeps(bad)
-    assert evaluation.parse_tasks("zoom,prune") == ("zoom", "prune")
+            eval_tasks.parse_keeps(bad)
+    assert eval_tasks.parse_tasks("zoom,prune") == ("zoom", "prune")
     with pytest.raises(ZoomViTError, match="tasks"):
-        evaluation.parse_tasks("zoom,speed")
+        eval_tasks.parse_tasks("zoom,speed")
 
 
 def test_box_iou():
@@ -124,9 +128,9 @@ def test_a_group_of_images_gives_each_image_its_own_curves(tiny_vit):
 def test_pass_one_groups_are_fixed_runs_of_the_list():
     """Groups do not depend on what is already done (a resumed run batches images as an uninterrupted one);
     a group done in part is run again."""
-    assert evaluation._groups_to_do(7, {}, 3) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert evaluation._groups_to_do(7, {0: False, 1: True, 2: False, 3: False}, 3) == [[3, 4, 5], [6]]
-    assert evaluation._groups_to_do(4, {i: False for i in range(4)}, 2) == []
+    assert eval_work.groups_to_do(7, {}, 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert eval_work.groups_to_do(7, {0: False, 1: True, 2: False, 3: False}, 3) == [[3, 4, 5], [6]]
+    assert eval_work.groups_to_do(4, {i: False for i in range(4)}, 2) == []
 
 
 # ---- summaries and plots ----------------------------------------------------------------------------------
@@ -136,12 +140,12 @@ def synthetic_summary():
     prune = [
         {"mode": m, "criterion": c, "keep": k, "top1": t - (1 - k) * d, "agreement": 0.9, "macs_ratio": 0.5 + k / 2,
          "latency_ratio": 0.45 + k / 2, "tokens_after": 10}
-        for m, crits in evaluation.CRITERIA.items() for c, d in zip(crits, (0.01, 0.05, 0.2)) for k in (0.5, 0.3)
+        for m, crits in eval_tasks.CRITERIA.items() for c, d in zip(crits, (0.01, 0.05, 0.2)) for k in (0.5, 0.3)
         for t in (0.8,)
     ]
     curve = list(np.linspace(0.8, 0.0, 11))
     faith = [{"method": m, "deletion_auc": a, "insertion_auc": 0.4, "deletion_curve": curve, "insertion_curve": curve}
-             for m, a in zip(evaluation.FAITHFULNESS_METHODS, (0.18, 0.17, 0.19, 0.19, 0.12, 0.11))]
+             for m, a in zip(eval_tasks.FAITHFULNESS_METHODS, (0.18, 0.17, 0.19, 0.19, 0.12, 0.11))]
     zoom = {"n": 10, "top1_before": 0.2, "top1_after": 0.6, "top1_crop": 0.5, "zoomed_fraction": 0.7,
             "pointing_game": 0.9, "box_iou": 0.4,
             "groups": {"background": {"blur": {"n": 5, "top1_before": 0.3, "top1_after": 0.6, "top1_crop": 0.5,
@@ -153,7 +157,7 @@ def synthetic_summary():
 
 
 def test_goal_checks_report_met_and_missed():
-    checks = {goal: (measured, met) for goal, measured, met in evaluation.goal_checks(synthetic_summary())}
+    checks = {goal: (measured, met) for goal, measured, met in eval_report.goal_checks(synthetic_summary())}
     keep3 = checks["analysis pruning, keep 0.3: top-1 drop <= 1 points"]
     assert keep3 == ("-0.7 points", True)  # top-1 0.8 - 0.7 * 0.01 against 0.8
     assert checks["efficiency keep 0.5: latency ratio <= MACs ratio + 0.05"][1] is True
@@ -165,7 +169,7 @@ def test_goal_checks_report_met_and_missed():
 
 def test_report_and_plots_from_a_summary(tmp_path):
     summary = synthetic_summary()
-    report = evaluation.markdown_report(summary)
+    report = eval_report.markdown_report(summary)
     assert "| analysis | intent | 0.5 |" in report and "| rollout | 19.00 | 40.00 |" in report and "MISSED" in report
     for plot in (visualization.plot_pruning, visualization.plot_zoom, visualization.plot_faithfulness):
         path = tmp_path / f"{plot.__name__}.png"
@@ -184,7 +188,7 @@ def bench_run(deit_tiny, shared_dir, tmp_path_factory):
     """Every task on the first images of zoom-bench (boxes, background and scale groups)."""
     result = evaluation.evaluate(deit_tiny, shared_dir / "data" / "zoom-bench", limit=LIMIT, progress=False)
     out = tmp_path_factory.mktemp("eval")
-    return result, out, evaluation.write_outputs(result, out)
+    return result, out, eval_report.write_outputs(result, out)
 
 
 def test_run_writes_every_output(bench_run):
@@ -204,7 +208,7 @@ def test_results_follow_the_schema(bench_run):
     s = bench_run[0].summary
     assert s["n"] == LIMIT and s["model"].endswith("deit-tiny-patch16-224")
     fractions = [s["top1"]]
-    assert len(s["prune"]) == 6 * len(evaluation.DEFAULT_KEEPS)
+    assert len(s["prune"]) == 6 * len(eval_tasks.DEFAULT_KEEPS)
     for e in s["prune"]:
         assert set(e) >= {"mode", "criterion", "keep", "top1", "agreement", "macs_ratio", "latency_ratio"}
         assert e["mode"] in ("analysis", "efficiency") and 0 < e["macs_ratio"] < 1 and e["latency_ratio"] > 0
@@ -212,7 +216,7 @@ def test_results_follow_the_schema(bench_run):
     z = s["zoom"]
     fractions += [z[k] for k in ("top1_before", "top1_after", "zoomed_fraction", "pointing_game", "box_iou")]
     assert set(z["groups"]) == {"background", "scale"}
-    assert [e["method"] for e in s["faithfulness"]] == list(evaluation.FAITHFULNESS_METHODS)
+    assert [e["method"] for e in s["faithfulness"]] == list(eval_tasks.FAITHFULNESS_METHODS)
     for e in s["faithfulness"]:
         fractions += [e["deletion_auc"], e["insertion_auc"]]
         assert len(e["deletion_curve"]) == faithfulness.STEPS + 1
@@ -225,7 +229,7 @@ def test_results_agree_with_the_library(bench_run, deit_tiny, shared_dir):
     """The figures are what the library computes image by image: top-1 against the label, the zoom decision."""
     result = bench_run[0]
     folder = shared_dir / "data" / "zoom-bench"
-    items = evaluation.read_labels(folder, LIMIT)
+    items = eval_data.read_labels(folder, LIMIT)
     predicted = [int(predict(deit_tiny, folder / item.file).argmax()) for item in items]
     assert [r["predicted"] for r in result.rows] == predicted
     assert result.summary["top1"] == pytest.approx(np.mean([p == i.label for p, i in zip(predicted, items)]))
@@ -254,7 +258,7 @@ def test_intent_map_beats_random_on_deletion(deit_tiny, shared_dir):
 
 def test_unreadable_image_is_skipped_not_fatal(deit_tiny, shared_dir, tmp_path):
     source = shared_dir / "data" / "imagenet-sample"
-    first = evaluation.read_labels(source, 1)[0]
+    first = eval_data.read_labels(source, 1)[0]
     shutil.copy(source / first.file, tmp_path / first.file)
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     write_labels(tmp_path, "file,label_index", f"{first.file},{first.label}", "broken.jpg,1", "missing.jpg,2")
@@ -303,5 +307,5 @@ def test_readme_results_are_the_committed_reports():
     assert {r.parent.name for r in reports} == {"imagenet-sample", "zoom-bench"}
     for report in reports:
         summary = json.loads((report.parent / "results.json").read_text())
-        assert report.read_text() == evaluation.markdown_report(summary)
+        assert report.read_text() == eval_report.markdown_report(summary)
         assert report.read_text() in readme, f"README.md does not contain {report} verbatim"

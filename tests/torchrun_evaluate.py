@@ -10,13 +10,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules, wherever torchrun starts
 
+import eval_work  # noqa: E402
 import evaluation  # noqa: E402
 from models import load_model  # noqa: E402
 
 model, data, work_dir, limit, batch, tasks = sys.argv[1:]
 evaluation.PRUNE_BATCH = int(batch)
 bundle = load_model(model, "cpu")
-with evaluation.distributed(bundle.device):
+with eval_work.distributed(bundle.device):
     result = evaluation.evaluate(bundle, data, int(limit), keeps=(0.5,), tasks=tasks.split(","), progress=False,
                                  work_dir=work_dir)
 if result is not None:
