@@ -13,30 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import socket
 import sys
 from pathlib import Path
 
 import checks
 import config
 from errors import ZoomViTError
+from serving import port_free  # light: the port check and the app's other serving concerns
 
 
 class UsageError(ZoomViTError):
     """A bad option value, found before anything heavy is imported."""
-
-
-def port_free(host: str, port: int) -> bool:
-    """Whether a server can listen on host:port now. SO_REUSEADDR as uvicorn sets it, so only a listening
-    socket makes the port busy, not connections of a server that just stopped."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-    except (OSError, OverflowError):  # in use, an address not on this machine, a port outside 0..65535
-        return False
-    return True
 
 
 def _model_facts(model: str):
@@ -213,35 +200,39 @@ def cmd_prune(args):
 
 
 def cmd_eval(args):
+    import eval_data
+    import eval_report
+    import eval_tasks
+    import eval_work
     import evaluation
 
-    keeps = evaluation.parse_keeps(args.keep)
-    tasks = evaluation.parse_tasks(args.tasks)
+    keeps = eval_tasks.parse_keeps(args.keep)
+    tasks = eval_tasks.parse_tasks(args.tasks)
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must be 0 or more, got {args.workers}.")
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}.")
     device, dtype = _placement(args)
-    evaluation.read_labels(args.data, args.limit)  # a bad folder fails before the slow model load
+    eval_data.read_labels(args.data, args.limit)  # a bad folder fails before the slow model load
     facts = _model_facts(args.model)
     if facts:
         checks.check_after_block(args.after_block, facts[0], "--after-block")
-    bundle = _load_model(args.model, (evaluation.rank_device(device), dtype))  # under torchrun: a GPU per process
+    bundle = _load_model(args.model, (eval_work.rank_device(device), dtype))  # under torchrun: a GPU per process
     checks.check_after_block(args.after_block, bundle.num_layers, "--after-block")
     out = Path(args.out or f"zoomvit-eval/{Path(args.data).resolve().name}")
-    work = out / evaluation.WORK_DIR
-    with evaluation.distributed(bundle.device):  # started by torchrun: its processes share the run out
+    work = out / eval_work.WORK_DIR
+    with eval_work.distributed(bundle.device):  # started by torchrun: its processes share the run out
         result = evaluation.evaluate(bundle, args.data, args.limit, keeps, args.after_block, tasks, progress=True,
                                      work_dir=work, resume=args.resume, workers=args.workers,
                                      batch=args.batch)
     if result is None:  # another process of a torchrun launch: rank 0 writes the outputs
         return None
-    for path in evaluation.write_outputs(result, out):
+    for path in eval_report.write_outputs(result, out):
         print(f"wrote {path}", file=sys.stderr)
     shutil.rmtree(work)  # the run is complete: nothing is left to resume
     if args.json:
         return result.summary
-    print(evaluation.markdown_report(result.summary))
+    print(eval_report.markdown_report(result.summary))
 
 
 def cmd_serve(args):

@@ -5,11 +5,11 @@
 
 A view change (view, layer, head, discard ratio, opacity, colormap, click on a patch) re-renders from the
 session's cached analysis: the map, its upsampling and the overlay (plus the all-heads grid the app draws with
-it), without a model run. This times `app.Explorer.render` exactly as the handlers call it, and separately the
+it), without a model run. This times `views.ViewRenderer.render` exactly as the handlers call it, and separately the
 JPEG encoding Gradio does on the returned images. Prints medians in milliseconds for a randomly initialised
 ViT-B-shaped model (hidden 768, 12 layers, 12 heads, 224 px, patch 16, eager attention) and for the given model.
 The goal is 30 ms per view change on ViT-B-shaped outputs. numpy's OpenBLAS runs on one thread, as in the
-app (`app.one_blas_thread`); --blas-threads default shows what its thread-per-core default costs.
+app (`serving.one_blas_thread`); --blas-threads default shows what its thread-per-core default costs.
 """
 
 import argparse
@@ -26,15 +26,18 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import app  # noqa: E402
+import dataclasses  # noqa: E402
+
+import serving  # noqa: E402
+from explorer import Explorer  # noqa: E402
 from models import load_model  # noqa: E402
+from sessions import DISPLAY_SIDE  # noqa: E402
+from views import ViewSettings  # noqa: E402
 from bench_engine import vit_b_shaped  # noqa: E402
 
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", REPO.parent / "shared"))
 
-# The controls' defaults: (direction, view, layer, head, discard ratio, target, colormap, opacity). Each change
-# below sets some of them; `patch` means a clicked patch.
-DEFAULT = ("attends_to", "rollout", -1, "mean", 0.9, "", "jet", 0.5)
+# The controls start at ViewSettings' defaults; each change below sets some of them; `patch` means a clicked patch.
 
 
 def changes(bundle):
@@ -46,7 +49,7 @@ def changes(bundle):
         ("view: intent", dict(view=["intent"])),
         ("view: CLS attention", dict(view=["cls"])),
         ("view: attention", dict(view=["attention"])),
-        ("layer (CLS view; heads grid redrawn)", dict(view=["cls"], layer=[mid, mid - 1])),
+        ("block (CLS view; heads grid redrawn)", dict(view=["cls"], block=[mid, mid - 1])),
         ("head (CLS view)", dict(view=["cls"], head=["1", "2"])),
         ("opacity (heads grid redrawn)", dict(opacity=[0.7, 0.6])),
         ("colormap (heads grid redrawn)", dict(colormap=["viridis", "magma"])),
@@ -64,8 +67,8 @@ def encode_ms(image: Image.Image) -> float:
 
 
 def bench(bundle, image_path, repeats):
-    explorer = app.Explorer(bundle)
-    session = explorer.session_for(image_path, None)
+    explorer = Explorer(bundle)
+    session = explorer.store.session_for(image_path, None)
     print(f"\n== {bundle.name}: {session.analysis.loaded.image.size} image, drawn at {session.display.size}, "
           f"{bundle.num_layers} layers x {bundle.num_heads} heads, {session.analysis.grid} grid ==")
     gh, gw = session.analysis.grid
@@ -74,17 +77,15 @@ def bench(bundle, image_path, repeats):
     for name, change in changes(bundle):
         render_times, encode_times = [], []
         for i in range(repeats + 1):
-            controls = dict(zip(("direction", "view", "layer", "head", "discard_ratio", "target", "colormap",
-                                 "opacity"), DEFAULT))
-            for control, values in change.items():
-                if control in controls and isinstance(values, list):
-                    controls[control] = values[i % len(values)]
+            controls = {control: values[i % len(values)] for control, values in change.items()
+                        if isinstance(values, list)}
             if change.get("discard_ratio") == "new":
                 controls["discard_ratio"] = float(next(discard_values))
             session.patch = ((i * 5) % gh, (i * 3) % gw) if change.get("patch") else None
             start = time.perf_counter()
             # skip_same_grid as in the app's UI events: an unchanged all-heads grid is not redrawn or sent.
-            overlay, _, grid = explorer.render(session, **controls, skip_same_grid=True)
+            settings = dataclasses.replace(ViewSettings(), **controls)
+            overlay, _, grid = explorer.views.render(session, settings, skip_same_grid=True)
             elapsed = (time.perf_counter() - start) * 1000
             if i:  # the first run fills the per-analysis caches (rollout, gradient maps): not a view change
                 render_times.append(elapsed)
@@ -113,9 +114,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.blas_threads == "one":
-        app.one_blas_thread()
+        serving.one_blas_thread()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), numpy BLAS threads: {args.blas_threads}, "
-          f"display side {app.DISPLAY_SIDE} px")
+          f"display side {DISPLAY_SIDE} px")
     if not args.skip_vit_b:
         bench(vit_b_shaped(), args.image, args.repeats)
     bench(load_model(args.model), args.image, args.repeats)

@@ -16,9 +16,14 @@ from PIL import Image
 
 import app
 import models
+import serving
 import visualization
 from errors import ZoomViTError
+from explorer import Explorer
+from sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE, _file_key
+from views import ViewSettings
 from vit_analyzer import analyze, predict
+from zoom_prune import CROP_SIDE, TIMING_REPEATS
 from app_server import running_app
 
 pytestmark = [  # Gradio's queue trips over pandas 3 deprecations: not ours
@@ -90,7 +95,7 @@ def test_explain_with_only_the_image(client, tench):
     assert re.match(r"\*\*Intent: (good|inverted|diffuse)\*\*: .+", diagnosis)
     assert caption.startswith("**Rollout**")
     shown = open_image(overlay)
-    assert shown.size == visualization.fit_size(analysis.loaded.image.size, app.DISPLAY_SIDE)
+    assert shown.size == visualization.fit_size(analysis.loaded.image.size, DISPLAY_SIDE)
     assert open_image(heads).width > open_image(heads).height  # 3 heads side by side
 
 
@@ -98,7 +103,7 @@ def test_explain_shows_the_library_map(client, tench, deit_tiny):
     """The overlay is the engine's map, drawn on the displayed image (JPEG-compressed on the way)."""
     path, analysis = tench
     overlay, *_ = call(client, handle_file(path), "cls", 6, "1", 0.9, "", "viridis", 1.0, api_name="/explain")
-    display, geometry = visualization.resized_view(analysis.loaded.image, analysis.geometry, app.DISPLAY_SIDE)
+    display, geometry = visualization.resized_view(analysis.loaded.image, analysis.geometry, DISPLAY_SIDE)
     expected = visualization.heat_overlay(display, geometry, analysis.cls_map(5, 1), "viridis", 1.0)
     difference = np.abs(np.asarray(open_image(overlay), float) - np.asarray(expected, float)).mean()
     assert difference < 4, difference
@@ -156,7 +161,7 @@ def test_inspect_patch_with_only_the_image_is_the_centre(client, tench):
     assert abs(x - w / 2) <= 0.5 and abs(y - h / 2) <= 0.5  # the boxes show whole pixels
     assert patch_named(caption) == analysis.geometry.pixel_to_patch(w / 2 * scale, h / 2 * scale)
     assert "what it attends to" in caption
-    assert open_image(overlay).size == visualization.fit_size(analysis.loaded.image.size, app.DISPLAY_SIDE)
+    assert open_image(overlay).size == visualization.fit_size(analysis.loaded.image.size, DISPLAY_SIDE)
 
 
 @pytest.mark.parametrize("x, y", [(300, 100), (120, 300), (440, 40)])
@@ -191,8 +196,8 @@ def test_zoom(client, tench):
     boxed, crop, before, after, info = call(client, handle_file(path), api_name="/zoom")
     assert top_label(before)[0] == expected_label(analysis)
     assert re.search(r"Box \(\d+, \d+\) – \(\d+, \d+\) in image pixels", info)
-    assert open_image(boxed).size == visualization.fit_size(analysis.loaded.image.size, app.DISPLAY_SIDE)
-    assert max(open_image(crop).size) <= app.CROP_SIDE
+    assert open_image(boxed).size == visualization.fit_size(analysis.loaded.image.size, DISPLAY_SIDE)
+    assert max(open_image(crop).size) <= CROP_SIDE
     _, _, _, after, info = call(client, handle_file(path), "always", api_name="/zoom")
     assert info.startswith("**Zoomed in**")
 
@@ -212,11 +217,11 @@ def test_prune_with_only_the_image(client, tench):
     assert "Keep **0.50** of the patch tokens (50%)" in stats and "after block 6 of 12 (analysis mode)" in stats
     assert tokens(stats) == (197, 1 + 98)
     timed = re.search(r"\| time: median of (\d+) \(range\) \| ([\d.]+) ms \(([\d.]+)–([\d.]+)\) \| ([\d.]+) ms \(([\d.]+)–([\d.]+)\)", stats)
-    assert timed and int(timed[1]) == app.TIMING_REPEATS
+    assert timed and int(timed[1]) == TIMING_REPEATS
     for median, low, high in (timed.group(2, 3, 4), timed.group(5, 6, 7)):
         assert float(low) <= float(median) <= float(high)
     assert "noise" in stats
-    assert open_image(kept).size == visualization.fit_size(analysis.loaded.image.size, app.DISPLAY_SIDE)
+    assert open_image(kept).size == visualization.fit_size(analysis.loaded.image.size, DISPLAY_SIDE)
 
 
 def test_prune_at_the_extremes_and_with_options(client, tench):
@@ -272,7 +277,7 @@ def test_two_concurrent_sessions_keep_their_own_state(server, photos, deit_tiny)
     sessions = {name: session_of(demo, c) for name, c in clients.items()}
     assert sessions["tench"] is not sessions["shark"]
     for name, session in sessions.items():
-        assert session.key == app._file_key(photos[name])
+        assert session.key == _file_key(photos[name])
         assert session.analysis.probs.argmax() == deit_tiny.find_label(expected[name])
 
 
@@ -386,7 +391,7 @@ def test_server_paths_that_were_not_uploaded_are_refused_alike(url, tench, api_n
     file, a folder, a URL or nothing at all: no pixels come back and nothing tells what exists. With Gradio's
     file marker Gradio would copy the path (or fetch the URL) into its cache first: refused the same way."""
     real_image = tench[0]  # exists, and is an image the model would happily explain
-    upload_folder = app.get_upload_folder()
+    upload_folder = serving.get_upload_folder()
     ours = ('{"error": "This file did not come through this app\'s upload; upload it again.", "duration": 10, '
             '"visible": true, "title": "Error"}')
     gradios = '{"error": null}'  # Gradio's own refusal of a marked path outside its folder names no cause
@@ -406,14 +411,14 @@ def test_uploaded_file_accepts_only_the_upload_folder(tmp_path, monkeypatch):
     inside = tmp_path / "uploads" / "abc" / "photo.png"
     inside.parent.mkdir(parents=True)
     inside.write_bytes(b"x")
-    assert app.uploaded_file(str(inside)) == str(inside.resolve())
+    assert serving.uploaded_file(str(inside)) == str(inside.resolve())
     outside = tmp_path / "photo.png"
     outside.write_bytes(b"x")
     link = tmp_path / "uploads" / "abc" / "link.png"
     link.symlink_to(outside)  # a link inside that points outside is outside
     for path in (outside, link, tmp_path / "uploads", tmp_path / "uploads" / ".." / "photo.png"):
         with pytest.raises(app.gr.Error):
-            app.uploaded_file(str(path))
+            serving.uploaded_file(str(path))
 
 
 @pytest.mark.parametrize("size", [(8, 8), (12, 600), (1, 1), (600, 12)])
@@ -426,8 +431,8 @@ def test_tiny_images_are_shown_blown_up_and_their_patches_inspectable(client, tm
     overlay, label, _, _, _ = call(client, handle_file(str(path)), api_name="/explain")
     assert len(label["confidences"]) == 5
     shown = open_image(overlay).size
-    assert shown == visualization.fit_size(size, app.DISPLAY_SIDE, app.MIN_DISPLAY_SIDE)
-    assert max(shown) == app.DISPLAY_SIDE or min(shown) >= app.MIN_DISPLAY_SIDE
+    assert shown == visualization.fit_size(size, DISPLAY_SIDE, MIN_DISPLAY_SIDE)
+    assert max(shown) == DISPLAY_SIDE or min(shown) >= MIN_DISPLAY_SIDE
     _, caption, _, x, y = call(client, handle_file(str(path)), api_name="/inspect_patch")
     assert patch_named(caption) is not None, caption
     _, caption, *_ = call(client, handle_file(str(path)), 0, 0, api_name="/inspect_patch")
@@ -485,7 +490,7 @@ def test_the_janitor_keeps_the_temp_folder_under_its_size_and_age(tmp_path, monk
         path.write_bytes(b"\0" * 1000)
         os.utime(path, (now - age, now - age))
         files[name] = path
-    janitor = app.TempJanitor(max_bytes=3500, max_age_s=3600)
+    janitor = serving.TempJanitor(max_bytes=3500, max_age_s=3600)
     janitor.protectors.append(lambda: {str(files["example"])})
     left = janitor.sweep()
     survivors = {name for name, path in files.items() if path.exists()}
@@ -499,13 +504,13 @@ def test_bare_uploads_do_not_fill_the_temp_folder(url, monkeypatch):
 
     import httpx
 
-    folder = Path(app.get_upload_folder())
+    folder = Path(serving.get_upload_folder())
 
     def size():
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
     cap = size() + 3 * 1024 * 1024
-    monkeypatch.setattr(app.JANITOR, "max_bytes", cap)
+    monkeypatch.setattr(serving.JANITOR, "max_bytes", cap)
     rng = np.random.default_rng(3)
     for i in range(12):
         response = httpx.post(f"{url}gradio_api/upload",
@@ -523,12 +528,12 @@ def test_exports_are_full_size_pictures_with_a_legend_and_the_result_as_json(dei
 
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
     path, analysis = tench
-    explorer = app.Explorer(deit_tiny)
-    session = explorer.session_for(path, None)
+    explorer = Explorer(deit_tiny)
+    session = explorer.store.session_for(path, None)
     with pytest.raises(ZoomViTError, match="Nothing to export"):
-        explorer.export_zoom_prune(session)
-    explorer.render(session, "attends_to", "intent", 12, "mean", 0.9, "goldfish", "viridis", 0.6)
-    png, js = explorer.export_explore(session)
+        explorer.exports.export_zoom_prune(session)
+    explorer.views.render(session, ViewSettings("attends_to", "intent", 12, "mean", 0.9, "goldfish", "viridis", 0.6))
+    png, js = explorer.exports.export_explore(session)
     picture = open_image(png)
     working = analysis.loaded.image
     assert picture.width == working.width and picture.height > working.height + 20  # colorbar + caption below
@@ -541,12 +546,12 @@ def test_exports_are_full_size_pictures_with_a_legend_and_the_result_as_json(dei
     assert np.allclose(data["map"], analysis.intent(goldfish), atol=1e-4)
     assert data["settings"]["block"] == 12 and data["diagnosis"]["kind"] in ("good", "inverted", "diffuse")
 
-    explorer.zoom(path, "always", session)
-    explorer.prune(path, 0.3, 6, "analysis", session)
-    png, js = explorer.export_zoom_prune(session)
+    explorer.zoom_prune.zoom(path, "always", session)
+    explorer.zoom_prune.prune(path, 0.3, 6, "analysis", session)
+    png, js = explorer.exports.export_zoom_prune(session)
     data = json.loads(Path(js).read_text())
     assert data["prune"]["tokens_after"] == 1 + 59 and np.asarray(data["prune"]["kept_mask"]).shape == analysis.grid
-    assert len(data["prune"]["latency_before_runs_ms"]) == app.TIMING_REPEATS
+    assert len(data["prune"]["latency_before_runs_ms"]) == TIMING_REPEATS
     assert data["zoom"]["box"] == [round(c, 1) for c in session.zoom_result.box]
     assert open_image(png).width == working.width
 

@@ -13,9 +13,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-import app
 import visualization
 from images import load_image
+from sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE
 from vit_analyzer import analyze
 from app_server import running_app
 
@@ -68,7 +68,7 @@ def test_upload_click_a_patch_and_prune(browser, url, deit_tiny, tmp_path):
     loaded = load_image(EXAMPLE)
     analysis = analyze(deit_tiny, loaded, keep_graph=False)
     predicted = deit_tiny.label(analysis.predicted)
-    _, geometry = visualization.resized_view(loaded.image, analysis.geometry, app.DISPLAY_SIDE)
+    _, geometry = visualization.resized_view(loaded.image, analysis.geometry, DISPLAY_SIDE)
     # The patch to click: the strongest rollout patch (on the clock), at its centre in the shown image's pixels.
     row, col = (int(v) for v in divmod(int(analysis.rollout().argmax()), analysis.grid[1]))
     x0, y0, x1, y1 = geometry.patch_box(row, col)
@@ -254,7 +254,7 @@ def test_a_tiny_image_is_shown_blown_up_and_clickable(page, tmp_path):
     page.locator("#diagnosis").get_by_text("Intent").wait_for()
     overlay = page.locator("#overlay img")
     page.wait_for_function("() => { const i = document.querySelector('#overlay img'); return i && i.naturalWidth > 0 }")
-    assert overlay.evaluate("i => i.naturalWidth") == app.MIN_DISPLAY_SIDE
+    assert overlay.evaluate("i => i.naturalWidth") == MIN_DISPLAY_SIDE
     shown = overlay.bounding_box()
     assert shown["width"] > 100 and shown["height"] > 100  # the layout keeps its size
     overlay.click(position={"x": shown["width"] / 2, "y": shown["height"] / 2})

@@ -1,0 +1,162 @@
+"""What the view controls say (`ViewSettings`), and turning them into what the app shows: the overlay, its
+caption, the all-heads grid, the top-k label and the diagnosis line. Drawn from a session's cached analysis:
+no model run unless the target class is new (benchmarks/bench_views.py measures this path)."""
+
+from dataclasses import dataclass
+
+import gradio as gr
+import numpy as np
+
+import config
+import visualization
+from errors import ZoomViTError
+from feedback import finite_number
+from sessions import Session, SessionStore, Shown
+from vit_analyzer import Prediction, top_predictions
+
+HEAD_TILE = 128  # one tile of the all-heads grid
+
+VIEWS = [
+    ("Rollout", "rollout"),
+    ("Gradient-weighted", "grad_rollout"),
+    ("Intent", "intent"),
+    ("CLS attention", "cls"),
+    ("Attention", "attention"),
+]
+VIEW_NAMES = dict((value, label) for label, value in VIEWS)
+TARGET_VIEWS = ("grad_rollout", "intent")  # the only views that depend on the target class
+COLORMAPS = ["jet", "turbo", "viridis", "inferno", "magma", "plasma", "hot", "gray"]
+DIRECTIONS = [("what it attends to", "attends_to"), ("what attends to it", "attended_by")]
+
+
+@dataclass(frozen=True)
+class ViewSettings:
+    """The view controls' values, as the user set them (checked when drawn). The defaults are the controls'
+    initial values, and the API's defaults.
+
+    direction: a clicked patch shows what it attends to ("attends_to") or what attends to it ("attended_by");
+    block: 1..L, or -1 for the last; head: an index (as text) or mean / max / min over heads; target: a class
+    index or label text, empty for the predicted class; opacity: of the heatmap, 0..1.
+    """
+
+    direction: str = "attends_to"
+    view: str = "rollout"
+    block: int = -1
+    head: str = "mean"
+    discard_ratio: float = config.ROLLOUT_DISCARD_RATIO
+    target: str = ""
+    colormap: str = "jet"
+    opacity: float = 0.5
+
+
+def legend_html(cmap: str) -> str:
+    stops = ", ".join(visualization.colormap_stops(cmap))
+    return (f'<div class="zv-legend"><span>less important</span>'
+            f'<span class="bar" style="background: linear-gradient(to right, {stops})"></span>'
+            f'<span>more important</span></div>')
+
+
+def head_name(head) -> str:
+    return f"head {head}" if str(head).lstrip("-").isdigit() else f"{head} over heads"
+
+
+class ViewRenderer:
+    """Draws a session's views from its cached analysis, and records what the overlay shows (for the export)."""
+
+    def __init__(self, store: SessionStore):
+        self.store = store
+        self.bundle = store.bundle
+
+    def render(self, session: Session, settings: ViewSettings, note: str = "", skip_same_grid: bool = False):
+        """(overlay, caption, heads grid) from the cached analysis: no model run unless the target is new.
+
+        The all-heads grid depends only on the block, the clicked patch, the colours: it is redrawn only when
+        one of those changed, and with skip_same_grid (UI events) not even sent again (gr.skip()).
+        """
+        s = settings
+        layer = self.store.block_index(s.block)
+        alpha = finite_number(s.opacity, "Opacity")
+        if alpha is None or not 0.0 <= alpha <= 1.0:
+            raise ZoomViTError(f"Opacity must be from 0 to 1, got {s.opacity!r}.")
+        record = {"view": s.view, "block": layer + 1, "head": str(s.head), "discard_ratio": float(s.discard_ratio),
+                  "colormap": s.colormap, "opacity": alpha}
+        draw = self._patch_map if session.patch is not None else self._view_map
+        grid_map, caption, grid_maps = draw(session, s, layer, record)
+        image = visualization.heat_overlay(session.display, session.geometry, grid_map, s.colormap, alpha)
+        if session.patch is not None:
+            image = visualization.patch_outline(image, session.geometry, *session.patch, color="white", width=3)
+        grid_key = (session.patch, s.direction if session.patch else None, layer, s.colormap, alpha)
+        if grid_key == session.grid_key and session.grid_image is not None:
+            grid = gr.skip() if skip_same_grid else session.grid_image
+        else:
+            heads = range(self.store.num_heads)
+            grid = visualization.heads_grid(
+                session.display, session.geometry, grid_maps(), [f"head {h}" for h in heads], s.colormap, alpha,
+                HEAD_TILE,
+            )
+            session.grid_key, session.grid_image = grid_key, grid
+        session.shown = Shown(np.asarray(grid_map), caption, s.colormap, alpha, record, session.patch)
+        if note:
+            caption = f"{note}\n\n{caption}"
+        return image, caption, grid
+
+    def _patch_map(self, session: Session, s: ViewSettings, layer: int, record: dict):
+        """The clicked patch's attention row (what it attends to) or column (what attends to it)."""
+        analysis, heads = session.analysis, range(self.store.num_heads)
+        row, col = session.patch
+        attends_to = s.direction != "attended_by"
+        pick = analysis.attended_by_patch if attends_to else analysis.attending_patch
+        gh, gw = analysis.grid
+        caption = (
+            f"Patch **row {row}, column {col}** (of {gh}×{gw}): "
+            f"{'what it attends to' if attends_to else 'what attends to it'} in block {layer + 1}, "
+            f"{head_name(s.head)}."
+        )
+        record.update(direction=s.direction, view="patch")
+        return pick(row, col, layer, s.head), caption, lambda: [pick(row, col, layer, h) for h in heads]
+
+    def _view_map(self, session: Session, s: ViewSettings, layer: int, record: dict):
+        """The chosen view's map: for the target class where the view depends on it."""
+        analysis, heads = session.analysis, range(self.store.num_heads)
+        if s.view in TARGET_VIEWS:
+            target_index = self.store.resolve_target(session, s.target)
+            source = self.store.for_target(session, target_index)
+            record["target"] = Prediction(
+                target_index, self.bundle.label(target_index), float(analysis.probs[target_index])
+            ).as_dict()
+        else:
+            target_index, source = analysis.predicted, analysis
+        grid_map = source.map(s.view, layer, s.head, float(s.discard_ratio))
+        caption = f"**{VIEW_NAMES.get(s.view, s.view)}**" + self.view_detail(session, s, layer + 1, target_index)
+        return grid_map, caption, lambda: [analysis.cls_map(layer, h) for h in heads]
+
+    def view_detail(self, session: Session, s: ViewSettings, number: int, target_index: int) -> str:
+        label = self.bundle.label(target_index)
+        prob = float(session.analysis.probs[target_index])
+        if s.view == "rollout":
+            return (f": attention rolled out through all {self.store.num_layers} blocks ({head_name(s.head)}, "
+                    f"discard ratio {float(s.discard_ratio):.2f}); where it looks, for any class.")
+        if s.view in TARGET_VIEWS:
+            what = "gradient-weighted rollout" if s.view == "grad_rollout" else "what the decision depends on"
+            return f" for *{label}* ({prob:.1%}): {what}."
+        if s.view == "cls":
+            return f": what the class token reads in block {number}, {head_name(s.head)}."
+        return f": attention each patch receives in block {number}, {head_name(s.head)}."
+
+    def label_value(self, session: Session, probs=None) -> dict:
+        """Top-k as a gr.Label value; a label shown twice (ImageNet has two 'crane's) gets its index."""
+        probs = session.analysis.probs if probs is None else probs
+        top = top_predictions(self.bundle, probs)
+        names = [p.label for p in top]
+        value = {}
+        for p in top:
+            name = p.label if names.count(p.label) == 1 else f"{p.label} [{p.index}]"
+            value[name] = p.prob
+            if probs is session.analysis.probs:
+                session.label_index[name] = p.index
+        return value
+
+    @staticmethod
+    def diagnosis_text(session: Session) -> str:
+        d = session.diagnosis
+        return f"**Intent: {d.kind}**: {d.reason}."

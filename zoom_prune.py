@@ -1,0 +1,121 @@
+"""The Zoom & prune tab's handlers: zoom in on where the model looks, drop tokens after a block, and the texts
+that say what each did. They raise; the wiring wraps them (see `feedback`)."""
+
+import gradio as gr
+from PIL import Image
+
+import config
+import pruning
+import visualization
+import zoom as zoom_lib
+from errors import ZoomViTError
+from feedback import clamped, finite_number
+from sessions import Session, SessionStore
+from views import ViewRenderer
+
+CROP_SIDE = 384  # the zoom crop, shown beside the image
+TIMING_REPEATS = 7  # prune: runs timed before and after (interleaved); the median and the range are shown
+KEEP_MIN = 0.1  # the smallest keep the app offers (and the API accepts)
+POLICIES = [("adaptive: zoom only if it helps", "adaptive"), ("always zoom", "always")]
+MODES = [("analysis (intent ranking, look-ahead)", "analysis"), ("efficiency (no look-ahead, merge)", "efficiency")]
+
+
+def zoom_text(result) -> str:
+    x0, y0, x1, y1 = result.box
+    verdict = "**Zoomed in**" if result.zoomed else "**Kept the whole image**"
+    source = getattr(result, "source", None)
+    return (
+        f"{verdict}: {result.reason}. Box ({x0:.0f}, {y0:.0f}) – ({x1:.0f}, {y1:.0f}) in image pixels"
+        + (f", from the {source.replace('_', ' ')} map." if source else ".")
+    )
+
+
+def prune_text(result, num_layers: int) -> str:
+    verdict = "decision **kept**" if result.decision_kept else "decision **changed**"
+    runs_before, runs_after = result.latency_before_runs, result.latency_after_runs
+
+    def timing(median, runs):
+        return f"{median:.1f} ms ({min(runs):.1f}–{max(runs):.1f})" if runs else "not measured"
+
+    ratio = f" ({result.latency_after_ms / result.latency_before_ms:.0%})" if runs_before else ""
+    return (
+        f"Keep **{result.keep:.2f}** of the patch tokens ({result.keep:.0%}) after block {result.after_block} "
+        f"of {num_layers} ({result.mode} mode): {verdict}.\n\n"
+        f"| | before | after |\n|---|---|---|\n"
+        f"| tokens | {result.tokens_before} | {result.tokens_after} |\n"
+        f"| MACs | {result.macs_before / 1e9:.3f} G | {result.macs_after / 1e9:.3f} G "
+        f"({result.macs_after / result.macs_before:.0%}) |\n"
+        f"| time: median of {len(runs_before)} (range) | {timing(result.latency_before_ms, runs_before)} | "
+        f"{timing(result.latency_after_ms, runs_after)}{ratio} |\n\n"
+        f"Times are measured on this server's CPU, shared with other users and the app itself: a difference "
+        f"inside the ranges is noise, and a small model at batch 1 gains less than its MACs suggest. MACs do "
+        f"not depend on the machine."
+    )
+
+
+class ZoomPruneHandlers:
+    def __init__(self, store: SessionStore, views: ViewRenderer):
+        self.store, self.views = store, views
+
+    # ---- zoom --------------------------------------------------------------------------------------------
+    def zoom(self, image, policy="adaptive", session=None):
+        """Crop where the model looks and classify again: box, crop, before/after predictions, reason."""
+        session = self.store.session_for(image, session)
+        with self.store.model_lock:
+            result = zoom_lib.zoom(session.analysis, policy=policy)
+        session.zoom_result = result
+        x0, y0, x1, y1 = result.box  # in the image's own pixels
+        box = (*session.original_to_display(x0, y0), *session.original_to_display(x1, y1))
+        boxed = visualization.draw_box(session.display, box, color=(255, 40, 40), width=3)
+        crop = result.crop.copy()
+        crop.thumbnail((CROP_SIDE, CROP_SIDE), Image.Resampling.BILINEAR)
+        label = self.views.label_value
+        return (
+            boxed, crop, label(session, result.probs_before), label(session, result.probs_after),
+            zoom_text(result), session,
+        )
+
+    def toggle_zoom(self, enabled, image, policy, session):
+        if not enabled:
+            return (gr.skip(), gr.update(visible=False), None, None, None, None, "", session)
+        outputs = self.zoom(image, policy, session)
+        return (gr.skip(), gr.update(visible=True), *outputs)
+
+    @staticmethod
+    def zoom_off(*args, **kwargs):
+        """After a zoom that failed: the checkbox is off again, as nothing is zoomed."""
+        return (False, gr.update(visible=False), *(gr.skip(),) * 6)
+
+    # ---- prune -------------------------------------------------------------------------------------------
+    def prune(self, image, keep=config.PRUNE_KEEP, after_block=None, mode=config.PRUNE_MODE, session=None):
+        """Drop tokens after a block: kept tokens on the image, predictions before/after, tokens, MACs, ms.
+
+        keep: the share of patch tokens kept, from KEEP_MIN to 1."""
+        keep = finite_number(keep, "Keep")
+        if keep is None or not KEEP_MIN <= keep <= 1.0:
+            raise ZoomViTError(f"Keep is the share of patch tokens kept: from {KEEP_MIN:g} to 1, got {keep!r}.")
+        after_block = self.store.check_after_block(after_block)
+        session = self.store.session_for(image, session)
+        with self.store.model_lock:
+            result = pruning.prune(session.analysis, keep, after_block, mode, timing_repeats=TIMING_REPEATS)
+        session.prune_result = result
+        kept = visualization.token_mask_overlay(session.display, session.geometry, result.kept_mask)
+        kept = visualization.draw_box(kept, session.geometry.view_box(), color="white", width=2)  # what it sees
+        before = self.views.label_value(session, result.probs_before)
+        after = self.views.label_value(session, result.probs_after)
+        return kept, before, after, prune_text(result, self.store.num_layers), session
+
+    def prune_ui(self, image, keep, after_block, mode, session):
+        """The controls: a typed keep out of range is brought into range and the slider shows the value used."""
+        keep, fixed = clamped(keep, KEEP_MIN, 1.0, "Keep")
+        outputs = self.prune(image, keep, after_block, mode, session)
+        return (keep if fixed else gr.skip(), *outputs)
+
+    def prune_if_stale(self, image, keep, after_block, mode, session):
+        """Opening the tab: run prune once for the current image and settings, not again."""
+        if image is None or not isinstance(session, Session):
+            return (gr.skip(),) * 6
+        shown = session.prune_result
+        if shown is not None and (shown.keep, shown.after_block, shown.mode) == (float(keep), int(after_block), mode):
+            return (gr.skip(),) * 6
+        return self.prune_ui(image, keep, after_block, mode, session)
