@@ -21,9 +21,9 @@ import evaluation
 from images import load_image
 
 REPO = Path(__file__).resolve().parents[1]
-LIMIT = 6
-BATCH = 2  # images analysed together: 3 groups, so torchrun's ranks and a resumed run each take some
-RESUME_AFTER = 2  # groups done before the simulated interruption
+LIMIT = 4
+BATCH = 2  # images analysed together: 2 groups, so torchrun's ranks and a resumed run each take some
+RESUME_AFTER = 1  # groups done before the simulated interruption
 
 
 def eval_args(shared_dir, model, out):
@@ -32,7 +32,7 @@ def eval_args(shared_dir, model, out):
             "--out", str(out)]
 
 
-SMALL_BATCH = 2  # pruning batches in the run that splits them over the ranks
+SMALL_BATCH = 1  # pruning batches in the run that splits them over the ranks: 4, two per rank
 SMALL_TASKS = ("prune", "intent")  # intent: its figures hold the pruned probabilities, float for float
 
 
@@ -161,8 +161,8 @@ def test_worker_decoded_rows_are_the_group_pass_on_the_files(deit_tiny, shared_d
 
 
 def test_torchrun_splits_the_pruning_batches_over_the_ranks(launches, deit_tiny, shared_dir, monkeypatch):
-    """With batches of SMALL_BATCH images rank 0 runs batches 0 and 2 and rank 1 batch 1; rank 0 gathers them into
-    what one process running every batch gives."""
+    """With batches of SMALL_BATCH images rank 0 runs batches 0 and 2 and rank 1 batches 1 and 3; rank 0 gathers
+    them into what one process running every batch gives."""
     monkeypatch.setattr(evaluation, "PRUNE_BATCH", SMALL_BATCH)
     expected = evaluation.evaluate(deit_tiny, shared_dir / "data" / "imagenet-sample", LIMIT, keeps=(0.5,),
                                    tasks=SMALL_TASKS, progress=False)
