@@ -42,10 +42,11 @@ def check_after_block(after_block, num_layers: int, name: str = "Prune after blo
     return int(number)
 
 
-def check_keep(keep, name: str = "keep") -> float:
-    """A share of patch tokens to keep: a fraction in (0, 1]."""
+def check_keep(keep, name: str = "keep", low: float | None = None) -> float:
+    """A share of patch tokens to keep: a fraction in (0, 1], or in [low, 1] where a control offers no less."""
     number = _number(keep)
-    if not 0.0 < number <= 1.0:
+    if not (0.0 < number <= 1.0 and (low is None or number >= low)):
         shown = f"{keep:g}" if isinstance(keep, (int, float)) else repr(keep)
-        raise ZoomViTError(f"{name} must be a fraction in (0, 1], got {shown}.")
+        allowed = "(0, 1]" if low is None else f"[{low:g}, 1]"
+        raise ZoomViTError(f"{name} must be a fraction in {allowed}, got {shown}.")
     return number

@@ -8,8 +8,8 @@ import config
 import pruning
 import visualization
 import zoom as zoom_lib
-from errors import ZoomViTError
-from feedback import clamped, finite_number
+from checks import check_keep
+from feedback import clamped
 from sessions import Session, SessionStore
 from views import ViewRenderer
 
@@ -91,9 +91,7 @@ class ZoomPruneHandlers:
         """Drop tokens after a block: kept tokens on the image, predictions before/after, tokens, MACs, ms.
 
         keep: the share of patch tokens kept, from KEEP_MIN to 1."""
-        keep = finite_number(keep, "Keep")
-        if keep is None or not KEEP_MIN <= keep <= 1.0:
-            raise ZoomViTError(f"Keep is the share of patch tokens kept: from {KEEP_MIN:g} to 1, got {keep!r}.")
+        keep = check_keep(keep, "Keep", low=KEEP_MIN)
         after_block = self.store.check_after_block(after_block)
         session = self.store.session_for(image, session)
         with self.store.model_lock:
