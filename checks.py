@@ -1,4 +1,4 @@
-"""One check for each rule a user's number must follow: block numbers, where pruning cuts, kept shares.
+"""One check for each rule a user's number must follow: block numbers, where pruning cuts, kept shares, ports.
 
 The library, the app, its API and the CLI all call these, each naming the value as its user knows it
 ("--after-block", "Prune after block"), so a rule is written once and says the same thing everywhere.
@@ -50,3 +50,12 @@ def check_keep(keep, name: str = "keep", low: float | None = None) -> float:
         allowed = "(0, 1]" if low is None else f"[{low:g}, 1]"
         raise ZoomViTError(f"{name} must be a fraction in {allowed}, got {shown}.")
     return number
+
+
+def check_port(port, name: str = "--port") -> int:
+    """A TCP port a server can listen on: 1..65535. 0 ("any free port") is refused too: Gradio will not take it,
+    and a user could not tell which port to open."""
+    number = _number(port)
+    if not (math.isfinite(number) and number.is_integer() and 1 <= number <= 65535):
+        raise ZoomViTError(f"{name} must be a port number in 1..65535, got {port}.")
+    return int(number)

@@ -106,8 +106,12 @@ _LOCAL_HINT = f"pass a local folder with --model PATH or {config.MODEL_ENV_VAR}=
 
 
 def _first_line(exc: BaseException) -> str:
-    """An exception's first non-empty line, whole: hub errors run over several lines; none is cut mid-word."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    """An exception's first non-empty line, whole: hub errors run over several lines; none is cut mid-word. torch's
+    and timm's refusals to unpickle advise retrying with weights_only=False: that advice is never passed on."""
+    text = str(exc)
+    if "weights_only" in text or "weights only" in text.lower():
+        return "it would need a pickle file, which ZoomViT never loads (safetensors only)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 
 
@@ -129,9 +133,15 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _local_folder(name: str) -> Path | None:
     """The folder `name` points at, None for a hub id; ModelLoadError for a path that is not a folder."""
     local = Path(name).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists():
+    try:
+        if local.is_dir():
+            return local
+        exists = local.exists()
+    except OSError as exc:  # a name too long for a path (and a hub id is at most 96 characters)
+        shown = name if len(name) <= 80 else f"{name[:80]}... ({len(name)} characters)"
+        raise ModelLoadError(f"Model folder not found, and not a valid hub id either: {shown} "
+                             f"({(exc.strerror or type(exc).__name__).lower()})") from None
+    if exists:
         raise ModelLoadError(f"Model path is a file, not a folder: {name}")
     if name.startswith((".", "/", "~")):
         raise ModelLoadError(f"Model folder not found: {name}")
@@ -179,6 +189,33 @@ def _model_type(cfg: dict) -> str | None:
     return cfg.get("model_type")
 
 
+# config.json's model_args go to timm.create_model as they are: only these architecture settings pass. Others make
+# timm read weights from elsewhere (checkpoint_path loads a pickle; pretrained, pretrained_cfg and its overlay pick
+# the weights' source) or build something else (features_only), so they are refused.
+TIMM_MODEL_ARGS = frozenset({
+    "img_size", "patch_size", "in_chans", "global_pool", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+    "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "init_values", "class_token", "pos_embed",
+    "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm", "pool_include_prefix", "dynamic_img_size",
+    "dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+    "drop_path_rate", "weight_init", "fix_init", "norm_layer", "act_layer",
+})
+
+
+def _timm_model_args(name: str, cfg: dict) -> dict:
+    """The model_args of a config.json in timm's layout, refused unless each is an allowed architecture setting."""
+    args = cfg.get("model_args") or {}
+    if not isinstance(args, dict):
+        raise ModelLoadError(f"Could not load model '{name}': model_args in its config.json is not a JSON object.")
+    refused = sorted(key for key in args if key not in TIMM_MODEL_ARGS)
+    if refused:
+        raise ModelLoadError(
+            f"Could not load model '{name}': its config.json sets model_args {', '.join(map(repr, refused))}, which "
+            "ZoomViT does not pass to timm (only architecture settings such as depth or embed_dim: the weights come "
+            "from model.safetensors alone)."
+        )
+    return args
+
+
 def _check_model_config(name: str, cfg: dict) -> None:
     if cfg.get("auto_map"):
         raise ModelLoadError(
@@ -192,6 +229,8 @@ def _check_model_config(name: str, cfg: dict) -> None:
             f"Could not load model '{name}': it is {kind}; ZoomViT supports only {backbones.supported_families()} "
             "image classifiers."
         )
+    if model_type == "timm_wrapper":  # transformers hands model_args to timm.create_model too
+        _timm_model_args(name, cfg)
 
 
 def _check_local_weights(name: str, folder: Path, needs_preprocessor: bool = True) -> None:
@@ -292,7 +331,7 @@ def load_model(name: str | None = None, device=None, dtype=None) -> ViTBundle:
             why = "offline (HF_HUB_OFFLINE is set)" if _hub_offline() else "the Hugging Face hub is unreachable"
             raise ModelLoadError(f"Could not load model '{name}': {why} and it is not in the local cache; {_LOCAL_HINT}")
         source = name
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
@@ -304,11 +343,7 @@ def load_model(name: str | None = None, device=None, dtype=None) -> ViTBundle:
             cfg = json.loads(Path(hf_hub_download(name, "config.json")).read_text("utf-8"))
             _check_model_config(name, cfg)
             timm_layout = _model_type(cfg) == "timm_wrapper"
-        if timm_layout:  # timm's own evaluation transform, from the pretrained_cfg in config.json
-            processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
-            processor = backbones.TimmPreprocessor(processor.data_config)
-        else:  # PIL, not torchvision: the same pixels whether or not torchvision is installed
-            processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only, backend="pil")
+        processor = _image_processor(name, source, local_only, timm_layout)
         model, info = AutoModelForImageClassification.from_pretrained(
             source, attn_implementation="eager", use_safetensors=True, local_files_only=local_only,
             output_loading_info=True,
@@ -326,6 +361,36 @@ def load_model(name: str | None = None, device=None, dtype=None) -> ViTBundle:
             f"e.g. {sorted(missing)[0]})."
         )
     return _bundle(name, model, processor, dict(model.config.id2label), device, dtype)
+
+
+def _image_processor(name: str, source: str, local_only: bool, timm_layout: bool):
+    """The model's image preprocessing. A preprocessor_config.json for other input (a Whisper feature extractor
+    for audio) is refused here, in one line, rather than failing on the first image."""
+    from transformers import AutoImageProcessor
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    if timm_layout:  # timm's own evaluation transform, from the pretrained_cfg in config.json
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
+        return backbones.TimmPreprocessor(processor.data_config)
+    try:  # PIL, not torchvision: the same pixels whether or not torchvision is installed
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only, backend="pil")
+    except ValueError as exc:  # its message lists every model type transformers knows: hundreds of names
+        if "Unrecognized image processor" not in str(exc):
+            raise
+        processor = None
+    if isinstance(processor, BaseImageProcessor):
+        return processor
+    if processor is not None:
+        what = f"a '{type(processor).__name__}', not an image processor"
+    else:
+        try:
+            declared = json.loads((Path(source) / "preprocessor_config.json").read_text(encoding="utf-8"))
+            kind = declared.get("image_processor_type") or declared.get("feature_extractor_type")
+        except (OSError, ValueError, AttributeError):  # a hub id, unreadable JSON, not an object
+            kind = None
+        what = (f"a '{kind}', which transformers does not know as an image processor" if kind
+                else "no image processor that transformers knows")
+    raise ModelLoadError(f"Could not load model '{name}': its preprocessor_config.json describes {what}.")
 
 
 def _bundle(name: str, model, processor, id2label: dict, device: torch.device, dtype: torch.dtype) -> ViTBundle:
@@ -366,7 +431,14 @@ def _timm_files(name: str, target: str) -> tuple[Path, Path]:
         known = "an unknown timm model" if not timm.is_model(architecture) else f"timm's '{architecture}'"
         raise ModelLoadError(f"Could not load model '{name}': it is {known}; ZoomViT supports timm's "
                              "VisionTransformer family (vit_*, deit_*, deit3_*, ...).")
-    pretrained = timm.models.get_pretrained_cfg(target)
+    try:
+        pretrained = timm.models.get_pretrained_cfg(target)
+    except RuntimeError:  # "Invalid pretrained tag (...)": an architecture.tag timm has no weights under
+        tags = [tag.partition(".")[2] for tag in timm.list_pretrained(f"{architecture}.*")]
+        raise ModelLoadError(
+            f"Could not load model '{name}': timm knows no pretrained tag '{target.partition('.')[2]}' for "
+            f"{architecture}" + (f" (its tags: {', '.join(tags)})." if tags else ".")
+        ) from None
     repo = pretrained.hf_hub_id if pretrained else None
     if not repo:
         raise ModelLoadError(f"Could not load model '{name}': timm knows no pretrained weights on the hub for it.")
@@ -393,10 +465,13 @@ def _load_with_timm(name: str, device: torch.device, dtype: torch.dtype) -> ViTB
         architecture, pretrained_cfg = cfg["architecture"], dict(cfg.get("pretrained_cfg") or {})
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"Could not load model '{name}': its config.json is not timm's ({_first_line(exc)}).")
+    model_args = _timm_model_args(name, cfg)
+    # The weights come from `weights` alone: no hub source, url, state dict or custom loader from config.json.
+    file_only = {"file": str(weights), "source": "", "state_dict": None, "custom_load": False}
     try:
         model = timm.create_model(
             architecture, pretrained=True, num_classes=cfg.get("num_classes", pretrained_cfg.get("num_classes")),
-            pretrained_cfg_overlay={**pretrained_cfg, "file": str(weights)}, **cfg.get("model_args", {}),
+            pretrained_cfg_overlay={**pretrained_cfg, **file_only}, **model_args,
         )
         processor = backbones.TimmPreprocessor(timm.data.resolve_data_config(model=model))
     except Exception as exc:  # unknown architecture, weights that do not fit it, unsupported preprocessing

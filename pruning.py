@@ -240,6 +240,11 @@ def timed(fn, device="cpu") -> float:
     return time.perf_counter() - start
 
 
+# prune() times the unpruned and the pruned forward this many times each, interleaved (see interleaved_ms): fewer
+# runs gave ranges too wide to tell a real gain from a noisy neighbour on a shared CPU.
+TIMING_REPEATS = 7
+
+
 def median_ms(fn, repeats: int = 5, device="cpu") -> float:
     return float(np.median(interleaved_ms([fn], repeats, device)[0]))
 
@@ -278,16 +283,41 @@ class PruneResult:
     latency_after_ms: float
     latency_before_runs: list[float] = field(default_factory=list)
     latency_after_runs: list[float] = field(default_factory=list)
+    fusion: str | None = None  # what became of the dropped tokens (efficiency mode); None in analysis mode
 
     @property
     def decision_kept(self) -> bool:
         return self.before[0].index == self.after[0].index
+
+    def latency_text(self, which: str) -> str:
+        """'12.3 ms (11.9–14.0)': the median and the range of the "before" or "after" runs, as the CLI and the
+        app show them (a median alone hides how noisy a shared CPU's timings are)."""
+        median, runs = {"before": (self.latency_before_ms, self.latency_before_runs),
+                        "after": (self.latency_after_ms, self.latency_after_runs)}[which]
+        return f"{median:.1f} ms ({min(runs):.1f}–{max(runs):.1f})" if runs else "not measured"
+
+    @property
+    def latency_within_noise(self) -> bool:
+        """Whether the before and after ranges overlap: some run of one was as fast as some run of the other, so
+        the timings cannot tell which is faster."""
+        before, after = self.latency_before_runs, self.latency_after_runs
+        return bool(before and after) and min(after) <= max(before) and min(before) <= max(after)
+
+    def latency_verdict(self) -> str:
+        """What the timings show, in words: the CLI's and the app's caveat."""
+        if not (self.latency_before_runs and self.latency_after_runs):
+            return "not timed"
+        if self.latency_within_noise:
+            return "the ranges overlap: the difference is within the timing noise"
+        faster = max(self.latency_after_runs) < min(self.latency_before_runs)
+        return f"every pruned run was {'faster' if faster else 'slower'} than every unpruned run"
 
     def as_dict(self):
         return {
             "mode": self.mode,
             "keep": self.keep,
             "after_block": self.after_block,
+            "fusion": self.fusion,
             "before": [p.as_dict() for p in self.before],
             "after": [p.as_dict() for p in self.after],
             "tokens_before": self.tokens_before,
@@ -298,6 +328,7 @@ class PruneResult:
             "latency_after_ms": round(self.latency_after_ms, 3),
             "latency_before_runs_ms": [round(t, 3) for t in self.latency_before_runs],
             "latency_after_runs_ms": [round(t, 3) for t in self.latency_after_runs],
+            "latency_within_noise": self.latency_within_noise,
             "kept_mask": self.kept_mask.astype(int).tolist(),
         }
 
@@ -345,7 +376,7 @@ def prune(
     after_block: int = config.PRUNE_AFTER_BLOCK,
     mode: str = config.PRUNE_MODE,
     fusion: str = "merge",
-    timing_repeats: int = 3,
+    timing_repeats: int = TIMING_REPEATS,
 ) -> PruneResult:
     """Prune one analysed image and compare with the unpruned model (predictions, tokens, MACs, latency)."""
     bundle = analysis.bundle
@@ -376,4 +407,5 @@ def prune(
         top_predictions(bundle, probs_before), top_predictions(bundle, probs_after),
         probs_before, probs_after, mask.reshape(gh, gw),
         tokens_before, tokens_after, macs_before, macs_after, latency_before, latency_after, runs_before, runs_after,
+        fusion if mode == "efficiency" else None,
     )

@@ -12,6 +12,9 @@ import threading
 import time
 from pathlib import Path
 
+from checks import check_port
+from errors import ZoomViTError
+
 log = logging.getLogger("zoomvit.app")
 
 # Gradio's temp folder holds every upload and every output image (~150 KB a call). It is kept under this size
@@ -24,13 +27,15 @@ NOT_UPLOADED = "This file did not come through this app's upload; upload it agai
 
 def port_free(host: str, port: int) -> bool:
     """Whether a server can listen on host:port now. SO_REUSEADDR as uvicorn sets it, so only a listening
-    socket makes the port busy, not connections of a server that just stopped."""
+    socket makes the port busy, not connections of a server that just stopped. A port outside the range is never
+    free: getaddrinfo would wrap 99999 round to 34463 and check that one."""
     try:
+        check_port(port)
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, kind, proto) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
-    except (OSError, OverflowError):  # in use, an address not on this machine, a port outside 0..65535
+    except (OSError, OverflowError, ZoomViTError):  # in use, an address not on this machine, a port out of range
         return False
     return True
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -314,3 +315,115 @@ def test_console_script(deit_tiny, deit_model_path, photo):
     result = json.loads(done.stdout)
     assert result["top"][0]["index"] == int(predict(deit_tiny, photo).argmax())
     assert result["grid"] == [14, 14]
+
+
+# ---- issue 17: ports, ignored options, settings in --json, prune timings, --help ----------------------------------
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "0"])
+def test_serve_refuses_a_port_out_of_range_before_anything_loads(capsys, monkeypatch, deit_model_path, port):
+    """99999 passed the bind test (getaddrinfo wraps it round) and crashed after the model load; -1 was 'in use'."""
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    app_stub = types.ModuleType("app")
+    app_stub.main = lambda argv: pytest.fail("the app was started")
+    monkeypatch.setitem(sys.modules, "app", app_stub)
+    assert cli.main(["serve", "--port", port, "--model", deit_model_path]) == 2
+    assert capsys.readouterr().err == f"zoomvit: error: --port must be a port number in 1..65535, got {port}.\n"
+    assert not cli.port_free("127.0.0.1", int(port))
+
+
+def run_json_and_notes(capsys, *argv):
+    """(the JSON object on stdout, the lines on stderr)."""
+    assert cli.main(list(argv)) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 1
+    return json.loads(captured.out), captured.err.splitlines()
+
+
+@pytest.mark.parametrize("options, note, settings", [
+    ([], None, {"method": "rollout", "block": None, "head": "mean", "discard_ratio": config.ROLLOUT_DISCARD_RATIO}),
+    (["--method", "grad_rollout", "--block", "3", "--head", "max", "--discard-ratio", "0.5"],
+     "--block, --head and --discard-ratio do not apply to grad_rollout maps; ignored.",
+     {"method": "grad_rollout", "block": None, "head": None, "discard_ratio": None}),
+    (["--method", "cls", "--block", "3", "--head", "2", "--target", "goldfish", "--discard-ratio", "0.5"],
+     "--discard-ratio and --target do not apply to cls maps (class-agnostic: the same for every class); ignored.",
+     {"method": "cls", "block": 3, "head": 2, "discard_ratio": None}),
+    (["--method", "rollout", "--block", "12", "--head", "max"], "--block does not apply to rollout maps; ignored.",
+     {"method": "rollout", "block": None, "head": "max", "discard_ratio": config.ROLLOUT_DISCARD_RATIO}),
+])
+def test_explain_notes_ignored_options_and_echoes_every_setting(capsys, deit_model_path, photo, options, note,
+                                                                 settings):
+    result, err = run_json_and_notes(capsys, "explain", photo, "--model", deit_model_path, "--device", "cpu",
+                                     "--dtype", "float32", "--json", *options)
+    assert err == ([f"zoomvit: note: {note}"] if note else [])
+    assert {key: result[key] for key in settings} == settings
+    target = 1 if "--target" in options else result["top"][0]["index"]
+    assert result["target"]["index"] == target
+    assert result["model"] == {"name": deit_model_path, "family": result["model"]["family"], "device": "cpu",
+                               "dtype": "float32"}
+
+
+def test_prune_and_zoom_notes_and_settings_in_json(capsys, deit_model_path, photo):
+    result, err = run_json_and_notes(capsys, "prune", photo, "--model", deit_model_path, "--mode", "analysis",
+                                     "--fusion", "fuse", "--keep", "0.5", "--after-block", "4", "--json")
+    assert err == ["zoomvit: note: --fusion does not apply to --mode analysis; ignored."]
+    assert (result["mode"], result["keep"], result["after_block"], result["fusion"]) == ("analysis", 0.5, 4, None)
+    assert result["model"]["name"] == deit_model_path and {"device", "dtype"} <= set(result["model"])
+    result, err = run_json_and_notes(capsys, "prune", photo, "--model", deit_model_path, "--mode", "efficiency",
+                                     "--json")
+    assert err == [] and (result["mode"], result["fusion"]) == ("efficiency", "merge")
+    result, err = run_json_and_notes(capsys, "zoom", photo, "--model", deit_model_path, "--policy", "always", "--json")
+    assert err == [] and result["policy"] == "always" and result["model"]["name"] == deit_model_path
+
+
+def test_prune_prints_the_timing_ranges_and_whether_they_overlap(capsys, deit_model_path, photo):
+    import pruning
+
+    assert cli.main(["prune", photo, "--model", deit_model_path]) == 0
+    out = capsys.readouterr().out
+    timing = r"([\d.]+) ms \(([\d.]+)–([\d.]+)\)"
+    found = re.search(rf"^time: {timing} -> {timing}, median \(range\) of (\d+) interleaved runs each; (.*)$", out,
+                      re.MULTILINE)
+    assert found, out
+    for median, low, high in (found.group(1, 2, 3), found.group(4, 5, 6)):
+        assert float(low) <= float(median) <= float(high)
+    assert int(found[7]) == pruning.TIMING_REPEATS >= 5
+    overlap = float(found[5]) <= float(found[3]) and float(found[2]) <= float(found[6])
+    assert found[8] == ("the ranges overlap: the difference is within the timing noise" if overlap
+                        else f"every pruned run was {'faster' if float(found[6]) < float(found[2]) else 'slower'} "
+                        "than every unpruned run")
+
+
+@pytest.mark.parametrize("before, after, within_noise, verdict", [
+    ([326, 300, 340], [1068, 310, 500], True, "the ranges overlap: the difference is within the timing noise"),
+    ([30, 31, 35], [20, 22, 29], False, "every pruned run was faster than every unpruned run"),
+    ([30, 31, 35], [36, 40, 41], False, "every pruned run was slower than every unpruned run"),
+    ([], [], False, "not timed"),
+])
+def test_prune_result_says_whether_the_timings_differ(tiny_vit, before, after, within_noise, verdict):
+    import dataclasses
+
+    import pruning
+
+    result = pruning.prune(analyze(tiny_vit, np.zeros((32, 48, 3), dtype=np.uint8)), 0.5, 1, timing_repeats=0)
+    result = dataclasses.replace(result, latency_before_runs=before, latency_after_runs=after,
+                                 latency_before_ms=float(np.median(before)) if before else float("nan"),
+                                 latency_after_ms=float(np.median(after)) if after else float("nan"))
+    assert result.latency_within_noise == within_noise and result.latency_verdict() == verdict
+    assert result.as_dict()["latency_within_noise"] == within_noise
+    if before:
+        assert result.latency_text("before") == f"{np.median(before):.1f} ms ({min(before):.1f}–{max(before):.1f})"
+
+
+@pytest.mark.parametrize("command, option, default", [
+    ("explain", "--method", "rollout"), ("zoom", "--policy", "adaptive"), ("prune", "--mode", "analysis"),
+    ("prune", "--keep", "0.5"), ("serve", "--host", "127.0.0.1"), ("serve", "--port", "7860"),
+])
+def test_help_explains_each_option_and_its_default(capsys, command, option, default):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    sub = cli.build_parser()._subparsers._group_actions[0].choices[command]
+    action = next(a for a in sub._actions if option in a.option_strings)
+    assert action.help and action.help.endswith("(default: %(default)s)")
+    assert f"(default: {default})" in text

@@ -73,6 +73,7 @@ def test_no_import_circle():
     ("block numbers", r"must be in 1\.\.\{.*\(or -1 for the last\)"),
     ("after-block", r"nothing is left to prune"),
     ("keep", r"must be a fraction in"),
+    ("port", r"must be a port number in 1\.\.65535"),
 ])
 def test_each_rule_has_one_home(rule, pattern):
     homes = [name for name, path in MODULES.items() if re.search(pattern, path.read_text(encoding="utf-8"))]

@@ -167,3 +167,49 @@ def test_cli_uncached_hub_id_with_the_hub_unreachable_fails_fast(shared_dir, tmp
         "cache; pass a local folder with --model PATH or ZOOMVIT_MODEL=PATH"
     )
     assert seconds < 15
+
+
+# ---- issue 17: inputs that ended in a traceback, and advice never to pass on ----------------------------------------
+
+
+def test_a_preprocessor_for_another_kind_of_input_is_refused(model_folder, deit_model_path):
+    (model_folder / "model.safetensors").symlink_to(Path(deit_model_path) / "model.safetensors")
+    whisper = '{"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 80, "sampling_rate": 16000}'
+    (model_folder / "preprocessor_config.json").write_text(whisper)
+    assert "its preprocessor_config.json describes a 'WhisperFeatureExtractor', " in load_error(model_folder)
+    # Named as the image processor type, transformers loads it, and the first image failed deep in the analysis.
+    (model_folder / "preprocessor_config.json").write_text(whisper.replace("feature_extractor", "image_processor"))
+    assert "describes a 'WhisperFeatureExtractor', not an image processor." in load_error(model_folder)
+
+
+def test_error_text_never_advises_unpickling():
+    from models import _first_line
+
+    timm_says = RuntimeError("weights_only=True blocked loading this checkpoint because it requires non-allowlisted "
+                             "pickle globals. If this checkpoint is trusted, retry with weights_only=False.")
+    torch_says = RuntimeError("Weights only load failed. This file can still be loaded, to do so you have two options"
+                              "\n(1) Re-running `torch.load` with `weights_only` set to `False` will likely succeed")
+    for exc in (timm_says, torch_says):
+        line = _first_line(exc)
+        assert "weights_only" not in line and "weights only" not in line.lower() and "safetensors only" in line
+
+
+@pytest.mark.parametrize("case", ["whisper preprocessor", "unknown timm tag", "300-character name"])
+def test_cli_inputs_that_ended_in_a_traceback_are_one_line(shared_dir, model_folder, deit_model_path, tmp_path, case):
+    long_name = "a" * 300
+    if case == "whisper preprocessor":
+        (model_folder / "model.safetensors").symlink_to(Path(deit_model_path) / "model.safetensors")
+        (model_folder / "preprocessor_config.json").write_text('{"feature_extractor_type": "WhisperFeatureExtractor"}')
+        model, expected = str(model_folder), (
+            f"Could not load model '{model_folder}': its preprocessor_config.json describes a "
+            "'WhisperFeatureExtractor', which transformers does not know as an image processor."
+        )
+    elif case == "unknown timm tag":
+        model = "timm:deit_tiny_patch16_224.no_such_tag"
+        expected = (f"Could not load model '{model}': timm knows no pretrained tag 'no_such_tag' for "
+                    "deit_tiny_patch16_224 (its tags: fb_in1k).")
+    else:
+        model, expected = long_name, (f"Model folder not found, and not a valid hub id either: {'a' * 80}... "
+                                      "(300 characters) (file name too long)")
+    done, _ = _zoomvit(shared_dir, tmp_path, model, HF_HUB_OFFLINE="1")
+    assert_one_error_line(done, expected)

@@ -275,3 +275,41 @@ def test_hub_timm_ids_load_from_the_cache(shared_dir, tmp_path, monkeypatch, dei
         bundle = load_model(name)
         assert bundle.adapter.family == "timm VisionTransformer", name
         assert np.allclose(predict(bundle, image), expected, atol=1e-6), name
+
+
+# ---- issue 17: config.json's model_args must not choose the weights -------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["checkpoint_path", "pretrained_cfg_overlay", "pretrained_cfg", "pretrained",
+                                 "features_only"])
+@pytest.mark.parametrize("prefix", ["timm:", ""])  # timm itself, and transformers' TimmWrapper, which calls timm too
+def test_model_args_that_could_pick_the_weights_are_refused(tmp_path, key, prefix):
+    """checkpoint_path made timm load a pickle (torch.save'd weights loaded silently) instead of model.safetensors."""
+    name = "deit3_small_patch16_224"
+    model = tiny_timm(name)
+    folder = save_timm_folder(model, name, tmp_path / "tiny-timm")
+    pickled = tmp_path / "other.pth"
+    torch.save({k: torch.zeros_like(v) for k, v in model.state_dict().items()}, pickled)
+    value = {"checkpoint_path": str(pickled), "pretrained_cfg_overlay": {"file": str(pickled)},
+             "pretrained_cfg": {"file": str(pickled)}, "pretrained": True, "features_only": True}[key]
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_args"][key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(f"{prefix}{folder}")
+    message = str(err.value)
+    assert "\n" not in message and "weights_only" not in message
+    assert f"its config.json sets model_args '{key}', which ZoomViT does not pass to timm" in message
+
+
+def test_a_timm_folder_cannot_send_timm_to_another_weights_source(tmp_path):
+    """The folder's pretrained_cfg (source, state dict, custom loader) cannot replace model.safetensors either."""
+    name = "deit3_small_patch16_224"
+    model = tiny_timm(name)
+    folder = save_timm_folder(model, name, tmp_path / "tiny-timm")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["pretrained_cfg"].update(source="hf-hub", hf_hub_id="someone/else", custom_load=True)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    bundle = load_model(f"timm:{folder}")
+    for theirs, ours in zip(model.state_dict().values(), bundle.model.state_dict().values(), strict=True):
+        assert torch.equal(theirs, ours)
