@@ -87,6 +87,28 @@ def _save(image, path):
 
 # rollout, cls and attention maps come from the forward attentions alone: the same whatever the class.
 CLASS_AGNOSTIC = ("rollout", "cls", "attention")
+# The explain options each map reads (vit_analyzer.Analysis.map); one given to a map that does not read it is noted.
+MAP_OPTIONS = {
+    "rollout": ("--head", "--discard-ratio"),
+    "grad_rollout": ("--target",),
+    "intent": ("--target",),
+    "cls": ("--block", "--head"),
+    "attention": ("--block", "--head"),
+}
+PRUNE_FUSION = "merge"  # --fusion's default, for efficiency mode
+
+
+def _note_ignored(options, where: str) -> None:
+    """One line on stderr naming the options given that `where` does not read: the command still runs."""
+    if options:
+        listed = " and ".join([", ".join(options[:-1]), options[-1]] if len(options) > 1 else options)
+        print(f"zoomvit: note: {listed} {'does' if len(options) == 1 else 'do'} not apply to {where}; ignored.",
+              file=sys.stderr)
+
+
+def _model_json(bundle) -> dict:
+    return {"name": bundle.name, "family": bundle.adapter.describe(), "device": str(bundle.device),
+            "dtype": bundle.dtype_name}
 
 
 def _where(analysis, heat) -> str:
@@ -113,8 +135,13 @@ def _where(analysis, heat) -> str:
 
 
 def cmd_explain(args):
-    if not 0.0 <= args.discard_ratio < 1.0:
-        raise UsageError(f"--discard-ratio must be in [0, 1), got {args.discard_ratio:g}.")
+    discard_ratio = config.ROLLOUT_DISCARD_RATIO if args.discard_ratio is None else args.discard_ratio
+    if not 0.0 <= discard_ratio < 1.0:
+        raise UsageError(f"--discard-ratio must be in [0, 1), got {discard_ratio:g}.")
+    given = {"--block": args.block, "--head": args.head, "--discard-ratio": args.discard_ratio,
+             "--target": args.target}
+    reads = MAP_OPTIONS[args.method]
+    head = "mean" if args.head is None else args.head
 
     def check(num_layers, id2label):
         import models
@@ -132,21 +159,26 @@ def cmd_explain(args):
 
     bundle = analysis.bundle
     target = analysis.predicted if target is None else target
-    heat = analysis.map(args.method, layer, args.head, args.discard_ratio, target)
+    heat = analysis.map(args.method, layer, head, discard_ratio, target)
     diagnosis = intent.diagnose(analysis)  # about the prediction, whatever class the map is for
     if args.out:
         _save(visualization.overlay(analysis.loaded.image, analysis.upsample(heat)), args.out)
+    ignored = [name for name, value in given.items() if value is not None and name not in reads]
+    agnostic = " (class-agnostic: the same for every class)" if "--target" in ignored else ""
+    _note_ignored(ignored, f"{args.method} maps{agnostic}")  # only now: an error is the only line when there is one
     target_info = Prediction(target, bundle.label(target), float(analysis.probs[target]))
     if args.json:
-        return {
+        return {  # every setting the map was made with; null where the method does not read it
             "method": args.method,
+            "block": layer + 1 if "--block" in reads else None,
+            "head": (int(head) if head.lstrip("-").isdigit() else head) if "--head" in reads else None,
+            "discard_ratio": discard_ratio if "--discard-ratio" in reads else None,
             "target": target_info.as_dict(),
             "top": [p.as_dict() for p in analysis.top()],
             "grid": list(analysis.grid),
             "map": np.round(heat.astype(np.float64), 4).tolist(),  # float64: no float32 digits in the JSON
             "intent": diagnosis.as_dict(),
-            "model": {"name": bundle.name, "family": bundle.adapter.describe(), "device": str(bundle.device),
-                      "dtype": bundle.dtype_name},
+            "model": _model_json(bundle),
         }
     print(f"model: {bundle.name} ({bundle.adapter.describe()}) on {bundle.device} in {bundle.dtype_name}")
     _print_predictions("prediction:", analysis.top())
@@ -170,7 +202,7 @@ def cmd_zoom(args):
         working_box = [c * analysis.geometry.scale for c in result.box]
         _save(visualization.draw_box(analysis.loaded.image, working_box), args.out)
     if args.json:
-        return result.as_dict()
+        return {**result.as_dict(), "policy": args.policy, "model": _model_json(analysis.bundle)}
     x0, y0, x1, y1 = result.box
     print(f"box (original pixels): ({x0:.0f}, {y0:.0f}) - ({x1:.0f}, {y1:.0f})")
     print(f"{'zoomed' if result.zoomed else 'not zoomed'}: {result.reason}")
@@ -180,26 +212,32 @@ def cmd_zoom(args):
 
 def cmd_prune(args):
     checks.check_keep(args.keep, "--keep")
+    fusion = args.fusion or PRUNE_FUSION
     analysis, _ = _analyze(args, lambda num_layers, _: checks.check_after_block(args.after_block, num_layers,
                                                                                  "--after-block"))
     import pruning
     import visualization
 
-    result = pruning.prune(analysis, args.keep, args.after_block, args.mode, args.fusion)
+    result = pruning.prune(analysis, args.keep, args.after_block, args.mode, fusion)
     if args.out:
         _save(visualization.token_mask_overlay(analysis.loaded.image, analysis.geometry, result.kept_mask), args.out)
+    if args.mode != "efficiency":  # analysis mode keeps its top-ranked tokens and drops the rest
+        _note_ignored(["--fusion"] if args.fusion is not None else [], f"--mode {args.mode}")
     if args.json:
-        return result.as_dict()
-    print(f"{args.mode} pruning after block {result.after_block}: "
-          f"{result.tokens_before} -> {result.tokens_after} tokens, "
-          f"{result.macs_after / result.macs_before:.0%} of the MACs, "
-          f"{result.latency_before_ms:.1f} -> {result.latency_after_ms:.1f} ms")
+        return {**result.as_dict(), "model": _model_json(analysis.bundle)}
+    print(f"{args.mode} pruning after block {result.after_block}"
+          f"{f' ({result.fusion})' if result.fusion else ''}: {result.tokens_before} -> {result.tokens_after} tokens, "
+          f"{result.macs_after / result.macs_before:.0%} of the MACs")
+    print(f"time: {result.latency_text('before')} -> {result.latency_text('after')}, median (range) of "
+          f"{len(result.latency_before_runs)} interleaved runs each; {result.latency_verdict()}")
     print(f"decision {'kept' if result.decision_kept else 'changed'}")
     _print_predictions("before:", result.before)
     _print_predictions("after:", result.after)
 
 
 def cmd_eval(args):
+    import os
+
     import eval_data
     import eval_report
     import eval_tasks
@@ -212,23 +250,41 @@ def cmd_eval(args):
         raise UsageError(f"--workers must be 0 or more, got {args.workers}.")
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}.")
+    if args.overwrite and args.resume:
+        raise UsageError("--overwrite starts afresh and --resume continues the run in --out: give one of them.")
     device, dtype = _placement(args)
     eval_data.read_labels(args.data, args.limit)  # a bad folder fails before the slow model load
+    out = Path(args.out or f"zoomvit-eval/{Path(args.data).resolve().name}")
+    work = out / eval_work.WORK_DIR
+    earlier = eval_report.earlier_outputs(out)
+    resuming = args.resume and eval_work.holds_run(work)  # its outputs, if any, are this run's
+    if earlier and not args.overwrite and not resuming:  # a new run would leave the earlier run's plots beside its own
+        raise UsageError(f"{out} holds an earlier run's outputs ({', '.join(p.name for p in earlier)}): add "
+                         "--overwrite to replace them, or choose another --out.")
+    if not args.overwrite:
+        eval_work.refuse_interrupted(work, args.resume)
     facts = _model_facts(args.model)
     if facts:
         checks.check_after_block(args.after_block, facts[0], "--after-block")
-    bundle = _load_model(args.model, (eval_work.rank_device(device), dtype))  # under torchrun: a GPU per process
-    checks.check_after_block(args.after_block, bundle.num_layers, "--after-block")
-    out = Path(args.out or f"zoomvit-eval/{Path(args.data).resolve().name}")
-    work = out / eval_work.WORK_DIR
-    with eval_work.distributed(bundle.device):  # started by torchrun: its processes share the run out
-        result = evaluation.evaluate(bundle, args.data, args.limit, keeps, args.after_block, tasks, progress=True,
-                                     work_dir=work, resume=args.resume, workers=args.workers,
-                                     batch=args.batch)
-    if result is None:  # another process of a torchrun launch: rank 0 writes the outputs
-        return None
-    for path in eval_report.write_outputs(result, out):
-        print(f"wrote {path}", file=sys.stderr)
+    try:
+        bundle = _load_model(args.model, (eval_work.rank_device(device), dtype))  # under torchrun: a GPU per process
+        checks.check_after_block(args.after_block, bundle.num_layers, "--after-block")
+        with eval_work.distributed(bundle.device):  # started by torchrun: its processes share the run out
+            if args.overwrite:  # rank 0 alone, before any rank starts the new run
+                eval_work.from_rank0(lambda: (eval_report.remove_outputs(out), eval_work.remove_work(work)))
+            result = evaluation.evaluate(bundle, args.data, args.limit, keeps, args.after_block, tasks,
+                                         progress=True, work_dir=work, resume=args.resume, workers=args.workers,
+                                         batch=args.batch)
+        if result is None:  # another process of a torchrun launch: rank 0 writes the outputs
+            return None
+        for path in eval_report.write_outputs(result, out):
+            print(f"wrote {path}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: one line instead of a traceback, from one process of a torchrun launch
+        if os.environ.get("RANK", "0") == "0":
+            saved = len(eval_work.finished_images(work)) if eval_work.holds_run(work) else 0
+            print(f"zoomvit: interrupted; {saved} images are saved in {work}: run again with --resume" if saved
+                  else "zoomvit: interrupted", file=sys.stderr)
+        raise eval_work.Interrupted(130) from None
     shutil.rmtree(work)  # the run is complete: nothing is left to resume
     if args.json:
         return result.summary
@@ -236,13 +292,14 @@ def cmd_eval(args):
 
 
 def cmd_serve(args):
-    # Before the model load and the gradio import: a busy port would otherwise fail only after both.
+    # All before the model load and the gradio import: a bad option would otherwise fail only after both.
+    _placement(args)
+    checks.check_port(args.port, "--port")  # 99999 would pass the bind test below (wrapped round) and then crash
     if not port_free(args.host, args.port):
         raise UsageError(
             f"Cannot serve on {args.host}:{args.port}: the port is in use (or the address is not on this machine); "
             "pick another with --port."
         )
-    _placement(args)  # a bad --device or --dtype fails before gradio loads
     import app  # only now: the web UI pulls in gradio
 
     app.main(["--host", args.host, "--port", str(args.port), "--model", args.model, "--device", args.device,
@@ -271,24 +328,36 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
 
     p = commands.add_parser("explain", parents=[image], help="importance map and intent diagnosis")
-    p.add_argument("--method", choices=config.MAP_METHODS, default="rollout")
+    p.add_argument("--method", choices=config.MAP_METHODS, default="rollout",
+                   help="the map: rollout, cls and attention come from the attentions alone (the same for every "
+                   "class); grad_rollout and intent explain one class (default: %(default)s)")
     p.add_argument("--block", type=int, help="block 1..L for cls/attention maps (default and -1: the last, L)")
-    p.add_argument("--head", default="mean", help="head index, or mean|max|min across heads")
-    p.add_argument("--target", help="class index or label text (default: the predicted class)")
-    p.add_argument("--discard-ratio", type=float, default=config.ROLLOUT_DISCARD_RATIO, help="rollout only")
+    # No default value here (None): an option given to a map that does not read it is noted, and only then.
+    p.add_argument("--head", help="head index, or mean|max|min across heads; rollout, cls and attention maps "
+                   "(default: mean)")
+    p.add_argument("--target", help="class index or label text, for grad_rollout and intent maps (default: the "
+                   "predicted class)")
+    p.add_argument("--discard-ratio", type=float, help="rollout only: the share of each layer's weakest attention "
+                   f"weights dropped, in [0, 1) (default: {config.ROLLOUT_DISCARD_RATIO:g})")
     p.add_argument("--out", metavar="PNG", help="write the heatmap overlay here")
     p.set_defaults(run=cmd_explain)
 
     p = commands.add_parser("zoom", parents=[image], help="crop where the model looks and classify again")
-    p.add_argument("--policy", choices=config.ZOOM_POLICIES, default="adaptive")
+    p.add_argument("--policy", choices=config.ZOOM_POLICIES, default="adaptive",
+                   help="adaptive: zoom only when the attention sits in a small, concentrated box, then combine "
+                   "whole image and crop; always: classify the crop alone (default: %(default)s)")
     p.add_argument("--out", metavar="PNG", help="write the image with the zoom box drawn here")
     p.set_defaults(run=cmd_zoom)
 
     p = commands.add_parser("prune", parents=[image], help="drop tokens after a block and compare")
-    p.add_argument("--keep", type=float, default=config.PRUNE_KEEP, help="fraction of patch tokens kept, in (0, 1]")
+    p.add_argument("--keep", type=float, default=config.PRUNE_KEEP,
+                   help="fraction of patch tokens kept, in (0, 1] (default: %(default)s)")
     p.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK, help="1..L-1 (default: %(default)s)")
-    p.add_argument("--mode", choices=config.PRUNE_MODES, default=config.PRUNE_MODE)
-    p.add_argument("--fusion", choices=config.PRUNE_FUSIONS, default="merge", help="efficiency mode only")
+    p.add_argument("--mode", choices=config.PRUNE_MODES, default=config.PRUNE_MODE,
+                   help="analysis: keep the tokens the decision relies on, seen with look-ahead (saves no time); "
+                   "efficiency: choose at the cut from what the model has computed so far (default: %(default)s)")
+    p.add_argument("--fusion", choices=config.PRUNE_FUSIONS, help="efficiency mode only: what becomes of the "
+                   f"tokens not kept (default: {PRUNE_FUSION})")
     p.add_argument("--out", metavar="PNG", help="write the image with dropped patches greyed out here")
     p.set_defaults(run=cmd_prune)
 
@@ -309,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out (per-image results "
                    "wait in OUT/.work until a run completes), with the same settings; without --resume an interrupted "
                    "run there is refused, never overwritten")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in --out (and an "
+                   "interrupted run's work there); without it eval refuses a folder that holds them")
     p.add_argument("--workers", type=int, help="processes decoding images while the model runs (default: the cores "
                    "per process less one, 1 to 4; 0: none)")
     p.add_argument("--batch", type=int, default=config.EVAL_BATCH, help="images analysed together (one batched "
@@ -317,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_eval)
 
     p = commands.add_parser("serve", parents=[common], help="start the web app")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 serves every network "
+                   "this machine is on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on, 1..65535 (default: %(default)s)")
     p.set_defaults(run=cmd_serve)
     return parser
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import visualization
@@ -20,6 +21,19 @@ class Evaluation:
 
 
 PLOTS = {"prune": "prune.png", "zoom": "zoom.png", "faithfulness": "faithfulness.png"}
+OUTPUTS = ("results.json", "per_image.csv", *PLOTS.values(), "report.md")  # every file `write_outputs` writes
+
+
+def earlier_outputs(out_dir) -> list[Path]:
+    """The files of `OUTPUTS` that `out_dir` holds already: an earlier run's, which a new run would mix with its
+    own (its plots of other tasks would stay)."""
+    return [path for path in map(Path(out_dir).joinpath, OUTPUTS) if path.is_file()]
+
+
+def remove_outputs(out_dir) -> None:
+    """An earlier run's outputs removed (`OUTPUTS` only: whatever else the folder holds is not eval's)."""
+    for path in earlier_outputs(out_dir):
+        path.unlink()
 
 
 def write_outputs(result: Evaluation, out_dir) -> list[Path]:
@@ -58,42 +72,51 @@ ZOOM_GOALS = {"overall": 0.55, "blur": 0.65, "pointing_game": 0.85}
 FAITHFULNESS_MARGIN = 3.0  # best map's deletion AUC (points) at least this far below rollout's
 
 
+def _shown(value: float, spec: str) -> tuple[str, Decimal]:
+    """`value` as the report prints it, and that printed figure as an exact number: a goal is met or missed on
+    what the report shows (100 x (0.85 - 0.9) is -5.000000000000004, a drop shown and meant as 5.0)."""
+    text = format(value, spec)
+    return text, Decimal(text.rstrip("%"))
+
+
 def goal_checks(summary: dict) -> list[tuple[str, str, bool]]:
-    """(goal, measured, met) for every goal the summary has figures for."""
+    """(goal, measured, met) for every goal the summary has figures for, judged on the figures as printed."""
     checks = []
     for entry in summary.get("prune", []):
         ours = "intent" if entry["mode"] == "analysis" else "merge"
         limit = GOALS.get((entry["mode"], entry["keep"]))
         if entry["criterion"] != ours or limit is None:
             continue
-        change = 100 * (entry["top1"] - summary["top1"])
+        change, shown_change = _shown(100 * (entry["top1"] - summary["top1"]), "+.1f")
         checks.append((f"{entry['mode']} pruning, keep {entry['keep']:g}: top-1 drop <= {limit:g} points",
-                       f"{change:+.1f} points", -change <= limit))
+                       f"{change} points", -shown_change <= Decimal(f"{limit:g}")))
         if entry["mode"] == "efficiency":
+            latency, macs = _shown(entry["latency_ratio"], ".2f"), _shown(entry["macs_ratio"], ".2f")
             checks.append((f"efficiency keep {entry['keep']:g}: latency ratio <= MACs ratio + {LATENCY_SLACK}",
-                           f"{entry['latency_ratio']:.2f} vs {entry['macs_ratio']:.2f}",
-                           entry["latency_ratio"] <= entry["macs_ratio"] + LATENCY_SLACK))
+                           f"{latency[0]} vs {macs[0]}", latency[1] <= macs[1] + Decimal(f"{LATENCY_SLACK}")))
     z = summary.get("zoom")
     if z and "pointing_game" in z:
-        checks.append((f"top-1 after adaptive zoom >= {ZOOM_GOALS['overall']:.0%}", f"{z['top1_after']:.1%}",
-                       z["top1_after"] >= ZOOM_GOALS["overall"]))
+        goals = [(f"top-1 after adaptive zoom >= {ZOOM_GOALS['overall']:.0%}", z["top1_after"], "overall")]
         blur = z.get("groups", {}).get("background", {}).get("blur")
         if blur:
-            checks.append((f"blur items: top-1 after zoom >= {ZOOM_GOALS['blur']:.0%}", f"{blur['top1_after']:.1%}",
-                           blur["top1_after"] >= ZOOM_GOALS["blur"]))
-        checks.append((f"map peak inside the object box >= {ZOOM_GOALS['pointing_game']:.0%}",
-                       f"{z['pointing_game']:.1%}", z["pointing_game"] >= ZOOM_GOALS["pointing_game"]))
+            goals.append((f"blur items: top-1 after zoom >= {ZOOM_GOALS['blur']:.0%}", blur["top1_after"], "blur"))
+        goals.append((f"map peak inside the object box >= {ZOOM_GOALS['pointing_game']:.0%}", z["pointing_game"],
+                      "pointing_game"))
+        for goal, value, key in goals:
+            measured, shown = _shown(value, ".1%")
+            checks.append((goal, measured, shown >= _shown(ZOOM_GOALS[key], ".0%")[1]))
     elif z:
-        checks.append(("top-1 with adaptive zoom not lower than without",
-                       f"{z['top1_before']:.1%} -> {z['top1_after']:.1%}", z["top1_after"] >= z["top1_before"]))
+        before, after = _shown(z["top1_before"], ".1%"), _shown(z["top1_after"], ".1%")
+        checks.append(("top-1 with adaptive zoom not lower than without", f"{before[0]} -> {after[0]}",
+                       after[1] >= before[1]))
     faith = {e["method"]: e for e in summary.get("faithfulness", [])}
     if "rollout" in faith:
         best = min((e for m, e in faith.items() if m != "random"), key=lambda e: e["deletion_auc"])
-        gap = 100 * (faith["rollout"]["deletion_auc"] - best["deletion_auc"])
+        gap, shown_gap = _shown(100 * (faith["rollout"]["deletion_auc"] - best["deletion_auc"]), ".2f")
         checks.append((f"best map's deletion AUC <= rollout's - {FAITHFULNESS_MARGIN:g} points",
                        f"{best['method']} {100 * best['deletion_auc']:.2f} vs rollout "
-                       f"{100 * faith['rollout']['deletion_auc']:.2f} ({gap:.2f} points better)",
-                       gap >= FAITHFULNESS_MARGIN))
+                       f"{100 * faith['rollout']['deletion_auc']:.2f} ({gap} points better)",
+                       shown_gap >= Decimal(f"{FAITHFULNESS_MARGIN:g}")))
     return checks
 
 

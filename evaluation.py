@@ -17,6 +17,8 @@ Images are decoded in DataLoader worker processes while the model runs. The task
 
 from __future__ import annotations
 
+import functools
+import os
 import platform
 import sys
 import tempfile
@@ -37,11 +39,11 @@ import pruning
 import zoom
 from checks import check_after_block
 from errors import ImageLoadError, ZoomViTError
-from eval_data import BOX_COLUMNS, Images, default_workers, read_labels
+from eval_data import BOX_COLUMNS, Images, default_workers, die_with_parent, read_labels
 from eval_report import Evaluation
 from eval_tasks import DEFAULT_KEEPS, FAITHFULNESS_METHODS, OWN_SCORES, TASKS, fusion, prune_configs
-from eval_work import (barrier, finished_images, fingerprint, from_rank0, groups_to_do, load_record, open_work,
-                       rank_world, save_record)
+from eval_work import (Stamps, barrier, finished_images, fingerprint, from_rank0, groups_to_do, load_record,
+                       open_work, rank_world, save_record)
 from geometry import encode
 from models import ViTBundle
 from vit_analyzer import Analysis, analyze_encoded
@@ -67,6 +69,13 @@ def peak_in_box(analysis: Analysis, grid_map: np.ndarray, box) -> bool:
     x0, y0, x1, y1 = analysis.geometry.to_original(analysis.geometry.patch_box(row, col))
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     return bool(box[0] <= cx <= box[2] and box[1] <= cy <= box[3])
+
+
+def _loader(images: Images, batches, workers: int) -> DataLoader:
+    """The batches' images, decoded ahead in `workers` processes that die with this one (see
+    `eval_data.die_with_parent`)."""
+    return DataLoader(images, batch_sampler=batches, num_workers=workers, collate_fn=list,
+                      worker_init_fn=functools.partial(die_with_parent, os.getpid()))
 
 
 # ---- pass 1: per image ------------------------------------------------------------------------------------
@@ -193,29 +202,29 @@ def _prune_pass(bundle, images, kept, records, configs, after_block, workers, pr
     if batches:
         num_patches = len(records[batches[0][1][0]]["scores"]["grad_rollout"])
         random_scores = torch.rand(n, num_patches, generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(images, batch_sampler=[indices for _, indices in batches], num_workers=workers,
-                        collate_fn=list)
+    loader = _loader(images, [indices for _, indices in batches], workers)
     results, first_pixels = {}, None
-    bar = tqdm(total=len(batches) * len(configs), desc="pruning", unit="run", file=sys.stderr, disable=not progress)
-    for (start, indices), entries in zip(batches, loader):
-        pixels = torch.cat([_pixels(bundle, images, entry) for entry in entries])
-        scores = [records[i]["scores"] for i in indices]
-        before = torch.tensor([[records[i]["row"]["predicted"]] for i in indices])
-        batch_random = random_scores[start:start + len(indices)]
-        results[start] = {}
-        cuts = {}  # the blocks before the cut run once per batch (twice when some configurations need scores)
-        for mode, criterion, keep in configs:
-            patch_scores = _patch_scores(criterion, keep, scores, batch_random)
-            with_scores = pruning.needs_own_scores(bundle, pixels, keep, patch_scores)
-            if with_scores not in cuts:
-                cuts[with_scores] = pruning.run_to_cut(bundle, pixels, after_block, with_scores)
-            logits, _ = pruning.finish_pruned(bundle, cuts[with_scores], keep, patch_scores, fusion(mode, criterion))
-            results[start][mode, criterion, keep] = (logits.argmax(-1).numpy(),
-                                                     logits.softmax(-1).gather(1, before)[:, 0].numpy())
-            bar.update()
-        if start == 0:
-            first_pixels = pixels
-    bar.close()
+    with tqdm(total=len(batches) * len(configs), desc="pruning", unit="run", file=sys.stderr,
+              disable=not progress) as bar:
+        for (start, indices), entries in zip(batches, loader):
+            pixels = torch.cat([_pixels(bundle, images, entry) for entry in entries])
+            scores = [records[i]["scores"] for i in indices]
+            before = torch.tensor([[records[i]["row"]["predicted"]] for i in indices])
+            batch_random = random_scores[start:start + len(indices)]
+            results[start] = {}
+            cuts = {}  # the blocks before the cut run once per batch (twice when some configurations need scores)
+            for mode, criterion, keep in configs:
+                patch_scores = _patch_scores(criterion, keep, scores, batch_random)
+                with_scores = pruning.needs_own_scores(bundle, pixels, keep, patch_scores)
+                if with_scores not in cuts:
+                    cuts[with_scores] = pruning.run_to_cut(bundle, pixels, after_block, with_scores)
+                logits, _ = pruning.finish_pruned(bundle, cuts[with_scores], keep, patch_scores,
+                                                  fusion(mode, criterion))
+                results[start][mode, criterion, keep] = (logits.argmax(-1).numpy(),
+                                                         logits.softmax(-1).gather(1, before)[:, 0].numpy())
+                bar.update()
+            if start == 0:
+                first_pixels = pixels
     if world > 1:
         gathered = [None] * world if rank == 0 else None
         dist.gather_object(results, gathered, dst=0)
@@ -302,23 +311,24 @@ def evaluate(
     if not isinstance(batch, int) or batch < 1:
         raise ZoomViTError(f"--batch must be a whole number of images, at least 1, got {batch!r}.")
     settings = fingerprint(bundle, data, items, limit, keeps, tasks, after_block, batch)
-    finished = from_rank0(lambda: open_work(work, settings, resume))
+    stamps = Stamps(data, items, settings)  # what each image's work file must say about itself
+    finished = from_rank0(lambda: open_work(work, settings, resume, stamps))
     images = Images(data, items)
     todo = groups_to_do(len(items), finished, batch)[rank::world]  # even shares of what is left
-    loader = DataLoader(images, batch_sampler=todo, num_workers=workers, collate_fn=list)  # decodes ahead
-    bar = tqdm(total=sum(map(len, todo)), desc=f"images ({data.name})", unit="img", file=sys.stderr,
-               disable=not progress)
-    for entries in loader:
-        records = _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, bool(configs))
-        for index, record in records.items():
-            if "error" in record:  # one bad file should not sink a long run: report it and go on
-                save_record(work, index, record, skipped=True)
-                continue
-            curves = record["curves"]  # tensors, not arrays: torch.load(weights_only=True) reads no arrays
-            record["curves"] = curves and {m: tuple(map(torch.from_numpy, pair)) for m, pair in curves.items()}
-            save_record(work, index, record)
-        bar.update(len(entries))
-    bar.close()
+    loader = _loader(images, todo, workers)  # decodes ahead
+    # closed on a Ctrl-C too, so that the CLI's one line about it starts a line of its own
+    with tqdm(total=sum(map(len, todo)), desc=f"images ({data.name})", unit="img", file=sys.stderr,
+              disable=not progress) as bar:
+        for entries in loader:
+            records = _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, bool(configs))
+            for index, record in records.items():
+                if "error" in record:  # one bad file should not sink a long run: report it and go on
+                    save_record(work, index, record, stamps(index), skipped=True)
+                    continue
+                curves = record["curves"]  # tensors, not arrays: torch.load(weights_only=True) reads no arrays
+                record["curves"] = curves and {m: tuple(map(torch.from_numpy, pair)) for m, pair in curves.items()}
+                save_record(work, index, record, stamps(index))
+            bar.update(len(entries))
     barrier()  # every image has its file now
     images_seconds = time.perf_counter() - started
     finished = finished_images(work)

@@ -2,14 +2,18 @@
 images decoded in DataLoader workers give the rows of the per-image pass on the files themselves."""
 
 import csv
+import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import cli
 import config
@@ -170,3 +174,141 @@ def test_torchrun_splits_the_pruning_batches_over_the_ranks(launches, deit_tiny,
     got = json.loads(launches("small batches")[1])
     assert got["rows"] == expected["rows"]
     assert without_timing(got["summary"]) == without_timing(expected["summary"])
+
+
+# ---- a killed or interrupted CLI run ----------------------------------------------------------------------
+
+
+STOPPED_LIMIT = 50  # images of a run that is stopped early: enough that it cannot end first, even on a fast machine
+
+
+def start_cli_eval(shared_dir, model, out, *extra):
+    """`zoomvit eval` in a subprocess, one image at a time (zoom only), to be stopped early."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", "eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", model,
+         "--device", "cpu", "--limit", str(STOPPED_LIMIT), "--batch", "1", "--tasks", "zoom", "--out", str(out),
+         *extra],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+        time.sleep(0.1)
+    return found
+
+
+def children(pid: int) -> list[int]:
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        return [int(c) for task in tasks for c in (task / "children").read_text().split()]
+    except FileNotFoundError:  # it has ended (or a thread has)
+        return []
+
+
+def running(pid: int) -> bool:
+    """A zombie (dead, waiting for whoever adopted it to reap it) does not run."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_eval_takes_its_decoding_worker_with_it(shared_dir, deit_model_path, tmp_path):
+    proc = start_cli_eval(shared_dir, deit_model_path, tmp_path / "out", "--workers", "1")
+    worker = None
+    try:
+        (worker,) = wait_for(lambda: children(proc.pid), proc)
+        proc.kill()  # kill -9: no chance to stop its workers itself
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not running(worker), "the DataLoader worker outlived the killed eval"
+    finally:
+        proc.kill()
+        proc.communicate()
+        if worker is not None and running(worker):  # this test's orphan, when the check above fails
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_ctrl_c_is_one_line_and_the_work_is_kept(shared_dir, deit_model_path, tmp_path):
+    out = tmp_path / "out"
+    proc = start_cli_eval(shared_dir, deit_model_path, out, "--workers", "0")
+    work = out / eval_work.WORK_DIR
+    wait_for(lambda: work.is_dir() and list(work.glob("*.pt")), proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    saved = len(list(work.glob("*.pt")))
+    assert saved >= 1 and stderr.splitlines()[-1] == (f"zoomvit: interrupted; {saved} images are saved in {work}: "
+                                                       "run again with --resume")
+
+
+# ---- the work folder's files are checked before a resumed run trusts them ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_work(deit_tiny, shared_dir, tmp_path_factory):
+    """A folder of two images and an unreadable file, evaluated (zoom only, one image per group) into a work folder
+    that is kept: (data folder, work folder, the result)."""
+    data = tmp_path_factory.mktemp("checked")
+    source = shared_dir / "data" / "imagenet-sample"
+    items = eval_data.read_labels(source, 2)
+    for item in items:
+        shutil.copy(source / item.file, data / item.file)
+    (data / "broken.jpg").write_bytes(b"not an image")
+    lines = [f"{item.file},{item.label}" for item in items] + ["broken.jpg,1"]
+    (data / "labels.csv").write_text("\n".join(["file,label_index", *lines]) + "\n")
+    work = data / "work"
+    result = evaluation.evaluate(deit_tiny, data, tasks=("zoom",), batch=1, workers=0, work_dir=work, progress=False)
+    return data, work, result
+
+
+def edit_a_value(path: Path):
+    """The record in a work file, torch.save's zip after whatever precedes it, with one value changed."""
+    content = path.read_bytes()
+    start = content.index(b"PK\x03\x04")
+    record = torch.load(io.BytesIO(content[start:]), weights_only=True)
+    record["row"]["predicted"] += 1
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    path.write_bytes(content[:start] + buffer.getvalue())
+
+
+DAMAGE = {  # name: (what is done to the work folder, the file the warning names, the image analysed again)
+    "truncated": (lambda w: (w / "000000.pt").write_bytes((w / "000000.pt").read_bytes()[:300]), "000000.pt", [0]),
+    "garbage": (lambda w: (w / "000001.pt").write_bytes(os.urandom(2000)), "000001.pt", [1]),
+    "copied over another": (lambda w: shutil.copy(w / "000000.pt", w / "000001.pt"), "000001.pt", [1]),
+    "edited value": (lambda w: edit_a_value(w / "000000.pt"), "000000.pt", [0]),
+    "stray skipped file": (lambda w: shutil.copy(w / "000002.skipped.pt", w / "000001.skipped.pt"),
+                           "000001.skipped.pt", []),
+    "damaged settings": (lambda w: (w / "settings.json").write_text('{"model": '), "settings.json", []),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_bad_work_file_is_named_and_redone(finished_work, deit_tiny, tmp_path, monkeypatch, capsys, damage):
+    data, finished, expected = finished_work
+    work = tmp_path / "work"
+    shutil.copytree(finished, work)
+    spoil, name, redone = DAMAGE[damage]
+    spoil(work)
+    real, calls = evaluation._group_pass, []
+
+    def group_pass(bundle, entries, *args, **kwargs):
+        calls.extend(index for index, *_ in entries)
+        return real(bundle, entries, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_group_pass", group_pass)
+    capsys.readouterr()
+    result = evaluation.evaluate(deit_tiny, data, tasks=("zoom",), batch=1, workers=0, work_dir=work, resume=True,
+                                 progress=False)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zoomvit: warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"zoomvit: warning: {work / name}: "), warnings
+    assert calls == redone
+    assert result.rows == expected.rows and result.summary["skipped"] == expected.summary["skipped"]
+

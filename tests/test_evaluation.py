@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -58,6 +59,33 @@ def test_read_labels_with_and_without_boxes(tmp_path):
 def test_read_labels_rejects_bad_files(tmp_path, header, line, message):
     with pytest.raises(ZoomViTError, match=message):
         eval_data.read_labels(write_labels(tmp_path, header, line))
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("x.jpg,three,1,2,30,40", "line 2: label_index must be a whole number, got 'three'."),
+        ("x.jpg,3,1,2,abc,40", "line 2: x1 must be a finite number, got 'abc'."),
+        ("x.jpg,3,nan,2,30,40", "line 2: x0 must be a finite number, got 'nan'."),
+        ("x.jpg,3,0,0,inf,40", "line 2: x1 must be a finite number, got 'inf'."),  # every map peak would be in it
+        ("x.jpg,3,1,2,30", "line 2: y1 must be a finite number, got nothing."),
+        ("x.jpg,3,30,2,10,40", "line 2: x1 must be greater than x0, got x0 = '30' and x1 = '10'."),
+        ("x.jpg,3,1,40,30,40", "line 2: y1 must be greater than y0, got y0 = '40' and y1 = '40'."),
+    ],
+)
+def test_read_labels_names_the_bad_column_and_value(tmp_path, line, message):
+    with pytest.raises(ZoomViTError, match=re.escape(message)):
+        eval_data.read_labels(write_labels(tmp_path, "file,label_index,x0,y0,x1,y1", line))
+
+
+def test_read_labels_encodings(tmp_path):
+    """A byte order mark (as spreadsheets write it) is not part of the first column's name; a file in another
+    encoding is refused in one line that names it."""
+    (tmp_path / "labels.csv").write_bytes("\ufefffile,label_index\nx.jpg,3\n".encode())
+    assert [(i.file, i.label) for i in eval_data.read_labels(tmp_path)] == [("x.jpg", 3)]
+    (tmp_path / "labels.csv").write_bytes("file,label_index\nd\xe9j\xe0.jpg,3\n".encode("latin-1"))
+    with pytest.raises(ZoomViTError, match=re.escape(f"{tmp_path / 'labels.csv'} is not UTF-8 text")):
+        eval_data.read_labels(tmp_path)
 
 
 def test_read_labels_missing_folder_and_file(tmp_path):
@@ -165,6 +193,43 @@ def test_goal_checks_report_met_and_missed():
     assert checks["blur items: top-1 after zoom >= 65%"] == ("60.0%", False)
     faith = checks["best map's deletion AUC <= rollout's - 3 points"]
     assert faith[1] is True and faith[0].startswith("intent 11.00 vs rollout 19.00")
+
+
+def test_goal_checks_judge_the_printed_figures():
+    """A drop of exactly 5 points is met though 100 x (0.85 - 0.9) is -5.000000000000004; so are a latency ratio
+    and an AUC gap exactly at their limits."""
+    summary = synthetic_summary()
+    summary["top1"] = 0.9
+    entries = {(e["mode"], e["criterion"], e["keep"]): e for e in summary["prune"]}
+    entries["analysis", "intent", 0.3].update(keep=0.1, top1=0.85)  # the keep-0.1 goal: a drop of 5 points at most
+    entries["efficiency", "merge", 0.3].update(macs_ratio=0.07, latency_ratio=0.12, top1=0.9)  # 0.07 + 0.05 > 0.12
+    for e in summary["faithfulness"]:  # the best map 0.26, rollout 0.29: a gap of 2.9999999999999996
+        e["deletion_auc"] = {"rollout": 0.29, "intent": 0.26}.get(e["method"], 0.28)
+    checks = {goal: (measured, met) for goal, measured, met in eval_report.goal_checks(summary)}
+    assert checks["analysis pruning, keep 0.1: top-1 drop <= 5 points"] == ("-5.0 points", True)
+    assert checks["efficiency keep 0.3: latency ratio <= MACs ratio + 0.05"] == ("0.12 vs 0.07", True)
+    faith_check = checks["best map's deletion AUC <= rollout's - 3 points"]
+    assert faith_check[1] is True and faith_check[0].endswith("(3.00 points better)")
+
+
+def test_zoom_plot_legend_covers_no_bar_or_value():
+    """Bars near 100% fill the axes: the legend sits outside them, clear of every bar, value, label and the title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    summary = synthetic_summary()
+    for block in (summary["zoom"], *summary["zoom"]["groups"]["background"].values()):
+        block.update(top1_before=0.97, top1_after=1.0, top1_crop=0.99)
+    fig = visualization.plot_zoom(summary)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    (legend,) = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    box = legend.get_window_extent(renderer)
+    ax = fig.axes[0]
+    covered = [artist for artist in [*ax.patches, *ax.texts, ax.title, *ax.get_xticklabels(), *ax.get_yticklabels()]
+               if artist.get_window_extent(renderer).overlaps(box)]
+    assert not covered
+    assert len(ax.texts) == 6 and all(t.get_window_extent(renderer).y1 <= ax.bbox.y1 for t in ax.texts)
 
 
 def test_report_and_plots_from_a_summary(tmp_path):
@@ -290,11 +355,50 @@ def test_cli_eval_prints_json_and_shows_progress(deit_model_path, shared_dir, tm
     assert (out / "prune.png").is_file() and not (out / "zoom.png").exists()
 
 
+def earlier_run(out: Path, *extra: str) -> Path:
+    """`out` as a finished run leaves it (every output, fake), with `extra` files of someone else's."""
+    out.mkdir(parents=True)
+    for name in (*eval_report.OUTPUTS, *extra):
+        (out / name).write_text("earlier")
+    return out
+
+
+def test_cli_eval_refuses_an_earlier_runs_folder_before_the_model_loads(deit_model_path, shared_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    """A new run would replace report.md and results.json and leave the earlier run's other plots beside them."""
+    out = earlier_run(tmp_path / "out")
+    monkeypatch.setattr(cli, "_load_model", lambda *args: pytest.fail("the model was loaded"))
+    argv = ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", deit_model_path,
+            "--out", str(out), "--tasks", "zoom"]
+    for extra in ([], ["--resume"]):  # --resume with nothing to resume would start a new run
+        assert cli.main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"zoomvit: error: {out} holds an earlier run's outputs (results.json, per_image.csv, "
+                              "prune.png, zoom.png, faithfulness.png, report.md): add --overwrite")
+        assert err.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(eval_report.OUTPUTS)
+
+
+def test_cli_eval_overwrite_removes_only_what_eval_wrote(deit_model_path, shared_dir, tmp_path):
+    """--overwrite: the earlier run's outputs and an interrupted run's work go, the folder's other files stay."""
+    out = earlier_run(tmp_path / "out", "notes.txt")
+    (out / eval_work.WORK_DIR).mkdir()
+    (out / eval_work.WORK_DIR / "settings.json").write_text("{}")  # an interrupted run
+    (out / eval_work.WORK_DIR / "000000.pt").write_text("earlier")
+    assert cli.main(["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", deit_model_path,
+                     "--device", "cpu", "--out", str(out), "--limit", "2", "--tasks", "zoom", "--workers", "0",
+                     "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "per_image.csv", "report.md", "results.json",
+                                                     "zoom.png"]
+    assert (out / "notes.txt").read_text() == "earlier" and json.loads((out / "results.json").read_text())["n"] == 2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--data", "/no/such/folder"], "Data folder not found"),
     (["--data", ".", "--keep", "2"], "--keep values"),
     (["--data", ".", "--tasks", "speed"], "--tasks"),
     (["--data", ".", "--batch", "0"], "--batch must be at least 1"),
+    (["--data", ".", "--overwrite", "--resume"], "give one of them"),
 ])
 def test_cli_eval_errors_are_one_line(capsys, argv, message):
     assert cli.main(["eval", *argv]) == 2
