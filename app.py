@@ -45,6 +45,7 @@ from starlette.middleware import Middleware  # noqa: E402
 
 import config  # noqa: E402
 import models  # noqa: E402
+from checks import check_port  # noqa: E402
 from errors import ZoomViTError  # noqa: E402
 from explorer import Explorer  # noqa: E402
 from feedback import clamped_by_us, keeps_view, user_errors  # noqa: E402
@@ -53,7 +54,7 @@ from serving import (  # noqa: E402
     JANITOR, TEMP_MAX_AGE_S, SweepAfterUploads, hand_over_the_file, one_blas_thread, port_free,
 )
 from sessions import MAX_SESSIONS, SESSION_TTL_S, release_session  # noqa: E402
-from views import COLORMAPS, DIRECTIONS, VIEWS, ViewSettings, legend_html  # noqa: E402
+from views import COLORMAPS, DIRECTIONS, PAGE_CSS, PAGE_JS, VIEWS, ViewSettings, legend_html  # noqa: E402
 from zoom_prune import KEEP_MIN, MODES, POLICIES  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -63,12 +64,6 @@ MAX_UPLOAD = "25mb"  # Gradio refuses larger uploads; images.load_image also bou
 MODEL_QUEUE = "model"  # the concurrency id of every event that may run the model (one at a time)
 IMAGE_BUTTONS = ["download", "fullscreen"]  # no "share": it only works on Hugging Face Spaces
 VIEW_FIELDS = tuple(f.name for f in fields(ViewSettings))  # the view controls, by the names the handlers use
-
-CSS = """
-#overlay img, #overlay canvas { cursor: crosshair; }
-.zv-legend { display: flex; align-items: center; gap: .5em; font-size: .85em; margin: 0 .25em; }
-.zv-legend .bar { flex: 1; height: 10px; border-radius: 3px; }
-"""
 
 ABOUT = """
 **What each view shows, and when to trust it**
@@ -90,6 +85,8 @@ still classified the same; *inverted*: the region the model relies on, cropped o
 answer, so the decision leans on context or background; *diffuse*: importance is scattered over separate places.
 "Inverted" can appear on a right answer: a model can be right for contextual reasons (a tench recognised by the
 angler holding it).
+When the prediction itself is a guess (top-1 under 10%, or near chance for a model with few classes), the diagnosis
+says so first: the map then explains a guess, not a decision.
 
 **The dark band**: the model sees only its centre crop (DeiT: resize to 256, crop 224). Pixels outside the
 crop never reach the model, so every map is zero there.
@@ -352,8 +349,10 @@ def _wire_explore(ex: Explorer, ui: SimpleNamespace, api: dict):
     change_view, view_inputs = view_event(handlers.change_view, [ui.session], ui)
     rerender = keeps_view(5)(view_event(handlers.rerender, [ui.session], ui)[0])  # one function: one queue slot
     ui.view.input(keeps_view(5)(change_view), view_inputs, slider_outputs, **QUIET)
-    for control in (ui.direction, ui.block, ui.head, ui.colormap, ui.discard_ratio, ui.opacity):
-        control.input(rerender, view_inputs, slider_outputs, **QUIET)
+    # Sliders on .change: a slider's reset button (↺) fires neither .input nor .release.
+    for trigger in (ui.direction.input, ui.block.input, ui.head.input, ui.colormap.input, ui.discard_ratio.change,
+                    ui.opacity.change):
+        trigger(rerender, view_inputs, slider_outputs, **QUIET)
     change_target, _ = view_event(handlers.change_target, [ui.session], ui)
     ui.target.input(
         keeps_view(5, fallback=handlers.target_back)(change_target), view_inputs,
@@ -384,14 +383,15 @@ def _wire_zoom_prune(ex: Explorer, ui: SimpleNamespace, api: dict):
                 [ui.zoom_on, ui.image, ui.policy, ui.session], [ui.zoom_on, ui.zoom_group, *api["zoom"][2]],
                 trigger_mode="always_last", **MODEL_RUN, **PRIVATE)
 
-    # .input: a drag, the arrow keys and a typed value all end up here (.release missed the last two).
+    # keep on .change: a drag, the arrow keys, a typed value and the reset button (↺, which fires neither .input
+    # nor .release) all end up here; prune_ui skips a run for what is already shown (the slider set to a clamp).
     _, prune_inputs, prune_outputs = api["prune"]
-    for trigger in (ui.keep.input, ui.after_block.input, ui.mode.input):
+    for trigger in (ui.keep.change, ui.after_block.input, ui.mode.input):
         trigger(keeps_view(6)(handlers.prune_ui), prune_inputs, [ui.keep, *prune_outputs], trigger_mode="always_last",
                 **MODEL_RUN, **PRIVATE)
     ui.zp_tab.select(keeps_view(6)(handlers.prune_if_stale), prune_inputs, [ui.keep, *prune_outputs], **MODEL_RUN,
                      **PRIVATE)
-    ui.zp_export_btn.click(keeps_view(1)(ex.exports.export_zoom_prune), [ui.session], [ui.zp_export_files],
+    ui.zp_export_btn.click(keeps_view(1)(ex.exports.export_zoom_prune), [ui.session, ui.zoom_on], [ui.zp_export_files],
                            **PRIVATE)
 
 
@@ -440,7 +440,8 @@ def launch_options(host: str = "127.0.0.1", port: int = 7860) -> dict:
     return dict(
         server_name=host, server_port=port, share=False, max_file_size=MAX_UPLOAD,
         state_session_capacity=MAX_SESSIONS, ssr_mode=False, mcp_server=False, pwa=False, show_error=False,
-        footer_links=["api"], theme=gr.themes.Default(primary_hue="orange", secondary_hue="blue"), css=CSS,
+        footer_links=["api"], theme=gr.themes.Default(primary_hue="orange", secondary_hue="blue"), css=PAGE_CSS,
+        js=PAGE_JS,
         app_kwargs={"middleware": [Middleware(SweepAfterUploads)]},
     )
 
@@ -466,7 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not port_free(args.host, args.port):  # before the slow model load
+    try:  # a bad device, dtype or port number fails at once, before the slow model load
+        models.resolve_dtype(args.dtype, models.resolve_device(args.device))
+        check_port(args.port)
+    except ZoomViTError as exc:
+        print(f"zoomvit: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not port_free(args.host, args.port):
         print(f"zoomvit: error: port {args.port} on {args.host} is in use; pick another with --port.", file=sys.stderr)
         raise SystemExit(2)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -45,6 +45,11 @@ DIFFUSE_FOCUS = 0.3
 # After an adaptive zoom the prediction mixes both looks; 0.7 on the whole image keeps ImageNet-sample top-1
 # from dropping (measured on DeiT-Tiny), while an unsure whole image still defers to a confident crop.
 ZOOM_WHOLE_WEIGHT = 0.7
+# The diagnosis flags a prediction that is itself a guess: top-1 below GUESS_PROB (DeiT-Tiny's top-1 was at least
+# 21% on 60 ImageNet-sample photos, 1-4% on noise), or below GUESS_OVER_CHANCE x chance for models with few classes
+# (a 10-class model at 25% is still close to chance).
+GUESS_PROB = 0.1
+GUESS_OVER_CHANCE = 3.0
 
 
 def resolve_model_name(explicit=None):
@@ -52,7 +57,7 @@ def resolve_model_name(explicit=None):
     return explicit or os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
 
 
-# Where the model runs and in which precision; checked by vit_analyzer.resolve_device / resolve_dtype.
+# Where the model runs and in which precision; checked by models.resolve_device / resolve_dtype.
 # auto: cuda if available, else mps, else cpu. A GPU is named as torch names it (cuda:1).
 DEVICE_ENV_VAR = "ZOOMVIT_DEVICE"
 DTYPE_ENV_VAR = "ZOOMVIT_DTYPE"

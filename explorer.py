@@ -15,7 +15,7 @@ import visualization
 from errors import ZoomViTError
 from exports import Exports
 from feedback import clamped, finite_number, message_of
-from sessions import Session, SessionStore
+from sessions import FailedImage, Session, SessionStore
 from views import TARGET_VIEWS, ViewRenderer, ViewSettings
 from zoom_prune import ZoomPruneHandlers
 
@@ -38,15 +38,23 @@ class ExploreHandlers:
 
     def on_image(self, image, settings: ViewSettings, session):
         """The image input changed: analyse the new one. Nothing of the previous image stays on screen: a file
-        that cannot be analysed leaves empty outputs and the reason, and no session."""
+        that cannot be analysed leaves empty outputs and the reason, and no analysis (a FailedImage).
+
+        Replacing a picture fires the input's .change twice for the same file: the second time a file that
+        failed is not tried, nor warned about, again."""
         if image is None:
             return None, None, "", "", None, None
+        if isinstance(session, FailedImage) and session.path == str(image):
+            return None, None, f"**Could not analyse this file**: {session.message}", "", None, session
         try:
-            return self.explain(image, settings, session)
+            outputs = self.explain(image, settings, session)
         except Exception as exc:  # noqa: BLE001 - shown to the user
             message = message_of(exc, "on_image")
             gr.Warning(message, title="Could not analyse this file")
-            return None, None, f"**Could not analyse this file**: {message}", "", None, None
+            return (None, None, f"**Could not analyse this file**: {message}", "", None,
+                    FailedImage(str(image), message))
+        outputs[-1].zoom_result = outputs[-1].prune_result = None  # the new image's reset cleared them on screen
+        return outputs
 
     def change_target(self, session, settings: ViewSettings):
         """A new target class: show a view that depends on it (gradient-weighted unless intent is on)."""

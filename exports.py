@@ -69,8 +69,10 @@ class Exports:
         )
         return self.write_export(session, "explore", picture, result)
 
-    def export_zoom_prune(self, session):
-        if not isinstance(session, Session) or (session.zoom_result is None and session.prune_result is None):
+    def export_zoom_prune(self, session, zoom_on=True):
+        """What the tab shows: the prune result, and the zoom only while the zoom checkbox is on."""
+        zoom_result = session.zoom_result if isinstance(session, Session) and zoom_on else None
+        if not isinstance(session, Session) or (zoom_result is None and session.prune_result is None):
             raise ZoomViTError("Nothing to export yet: zoom or prune first.")
         analysis = session.analysis
         image = analysis.loaded.image
@@ -80,10 +82,10 @@ class Exports:
             lines.append(plain_text(prune_text(session.prune_result, self.store.num_layers).split("\n\n")[0]))
             lines.append(f"Grey: the patch tokens dropped after block {session.prune_result.after_block}.")
             result["prune"] = session.prune_result.as_dict()
-        if session.zoom_result is not None:
-            box = [c * analysis.geometry.scale for c in session.zoom_result.box]
+        if zoom_result is not None:
+            box = [c * analysis.geometry.scale for c in zoom_result.box]
             image = visualization.draw_box(image, box, color=(255, 40, 40), width=max(3, image.width // 200))
-            lines.append("Red: the zoom box. " + plain_text(zoom_text(session.zoom_result)))
-            result["zoom"] = session.zoom_result.as_dict()
+            lines.append("Red: the zoom box. " + plain_text(zoom_text(zoom_result)))
+            result["zoom"] = zoom_result.as_dict()
         caption = f"{Path(self.bundle.name).name}: " + "\n".join(lines)
         return self.write_export(session, "zoom-prune", visualization.figure_with_legend(image, None, caption), result)

@@ -11,6 +11,11 @@ Measured on the intent map of the predicted class (floored at its median, treate
   whole-image probability and predicts something else.
 - good: neither.
 Diffuse is checked first: a scattered map has no place to be "inside" or "outside" of.
+
+Whatever the kind, a prediction the model is not sure of is flagged (`guess`, and said first in the reason): top-1
+below config.GUESS_PROB, or below config.GUESS_OVER_CHANCE times chance where there are few classes. The kind then
+describes the map of a guess, not a decision; the kinds themselves stay as they are (the evaluation groups images
+by kind).
 """
 
 from __future__ import annotations
@@ -49,17 +54,43 @@ class Diagnosis:
     kind: str
     reason: str
     metrics: dict = field(default_factory=dict)
+    guess: bool = False  # the prediction itself is a guess (not in metrics: the evaluation's columns stay the same)
 
     def as_dict(self):
-        return {"kind": self.kind, "reason": self.reason, **{k: round(v, 4) for k, v in self.metrics.items()}}
+        return {"kind": self.kind, "reason": self.reason, "guess": self.guess,
+                **{k: round(v, 4) for k, v in self.metrics.items()}}
+
+
+def is_a_guess(analysis: Analysis) -> bool:
+    probs = analysis.probs
+    return float(probs[analysis.predicted]) < max(config.GUESS_PROB, config.GUESS_OVER_CHANCE / len(probs))
+
+
+def flag_a_guess(analysis: Analysis, diagnosis: Diagnosis) -> Diagnosis:
+    """The diagnosis, saying first when the prediction it is about is itself a guess."""
+    if not is_a_guess(analysis):
+        return diagnosis
+    predicted = analysis.predicted
+    label = analysis.bundle.label(predicted).split(",")[0]
+    diagnosis.guess = True
+    diagnosis.reason = (
+        f"the prediction itself is a guess: '{label}' has only {float(analysis.probs[predicted]):.1%} "
+        f"(chance is {1 / len(analysis.probs):.1%}), so the map explains a guess, not a decision; "
+        f"the map: {diagnosis.reason}"
+    )
+    return diagnosis
 
 
 def diagnose(analysis: Analysis, box=None, zoom_result=None) -> Diagnosis:
-    """Classify the intent of `analysis` (see the module docstring for the criteria).
+    """Classify the intent of `analysis` (see the module docstring for the criteria), flagging a guess.
 
     box: optional ground-truth object box in original pixels. zoom_result: a `zoom.zoom` result to reuse
     (without a box, one crop is classified otherwise).
     """
+    return flag_a_guess(analysis, _diagnose(analysis, box, zoom_result))
+
+
+def _diagnose(analysis: Analysis, box=None, zoom_result=None) -> Diagnosis:
     analysis = analysis.for_target(analysis.predicted)  # the diagnosis is about the model's own decision
     grid_map = analysis.intent()
     metrics = {"spread": map_spread(grid_map), "focus": focus_share(grid_map)}

@@ -7,6 +7,7 @@ other control re-renders from it, on a copy of the image at most DISPLAY_SIDE pi
 
 import collections
 import hashlib
+import math
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from vit_analyzer import Analysis, analyze
 
 DISPLAY_SIDE = 768  # images are drawn at most this many pixels on their longest side
 MIN_DISPLAY_SIDE = 256  # ... and tiny images are blown up to this on their shortest side (where the longest allows)
+MIN_PANEL_SIDE = 128  # ... and very wide or tall ones keep this on their shortest side (their panel scrolls)
 MAX_SESSIONS = 32  # sessions whose state the server keeps (oldest dropped first): ~15-70 MB each
 SESSION_TTL_S = 2 * 3600  # a session's analysis is dropped after this long without an update
 GRAPHS_KEPT = 4  # analyses that keep their autograd graph (a target change then costs only a backward)
@@ -74,6 +76,14 @@ class Session:
         return x * ow / self.display.width, y * oh / self.display.height
 
 
+@dataclass(frozen=True)
+class FailedImage:
+    """The state of a session whose image could not be analysed: no analysis, the file and why."""
+
+    path: str
+    message: str
+
+
 class GraphBudget:
     """Keeps the autograd graph only for the newest few analyses (memory); older ones release theirs.
 
@@ -99,6 +109,12 @@ def release_session(session):
     """gr.State delete callback: free the graph as soon as Gradio drops the session."""
     if isinstance(session, Session):
         session.analysis.release_graph()
+
+
+def display_side(size) -> int:
+    """The longest side an image is drawn at: DISPLAY_SIDE, or more where that would leave its short side under
+    MIN_PANEL_SIDE (an 8000x200 strip would be 19 pixels high). Bounded: images.MAX_ASPECT_RATIO."""
+    return max(DISPLAY_SIDE, math.ceil(MIN_PANEL_SIDE * max(size) / max(1, min(size))))
 
 
 def _file_key(path) -> str:
@@ -144,7 +160,7 @@ class SessionStore:
         self.graphs.add(analysis)
         release_memory()  # the decode's and the pass's freed memory back to the OS, not held by malloc
         display, geometry = visualization.resized_view(
-            loaded.image, analysis.geometry, DISPLAY_SIDE, MIN_DISPLAY_SIDE
+            loaded.image, analysis.geometry, display_side(loaded.image.size), MIN_DISPLAY_SIDE
         )
         return Session(key, path, analysis, display, geometry, diagnosis)
 

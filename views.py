@@ -15,6 +15,7 @@ from sessions import Session, SessionStore, Shown
 from vit_analyzer import Prediction, top_predictions
 
 HEAD_TILE = 128  # one tile of the all-heads grid
+HEAD_TILE_MIN_SIDE = 64  # ... whose short side keeps this much for a very wide or tall image (a readable strip)
 
 VIEWS = [
     ("Rollout", "rollout"),
@@ -47,6 +48,55 @@ class ViewSettings:
     target: str = ""
     colormap: str = "jet"
     opacity: float = 0.5
+
+
+PAGE_CSS = """
+#overlay img, #overlay canvas { cursor: crosshair; }
+.zv-legend { display: flex; align-items: center; gap: .5em; font-size: .85em; margin: 0 .25em; }
+.zv-legend .bar { flex: 1; height: 10px; border-radius: 3px; }
+/* A very wide or tall picture at its own size, scrolled inside its panel (see PAGE_JS). */
+:is(#overlay, #heads, #kept, #zoom_box) .image-container { max-height: 75vh; overflow: auto; }
+:is(#overlay, #heads, #kept, #zoom_box) :has(img.zv-natural) { justify-content: flex-start; align-items: flex-start; }
+img.zv-natural { width: auto !important; height: auto !important; max-width: none !important;
+                 max-height: none !important; flex-shrink: 0; }
+"""
+
+# Run once when the page loads (launch(js=...)).
+PAGE_JS = """
+() => {
+  // The target class box selects its text when focused, so typing replaces it and searches the list: Gradio's
+  // dropdown keeps the shown label and would append to it. Chrome drops a selection made on focus at the
+  // mouseup of the same click, so that one mouseup is cancelled.
+  let focused = null;
+  document.addEventListener('focusin', (e) => {
+    if (e.target.matches && e.target.matches('#target input')) { e.target.select(); focused = e.target; }
+  });
+  document.addEventListener('mouseup', (e) => {
+    if (focused && e.target === focused) e.preventDefault();
+    focused = null;
+  }, true);
+
+  // A picture that fitting to its panel would shrink to a strip (short side under 128 px, or under 40% of its
+  // size) is shown at its own size and scrolled: the server draws very wide or tall images with a short side
+  // of 128 px at least. Clicks still map to the right pixel (Gradio measures the picture as shown).
+  const PANELS = '#overlay, #heads, #kept, #zoom_box';
+  const fit = (img) => {
+    img.classList.remove('zv-natural');
+    const shown = img.getBoundingClientRect();
+    if (!img.naturalWidth || !shown.width) return false;
+    const short = Math.min(shown.width, shown.height);
+    const strip = short < 128 && short < Math.min(img.naturalWidth, img.naturalHeight);
+    img.classList.toggle('zv-natural', strip || shown.width / img.naturalWidth < 0.4);
+    return true;
+  };
+  document.addEventListener('load', (e) => {
+    const img = e.target;
+    if (img.tagName !== 'IMG' || !img.closest(PANELS) || fit(img)) return;
+    const shown = new ResizeObserver(() => { if (fit(img)) shown.disconnect(); });  // in a hidden tab: once shown
+    shown.observe(img);
+  }, true);
+}
+"""
 
 
 def legend_html(cmap: str) -> str:
@@ -92,7 +142,7 @@ class ViewRenderer:
             heads = range(self.store.num_heads)
             grid = visualization.heads_grid(
                 session.display, session.geometry, grid_maps(), [f"head {h}" for h in heads], s.colormap, alpha,
-                HEAD_TILE,
+                HEAD_TILE, min_side=HEAD_TILE_MIN_SIDE,
             )
             session.grid_key, session.grid_image = grid_key, grid
         session.shown = Shown(np.asarray(grid_map), caption, s.colormap, alpha, record, session.patch)
@@ -159,4 +209,6 @@ class ViewRenderer:
     @staticmethod
     def diagnosis_text(session: Session) -> str:
         d = session.diagnosis
+        if d.guess:  # the kind describes the map of a guess: never shown as a plain "good"
+            return f"**Intent: unsure, the prediction itself is a guess** (map: {d.kind}): {d.reason}."
         return f"**Intent: {d.kind}**: {d.reason}."

@@ -128,10 +128,12 @@ def heads_grid(
     tile: int = 128,
     columns: int | None = None,
     gap: int = 4,
+    min_side: int = 0,
 ) -> Image.Image:
     """One small overlay per map (e.g. one per attention head), tiled in a grid with a caption on each.
 
-    image/geometry: the picture and its geometry (any size; it is shrunk to `tile` pixels once).
+    image/geometry: the picture and its geometry (any size; it is shrunk to `tile` pixels once, or to keep
+    `min_side` pixels on its short side where that is longer: a very wide image gives readable strips).
     grid_maps: a sequence of patch-grid maps with values in [0, 1]. titles: one caption per map.
     All tiles are upsampled and coloured in one batch (a few ms for 12 heads).
     """
@@ -139,14 +141,15 @@ def heads_grid(
     if maps.ndim != 3 or not len(maps):
         raise ValueError("heads_grid needs a non-empty sequence of 2-D maps")
     titles = list(titles) if titles is not None else [str(i) for i in range(len(maps))]
-    small, small_geometry = resized_view(image, geometry, tile)
+    long_side = math.ceil(min_side * max(image.size) / max(1, min(image.size)))
+    small, small_geometry = resized_view(image, geometry, max(tile, long_side))
     heats = small_geometry.upsample(maps)
     base = np.asarray(small, dtype=np.float32)
     coloured = np.take(_colour_table(cmap), _levels(heats), axis=0).astype(np.float32)
     panels = (base * (1.0 - alpha) + coloured * alpha + 0.5).astype(np.uint8)
-    columns = columns or min(len(maps), max(1, math.ceil(math.sqrt(len(maps) * 1.5))))
-    rows = math.ceil(len(maps) / columns)
     h, w = base.shape[:2]
+    columns = columns or _grid_columns(len(maps), w / h)
+    rows = math.ceil(len(maps) / columns)
     sheet = np.full((rows * h + (rows - 1) * gap, columns * w + (columns - 1) * gap, 3), 255, np.uint8)
     for i, (panel, title) in enumerate(zip(panels, titles)):
         y, x = (i // columns) * (h + gap), (i % columns) * (w + gap)
@@ -156,7 +159,32 @@ def heads_grid(
     return Image.fromarray(sheet, "RGB")
 
 
+def _grid_columns(count: int, tile_aspect: float) -> int:
+    """Columns for `count` tiles of width/height `tile_aspect`: about sqrt(1.5 count) for tiles of a usual shape
+    (a sheet about 3:2); for strips, the count whose sheet comes closest to that shape."""
+    if 0.5 <= tile_aspect <= 2.0:
+        return min(count, max(1, math.ceil(math.sqrt(count * 1.5))))
+    return min(range(1, count + 1),
+               key=lambda c: abs(math.log(c * tile_aspect / math.ceil(count / c) / 1.5)))
+
+
+@functools.lru_cache(maxsize=1)
+def _font_file() -> str | None:
+    """DejaVu Sans, which matplotlib ships: it has the en dash, ×, … that captions use (Pillow's own font lacks
+    them and draws a box)."""
+    try:
+        from matplotlib import font_manager
+
+        return font_manager.findfont("DejaVu Sans", fallback_to_default=True)
+    except Exception:  # noqa: BLE001 - then Pillow's own font
+        return None
+
+
 def _font(size: int):
+    try:
+        return ImageFont.truetype(_font_file(), size)
+    except (TypeError, ValueError, AttributeError, OSError, ImportError):
+        pass
     try:
         return ImageFont.load_default(size=size)  # Pillow's built-in scalable font (needs FreeType)
     except (TypeError, OSError, ImportError):
@@ -249,7 +277,8 @@ def plot_zoom(summary: dict) -> Figure:
         (v if column == "background" else f"{column} {v}", b)
         for column, groups in z.get("groups", {}).items() for v, b in groups.items()
     ]
-    fig = Figure(figsize=(1.6 + 1.3 * len(blocks), 3.8), layout="constrained")
+    # wide enough for the legend's one row (it sits below the axes, where it covers no bar and no value)
+    fig = Figure(figsize=(max(3.8, 1.6 + 1.3 * len(blocks)), 4.1), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(blocks))
     bars = (("whole image", "top1_before"), ("adaptive zoom", "top1_after"), ("crop only", "top1_crop"))
@@ -259,8 +288,9 @@ def plot_zoom(summary: dict) -> Figure:
         ax.bar_label(drawn, fmt="%.0f", fontsize=7)
     ax.set_xticks(x, [f"{name}\n(n={b['n']})" for name, b in blocks])
     ax.set_ylabel("top-1 (%)")
-    ax.set_ylim(0, 105)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 110)  # room for the values above bars of 100%
+    ax.set_yticks(range(0, 101, 20))
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(bars), fontsize=8)
     ax.set_title(f"{_data_name(summary)}: zoom")
     return fig
 

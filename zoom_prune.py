@@ -32,11 +32,7 @@ def zoom_text(result) -> str:
 
 def prune_text(result, num_layers: int) -> str:
     verdict = "decision **kept**" if result.decision_kept else "decision **changed**"
-    runs_before, runs_after = result.latency_before_runs, result.latency_after_runs
-
-    def timing(median, runs):
-        return f"{median:.1f} ms ({min(runs):.1f}–{max(runs):.1f})" if runs else "not measured"
-
+    runs_before = result.latency_before_runs
     ratio = f" ({result.latency_after_ms / result.latency_before_ms:.0%})" if runs_before else ""
     return (
         f"Keep **{result.keep:.2f}** of the patch tokens ({result.keep:.0%}) after block {result.after_block} "
@@ -45,11 +41,11 @@ def prune_text(result, num_layers: int) -> str:
         f"| tokens | {result.tokens_before} | {result.tokens_after} |\n"
         f"| MACs | {result.macs_before / 1e9:.3f} G | {result.macs_after / 1e9:.3f} G "
         f"({result.macs_after / result.macs_before:.0%}) |\n"
-        f"| time: median of {len(runs_before)} (range) | {timing(result.latency_before_ms, runs_before)} | "
-        f"{timing(result.latency_after_ms, runs_after)}{ratio} |\n\n"
-        f"Times are measured on this server's CPU, shared with other users and the app itself: a difference "
-        f"inside the ranges is noise, and a small model at batch 1 gains less than its MACs suggest. MACs do "
-        f"not depend on the machine."
+        f"| time: median of {len(runs_before)} (range) | {result.latency_text('before')} | "
+        f"{result.latency_text('after')}{ratio} |\n\n"
+        f"Times: {result.latency_verdict()}. They are measured on this server's CPU, shared with other users and "
+        f"the app itself: a difference inside the ranges is noise, and a small model at batch 1 gains less than its "
+        f"MACs suggest. MACs do not depend on the machine."
     )
 
 
@@ -77,13 +73,19 @@ class ZoomPruneHandlers:
 
     def toggle_zoom(self, enabled, image, policy, session):
         if not enabled:
+            self.forget_zoom(session)  # the export shows what is on screen
             return (gr.skip(), gr.update(visible=False), None, None, None, None, "", session)
         outputs = self.zoom(image, policy, session)
         return (gr.skip(), gr.update(visible=True), *outputs)
 
     @staticmethod
-    def zoom_off(*args, **kwargs):
+    def forget_zoom(session):
+        if isinstance(session, Session):
+            session.zoom_result = None
+
+    def zoom_off(self, enabled=None, image=None, policy=None, session=None):
         """After a zoom that failed: the checkbox is off again, as nothing is zoomed."""
+        self.forget_zoom(session)
         return (False, gr.update(visible=False), *(gr.skip(),) * 6)
 
     # ---- prune -------------------------------------------------------------------------------------------
@@ -104,16 +106,24 @@ class ZoomPruneHandlers:
         return kept, before, after, prune_text(result, self.store.num_layers), session
 
     def prune_ui(self, image, keep, after_block, mode, session):
-        """The controls: a typed keep out of range is brought into range and the slider shows the value used."""
+        """The controls: a typed keep out of range is brought into range and the slider shows the value used.
+        Settings whose result is already on screen (the slider set to the value used) are not run again."""
         keep, fixed = clamped(keep, KEEP_MIN, 1.0, "Keep")
+        if self.shown(image, keep, after_block, mode, session):
+            return (keep if fixed else gr.skip(), *(gr.skip(),) * 5)
         outputs = self.prune(image, keep, after_block, mode, session)
         return (keep if fixed else gr.skip(), *outputs)
+
+    def shown(self, image, keep, after_block, mode, session) -> bool:
+        """Whether the prune result on screen is for this image and these settings."""
+        if image is None or not isinstance(session, Session) or session.path != str(image):
+            return False
+        result = session.prune_result
+        return result is not None and (result.keep, result.after_block, result.mode) == (
+            float(keep), self.store.check_after_block(after_block), mode)
 
     def prune_if_stale(self, image, keep, after_block, mode, session):
         """Opening the tab: run prune once for the current image and settings, not again."""
         if image is None or not isinstance(session, Session):
-            return (gr.skip(),) * 6
-        shown = session.prune_result
-        if shown is not None and (shown.keep, shown.after_block, shown.mode) == (float(keep), int(after_block), mode):
             return (gr.skip(),) * 6
         return self.prune_ui(image, keep, after_block, mode, session)

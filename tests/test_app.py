@@ -20,11 +20,13 @@ import serving
 import visualization
 from errors import ZoomViTError
 from explorer import Explorer
-from sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE, _file_key
+from sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE, MIN_PANEL_SIDE, _file_key, display_side
 from views import ViewSettings
 from vit_analyzer import analyze, predict
 from zoom_prune import CROP_SIDE, TIMING_REPEATS
 from app_server import running_app
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [  # Gradio's queue trips over pandas 3 deprecations: not ours
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
@@ -431,8 +433,10 @@ def test_tiny_images_are_shown_blown_up_and_their_patches_inspectable(client, tm
     overlay, label, _, _, _ = call(client, handle_file(str(path)), api_name="/explain")
     assert len(label["confidences"]) == 5
     shown = open_image(overlay).size
-    assert shown == visualization.fit_size(size, DISPLAY_SIDE, MIN_DISPLAY_SIDE)
-    assert max(shown) == DISPLAY_SIDE or min(shown) >= MIN_DISPLAY_SIDE
+    # At most DISPLAY_SIDE long, but a 50:1 strip keeps MIN_PANEL_SIDE across (it was 15 pixels across).
+    assert shown == visualization.fit_size(size, display_side(size), MIN_DISPLAY_SIDE)
+    assert max(shown) == DISPLAY_SIDE or min(shown) >= MIN_DISPLAY_SIDE or min(shown) == MIN_PANEL_SIDE
+    assert min(shown) >= MIN_PANEL_SIDE
     _, caption, _, x, y = call(client, handle_file(str(path)), api_name="/inspect_patch")
     assert patch_named(caption) is not None, caption
     _, caption, *_ = call(client, handle_file(str(path)), 0, 0, api_name="/inspect_patch")
@@ -554,6 +558,61 @@ def test_exports_are_full_size_pictures_with_a_legend_and_the_result_as_json(dei
     assert len(data["prune"]["latency_before_runs_ms"]) == TIMING_REPEATS
     assert data["zoom"]["box"] == [round(c, 1) for c in session.zoom_result.box]
     assert open_image(png).width == working.width
+
+
+def test_the_zoom_prune_export_shows_the_zoom_only_while_it_is_on(deit_tiny, tench, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    path, analysis = tench
+    explorer = Explorer(deit_tiny)
+    handlers, session = explorer.zoom_prune, explorer.store.session_for(path, None)
+    handlers.toggle_zoom(True, path, "always", session)
+    handlers.prune(path, 0.3, 6, "analysis", session)
+    _, js = explorer.exports.export_zoom_prune(session, True)
+    assert {"zoom", "prune"} <= set(json.loads(Path(js).read_text()))
+
+    pruned = visualization.token_mask_overlay(analysis.loaded.image, analysis.geometry, session.prune_result.kept_mask)
+    handlers.toggle_zoom(False, path, "always", session)  # the checkbox turned off
+    for zoom_on in (False, True):  # what the checkbox says, and no zoom left behind either
+        png, js = explorer.exports.export_zoom_prune(session, zoom_on)
+        data = json.loads(Path(js).read_text())
+        assert "zoom" not in data and "prune" in data
+        picture = open_image(png).crop((0, 0, *pruned.size))
+        assert np.array_equal(np.asarray(picture), np.asarray(pruned))  # no red box on it
+
+    handlers.toggle_zoom(True, path, "always", session)
+    _, js = explorer.exports.export_zoom_prune(session, False)  # a zoom kept while the box is off: not exported
+    assert "zoom" not in json.loads(Path(js).read_text())
+
+
+def test_a_broken_file_is_warned_about_once_when_its_change_event_comes_twice(deit_tiny, tmp_path, monkeypatch):
+    """Replacing a photo fires the image's .change twice for the same file (Gradio 6): one warning, and the
+    reason stays on screen both times."""
+    warnings = []
+    monkeypatch.setattr(app.gr, "Warning", lambda message, *args, **kwargs: warnings.append(message))
+    explorer = Explorer(deit_tiny)
+    fake = tmp_path / "holiday.jpg"
+    fake.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    first = explorer.explore.on_image(str(fake), ViewSettings(), None)
+    second = explorer.explore.on_image(str(fake), ViewSettings(), first[-1])
+    assert len(warnings) == 1 and "Not an image file" in warnings[0]
+    assert first[:5] == second[:5] and "Could not analyse this file" in second[2] and "Not an image" in second[2]
+    # A good image after it is analysed, and the broken file after that is warned about again.
+    good = explorer.explore.on_image(str(REPO / "assets" / "wall_clock.jpg"), ViewSettings(), second[-1])
+    assert good[1] and "Intent" in good[2]
+    explorer.explore.on_image(str(fake), ViewSettings(), good[-1])
+    assert len(warnings) == 2
+
+
+def test_a_guess_is_not_shown_as_good_intent(deit_tiny, tmp_path):
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 8000, 3), dtype=np.uint8)).save(noise)
+    explorer = Explorer(deit_tiny)
+    _, label, diagnosis, *_ = explorer.explore.explain(str(noise))
+    assert max(label.values()) < 0.1
+    assert diagnosis.startswith("**Intent: unsure, the prediction itself is a guess** (map: ")
+    assert "**Intent: good**" not in diagnosis and "has only" in diagnosis
 
 
 def test_examples_are_listed_with_captions_and_licences():

@@ -6,6 +6,7 @@ import csv
 import numpy as np
 import pytest
 
+import config
 import intent
 import zoom
 from vit_analyzer import analyze, analyze_many
@@ -84,3 +85,21 @@ def test_diagnosis_without_a_box_uses_the_crop(deit_tiny, shared_dir):
     assert diagnosis.kind in intent.KINDS and diagnosis.reason
     if diagnosis.kind != "diffuse":
         assert "crop_confidence_ratio" in diagnosis.metrics
+
+
+def test_a_prediction_that_is_a_guess_is_flagged_whatever_the_kind(deit_tiny, shared_dir):
+    """Noise gets a top-1 of a few percent: the diagnosis says first that the prediction itself is a guess. The
+    kinds stay the evaluation's three (it groups images by kind), and the flag is not a metric (its columns)."""
+    from PIL import Image
+
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8))
+    analysis = analyze(deit_tiny, noise, keep_graph=False)
+    assert analysis.probs.max() < config.GUESS_PROB
+    diagnosis = intent.diagnose(analysis)
+    assert diagnosis.kind in intent.KINDS and diagnosis.guess
+    assert diagnosis.reason.startswith("the prediction itself is a guess")
+    assert diagnosis.as_dict()["guess"] is True and "guess" not in diagnosis.metrics
+
+    tench = intent.diagnose(analyze(deit_tiny, shared_dir / "data" / "imagenet-sample" / "n01440764_tench.JPEG",
+                                    keep_graph=False))
+    assert not tench.guess and "guess" not in tench.reason and tench.as_dict()["guess"] is False

@@ -62,3 +62,31 @@ def test_token_mask_greys_exactly_the_dropped_patches():
             expected = patch is not None and not kept[patch]
             # a pixel greys out unless blending leaves it as it was (mid-grey pixels can stay the same)
             assert changed[y, x] == expected or (expected and np.abs(rgb[y, x].astype(int) - 128).max() <= 2)
+
+
+def test_captions_draw_the_en_dash_and_the_times_sign():
+    """Export captions say "Box (267, 1) – (377, 111)": the font must have the glyphs, not draw its missing-glyph
+    box (as it does for U+0378, a code point with no character)."""
+    image = Image.new("RGB", (400, 60), GREEN)
+
+    def drawn(text):
+        return np.asarray(visualization.figure_with_legend(image, None, f"Box (267, 1) {text} (377, 111)"))
+
+    tofu = drawn("\u0378")
+    for char in ("\u2013", "\u00d7"):
+        assert not np.array_equal(drawn(char), tofu), f"{char!r} is drawn as the missing-glyph box"
+
+
+def test_the_heads_of_a_very_wide_image_are_readable_strips():
+    """An 8000x200 photo: tiles keep min_side pixels on their short side (a 128-pixel tile would be 3 high),
+    stacked in one column."""
+    geometry = Geometry((5120, 128), (8960, 224), (4368, 0, 224, 224), 16)
+    image = Image.new("RGB", geometry.image_size, GREEN)
+    maps = [np.full(geometry.grid, i / 2, dtype=np.float32) for i in range(3)]
+    grid = visualization.heads_grid(image, geometry, maps, ["head 0", "head 1", "head 2"], tile=128, min_side=64,
+                                    gap=4)
+    assert grid.size == (2560, 3 * 64 + 2 * 4)
+    # Usual shapes keep their layout: 128-pixel tiles, about sqrt(1.5 n) columns.
+    square = Geometry((224, 224), (224, 224), (0, 0, 224, 224), 16)
+    grid = visualization.heads_grid(Image.new("RGB", (224, 224)), square, maps * 4, tile=128, min_side=64, gap=4)
+    assert grid.size == (5 * 128 + 4 * 4, 3 * 128 + 2 * 4)
