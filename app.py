@@ -426,7 +426,8 @@ def build_demo(bundle: models.ViTBundle) -> gr.Blocks:
 
     JANITOR.protectors.append(lambda: set().union(*(getattr(b, "keep_in_cache", set()) for b in demo.blocks.values())))
     JANITOR.start()
-    demo.queue(default_concurrency_limit=4, max_size=64)
+    # api_open=False: the direct /run routes would skip the one-at-a-time model queue.
+    demo.queue(default_concurrency_limit=4, max_size=64, api_open=False)
     return demo
 
 

@@ -84,13 +84,18 @@ def hand_over_the_file(image, also=()):
     are closed here. The stock preprocess also opens the file with Pillow first (a broken file fails inside
     Gradio with a bare "Error"); `images.load_image` gives a message that says what is wrong.
     """
-    stock_preprocess = image.preprocess
+    import gradio as gr
+
     stock_move, stock_async_move = image.move_resource_to_block_cache, image.async_move_resource_to_block_cache
 
     def preprocess(payload):
-        if payload is not None and getattr(payload, "path", None):
+        if payload is None:
+            return None
+        if getattr(payload, "path", None):
             return uploaded_file(payload.path)
-        return stock_preprocess(payload)  # nothing, or a data: URL
+        # An inline data: URL: Gradio would decode it whole and save it again before any budget of ours looks
+        # at it (a 280 KB 16-bit PNG became 1.6 GB), and it skips the upload size cap. Uploads only.
+        raise gr.Error(NOT_UPLOADED)
 
     def move(path):  # inputs before they reach preprocess; the examples when the app is built
         if path is not None:

@@ -675,3 +675,34 @@ def test_a_bad_device_is_one_line_and_status_2_before_the_model_loads(capsys, mo
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("zoomvit: error: Unknown device 'tpu': use auto, cpu, cuda")
+
+
+def test_an_inline_data_url_is_refused_before_anything_decodes_it(url, monkeypatch):
+    """An image sent inline as a data: URL skips the upload size cap, and Gradio's own preprocessing would decode
+    it whole before the app's budget looks at it (a 280 KB 16-bit PNG took 1.6 GB): refused like any input that
+    did not come through the upload, and never decoded."""
+    import base64
+    import io
+
+    from gradio import image_utils
+
+    decoded = []
+    monkeypatch.setattr(image_utils, "decode_base64_to_file", lambda *a, **k: decoded.append(a) or "/tmp/x.png")
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(buffer, "png")
+    data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    ours = ('{"error": "This file did not come through this app\'s upload; upload it again.", "duration": 10, '
+            '"visible": true, "title": "Error"}')
+    for api_name, options in RAW_OPTIONS.items():
+        payload = {"path": None, "url": data_url, "meta": {"_type": "gradio.FileData"}}
+        assert raw_call(url, api_name, [payload, *options]) == ("error", ours), api_name
+    assert decoded == []
+
+
+def test_the_direct_run_routes_that_would_skip_the_queue_are_closed(url):
+    """/gradio_api/run/* ran a model call outside the one-at-a-time queue; every model route is queued."""
+    import httpx
+
+    for api_name, options in RAW_OPTIONS.items():
+        response = httpx.post(f"{url}gradio_api/run/{api_name}", json={"data": [None, *options]}, timeout=30)
+        assert response.status_code == 404 and "join the queue" in response.text, (api_name, response.text[:200])
