@@ -45,6 +45,7 @@ from starlette.middleware import Middleware  # noqa: E402
 
 import config  # noqa: E402
 import models  # noqa: E402
+from about import about_text  # noqa: E402
 from checks import check_port  # noqa: E402
 from errors import ZoomViTError  # noqa: E402
 from explorer import Explorer  # noqa: E402
@@ -65,43 +66,6 @@ MODEL_QUEUE = "model"  # the concurrency id of every event that may run the mode
 IMAGE_BUTTONS = ["download", "fullscreen"]  # no "share": it only works on Hugging Face Spaces
 VIEW_FIELDS = tuple(f.name for f in fields(ViewSettings))  # the view controls, by the names the handlers use
 
-ABOUT = """
-**What each view shows, and when to trust it**
-
-- **Rollout**: attention multiplied through all blocks (Abnar & Zuidema 2020): which patches feed the class token
-  through the network. Class-agnostic: it shows where the model *looks*, not why it picks a class. Often lights up
-  a few background patches that ViTs use as scratch space.
-- **Gradient-weighted**: rollout with each attention weighted by its gradient for the *target class* (Chefer et
-  al. 2021). Class-specific: the patches whose attention raises that class. The most faithful map on deletion tests.
-- **Intent**: gradient-weighted rollout plus how much removing each patch's key would change the target class,
-  over all blocks. What the decision depends on; about as faithful as gradient-weighted, a little sharper.
-- **CLS attention**: what the class token reads in one block (one head, or mean/max/min over heads).
-- **Attention**: how much attention each patch receives in one block, from all tokens.
-- **Clicking a patch**: what that patch attends to (its attention row) or what attends to it (its column), in the
-  chosen block and head.
-
-**Intent diagnosis** (about the predicted class): *good*: importance is concentrated and the region alone is
-still classified the same; *inverted*: the region the model relies on, cropped out, is not classified as its
-answer, so the decision leans on context or background; *diffuse*: importance is scattered over separate places.
-"Inverted" can appear on a right answer: a model can be right for contextual reasons (a tench recognised by the
-angler holding it).
-When the prediction itself is a guess (top-1 under 10%, or near chance for a model with few classes), the diagnosis
-says so first: the map then explains a guess, not a decision.
-
-**The dark band**: the model sees only its centre crop (DeiT: resize to 256, crop 224). Pixels outside the
-crop never reach the model, so every map is zero there.
-
-**Numbering**: blocks are numbered 1 to {layers}; *prune after block 6* means blocks 7 to {layers} see only the
-kept tokens. *Keep* is the share of patch tokens kept (0.1 to 1.0); the class token is always kept.
-
-**Zoom**: a box around where the model looks, the crop classified again. Adaptive zoom only uses the crop when
-the box is small, and then mixes both predictions (70% whole image, 30% crop).
-
-**Pruning**: *analysis* mode ranks tokens by intent (it looks ahead at the whole model: an explanation tool, not a
-speed-up); *efficiency* mode ranks them without look-ahead and merges the dropped ones into the kept ones.
-MACs count the multiply-adds; the measured time is the median of several runs on this server's CPU, which other
-users share, so differences within the shown range are noise.
-"""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,7 +103,7 @@ def _header(bundle: models.ViTBundle):
         elem_id="header",
     )
     with gr.Accordion("About: what the maps, the diagnosis, zoom and pruning mean", open=False, elem_id="about"):
-        gr.Markdown(ABOUT.format(layers=last))
+        gr.Markdown(about_text(bundle))
 
 
 def _image_column() -> SimpleNamespace:

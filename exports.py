@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 import visualization
+from about import device_text
 from errors import ZoomViTError
 from serving import get_upload_folder
 from sessions import Session, SessionStore
@@ -79,7 +80,7 @@ class Exports:
         lines, result = [], self.result_header(session)
         if session.prune_result is not None:
             image = visualization.token_mask_overlay(image, analysis.geometry, session.prune_result.kept_mask)
-            lines.append(plain_text(prune_text(session.prune_result, self.store.num_layers).split("\n\n")[0]))
+            lines.append(plain_text(prune_text(session.prune_result, self.store.num_layers, device_text(self.store.bundle)).split("\n\n")[0]))
             lines.append(f"Grey: the patch tokens dropped after block {session.prune_result.after_block}.")
             result["prune"] = session.prune_result.as_dict()
         if zoom_result is not None:

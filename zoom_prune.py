@@ -8,6 +8,7 @@ import config
 import pruning
 import visualization
 import zoom as zoom_lib
+from about import device_text
 from checks import check_keep
 from feedback import clamped
 from sessions import Session, SessionStore
@@ -30,7 +31,8 @@ def zoom_text(result) -> str:
     )
 
 
-def prune_text(result, num_layers: int) -> str:
+def prune_text(result, num_layers: int, where: str = "this server's CPU") -> str:
+    """The prune result as Markdown; `where` the times were measured (about.device_text)."""
     verdict = "decision **kept**" if result.decision_kept else "decision **changed**"
     runs_before = result.latency_before_runs
     ratio = f" ({result.latency_after_ms / result.latency_before_ms:.0%})" if runs_before else ""
@@ -43,7 +45,7 @@ def prune_text(result, num_layers: int) -> str:
         f"({result.macs_after / result.macs_before:.0%}) |\n"
         f"| time: median of {len(runs_before)} (range) | {result.latency_text('before')} | "
         f"{result.latency_text('after')}{ratio} |\n\n"
-        f"Times: {result.latency_verdict()}. They are measured on this server's CPU, shared with other users and "
+        f"Times: {result.latency_verdict()}. They are measured on {where}, shared with other users and "
         f"the app itself: a difference inside the ranges is noise, and a small model at batch 1 gains less than its "
         f"MACs suggest. MACs do not depend on the machine."
     )
@@ -103,7 +105,7 @@ class ZoomPruneHandlers:
         kept = visualization.draw_box(kept, session.geometry.view_box(), color="white", width=2)  # what it sees
         before = self.views.label_value(session, result.probs_before)
         after = self.views.label_value(session, result.probs_after)
-        return kept, before, after, prune_text(result, self.store.num_layers), session
+        return kept, before, after, prune_text(result, self.store.num_layers, device_text(self.store.bundle)), session
 
     def prune_ui(self, image, keep, after_block, mode, session):
         """The controls: a typed keep out of range is brought into range and the slider shows the value used.

@@ -706,3 +706,24 @@ def test_the_direct_run_routes_that_would_skip_the_queue_are_closed(url):
     for api_name, options in RAW_OPTIONS.items():
         response = httpx.post(f"{url}gradio_api/run/{api_name}", json={"data": [None, *options]}, timeout=30)
         assert response.status_code == 404 and "join the queue" in response.text, (api_name, response.text[:200])
+
+
+def test_the_about_text_is_written_from_the_loaded_model_and_device(deit_tiny, tiny_vit):
+    """It said "DeiT: resize to 256, crop 224" and "this server's CPU" whatever was loaded."""
+    import dataclasses
+
+    import torch
+
+    from about import about_text
+
+    deit = about_text(deit_tiny)
+    assert "resized to 256×256, then the centre 224×224 taken" in deit and "blocks are numbered 1 to 12" in deit
+    assert "several runs on this server's CPU" in deit and "{" not in deit
+    squeezed = about_text(tiny_vit)  # a processor that resizes to 32x48 and crops nothing: no dark band
+    assert "every image is resized to 48×32 pixels" in squeezed and "dark band" not in squeezed
+    assert "blocks are numbered 1 to 2" in squeezed
+    on_gpu = about_text(dataclasses.replace(deit_tiny, device=torch.device("cuda", 0)))
+    assert "several runs on this server's GPU (cuda:0)" in on_gpu and "CPU" not in on_gpu
+    about = next(b for b in app.build_demo(tiny_vit).blocks.values()
+                 if isinstance(b, app.gr.Markdown) and "Numbering" in str(b.value))
+    assert about.value == squeezed.strip()
