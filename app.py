@@ -401,9 +401,10 @@ def build_demo(bundle: models.ViTBundle) -> gr.Blocks:
 
 
 def launch_options(host: str = "127.0.0.1", port: int = 7860) -> dict:
-    """How the app is served: local only, no share link, capped uploads, bounded session memory and temp folder."""
+    """How the app is served: local only, no share link, capped uploads, bounded session memory and temp folder.
+    quiet: Gradio's start-up lines would suggest share=True, which this app never offers; main() prints the URL."""
     return dict(
-        server_name=host, server_port=port, share=False, max_file_size=MAX_UPLOAD,
+        server_name=host, server_port=port, share=False, quiet=True, max_file_size=MAX_UPLOAD,
         state_session_capacity=MAX_SESSIONS, ssr_mode=False, mcp_server=False, pwa=False, show_error=False,
         footer_links=["api"], theme=gr.themes.Default(primary_hue="orange", secondary_hue="blue"), css=PAGE_CSS,
         js=PAGE_JS,
@@ -442,6 +443,7 @@ def main(argv=None) -> int:
         print(f"zoomvit: error: port {args.port} on {args.host} is in use; pick another with --port.", file=sys.stderr)
         raise SystemExit(2)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes of the server
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -18,7 +18,7 @@ def running_app(bundle):
     """Yield (demo, url) for the app on the real model, with the same launch options as `python app.py`."""
     demo = app.build_demo(bundle)
     port = free_port()
-    demo.launch(prevent_thread_lock=True, quiet=True, **app.launch_options("127.0.0.1", port))
+    demo.launch(prevent_thread_lock=True, **app.launch_options("127.0.0.1", port))
     try:
         yield demo, f"http://127.0.0.1:{port}/"
     finally:

@@ -727,3 +727,33 @@ def test_the_about_text_is_written_from_the_loaded_model_and_device(deit_tiny, t
     about = next(b for b in app.build_demo(tiny_vit).blocks.values()
                  if isinstance(b, app.gr.Markdown) and "Numbering" in str(b.value))
     assert about.value == squeezed.strip()
+
+
+def test_the_server_start_up_lines_never_suggest_a_share_link(deit_model_path):
+    """Gradio's own start-up text says 'To create a public link, set `share=True`': this app has no share link."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from app_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", deit_model_path, "--port", str(port)],
+                            cwd=Path(app.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the app did not start")
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert f"on http://127.0.0.1:{port}" in output
+    assert "share=True" not in output and "public link" not in output.lower(), output
