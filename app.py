@@ -11,8 +11,8 @@ worker for them: one model, bounded memory). Each session keeps its `Analysis` i
 object as is, without copying it); every other control re-renders from it, on a copy of the image at most
 DISPLAY_SIDE pixels wide (benchmarks/bench_views.py measures this path).
 
-Conventions, the same in the app, the API, the CLI and the reports: blocks are numbered 1..L; `keep` is the
-share of patch tokens kept, a fraction in (0, 1].
+Conventions, the same in the app, the API, the CLI and the reports: blocks are numbered 1..L and heads 1..H (-1:
+the last of either); `keep` is the share of patch tokens kept, a fraction in (0, 1].
 
 API: /explain, /inspect_patch, /zoom and /prune take the image first and plain values after it, each with a
 default. A call with an image the session has already analysed reuses that analysis. Only files that came
@@ -127,7 +127,7 @@ def _view_controls(bundle: models.ViTBundle) -> SimpleNamespace:
     last = bundle.num_layers
     blocks = [(f"{b} (last)" if b == last else str(b), b) for b in range(1, last + 1)]
     heads = [("mean over heads", "mean"), ("max over heads", "max"), ("min over heads", "min")]
-    heads += [(f"head {h}", str(h)) for h in range(bundle.num_heads)]
+    heads += [(f"head {h}", str(h)) for h in range(1, bundle.num_heads + 1)]  # numbered from 1, as blocks are
     all_targets = [("predicted class", "")]
     all_targets += [(f"{bundle.label(i)} [{i}]", str(i)) for i in range(len(bundle.id2label))]
     c = SimpleNamespace()

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 
+import config
 from errors import ZoomViTError
 
 
 def _number(value) -> float:
+    if isinstance(value, bool):  # True is not block 1
+        return math.nan
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -27,6 +30,20 @@ def layer_index(block, num_layers: int, name: str = "Block") -> int:
         return num_layers - 1
     if not (number.is_integer() and 1 <= number <= num_layers):
         raise ZoomViTError(f"{name} must be in 1..{num_layers} (or -1 for the last), got {block}.")
+    return int(number) - 1
+
+
+def head_index(head, num_heads: int, name: str = "Head"):
+    """One head by its number (heads are numbered 1..H, as blocks are; -1: the last) as the library's 0-based
+    index, or a fusion over all heads ('mean', 'max', 'min') as it is, as the app, its API and the CLI take it."""
+    fusion = head.strip().lower() if isinstance(head, str) else None
+    if fusion in config.HEAD_FUSIONS:
+        return fusion
+    number = _number(head)
+    if number == -1:
+        return num_heads - 1
+    if not (number.is_integer() and 1 <= number <= num_heads):
+        raise ZoomViTError(f"{name} must be in 1..{num_heads} (or -1 for the last), or mean, max or min; got {head}.")
     return int(number) - 1
 
 

@@ -27,14 +27,14 @@ class UsageError(ZoomViTError):
 
 
 def _model_facts(model: str):
-    """(number of blocks, id2label) from the model's config.json, without loading weights; None when there is
-    no config.json at hand (a hub id not in the cache): the options are then checked on the loaded model."""
+    """(number of blocks, number of heads, id2label) from the model's config.json, without loading weights; None
+    when config.json does not say (a hub id not in the cache, a timm folder): the options are then checked on the
+    loaded model."""
     import models
 
     cfg = models.read_model_config(model)  # also refuses a broken folder or an unsupported model now
-    if cfg is None or not cfg.get("num_hidden_layers") or not cfg.get("id2label"):
-        return None
-    return int(cfg["num_hidden_layers"]), cfg["id2label"]
+    facts = cfg and (cfg.get("num_hidden_layers"), cfg.get("num_attention_heads"), cfg.get("id2label"))
+    return (int(facts[0]), int(facts[1]), facts[2]) if facts and all(facts) else None
 
 
 def _placement(args):
@@ -56,8 +56,8 @@ def _load_model(model: str, placement):
 
 def _analyze(args, check=None):
     """Image first, then the options against config.json, then the model, then the analysis pass: each
-    mistake is reported before the slow step after it. `check(num_layers, id2label)` validates the command's
-    options and returns what they resolve to (on the loaded model when config.json was not at hand)."""
+    mistake is reported before the slow step after it. `check(num_layers, num_heads, id2label)` validates the
+    command's options and returns what they resolve to (on the loaded model when config.json was not at hand)."""
     import images
     from vit_analyzer import analyze
 
@@ -67,7 +67,7 @@ def _analyze(args, check=None):
     resolved = check(*facts) if check and facts else None
     bundle = _load_model(args.model, placement)
     if check and not facts:
-        resolved = check(bundle.num_layers, bundle.id2label)
+        resolved = check(bundle.num_layers, bundle.num_heads, bundle.id2label)
     return analyze(bundle, loaded), resolved
 
 
@@ -141,16 +141,15 @@ def cmd_explain(args):
     given = {"--block": args.block, "--head": args.head, "--discard-ratio": args.discard_ratio,
              "--target": args.target}
     reads = MAP_OPTIONS[args.method]
-    head = "mean" if args.head is None else args.head
-
-    def check(num_layers, id2label):
+    def check(num_layers, num_heads, id2label):
         import models
 
         target = None if args.target is None else models.match_label(id2label, args.target)
         block = -1 if args.block is None else args.block  # the last by default
-        return checks.layer_index(block, num_layers, "--block"), target
+        head = checks.head_index("mean" if args.head is None else args.head, num_heads, "--head")
+        return checks.layer_index(block, num_layers, "--block"), head, target
 
-    analysis, (layer, target) = _analyze(args, check)
+    analysis, (layer, head, target) = _analyze(args, check)
     import numpy as np
 
     import intent
@@ -171,7 +170,7 @@ def cmd_explain(args):
         return {  # every setting the map was made with; null where the method does not read it
             "method": args.method,
             "block": layer + 1 if "--block" in reads else None,
-            "head": (int(head) if head.lstrip("-").isdigit() else head) if "--head" in reads else None,
+            "head": (head if isinstance(head, str) else head + 1) if "--head" in reads else None,
             "discard_ratio": discard_ratio if "--discard-ratio" in reads else None,
             "target": target_info.as_dict(),
             "top": [p.as_dict() for p in analysis.top()],
@@ -213,8 +212,8 @@ def cmd_zoom(args):
 def cmd_prune(args):
     checks.check_keep(args.keep, "--keep")
     fusion = args.fusion or PRUNE_FUSION
-    analysis, _ = _analyze(args, lambda num_layers, _: checks.check_after_block(args.after_block, num_layers,
-                                                                                 "--after-block"))
+    analysis, _ = _analyze(args, lambda num_layers, *_: checks.check_after_block(args.after_block, num_layers,
+                                                                                "--after-block"))
     import pruning
     import visualization
 
@@ -333,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "class); grad_rollout and intent explain one class (default: %(default)s)")
     p.add_argument("--block", type=int, help="block 1..L for cls/attention maps (default and -1: the last, L)")
     # No default value here (None): an option given to a map that does not read it is noted, and only then.
-    p.add_argument("--head", help="head index, or mean|max|min across heads; rollout, cls and attention maps "
-                   "(default: mean)")
+    p.add_argument("--head", help="head 1..H (numbered as blocks are; -1: the last), or mean|max|min across heads; "
+                   "rollout, cls and attention maps (default: mean)")
     p.add_argument("--target", help="class index or label text, for grad_rollout and intent maps (default: the "
                    "predicted class)")
     p.add_argument("--discard-ratio", type=float, help="rollout only: the share of each layer's weakest attention "

@@ -10,6 +10,7 @@ TOP_K = 5
 
 # Attention rollout as in the seed study: mean over heads, residual added, lowest 90% of weights dropped.
 ROLLOUT_HEAD_FUSION = "mean"
+HEAD_FUSIONS = ("mean", "max", "min")  # a map over all heads: their mean, max or min
 ROLLOUT_DISCARD_RATIO = 0.9
 
 # Token pruning.

@@ -8,7 +8,7 @@ import numpy as np
 import config
 from errors import ZoomViTError
 
-HEAD_FUSIONS = ("mean", "max", "min")
+HEAD_FUSIONS = config.HEAD_FUSIONS
 
 
 

@@ -22,7 +22,7 @@ import models
 import pruning
 import visualization
 import zoom as zoom_lib
-from checks import check_after_block, layer_index
+from checks import check_after_block, head_index, layer_index
 from errors import ZoomViTError
 from geometry import Geometry
 from images import load_image, release_memory
@@ -181,6 +181,9 @@ class SessionStore:
 
     def block_index(self, block) -> int:
         return layer_index(block, self.num_layers)
+
+    def head_index(self, head):
+        return head_index(head, self.num_heads)
 
     def check_after_block(self, after_block) -> int:
         if after_block in (None, ""):

@@ -36,8 +36,8 @@ class ViewSettings:
     initial values, and the API's defaults.
 
     direction: a clicked patch shows what it attends to ("attends_to") or what attends to it ("attended_by");
-    block: 1..L, or -1 for the last; head: an index (as text) or mean / max / min over heads; target: a class
-    index or label text, empty for the predicted class; opacity: of the heatmap, 0..1.
+    block: 1..L, or -1 for the last; head: 1..H (numbered as blocks are; -1 for the last), or mean / max / min
+    over heads; target: a class index or label text, empty for the predicted class; opacity: of the heatmap, 0..1.
     """
 
     direction: str = "attends_to"
@@ -107,7 +107,8 @@ def legend_html(cmap: str) -> str:
 
 
 def head_name(head) -> str:
-    return f"head {head}" if str(head).lstrip("-").isdigit() else f"{head} over heads"
+    """A head as the user numbers it (1..H) from the library's index, or a fusion over heads."""
+    return f"{head} over heads" if isinstance(head, str) else f"head {head + 1}"
 
 
 class ViewRenderer:
@@ -124,14 +125,15 @@ class ViewRenderer:
         one of those changed, and with skip_same_grid (UI events) not even sent again (gr.skip()).
         """
         s = settings
-        layer = self.store.block_index(s.block)
+        layer, head = self.store.block_index(s.block), self.store.head_index(s.head)
         alpha = finite_number(s.opacity, "Opacity")
         if alpha is None or not 0.0 <= alpha <= 1.0:
             raise ZoomViTError(f"Opacity must be from 0 to 1, got {s.opacity!r}.")
-        record = {"view": s.view, "block": layer + 1, "head": str(s.head), "discard_ratio": float(s.discard_ratio),
+        record = {"view": s.view, "block": layer + 1, "head": head if isinstance(head, str) else str(head + 1),
+                  "discard_ratio": float(s.discard_ratio),
                   "colormap": s.colormap, "opacity": alpha}
         draw = self._patch_map if session.patch is not None else self._view_map
-        grid_map, caption, grid_maps = draw(session, s, layer, record)
+        grid_map, caption, grid_maps = draw(session, s, layer, head, record)
         image = visualization.heat_overlay(session.display, session.geometry, grid_map, s.colormap, alpha)
         if session.patch is not None:
             image = visualization.patch_outline(image, session.geometry, *session.patch, color="white", width=3)
@@ -141,7 +143,7 @@ class ViewRenderer:
         else:
             heads = range(self.store.num_heads)
             grid = visualization.heads_grid(
-                session.display, session.geometry, grid_maps(), [f"head {h}" for h in heads], s.colormap, alpha,
+                session.display, session.geometry, grid_maps(), [head_name(h) for h in heads], s.colormap, alpha,
                 HEAD_TILE, min_side=HEAD_TILE_MIN_SIDE,
             )
             session.grid_key, session.grid_image = grid_key, grid
@@ -150,7 +152,7 @@ class ViewRenderer:
             caption = f"{note}\n\n{caption}"
         return image, caption, grid
 
-    def _patch_map(self, session: Session, s: ViewSettings, layer: int, record: dict):
+    def _patch_map(self, session: Session, s: ViewSettings, layer: int, head, record: dict):
         """The clicked patch's attention row (what it attends to) or column (what attends to it)."""
         analysis, heads = session.analysis, range(self.store.num_heads)
         row, col = session.patch
@@ -160,12 +162,12 @@ class ViewRenderer:
         caption = (
             f"Patch **row {row}, column {col}** (of {gh}×{gw}): "
             f"{'what it attends to' if attends_to else 'what attends to it'} in block {layer + 1}, "
-            f"{head_name(s.head)}."
+            f"{head_name(head)}."
         )
         record.update(direction=s.direction, view="patch")
-        return pick(row, col, layer, s.head), caption, lambda: [pick(row, col, layer, h) for h in heads]
+        return pick(row, col, layer, head), caption, lambda: [pick(row, col, layer, h) for h in heads]
 
-    def _view_map(self, session: Session, s: ViewSettings, layer: int, record: dict):
+    def _view_map(self, session: Session, s: ViewSettings, layer: int, head, record: dict):
         """The chosen view's map: for the target class where the view depends on it."""
         analysis, heads = session.analysis, range(self.store.num_heads)
         if s.view in TARGET_VIEWS:
@@ -176,22 +178,23 @@ class ViewRenderer:
             ).as_dict()
         else:
             target_index, source = analysis.predicted, analysis
-        grid_map = source.map(s.view, layer, s.head, float(s.discard_ratio))
-        caption = f"**{VIEW_NAMES.get(s.view, s.view)}**" + self.view_detail(session, s, layer + 1, target_index)
+        grid_map = source.map(s.view, layer, head, float(s.discard_ratio))
+        caption = (f"**{VIEW_NAMES.get(s.view, s.view)}**"
+                   + self.view_detail(session, s, layer + 1, head, target_index))
         return grid_map, caption, lambda: [analysis.cls_map(layer, h) for h in heads]
 
-    def view_detail(self, session: Session, s: ViewSettings, number: int, target_index: int) -> str:
+    def view_detail(self, session: Session, s: ViewSettings, number: int, head, target_index: int) -> str:
         label = self.bundle.label(target_index)
         prob = float(session.analysis.probs[target_index])
         if s.view == "rollout":
-            return (f": attention rolled out through all {self.store.num_layers} blocks ({head_name(s.head)}, "
+            return (f": attention rolled out through all {self.store.num_layers} blocks ({head_name(head)}, "
                     f"discard ratio {float(s.discard_ratio):.2f}); where it looks, for any class.")
         if s.view in TARGET_VIEWS:
             what = "gradient-weighted rollout" if s.view == "grad_rollout" else "what the decision depends on"
             return f" for *{label}* ({prob:.1%}): {what}."
         if s.view == "cls":
-            return f": what the class token reads in block {number}, {head_name(s.head)}."
-        return f": attention each patch receives in block {number}, {head_name(s.head)}."
+            return f": what the class token reads in block {number}, {head_name(head)}."
+        return f": attention each patch receives in block {number}, {head_name(head)}."
 
     def label_value(self, session: Session, probs=None) -> dict:
         """Top-k as a gr.Label value; a label shown twice (ImageNet has two 'crane's) gets its index."""

@@ -137,7 +137,7 @@ class Analysis:
     def map(self, method: str, layer: int = -1, head="mean", discard_ratio=config.ROLLOUT_DISCARD_RATIO, target=None):
         """One entry point for every map kind, as named in the CLI and the app."""
         if method == "rollout":
-            return self.rollout(discard_ratio, head if isinstance(head, str) else config.ROLLOUT_HEAD_FUSION)
+            return self.rollout(discard_ratio, head)
         if method == "grad_rollout":
             return self.grad_rollout(target)
         if method == "intent":

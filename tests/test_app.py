@@ -102,9 +102,10 @@ def test_explain_with_only_the_image(client, tench):
 
 
 def test_explain_shows_the_library_map(client, tench, deit_tiny):
-    """The overlay is the engine's map, drawn on the displayed image (JPEG-compressed on the way)."""
+    """The overlay is the engine's map, drawn on the displayed image (JPEG-compressed on the way). Heads are
+    numbered from 1, as blocks are: head 2 of block 6 is the library's head index 1 of layer index 5."""
     path, analysis = tench
-    overlay, *_ = call(client, handle_file(path), "cls", 6, "1", 0.9, "", "viridis", 1.0, api_name="/explain")
+    overlay, *_ = call(client, handle_file(path), "cls", 6, "2", 0.9, "", "viridis", 1.0, api_name="/explain")
     display, geometry = visualization.resized_view(analysis.loaded.image, analysis.geometry, DISPLAY_SIDE)
     expected = visualization.heat_overlay(display, geometry, analysis.cls_map(5, 1), "viridis", 1.0)
     difference = np.abs(np.asarray(open_image(overlay), float) - np.asarray(expected, float)).mean()
@@ -757,3 +758,20 @@ def test_the_server_start_up_lines_never_suggest_a_share_link(deit_model_path):
         output = proc.communicate(timeout=30)[0]
     assert f"on http://127.0.0.1:{port}" in output
     assert "share=True" not in output and "public link" not in output.lower(), output
+
+
+def test_heads_are_numbered_from_one_as_blocks_are(client, tench):
+    """Heads were numbered 0..H-1 while blocks were 1..L: one convention, the API's head choices 1..H."""
+    path, analysis = tench
+    shown = {}
+    for head, index in (("1", 0), ("3", 2)):
+        overlay, *_, caption, _ = call(client, handle_file(path), "cls", 6, head, 0.9, "", "viridis", 1.0,
+                                       api_name="/explain")
+        assert f"block 6, head {head}." in caption, caption
+        display, geometry = visualization.resized_view(analysis.loaded.image, analysis.geometry, DISPLAY_SIDE)
+        expected = visualization.heat_overlay(display, geometry, analysis.cls_map(5, index), "viridis", 1.0)
+        shown[head] = np.abs(np.asarray(open_image(overlay), float) - np.asarray(expected, float)).mean()
+    assert max(shown.values()) < 4, shown
+    for bad in ("0", "4"):
+        with pytest.raises(AppError, match="not in the list of choices"):
+            call(client, handle_file(path), "cls", 6, bad, api_name="/explain")

@@ -427,3 +427,17 @@ def test_help_explains_each_option_and_its_default(capsys, command, option, defa
     action = next(a for a in sub._actions if option in a.option_strings)
     assert action.help and action.help.endswith("(default: %(default)s)")
     assert f"(default: {default})" in text
+
+
+def test_heads_are_numbered_from_one_in_the_cli_as_blocks_are(capsys, deit_model_path, deit_tiny, photo):
+    """--head 1 is the first head (the library's index 0), -1 the last, and the JSON echoes the head's number."""
+    analysis = analyze(deit_tiny, photo)
+    for head, index, echoed in (("1", 0, 1), ("-1", 2, 3)):
+        assert cli.main(["explain", photo, "--model", deit_model_path, "--method", "cls", "--head", head,
+                         "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["head"] == echoed
+        assert np.allclose(out["map"], analysis.cls_map(-1, index), atol=1e-4)
+    assert cli.main(["explain", photo, "--model", deit_model_path, "--method", "cls", "--head", "0"]) == 2
+    assert capsys.readouterr().err == ("zoomvit: error: --head must be in 1..3 (or -1 for the last), or mean, max or "
+                                       "min; got 0.\n")
