@@ -22,15 +22,21 @@ def _number(value) -> float:
         return math.nan
 
 
+def _index_of_number(value, count: int) -> int | None:
+    """The 0-based index of item number `value` of `count` (numbered 1..count; -1: the last), None if it is none."""
+    number = _number(value)
+    if number == -1:
+        return count - 1
+    return int(number) - 1 if number.is_integer() and 1 <= number <= count else None
+
+
 def layer_index(block, num_layers: int, name: str = "Block") -> int:
     """The library's 0-based layer index of block number `block` (blocks are numbered 1..L; -1: the last), as the
     app, its API and the CLI take it."""
-    number = _number(block)
-    if number == -1:
-        return num_layers - 1
-    if not (number.is_integer() and 1 <= number <= num_layers):
+    index = _index_of_number(block, num_layers)
+    if index is None:
         raise ZoomViTError(f"{name} must be in 1..{num_layers} (or -1 for the last), got {block}.")
-    return int(number) - 1
+    return index
 
 
 def head_index(head, num_heads: int, name: str = "Head"):
@@ -39,12 +45,10 @@ def head_index(head, num_heads: int, name: str = "Head"):
     fusion = head.strip().lower() if isinstance(head, str) else None
     if fusion in config.HEAD_FUSIONS:
         return fusion
-    number = _number(head)
-    if number == -1:
-        return num_heads - 1
-    if not (number.is_integer() and 1 <= number <= num_heads):
+    index = _index_of_number(head, num_heads)
+    if index is None:
         raise ZoomViTError(f"{name} must be in 1..{num_heads} (or -1 for the last), or mean, max or min; got {head}.")
-    return int(number) - 1
+    return index
 
 
 def check_after_block(after_block, num_layers: int, name: str = "Prune after block", last_allowed=False) -> int:
