@@ -15,7 +15,6 @@ from sessions import Session, SessionStore
 from views import ViewRenderer
 
 CROP_SIDE = 384  # the zoom crop, shown beside the image
-TIMING_REPEATS = 7  # prune: runs timed before and after (interleaved); the median and the range are shown
 KEEP_MIN = 0.1  # the smallest keep the app offers (and the API accepts)
 POLICIES = [("adaptive: zoom only if it helps", "adaptive"), ("always zoom", "always")]
 MODES = [("analysis (intent ranking, look-ahead)", "analysis"), ("efficiency (no look-ahead, merge)", "efficiency")]
@@ -99,7 +98,7 @@ class ZoomPruneHandlers:
         after_block = self.store.check_after_block(after_block)
         session = self.store.session_for(image, session)
         with self.store.model_lock:
-            result = pruning.prune(session.analysis, keep, after_block, mode, timing_repeats=TIMING_REPEATS)
+            result = pruning.prune(session.analysis, keep, after_block, mode)
         session.prune_result = result
         kept = visualization.token_mask_overlay(session.display, session.geometry, result.kept_mask)
         kept = visualization.draw_box(kept, session.geometry.view_box(), color="white", width=2)  # what it sees

@@ -23,7 +23,8 @@ from explorer import Explorer
 from sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE, MIN_PANEL_SIDE, _file_key, display_side
 from views import ViewSettings
 from vit_analyzer import analyze, predict
-from zoom_prune import CROP_SIDE, TIMING_REPEATS
+from pruning import TIMING_REPEATS
+from zoom_prune import CROP_SIDE
 from app_server import running_app
 
 REPO = Path(__file__).resolve().parents[1]
