@@ -164,8 +164,9 @@ def test_a_broken_upload_clears_the_previous_result_and_says_why(page, deit_tiny
     fake = tmp_path / "holiday.jpg"
     fake.write_bytes(os.urandom(5000))  # random bytes named .jpg
     upload(page, fake, None)
-    page.locator("#diagnosis").get_by_text("Could not analyse this file").wait_for()
-    assert "Not an image file" in page.locator("#diagnosis").inner_text()
+    # Waits until the message is there (it may flicker while the upload's events settle); fails if it never is.
+    page.locator("#diagnosis").filter(has_text="Could not analyse this file").filter(
+        has_text="Not an image file").wait_for()
     assert page.locator("#prediction").get_by_text(predicted, exact=True).count() == 0
     assert page.locator("#overlay img").count() == 0
     wait_for_toast(page, "Not an image file")
