@@ -1,20 +1,22 @@
 """ZoomViT Explorer, the web app: see where a Vision Transformer looks, click a patch, zoom in, prune tokens.
 
-    python app.py [--model HUB_ID_OR_FOLDER] [--host 127.0.0.1] [--port 7860]
+    python app.py [--model HUB_ID_OR_FOLDER ...] [--max-models N] [--host 127.0.0.1] [--port 7860]
+
+Each browser session chooses its model among those offered (`model_chooser`, `model_registry`).
 
 UI only: every number comes from the library (vit_analyzer, zoom, pruning, intent, visualization). This module
 holds the layout and the wiring; the handlers live in `explorer` (with `sessions`, `views`, `zoom_prune` and
 `exports`), the serving concerns (port, uploads, temp folder) in `serving`.
 
-Speed: the model runs on an upload, a target-class change, zoom and prune, one event at a time (a queue with one
-worker for them: one model, bounded memory). Each session keeps its `Analysis` in a gr.State (Gradio stores the
-object as is, without copying it); every other control re-renders from it, on a copy of the image at most
-DISPLAY_SIDE pixels wide (benchmarks/bench_views.py measures this path).
+Speed: the model runs on an upload, a target-class change, zoom, prune and the faithfulness panel, one event at a
+time (a queue with one worker for them: one model, bounded memory). Each session keeps its `Analysis` in a gr.State
+(Gradio stores the object as is, without copying it); every other control re-renders from it, on a copy of the
+image at most DISPLAY_SIDE pixels wide (benchmarks/bench_views.py measures this path).
 
 Conventions, the same in the app, the API, the CLI and the reports: blocks are numbered 1..L and heads 1..H (-1:
 the last of either); `keep` is the share of patch tokens kept, a fraction in (0, 1].
 
-API: /explain, /inspect_patch, /zoom and /prune take the image first and plain values after it, each with a
+API: /explain, /inspect_patch, /zoom, /prune and /compare take the image first and plain values after it, each with a
 default. A call with an image the session has already analysed reuses that analysis. Only files that came
 through this server's upload route are opened.
 
@@ -43,20 +45,24 @@ from types import SimpleNamespace  # noqa: E402
 import gradio as gr  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
+import compare_tab  # noqa: E402
 import config  # noqa: E402
+import model_chooser  # noqa: E402
 import models  # noqa: E402
-from about import about_text  # noqa: E402
 from checks import check_port  # noqa: E402
 from errors import ZoomViTError  # noqa: E402
-from explorer import Explorer  # noqa: E402
-from feedback import clamped_by_us, keeps_view, user_errors  # noqa: E402
-from geometry import geometry_for  # noqa: E402
+from explorer import Explorer, checked_settings  # noqa: E402
+from model_chooser import model_controls  # noqa: E402
+from model_registry import ModelRegistry, resolve_max_models  # noqa: E402
+from faithfulness_panel import build_panel, wire_panel  # noqa: E402
+from feedback import answer_refusals, clamped_by_us, keeps_view, user_errors, view_inputs_checked_by_us  # noqa: E402
 from serving import (  # noqa: E402
-    JANITOR, TEMP_MAX_AGE_S, SweepAfterUploads, hand_over_the_file, one_blas_thread, port_free,
+    JANITOR, TEMP_MAX_AGE_S, OwnStreamPerCall, SweepAfterUploads, add_serve_options, hand_over_the_file,
+    one_blas_thread, port_free,
 )
 from sessions import MAX_SESSIONS, SESSION_TTL_S, release_session  # noqa: E402
 from views import COLORMAPS, DIRECTIONS, PAGE_CSS, PAGE_JS, VIEWS, ViewSettings, legend_html  # noqa: E402
-from zoom_prune import KEEP_MIN, MODES, POLICIES  # noqa: E402
+from zoom_prune import FUSIONS, KEEP_MIN, MODES, POLICIES  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES_DIR = HERE / "assets"
@@ -90,22 +96,6 @@ def _examples():
     return [[str(EXAMPLES_DIR / row["file"])] for row in rows], [row["caption"] for row in rows]
 
 
-def _header(bundle: models.ViTBundle):
-    """What the model is and where it runs, and the About text."""
-    last = bundle.num_layers
-    gh, gw = geometry_for(bundle, (bundle.input_size[1], bundle.input_size[0])).grid
-    gr.Markdown(
-        f"## ZoomViT Explorer\n"
-        f"See where **{Path(bundle.name).name}** looks ({last} blocks × {bundle.num_heads} heads, "
-        f"{gh}×{gw} patches of {bundle.patch_size} px), click any patch, zoom in on it and prune what it ignores.\n\n"
-        f"<small>Model family: {bundle.adapter.describe()}. Running on {bundle.device} in {bundle.dtype_name}."
-        "</small>",
-        elem_id="header",
-    )
-    with gr.Accordion("About: what the maps, the diagnosis, zoom and pruning mean", open=False, elem_id="about"):
-        gr.Markdown(about_text(bundle))
-
-
 def _image_column() -> SimpleNamespace:
     """The Explore tab's left column: the upload, the examples, the prediction and the diagnosis."""
     examples, example_labels = _examples()
@@ -124,28 +114,22 @@ def _image_column() -> SimpleNamespace:
 
 def _view_controls(bundle: models.ViTBundle) -> SimpleNamespace:
     """The view controls, named as the ViewSettings fields they fill."""
-    last = bundle.num_layers
-    blocks = [(f"{b} (last)" if b == last else str(b), b) for b in range(1, last + 1)]
-    heads = [("mean over heads", "mean"), ("max over heads", "max"), ("min over heads", "min")]
-    heads += [(f"head {h}", str(h)) for h in range(1, bundle.num_heads + 1)]  # numbered from 1, as blocks are
-    all_targets = [("predicted class", "")]
-    all_targets += [(f"{bundle.label(i)} [{i}]", str(i)) for i in range(len(bundle.id2label))]
+    model = model_controls(bundle)  # choices for this model (a session's switch sends its model's)
     c = SimpleNamespace()
     with gr.Row():
         c.view = gr.Radio(
-            VIEWS, value="rollout", label="View", scale=3, elem_id="view",
+            VIEWS, value=config.DEFAULT_VIEW, label="View", scale=3, elem_id="view",
             info="rollout, CLS, attention: where it looks (any class); gradient-weighted, "
                  "intent: what makes it pick the target class",
         )
         c.direction = gr.Radio(DIRECTIONS, value="attends_to", label="Clicked patch shows", scale=2,
                                elem_id="direction")
     with gr.Row():
-        c.block = gr.Dropdown(blocks, value=last, label="Block", info=f"1 to {last}: CLS, attention, clicked patch",
-                              elem_id="block")
-        c.head = gr.Dropdown(heads, value="mean", label="Head", info="one head, or mean / max / min (rollout too)",
+        c.block = gr.Dropdown(**model["block"], label="Block", elem_id="block")
+        c.head = gr.Dropdown(**model["head"], label="Head", info="one head, or mean / max / min (rollout too)",
                              elem_id="head")
         c.target = text_in_the_api(gr.Dropdown(
-            all_targets, value="", label="Target class",
+            **model["target"], label="Target class",
             info="what gradient-weighted and intent explain; type to search", filterable=True,
             allow_custom_value=True, elem_id="target",
         ), "class index or label text; empty: the predicted class")
@@ -178,6 +162,7 @@ def _view_column(bundle: models.ViTBundle) -> SimpleNamespace:
     with gr.Accordion("All heads of this block: CLS attention, or the clicked patch's", open=True):
         c.heads_img = gr.Image(label="All heads", show_label=False, type="pil", format="jpeg", interactive=False,
                                elem_id="heads", buttons=IMAGE_BUTTONS)
+    vars(c).update(vars(build_panel()))  # faith_btn, faith_plot, faith_text
     with gr.Row():
         c.export_btn = gr.Button("Export: full-size PNG + JSON", size="sm", elem_id="export")
     c.export_files = gr.File(label="Export", file_count="multiple", interactive=False, elem_id="export_files")
@@ -208,7 +193,6 @@ def _zoom_panel() -> SimpleNamespace:
 
 def _prune_panel(ex: Explorer) -> SimpleNamespace:
     """The Zoom & prune tab's pruning controls and results, and the tab's export."""
-    last = ex.store.num_layers
     c = SimpleNamespace()
     gr.Markdown("### Token pruning")
     with gr.Row():
@@ -217,11 +201,12 @@ def _prune_panel(ex: Explorer) -> SimpleNamespace:
             info="share of patch tokens kept after the block (0.1 to 1.0); the class token always stays",
             elem_id="keep",
         ))
-        c.after_block = gr.Dropdown(
-            list(range(1, last)), value=ex.store.prune_after_default, label="Prune after block",
-            info=f"blocks after it (up to {last}) see only the kept tokens", elem_id="after_block",
-        )
+        c.after_block = gr.Dropdown(**model_controls(ex.store.bundle)["after_block"], label="Prune after block",
+                                    elem_id="after_block")
         c.mode = gr.Radio(MODES, value=config.PRUNE_MODE, label="Mode", elem_id="mode")
+        c.fusion = gr.Radio(FUSIONS, value=config.PRUNE_FUSION, label="Fusion", elem_id="fusion",
+                            info="efficiency mode: what becomes of the tokens not kept",
+                            interactive=config.PRUNE_MODE == "efficiency")
     with gr.Row():
         c.kept_img = gr.Image(label="Kept tokens (dropped ones greyed out)", type="pil", format="jpeg",
                               interactive=False, elem_id="kept", buttons=IMAGE_BUTTONS)
@@ -266,7 +251,7 @@ def view_event(handler, before: list, ui: SimpleNamespace, after: list = (), wit
 
     @functools.wraps(handler)
     def fn(*args):
-        settings = ViewSettings(**dict(zip(names, args[at:at + len(names)])))
+        settings = checked_settings(ViewSettings(**dict(zip(names, args[at:at + len(names)]))))  # any JSON
         return handler(*args[:at], settings, *args[at + len(names):])
 
     fn.__signature__ = inspect.Signature([*parameters[:at], *spelled, *parameters[at + 1:]])
@@ -277,6 +262,7 @@ def view_event(handler, before: list, ui: SimpleNamespace, after: list = (), wit
 def _endpoints(ex: Explorer, ui: SimpleNamespace) -> dict:
     """The API, name -> (handler, inputs, outputs): image first, every option with a default. The browser
     events reuse the inputs and outputs."""
+    view_inputs_checked_by_us(ui, ex.store.num_layers, ex.store.num_heads)
     explain, explain_inputs = view_event(ex.explore.explain, [ui.image], ui, [ui.session], without=["direction"])
     inspect_patch, inspect_inputs = view_event(ex.explore.inspect_patch, [ui.image, ui.x_in, ui.y_in], ui,
                                                [ui.session])
@@ -287,8 +273,9 @@ def _endpoints(ex: Explorer, ui: SimpleNamespace) -> dict:
                           [ui.overlay, ui.caption, ui.heads_img, ui.x_in, ui.y_in, ui.session]),
         "zoom": (ex.zoom_prune.zoom, [ui.image, ui.policy, ui.session],
                  [ui.zoom_box, ui.zoom_crop, ui.zoom_before, ui.zoom_after, ui.zoom_info, ui.session]),
-        "prune": (ex.zoom_prune.prune, [ui.image, ui.keep, ui.after_block, ui.mode, ui.session],
+        "prune": (ex.zoom_prune.prune, [ui.image, ui.keep, ui.after_block, ui.mode, ui.fusion, ui.session],
                   [ui.kept_img, ui.prune_before, ui.prune_after, ui.prune_stats, ui.session]),
+        "compare": compare_tab.endpoint(ex, ui, view_event),
     }
 
 
@@ -298,9 +285,9 @@ def _wire_explore(ex: Explorer, ui: SimpleNamespace, api: dict):
     view_outputs = [ui.overlay, ui.caption, ui.heads_img]
     slider_outputs = [*view_outputs, ui.discard_ratio, ui.opacity]
 
-    # A new image: clear everything of the old one, then analyse.
+    # A new image, or the same one with the model a session switched to: clear everything of the old one, analyse.
     on_image, explain_inputs = view_event(handlers.on_image, [ui.image], ui, [ui.session], without=["direction"])
-    ui.image.change(
+    ui.analyse_anew = lambda trigger: trigger(
         handlers.reset, None,
         [ui.target, ui.zoom_on, ui.zoom_group, ui.kept_img, ui.prune_before, ui.prune_after, ui.prune_stats,
          ui.x_in, ui.y_in, ui.overlay, ui.label, ui.diagnosis, ui.caption, ui.heads_img, ui.export_files,
@@ -309,6 +296,7 @@ def _wire_explore(ex: Explorer, ui: SimpleNamespace, api: dict):
     ).then(
         on_image, explain_inputs, api["explain"][2], **MODEL_RUN, **PRIVATE,
     ).then(handlers.target_choices, [ui.session], [ui.target], show_progress="hidden", **PRIVATE)
+    ui.analyse_anew(ui.image.change)
 
     change_view, view_inputs = view_event(handlers.change_view, [ui.session], ui)
     rerender = keeps_view(5)(view_event(handlers.rerender, [ui.session], ui)[0])  # one function: one queue slot
@@ -350,7 +338,8 @@ def _wire_zoom_prune(ex: Explorer, ui: SimpleNamespace, api: dict):
     # keep on .change: a drag, the arrow keys, a typed value and the reset button (↺, which fires neither .input
     # nor .release) all end up here; prune_ui skips a run for what is already shown (the slider set to a clamp).
     _, prune_inputs, prune_outputs = api["prune"]
-    for trigger in (ui.keep.change, ui.after_block.input, ui.mode.input):
+    ui.mode.input(handlers.fusion_control, [ui.mode], [ui.fusion], queue=False, show_progress="hidden", **PRIVATE)
+    for trigger in (ui.keep.change, ui.after_block.input, ui.mode.input, ui.fusion.input):
         trigger(keeps_view(6)(handlers.prune_ui), prune_inputs, [ui.keep, *prune_outputs], trigger_mode="always_last",
                 **MODEL_RUN, **PRIVATE)
     ui.zp_tab.select(keeps_view(6)(handlers.prune_if_stale), prune_inputs, [ui.keep, *prune_outputs], **MODEL_RUN,
@@ -367,13 +356,19 @@ def _wire(ex: Explorer, ui: SimpleNamespace):
         gr.Button(visible=False).click(user_errors(fn), inputs, outputs, api_name=name, **MODEL_RUN)
     _wire_explore(ex, ui, api)
     _wire_zoom_prune(ex, ui, api)
+    model_chooser.wire(ex.store, ui, MODEL_RUN, ui.analyse_anew)
+    compare_tab.wire(ex, ui, view_event, MODEL_RUN)
+    wire_panel(ex.faithfulness, ui, MODEL_RUN, QUIET)
 
 
-def build_demo(bundle: models.ViTBundle) -> gr.Blocks:
-    ex = Explorer(bundle)
+def build_demo(models_: models.ViTBundle | ModelRegistry) -> gr.Blocks:
+    """The app on one model, or on the models a registry offers (each browser session chooses; the first is the
+    default)."""
+    ex = Explorer(models_)
+    bundle = ex.store.bundle  # the default model lays the page out
     with gr.Blocks(title="ZoomViT Explorer", analytics_enabled=False, delete_cache=(3600, TEMP_MAX_AGE_S)) as demo:
         session = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=release_session)
-        _header(bundle)
+        head = model_chooser.model_header(ex.store)
         with gr.Tabs():
             with gr.Tab("Explore", id="explore"):
                 with gr.Row():
@@ -381,17 +376,22 @@ def build_demo(bundle: models.ViTBundle) -> gr.Blocks:
                         left = _image_column()
                     with gr.Column(scale=3, min_width=360):
                         right = _view_column(bundle)
+            with gr.Tab("Compare", id="compare") as cmp_tab:
+                compared = compare_tab.layout()
             with gr.Tab("Zoom & prune", id="zoomprune") as zp_tab:
                 gr.Markdown("Works on the image from the **Explore** tab.")
                 zoom = _zoom_panel()
                 prune = _prune_panel(ex)
-        _wire(ex, SimpleNamespace(session=session, zp_tab=zp_tab, **vars(left), **vars(right), **vars(zoom),
-                                  **vars(prune)))
+        _wire(ex, SimpleNamespace(session=session, zp_tab=zp_tab, **vars(head), **vars(left), **vars(right), **vars(zoom),
+                                  **vars(prune), cmp_tab=cmp_tab, **vars(compared)))
 
+    model_chooser.pin_models(demo, session, ex.store)  # after every event is wired
+    del bundle  # the registry alone holds the models: one it lets go of leaves memory
     JANITOR.protectors.append(lambda: set().union(*(getattr(b, "keep_in_cache", set()) for b in demo.blocks.values())))
     JANITOR.start()
     # api_open=False: the direct /run routes would skip the one-at-a-time model queue.
     demo.queue(default_concurrency_limit=4, max_size=64, api_open=False)
+    answer_refusals(demo)  # a message and one log line for each refused request
     return demo
 
 
@@ -406,36 +406,28 @@ def launch_options(host: str = "127.0.0.1", port: int = 7860) -> dict:
     return dict(
         server_name=host, server_port=port, share=False, quiet=True, max_file_size=MAX_UPLOAD,
         state_session_capacity=MAX_SESSIONS, ssr_mode=False, mcp_server=False, pwa=False, show_error=False,
-        footer_links=["api"], theme=gr.themes.Default(primary_hue="orange", secondary_hue="blue"), css=PAGE_CSS,
+        footer_links=["api"], theme=gr.themes.Default(primary_hue="orange", secondary_hue="blue"),
+        css=PAGE_CSS + compare_tab.CSS,
         js=PAGE_JS,
-        app_kwargs={"middleware": [Middleware(SweepAfterUploads)]},
+        app_kwargs={"middleware": [Middleware(SweepAfterUploads), Middleware(OwnStreamPerCall)]},
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="app.py", description="ZoomViT Explorer web app.")
-    parser.add_argument(
-        "--model", default=None,
-        help=f"hub id or local model folder (default: ${config.MODEL_ENV_VAR}, else {config.DEFAULT_MODEL})",
-    )
-    parser.add_argument(
-        "--device", default=None,
-        help=f"{config.DEVICE_HELP} (default: ${config.DEVICE_ENV_VAR}, else auto)",
-    )
-    parser.add_argument(
-        "--dtype", default=None,
-        help=f"{config.DTYPE_HELP} (default: ${config.DTYPE_ENV_VAR}, else float32)",
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
-    parser.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
-    return parser
+    """The same options as `zoomvit serve` (serving.add_serve_options)."""
+    return add_serve_options(argparse.ArgumentParser(prog="app.py", description="ZoomViT Explorer web app."))
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:  # a bad device, dtype or port number fails at once, before the slow model load
+    return serve(build_parser().parse_args(argv))
+
+
+def serve(args) -> int:
+    """Serve the app with parsed options (`python app.py` and `zoomvit serve` alike)."""
+    try:  # a bad device, dtype, port number or --max-models fails at once, before the slow model load
         models.resolve_dtype(args.dtype, models.resolve_device(args.device))
         check_port(args.port)
+        resolve_max_models(args.max_models)
     except ZoomViTError as exc:
         print(f"zoomvit: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -447,15 +439,15 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    try:
-        # Resolves --model, --device, --dtype or their environment variables; a bad device fails before the load.
-        bundle = models.load_model(args.model, args.device, args.dtype)
+    try:  # every --model checked (config.json), then the first (the default) loaded
+        registry = ModelRegistry(args.model, args.device, args.dtype, args.max_models)
+        registry.get()
     except ZoomViTError as exc:
         print(f"zoomvit: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     one_blas_thread()
-    demo = build_demo(bundle)
-    print(f"ZoomViT Explorer: {bundle.name} on http://{args.host}:{args.port}", file=sys.stderr)
+    demo = build_demo(registry)
+    print(f"ZoomViT Explorer: {registry.default} on http://{args.host}:{args.port}", file=sys.stderr)
     demo.launch(**launch_options(args.host, args.port))
     return 0
 

@@ -51,6 +51,36 @@ def head_index(head, num_heads: int, name: str = "Head"):
     return index
 
 
+def finite_number(value, name: str) -> float | None:
+    """A number as an API caller may send it (JSON number, or text of one); None when it is empty."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        if isinstance(value, bool):  # JSON true is not 1
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ZoomViTError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise ZoomViTError(f"{name} must be a finite number, got {value!r}.")
+    return number
+
+
+def check_number(value, name: str) -> float:
+    """A number that must be given (its range is checked where it is used)."""
+    number = finite_number(value, name)
+    if number is None:
+        raise ZoomViTError(f"{name} is empty: give a number.")
+    return number
+
+
+def check_choice(value, choices, name: str):
+    """One of `choices` (a control's values, as the API takes them)."""
+    if isinstance(value, str) and value in choices:
+        return value
+    raise ZoomViTError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}.")
+
+
 def check_after_block(after_block, num_layers: int, name: str = "Prune after block", last_allowed=False) -> int:
     """Where pruning can happen: after block 1..L-1 (blocks are numbered 1..L; after the last one there is nothing
     left to prune). The engine itself can cut after the last block too (`last_allowed`): merging there is exact for
@@ -79,4 +109,12 @@ def check_port(port, name: str = "--port") -> int:
     number = _number(port)
     if not (math.isfinite(number) and number.is_integer() and 1 <= number <= 65535):
         raise ZoomViTError(f"{name} must be a port number in 1..65535, got {port}.")
+    return int(number)
+
+
+def check_max_models(value, name: str = "--max-models") -> int:
+    """How many models the web app may hold in memory at once: a whole number, 1 or more."""
+    number = _number(value.strip() if isinstance(value, str) else value)
+    if not (math.isfinite(number) and number.is_integer() and number >= 1):
+        raise ZoomViTError(f"{name} must be a whole number of models, 1 or more, got {value}.")
     return int(number)

@@ -19,7 +19,8 @@ from pathlib import Path
 import checks
 import config
 from errors import ZoomViTError
-from serving import port_free  # light: the port check and the app's other serving concerns
+from model_registry import resolve_max_models  # light: the registry loads models lazily
+from serving import add_serve_options, port_free  # light: the port check and the app's other serving concerns
 
 
 class UsageError(ZoomViTError):
@@ -95,7 +96,7 @@ MAP_OPTIONS = {
     "cls": ("--block", "--head"),
     "attention": ("--block", "--head"),
 }
-PRUNE_FUSION = "merge"  # --fusion's default, for efficiency mode
+PRUNE_FUSION = config.PRUNE_FUSION  # --fusion's default, for efficiency mode (the app's too)
 
 
 def _note_ignored(options, where: str) -> None:
@@ -238,6 +239,7 @@ def cmd_eval(args):
     import os
 
     import eval_data
+    import eval_gallery
     import eval_report
     import eval_tasks
     import eval_work
@@ -249,6 +251,7 @@ def cmd_eval(args):
         raise UsageError(f"--workers must be 0 or more, got {args.workers}.")
     if args.batch < 1:
         raise UsageError(f"--batch must be at least 1, got {args.batch}.")
+    eval_gallery.check_requests(tasks, args.gallery, args.examples)
     if args.overwrite and args.resume:
         raise UsageError("--overwrite starts afresh and --resume continues the run in --out: give one of them.")
     device, dtype = _placement(args)
@@ -273,7 +276,7 @@ def cmd_eval(args):
                 eval_work.from_rank0(lambda: (eval_report.remove_outputs(out), eval_work.remove_work(work)))
             result = evaluation.evaluate(bundle, args.data, args.limit, keeps, args.after_block, tasks,
                                          progress=True, work_dir=work, resume=args.resume, workers=args.workers,
-                                         batch=args.batch)
+                                         batch=args.batch, gallery=args.gallery, examples=args.examples)
         if result is None:  # another process of a torchrun launch: rank 0 writes the outputs
             return None
         for path in eval_report.write_outputs(result, out):
@@ -294,6 +297,7 @@ def cmd_serve(args):
     # All before the model load and the gradio import: a bad option would otherwise fail only after both.
     _placement(args)
     checks.check_port(args.port, "--port")  # 99999 would pass the bind test below (wrapped round) and then crash
+    resolve_max_models(args.max_models)
     if not port_free(args.host, args.port):
         raise UsageError(
             f"Cannot serve on {args.host}:{args.port}: the port is in use (or the address is not on this machine); "
@@ -301,8 +305,7 @@ def cmd_serve(args):
         )
     import app  # only now: the web UI pulls in gradio
 
-    app.main(["--host", args.host, "--port", str(args.port), "--model", args.model, "--device", args.device,
-              "--dtype", args.dtype])
+    app.serve(args)  # the same options as `python app.py` (serving.add_serve_options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,19 +386,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "per process less one, 1 to 4; 0: none)")
     p.add_argument("--batch", type=int, default=config.EVAL_BATCH, help="images analysed together (one batched "
                    "analysis pass; their perturbation forwards run together) (default: %(default)s)")
+    p.add_argument("--gallery", type=int, default=0, metavar="N", help="per task (top-1, pruning in each mode at each "
+                   "keep, zoom), Markdown pages under OUT/gallery of the first N images it got wrong or changed its "
+                   "mind on, with thumbnails (image and intent map), linked from report.md (default: %(default)s, none)")
+    p.add_argument("--examples", type=int, default=0, metavar="N", help="per intent group (good alignment, inverted, "
+                   "diffuse intent), a PNG sheet for each of its first N images under OUT/examples/: image, intent "
+                   "map, zoom crop, kept tokens of both pruning modes, every prediction; needs the intent task "
+                   "(default: %(default)s, none)")
     p.add_argument("--json", action="store_true", help="print results.json instead of the report")
     p.set_defaults(run=cmd_eval)
 
-    p = commands.add_parser("serve", parents=[common], help="start the web app")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 serves every network "
-                   "this machine is on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=7860, help="port to listen on, 1..65535 (default: %(default)s)")
+    p = add_serve_options(commands.add_parser("serve", help="start the web app"))
     p.set_defaults(run=cmd_serve)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # usage errors: argparse prints them and exits with status 2
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # as typed, for what records the command
     try:
         payload = args.run(args)  # a dict with --json; None when the command printed a summary itself
     except Exception as exc:

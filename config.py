@@ -8,6 +8,17 @@ MODEL_ENV_VAR = "ZOOMVIT_MODEL"
 
 TOP_K = 5
 
+# The Explore tab's first view: the map the eval measures most faithful on DeiT-Tiny, by the figure its "best map"
+# goal ranks by. README Results, faithfulness tables, deletion AUC x 100 (lower is better): grad_rollout 11.42,
+# intent 11.50, rollout 18.59 on imagenet-sample; 5.06, 5.17, 9.84 on zoom-bench. (Intent leads on insertion AUC,
+# 47.84 against 46.40 on imagenet-sample.)
+DEFAULT_VIEW = "grad_rollout"
+# A patch's output token (after the last block) is flagged as a high-norm artifact token (Darcet et al. 2024, "Vision
+# Transformers Need Registers") above this multiple of the median patch-token norm. DeiT-Tiny's largest ratio was 2.8
+# (median 2.2) on 63 imagenet-sample photos, with no gap in the distribution: no artifacts. The paper's artifacts
+# form a separate mode, far above the other tokens' norms.
+ARTIFACT_NORM_RATIO = 4.0
+
 # Attention rollout as in the seed study: mean over heads, residual added, lowest 90% of weights dropped.
 ROLLOUT_HEAD_FUSION = "mean"
 HEAD_FUSIONS = ("mean", "max", "min")  # a map over all heads: their mean, max or min
@@ -17,6 +28,7 @@ ROLLOUT_DISCARD_RATIO = 0.9
 PRUNE_AFTER_BLOCK = 6
 PRUNE_KEEP = 0.5
 PRUNE_MODE = "analysis"
+PRUNE_FUSION = "merge"  # efficiency mode: what becomes of the tokens not kept (PRUNE_FUSIONS)
 
 # Input guards: images are downscaled so their longest side is at most this before anything else;
 # files above MAX_FILE_PIXELS are refused from the header alone.
@@ -76,6 +88,20 @@ def resolve_device_name(explicit=None) -> str:
 def resolve_dtype_name(explicit=None) -> str:
     """--dtype beats ZOOMVIT_DTYPE beats float32."""
     return explicit or os.environ.get(DTYPE_ENV_VAR) or "float32"
+
+# The web app serves several models (chosen per browser session) and keeps at most this many in memory, the least
+# recently used leaving first: --max-models beats ZOOMVIT_MAX_MODELS beats DEFAULT_MAX_MODELS.
+MAX_MODELS_ENV_VAR = "ZOOMVIT_MAX_MODELS"
+DEFAULT_MAX_MODELS = 2
+
+
+def resolve_max_models(explicit=None) -> tuple[object, str]:
+    """(value, where it came from, as a user names it): checked by checks.check_max_models."""
+    if explicit is not None:
+        return explicit, "--max-models"
+    if os.environ.get(MAX_MODELS_ENV_VAR):
+        return os.environ[MAX_MODELS_ENV_VAR], f"${MAX_MODELS_ENV_VAR}"
+    return DEFAULT_MAX_MODELS, "--max-models"
 
 # The choices of the library's options, here so that the CLI lists them in --help without importing the library
 # (importing torch would make --help slow); the library's MAP_METHODS, POLICIES, MODES, ... are these.

@@ -1,14 +1,16 @@
 """The outputs of a `zoomvit eval` run: results.json, per_image.csv, the PNG plots and report.md (`write_outputs`),
-the Markdown tables (`markdown_report`, what the README's Results section is pasted from) and the goal checks."""
+with the gallery and example sheets when asked for (see `eval_gallery`), the Markdown tables (`markdown_report`, what
+the README's Results section is pasted from) and the goal checks."""
 
 from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
+import eval_gallery
 import visualization
 from errors import ZoomViTError
 from eval_tasks import INTENT_KEEP
@@ -18,6 +20,7 @@ from eval_tasks import INTENT_KEEP
 class Evaluation:
     summary: dict  # what results.json holds
     rows: list[dict]  # one per evaluated image: the per-image CSV
+    files: dict = field(default_factory=dict)  # the gallery's and example sheets' files: {path under OUT: bytes}
 
 
 PLOTS = {"prune": "prune.png", "zoom": "zoom.png", "faithfulness": "faithfulness.png"}
@@ -25,15 +28,20 @@ OUTPUTS = ("results.json", "per_image.csv", *PLOTS.values(), "report.md")  # eve
 
 
 def earlier_outputs(out_dir) -> list[Path]:
-    """The files of `OUTPUTS` that `out_dir` holds already: an earlier run's, which a new run would mix with its
-    own (its plots of other tasks would stay)."""
-    return [path for path in map(Path(out_dir).joinpath, OUTPUTS) if path.is_file()]
+    """The files of `OUTPUTS` that `out_dir` holds already, and its gallery and examples folders where they hold
+    eval's pictures: an earlier run's, which a new run would mix with its own (its plots of other tasks, its sheets
+    of other images would stay)."""
+    files = [path for path in map(Path(out_dir).joinpath, OUTPUTS) if path.is_file()]
+    return files + eval_gallery.earlier_pictures(out_dir)
 
 
 def remove_outputs(out_dir) -> None:
-    """An earlier run's outputs removed (`OUTPUTS` only: whatever else the folder holds is not eval's)."""
+    """An earlier run's outputs removed (`OUTPUTS` and eval's pictures only: whatever else the folder holds is not
+    eval's)."""
     for path in earlier_outputs(out_dir):
-        path.unlink()
+        if path.is_file():
+            path.unlink()
+    eval_gallery.remove_pictures(out_dir)
 
 
 def write_outputs(result: Evaluation, out_dir) -> list[Path]:
@@ -57,6 +65,8 @@ def write_outputs(result: Evaluation, out_dir) -> list[Path]:
         if task in summary:
             figures[task](summary).savefig(out / name, dpi=110)
             written.append(out / name)
+    eval_gallery.remove_pictures(out)  # a resumed run may ask for other pictures than the interrupted one wrote
+    written += eval_gallery.write_pictures(result.files, out)
     (out / "report.md").write_text(markdown_report(summary))
     written.append(out / "report.md")
     return written
@@ -182,6 +192,7 @@ def markdown_report(summary: dict) -> str:
                              f"{_signed(c['confidence_change_wrong'])}) | {_pct(c['errors_kept'])} | "
                              f"{_pct(c['errors_fixed'])} |")
         lines.append("")
+    lines += _pictures_report(s)
     checks = goal_checks(s)
     if checks:
         lines += ["Goals:", "", "| goal | measured | |", "|---|---|---|"]
@@ -192,3 +203,35 @@ def markdown_report(summary: dict) -> str:
                  f"{sp['total_seconds'] / 60:.1f} min on {s['machine']['threads']} threads "
                  f"({s['machine']['processor']}, torch {s['machine']['torch']}).")
     return "\n".join(lines) + "\n"
+
+
+def _pictures_report(s: dict) -> list[str]:
+    """The links to the gallery's pages and the example sheets, with what each intent group's second looks did."""
+    lines = []
+    if "gallery" in s:
+        lines += [f"Gallery: the first {s['gallery']['per_page']} images of each list, with the image and the intent "
+                  "map of its prediction:", ""]
+        for page in s["gallery"]["pages"]:
+            counts = eval_gallery.change_counts(page.get("changes", {}))
+            what = "predicted wrong" if page["task"] == "accuracy" else "changed"
+            lines.append(f"- [{page['title']}]({page['page']}): {page['images']} {what}"
+                         + (f" ({counts})" if counts else ""))
+        lines.append("")
+    if "examples" in s:
+        groups = s["examples"]["groups"]
+        looks = [("prune analysis", "prune_analysis"), ("prune efficiency", "prune_efficiency")]
+        looks += [("zoom", "zoom")] if any("zoom" in g for g in s["intent"].values()) else []
+        lines += [f"Example sheets (the first {s['examples']['per_group']} images of each intent group): what pruning "
+                  f"at keep {INTENT_KEEP:g} and adaptive zoom did to each group on average (top-1 change / confidence "
+                  "change, in points):", "",
+                  "| intent group | images | sheets | " + " | ".join(name for name, _ in looks) + " |",
+                  "|---|---|---|" + "---|" * len(looks)]
+        for kind, group in groups.items():
+            g = s["intent"][kind]
+            changes = [(g[key]["top1"] - g["top1"] if g["n"] else None, g[key]["confidence_change"])
+                       for _, key in looks]
+            sheets = f"[{len(group['sheets'])}]({group['folder']}/)" if group["sheets"] else "0"
+            lines.append(f"| {eval_gallery.GROUP_NAMES[kind]} | {group['n']} ({_pct(g['fraction'])}) | {sheets} | "
+                         + " | ".join(f"{_signed(top1)} / {_signed(conf)}" for top1, conf in changes) + " |")
+        lines.append("")
+    return lines

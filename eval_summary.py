@@ -8,7 +8,7 @@ import numpy as np
 import intent
 import pruning
 from eval_data import GROUP_COLUMNS
-from eval_tasks import FAITHFULNESS_METHODS, INTENT_KEEP, fusion
+from eval_tasks import FAITHFULNESS_METHODS, INTENT_CONFIGS, fusion
 
 
 def mean(values) -> float | None:
@@ -69,11 +69,11 @@ def intent_summary(rows, pruned):
         sel = kinds == kind
         group = {"n": int(sel.sum()), "fraction": float(sel.mean()), "top1": mean(before[sel] == labels[sel]),
                  "confidence": mean(confidence[sel])}
-        for mode, criterion in (("analysis", "intent"), ("efficiency", "merge")):
-            predicted, kept_prob, _ = pruned[(mode, criterion, INTENT_KEEP)]
+        for mode, criterion, keep in INTENT_CONFIGS:
+            run = pruned[(mode, criterion, keep)]
             group[f"prune_{mode}"] = {
-                "criterion": criterion, "keep": INTENT_KEEP,
-                **_change_summary(labels[sel], before[sel], confidence[sel], predicted[sel], kept_prob[sel]),
+                "criterion": criterion, "keep": keep,
+                **_change_summary(labels[sel], before[sel], confidence[sel], run.predicted[sel], run.kept_prob[sel]),
             }
         if "zoom_predicted" in rows[0]:
             zoomed = np.array([r["zoom_predicted"] for r in rows])
@@ -87,7 +87,8 @@ def prune_summary(bundle, rows, pruned, keeps, after_block, num_tokens):
     labels = np.array([r["label"] for r in rows])
     before = np.array([r["predicted"] for r in rows])
     entries = []
-    for (mode, criterion, keep), (predicted, _, latency_ratio) in pruned.items():
+    for (mode, criterion, keep), run in pruned.items():
+        predicted = run.predicted
         if keep not in keeps:
             continue  # only run for the intent groups
         _, tokens_after, macs_before, macs_after = pruning.pruned_macs(
@@ -96,7 +97,7 @@ def prune_summary(bundle, rows, pruned, keeps, after_block, num_tokens):
         entries.append({
             "mode": mode, "criterion": criterion, "keep": keep,
             "top1": mean(predicted == labels), "agreement": mean(predicted == before),
-            "macs_ratio": macs_after / macs_before, "latency_ratio": latency_ratio,
+            "macs_ratio": macs_after / macs_before, "latency_ratio": run.latency_ratio,
             "tokens_after": tokens_after,
         })
     return entries

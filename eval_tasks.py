@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
+
 import config
 from checks import check_keep
 from errors import ZoomViTError
@@ -15,6 +19,18 @@ CRITERIA = {"analysis": ("intent", "grad_rollout", "random"), "efficiency": ("me
 OWN_SCORES = ("merge", "cls_topk")  # criteria that rank by the model's own attention at the cut (no scores passed)
 FAITHFULNESS_METHODS = ("random", "attention", "cls", "rollout", "grad_rollout", "intent")
 INTENT_KEEP = 0.5  # the intent groups report pruning at this keep
+# The configurations the intent groups (and their example sheets) report: each mode's own ranking at INTENT_KEEP.
+INTENT_CONFIGS = (("analysis", "intent", INTENT_KEEP), ("efficiency", "merge", INTENT_KEEP))
+
+
+class PrunedRun(NamedTuple):
+    """One pruning configuration over the N evaluated images (pass 2), in their order."""
+
+    predicted: np.ndarray  # (N,) the pruned model's class
+    kept_prob: np.ndarray  # (N,) its probability of the unpruned prediction
+    confidence: np.ndarray  # (N,) its probability of its own prediction
+    latency_ratio: float
+    kept: np.ndarray | None = None  # (N, kept tokens) patch indices kept, where asked for (example sheets)
 
 
 def parse_keeps(text: str) -> tuple[float, ...]:
@@ -40,8 +56,7 @@ def prune_configs(tasks, keeps) -> list[tuple[str, str, float]]:
     """The (mode, criterion, keep) configurations the pruning pass runs for `tasks`."""
     configs = [(m, c, k) for m, names in CRITERIA.items() for c in names for k in keeps] if "prune" in tasks else []
     if "intent" in tasks:  # the intent groups need keep INTENT_KEEP in both modes, listed or not
-        configs += [cfg for cfg in (("analysis", "intent", INTENT_KEEP), ("efficiency", "merge", INTENT_KEEP))
-                    if cfg not in configs]
+        configs += [cfg for cfg in INTENT_CONFIGS if cfg not in configs]
     return configs
 
 

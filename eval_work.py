@@ -23,16 +23,19 @@ from errors import ZoomViTError
 
 WORK_DIR = ".work"  # the CLI's work folder, inside --out; removed once the outputs are written
 _RECORD = re.compile(r"(\d+)(\.skipped)?\.pt")  # pass 1's file of the image with that index
+# What pass 1's files hold; 2: each image's intent map and zoom box too (the gallery and example sheets draw them).
+RECORD_FORMAT = 2
 
 
 def fingerprint(bundle, data: Path, items, limit, keeps, tasks, after_block, batch) -> dict:
     """The settings pass 1's files depend on: resuming under others would mix two runs in one result (the batch
-    too: which images share a batch moves results in the last float digits)."""
+    too: which images share a batch moves results in the last float digits), and what the files hold."""
     listing = json.dumps([[i.file, i.label, i.box, i.groups] for i in items])
     return {
         "model": bundle.name, "device": bundle.device.type, "dtype": bundle.dtype_name, "data": str(data.resolve()),
         "limit": limit, "keep": list(keeps), "tasks": list(tasks), "after_block": after_block, "batch": batch,
         "faithfulness_steps": faithfulness.STEPS, "images": hashlib.sha256(listing.encode()).hexdigest(),
+        "format": RECORD_FORMAT,
     }
 
 

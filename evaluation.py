@@ -1,5 +1,6 @@
 """Batch evaluation over a labelled image folder (`zoomvit eval`): pruning, zoom, map faithfulness and intent,
-all in one run, written out as results.json, a per-image CSV, PNG plots and a Markdown report (see `eval_report`).
+all in one run, written out as results.json, a per-image CSV, PNG plots and a Markdown report (see `eval_report`),
+with, when asked for, a gallery of what each task got wrong and example sheets per intent group (see `eval_gallery`).
 
 The folder holds images and labels.csv (see `eval_data`). Two passes:
 1. per group of `batch` images (8 by default): one batched analysis pass, then per image its maps, the zoom and
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import config
+import eval_gallery
 import eval_summary
 import faithfulness
 import intent
@@ -41,7 +43,8 @@ from checks import check_after_block
 from errors import ImageLoadError, ZoomViTError
 from eval_data import BOX_COLUMNS, Images, default_workers, die_with_parent, read_labels
 from eval_report import Evaluation
-from eval_tasks import DEFAULT_KEEPS, FAITHFULNESS_METHODS, OWN_SCORES, TASKS, fusion, prune_configs
+from eval_tasks import (DEFAULT_KEEPS, FAITHFULNESS_METHODS, INTENT_CONFIGS, OWN_SCORES, TASKS, PrunedRun, fusion,
+                        prune_configs)
 from eval_work import (Stamps, barrier, finished_images, fingerprint, from_rank0, groups_to_do, load_record,
                        open_work, rank_world, save_record)
 from geometry import encode
@@ -104,9 +107,11 @@ def _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, need_s
         analyses = analyze_encoded(bundle, loaded, pixels, geometries)
         analysis_ms = (time.perf_counter() - start) * 1000 / len(group)
         for (index, *_), analysis in zip(group, analyses):
-            row, scores = _image_results(analysis, items[index], tasks, intent_keeps, after_block, need_scores)
+            row, scores, look = _image_results(analysis, items[index], tasks, intent_keeps, after_block, need_scores)
             records[index] = {"row": row, "scores": scores, "analysis_ms": analysis_ms, "curves": None,
-                              "num_tokens": analysis.attentions.shape[-1]}
+                              "num_tokens": analysis.attentions.shape[-1], "look": look,
+                              # what the gallery and the example sheets draw (see eval_gallery)
+                              "intent_map": torch.from_numpy(analysis.intent().astype(np.float32))}
             done.append((index, analysis))
     if "faithfulness" in tasks and done:
         maps = [{m: None if m == "random" else a.map(m) for m in FAITHFULNESS_METHODS} for _, a in done]
@@ -123,7 +128,8 @@ def _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, need_s
 
 
 def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores):
-    """One analysed image's CSV row (without the faithfulness columns) and its analysis-mode pruning scores."""
+    """One analysed image's CSV row (without the faithfulness columns), its analysis-mode pruning scores, and its
+    zoom (None where no task zooms) as the example sheets show it."""
     predicted = analysis.predicted
     row = {
         "file": item.file, **item.groups, "label": item.label, "predicted": predicted,
@@ -140,6 +146,9 @@ def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores
             "grad_rollout": torch.from_numpy(analysis.grad_rollout().ravel().copy()),
         }
     zoom_result = zoom.zoom(analysis) if {"zoom", "intent"} & set(tasks) else None
+    look = zoom_result and {"box": [float(c) for c in zoom_result.box], "zoomed": bool(zoom_result.zoomed),
+                            "predicted": int(np.argmax(zoom_result.probs_after)),
+                            "confidence": float(np.max(zoom_result.probs_after))}
     if "zoom" in tasks:
         after, crop = int(np.argmax(zoom_result.probs_after)), int(np.argmax(zoom_result.probs_crop))
         row.update(
@@ -155,7 +164,7 @@ def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores
         diagnosis = intent.diagnose(analysis, box=item.box, zoom_result=zoom_result)
         row["intent"] = diagnosis.kind
         row.update({f"intent_{k}": v for k, v in diagnosis.metrics.items()})
-    return row, scores
+    return row, scores, look
 
 
 # ---- pass 2: pruning --------------------------------------------------------------------------------------
@@ -186,9 +195,9 @@ def _pixels(bundle, images, entry):
     return encode(bundle, loaded)[0]
 
 
-def _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings):
-    """{config: (predicted (N,), probability of the unpruned prediction (N,), latency ratio)} for the N readable
-    images `kept` (indices into `images`, in order) on rank 0; None on the other ranks.
+def _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings, record_kept=()):
+    """{config: PrunedRun} for the N readable images `kept` (indices into `images`, in order) on rank 0; None on
+    the other ranks. The configurations in `record_kept` also give the patch tokens each image kept.
 
     Accuracy runs every configuration over all images in batches (under torch.distributed every rank runs its
     share, see `_batches`, and rank 0 gathers them). The images are decoded again rather than kept from pass 1:
@@ -218,10 +227,12 @@ def _prune_pass(bundle, images, kept, records, configs, after_block, workers, pr
                 with_scores = pruning.needs_own_scores(bundle, pixels, keep, patch_scores)
                 if with_scores not in cuts:
                     cuts[with_scores] = pruning.run_to_cut(bundle, pixels, after_block, with_scores)
-                logits, _ = pruning.finish_pruned(bundle, cuts[with_scores], keep, patch_scores,
-                                                  fusion(mode, criterion))
-                results[start][mode, criterion, keep] = (logits.argmax(-1).numpy(),
-                                                         logits.softmax(-1).gather(1, before)[:, 0].numpy())
+                logits, keep_idx = pruning.finish_pruned(bundle, cuts[with_scores], keep, patch_scores,
+                                                         fusion(mode, criterion))
+                probs = logits.softmax(-1)
+                results[start][mode, criterion, keep] = (
+                    logits.argmax(-1).numpy(), probs.gather(1, before)[:, 0].numpy(), probs.max(-1).values.numpy(),
+                    keep_idx.numpy().astype(np.int32) if (mode, criterion, keep) in record_kept else None)
                 bar.update()
             if start == 0:
                 first_pixels = pixels
@@ -231,15 +242,18 @@ def _prune_pass(bundle, images, kept, records, configs, after_block, workers, pr
         if rank != 0:
             return None
         results = {start: part for ranks in gathered for start, part in ranks.items()}
-    out = {cfg: (np.zeros(n, dtype=int), np.zeros(n)) for cfg in configs}
+    out = {cfg: [np.zeros(n, dtype=int), np.zeros(n), np.zeros(n), None] for cfg in configs}
     for start, part in results.items():
         for cfg, values in part.items():
+            if values[3] is not None and out[cfg][3] is None:
+                out[cfg][3] = np.zeros((n, values[3].shape[1]), dtype=np.int32)
             for column, value in zip(out[cfg], values):
-                column[start:start + len(value)] = value
+                if value is not None:
+                    column[start:start + len(value)] = value
     latency_started = time.perf_counter()
     latency = _latency_ratios(bundle, first_pixels, random_scores[:PRUNE_BATCH], configs, after_block, progress)
     timings["latency_seconds"] = time.perf_counter() - latency_started
-    return {cfg: (*out[cfg], latency[cfg]) for cfg in configs}
+    return {cfg: PrunedRun(*out[cfg][:3], latency[cfg], out[cfg][3]) for cfg in configs}
 
 
 def _latency_ratios(bundle, pixels, some_scores, configs, after_block, progress):
@@ -275,6 +289,8 @@ def evaluate(
     resume: bool = False,
     workers: int | None = None,
     batch: int = config.EVAL_BATCH,
+    gallery: int = 0,
+    examples: int = 0,
 ) -> Evaluation | None:
     """Run the evaluation tasks over a labelled folder (see the module docstring).
 
@@ -283,26 +299,28 @@ def evaluate(
     DataLoader processes (None: `eval_data.default_workers`; 0: this process). Pass 1 analyses `batch` images at a
     time (one batched analysis pass; their perturbation forwards run together). Under torch.distributed (torchrun,
     see `eval_work.distributed`) each process takes a share of the image groups and of the pruning batches, all in
-    the one shared `work_dir`: rank 0 returns the Evaluation, the others None."""
+    the one shared `work_dir`: rank 0 returns the Evaluation, the others None. `gallery` > 0 adds, per task, the
+    first `gallery` images it got wrong or changed its mind on; `examples` > 0 that many example sheets per intent
+    group (see `eval_gallery`; neither changes pass 1's files, so a resumed run may ask for them or not)."""
     if work_dir is None:
         if rank_world()[1] > 1:
             raise ZoomViTError("A distributed evaluation needs a work folder that every process shares (work_dir).")
         with tempfile.TemporaryDirectory(prefix="zoomvit-eval-") as work_dir:
             return evaluate(bundle, data, limit, keeps, after_block, tasks, progress, work_dir, resume, workers,
-                            batch)
+                            batch, gallery, examples)
     started = time.perf_counter()
     data = Path(data)
     items = read_labels(data, limit)
     keeps = tuple(float(k) for k in keeps)
     tasks = tuple(t for t in TASKS if t in tasks)
     check_after_block(after_block, bundle.num_layers)
+    eval_gallery.check_requests(tasks, gallery, examples)
     num_labels = len(bundle.id2label)
     for item in items:
         if not 0 <= item.label < num_labels:
             raise ZoomViTError(f"{item.file}: label_index {item.label} is outside this model's 0..{num_labels - 1}.")
     configs = prune_configs(tasks, keeps)
     intent_keeps = sorted({k for m, c, k in configs if c == "intent"})
-    has_boxes = items[0].box is not None
 
     rank, world = rank_world()
     progress = progress and rank == 0  # one set of bars, not one per process
@@ -346,17 +364,40 @@ def evaluate(
 
     pruned, timings = {}, {}
     if configs:
-        pruned = _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings)
+        pruned = _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings,
+                             INTENT_CONFIGS if examples else ())
     if rank != 0:
         return None
     rows = [records[i]["row"] for i in kept]
-    for (mode, criterion, keep), (predicted, *_) in pruned.items():
+    for (mode, criterion, keep), run in pruned.items():
         if keep in keeps and "prune" in tasks:
-            for row, p in zip(rows, predicted):
+            for row, p in zip(rows, run.predicted):
                 row[f"prune_{mode}_{criterion}_{keep:g}"] = int(p)
     skipped = [{"file": items[i].file, "error": load_record(work, i, True)["error"]}
                for i in sorted(finished) if finished[i]]
+    summary = _summary(bundle, data, limit, keeps, after_block, tasks, batch, records, kept, rows, pruned, skipped,
+                       items[0].box is not None)
+    files = {}
+    if gallery or examples:  # drawn from what the run has computed: no model call
+        parts, files = eval_gallery.collect(bundle, data, items, kept, records, summary, rows, pruned, gallery,
+                                            examples)
+        summary.update(parts)
+    summary["speed"] = {
+        "analysis_ms_median": float(np.median([records[i]["analysis_ms"] for i in kept])),
+        "images_seconds": round(images_seconds, 1),
+        "latency_seconds": round(timings.get("latency_seconds", 0.0), 1),  # timing the pruning (one batch)
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    summary["machine"] = {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    return Evaluation(summary, rows, files)
 
+
+def _summary(bundle, data, limit, keeps, after_block, tasks, batch, records, kept, rows, pruned, skipped,
+             has_boxes) -> dict:
+    """results.json's figures (all but the speed and machine, which the run adds last)."""
     summary = {
         "model": bundle.name,
         "data": str(data),
@@ -377,14 +418,4 @@ def evaluate(
     if "intent" in tasks:
         summary["intent"] = eval_summary.intent_summary(rows, pruned)
     summary["skipped"] = skipped
-    summary["speed"] = {
-        "analysis_ms_median": float(np.median([records[i]["analysis_ms"] for i in kept])),
-        "images_seconds": round(images_seconds, 1),
-        "latency_seconds": round(timings.get("latency_seconds", 0.0), 1),  # timing the pruning (one batch)
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }
-    summary["machine"] = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-    }
-    return Evaluation(summary, rows)
+    return summary

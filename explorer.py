@@ -12,14 +12,26 @@ import gradio as gr
 
 import models
 import visualization
+from checks import check_choice, check_number
 from errors import ZoomViTError
+from compare_tab import CompareHandlers
 from exports import Exports
+from faithfulness_panel import FaithfulnessPanel
 from feedback import clamped, finite_number, message_of
-from sessions import FailedImage, Session, SessionStore
-from views import TARGET_VIEWS, ViewRenderer, ViewSettings
+from model_registry import ModelRegistry
+from sessions import FailedImage, Session, SessionStore, chosen_model, forget_image
+from views import COLORMAPS, TARGET_VIEWS, ViewRenderer, ViewSettings
 from zoom_prune import ZoomPruneHandlers
 
 OUTSIDE = "That point is outside what the model sees (the white box); showing the map instead."
+
+
+def checked_settings(settings: ViewSettings) -> ViewSettings:
+    """The view values as an API caller may send them (any JSON), checked for what the drawing cannot check
+    itself: a number for the discard ratio, a listed colormap. Ranges are checked where the values are used (the
+    browser's sliders bring a typed value into range first); block and head by the session's model."""
+    return replace(settings, discard_ratio=check_number(settings.discard_ratio, "Discard ratio"),
+                   colormap=check_choice(settings.colormap, COLORMAPS, "Colormap"))
 
 
 class ExploreHandlers:
@@ -43,7 +55,7 @@ class ExploreHandlers:
         Replacing a picture fires the input's .change twice for the same file: the second time a file that
         failed is not tried, nor warned about, again."""
         if image is None:
-            return None, None, "", "", None, None
+            return None, None, "", "", None, forget_image(session)  # the session keeps its model
         if isinstance(session, FailedImage) and session.path == str(image):
             return None, None, f"**Could not analyse this file**: {session.message}", "", None, session
         try:
@@ -52,7 +64,7 @@ class ExploreHandlers:
             message = message_of(exc, "on_image")
             gr.Warning(message, title="Could not analyse this file")
             return (None, None, f"**Could not analyse this file**: {message}", "", None,
-                    FailedImage(str(image), message))
+                    FailedImage(str(image), message, chosen_model(session)))
         outputs[-1].zoom_result = outputs[-1].prune_result = None  # the new image's reset cleared them on screen
         return outputs
 
@@ -137,7 +149,7 @@ class ExploreHandlers:
             return (gr.skip(),) * 5
         index = session.label_index.get(evt.value)
         if index is None:
-            index = self.store.bundle.find_label(evt.value)
+            index = session.bundle.find_label(evt.value)
         view = settings.view if settings.view in TARGET_VIEWS else "grad_rollout"
         session.patch = None
         settings = replace(settings, view=view, target=str(index))
@@ -149,7 +161,7 @@ class ExploreHandlers:
         """Top-k first (with their probabilities), then every label: the dropdown is searchable."""
         if not isinstance(session, Session):
             return gr.skip()
-        label, probs = self.store.bundle.label, session.analysis.probs
+        label, probs = session.bundle.label, session.analysis.probs
         top = [p.index for p in session.analysis.top()]
         rest = [i for i in range(len(probs)) if i not in set(top)]
         choices = [("predicted class", "")]
@@ -165,12 +177,14 @@ class ExploreHandlers:
 
 
 class Explorer:
-    """The app's handlers on one shared model, and the parts they share."""
+    """The app's handlers, on the model each session chose (a ModelRegistry, or one bundle), and the parts they
+    share."""
 
-    def __init__(self, bundle: models.ViTBundle):
-        self.bundle = bundle
-        self.store = SessionStore(bundle)  # per-session analyses; every model run goes through its lock
+    def __init__(self, models_: "models.ViTBundle | ModelRegistry"):
+        self.store = SessionStore(models_)  # per-session analyses; every model run goes through its lock
         self.views = ViewRenderer(self.store)
         self.explore = ExploreHandlers(self.store, self.views)
         self.zoom_prune = ZoomPruneHandlers(self.store, self.views)
         self.exports = Exports(self.store)
+        self.compare = CompareHandlers(self.store, self.views, self.explore)  # the Compare tab
+        self.faithfulness = FaithfulnessPanel(self.store)  # the Explore tab's deletion / insertion panel

@@ -25,8 +25,7 @@ def plain_text(markdown: str) -> str:
 
 class Exports:
     def __init__(self, store: SessionStore):
-        self.store = store
-        self.bundle = store.bundle
+        self.store = store  # the model is each session's own (session.bundle)
 
     def write_export(self, session: Session, tab: str, picture: Image.Image, result: dict) -> list[str]:
         """The picture as PNG and the result as JSON, in a fresh folder under Gradio's temp folder (swept)."""
@@ -41,10 +40,10 @@ class Exports:
     def result_header(self, session: Session) -> dict:
         a = session.analysis
         return {
-            "model": self.bundle.name,
+            "model": session.bundle.name,
             "image": {"file": Path(session.path).name, "width": a.loaded.original_size[0],
                       "height": a.loaded.original_size[1]},
-            "conventions": {"blocks": f"numbered 1..{self.store.num_layers}", "keep": "share of patch tokens, 0..1",
+            "conventions": {"blocks": f"numbered 1..{session.num_layers}", "keep": "share of patch tokens, 0..1",
                             "boxes": "x0, y0, x1, y1 in the image's own pixels"},
             "top": [p.as_dict() for p in a.top()],
             "diagnosis": session.diagnosis.as_dict(),
@@ -60,7 +59,7 @@ class Exports:
         if shown.patch is not None:
             width = max(2, image.width // 250)
             image = visualization.patch_outline(image, analysis.geometry, *shown.patch, color="white", width=width)
-        caption = f"{Path(self.bundle.name).name}: {plain_text(shown.caption)}"
+        caption = f"{Path(session.bundle.name).name}: {plain_text(shown.caption)}"
         picture = visualization.figure_with_legend(image, shown.colormap, caption)
         result = self.result_header(session)
         result.update(
@@ -80,7 +79,7 @@ class Exports:
         lines, result = [], self.result_header(session)
         if session.prune_result is not None:
             image = visualization.token_mask_overlay(image, analysis.geometry, session.prune_result.kept_mask)
-            lines.append(plain_text(prune_text(session.prune_result, self.store.num_layers, device_text(self.store.bundle)).split("\n\n")[0]))
+            lines.append(plain_text(prune_text(session.prune_result, session.num_layers, device_text(session.bundle)).split("\n\n")[0]))
             lines.append(f"Grey: the patch tokens dropped after block {session.prune_result.after_block}.")
             result["prune"] = session.prune_result.as_dict()
         if zoom_result is not None:
@@ -88,5 +87,5 @@ class Exports:
             image = visualization.draw_box(image, box, color=(255, 40, 40), width=max(3, image.width // 200))
             lines.append("Red: the zoom box. " + plain_text(zoom_text(zoom_result)))
             result["zoom"] = zoom_result.as_dict()
-        caption = f"{Path(self.bundle.name).name}: " + "\n".join(lines)
+        caption = f"{Path(session.bundle.name).name}: " + "\n".join(lines)
         return self.write_export(session, "zoom-prune", visualization.figure_with_legend(image, None, caption), result)

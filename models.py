@@ -130,6 +130,13 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+def local_source(name: str) -> tuple[str, bool]:
+    """(what from_pretrained takes, local files only) for a model that load_model has loaded: its folder, or the
+    hub id served from the cache when offline."""
+    folder = _local_folder(config.resolve_model_name(name))
+    return (str(folder), True) if folder is not None else (config.resolve_model_name(name), _hub_offline())
+
+
 def _local_folder(name: str) -> Path | None:
     """The folder `name` points at, None for a hub id; ModelLoadError for a path that is not a folder."""
     local = Path(name).expanduser()

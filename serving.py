@@ -1,17 +1,20 @@
-"""Serving the web app: the port check, the upload guard, the temp-folder janitor and its middleware, and numpy's
-thread setting for the server process.
+"""Serving the web app: the port check, the upload guard, the temp-folder janitor and its middleware, a session
+of its own for each plain API call, and numpy's thread setting for the server process.
 
 Both the app and the CLI import this module, and the CLI's --help must stay instant: nothing heavy is imported
 at module level (Gradio only inside the functions that need it).
 """
 
+import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
 from pathlib import Path
 
+import config
 from checks import check_port
 from errors import ZoomViTError
 
@@ -23,6 +26,29 @@ TEMP_MAX_BYTES = 512 * 1024 * 1024
 TEMP_MAX_AGE_S = 3600
 SWEEP_PERIOD_S = 60
 NOT_UPLOADED = "This file did not come through this app's upload; upload it again."
+NOT_A_FILE = ('An image is sent as {"path": ...}, with the path that this server\'s upload route '
+              '(/gradio_api/upload) answered.')
+
+
+def add_serve_options(parser):
+    """The web app's options, one definition for `python app.py` and `zoomvit serve`."""
+    parser.add_argument(
+        "--model", action="append", metavar="MODEL",
+        help="hub id or local model folder; repeat it to offer several, chosen per browser tab (the first is the "
+             "default; supported classifiers in the local Hugging Face cache are offered too) "
+             f"(default: ${config.MODEL_ENV_VAR}, else {config.DEFAULT_MODEL})",
+    )
+    parser.add_argument(
+        "--max-models", metavar="N",
+        help="models held in memory at once, the least recently used dropped first "
+             f"(default: ${config.MAX_MODELS_ENV_VAR}, else {config.DEFAULT_MAX_MODELS})",
+    )
+    parser.add_argument("--device", help=f"{config.DEVICE_HELP} (default: ${config.DEVICE_ENV_VAR}, else auto)")
+    parser.add_argument("--dtype", help=f"{config.DTYPE_HELP} (default: ${config.DTYPE_ENV_VAR}, else float32)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 serves every network "
+                        "this machine is on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on, 1..65535 (default: %(default)s)")
+    return parser
 
 
 def port_free(host: str, port: int) -> bool:
@@ -223,6 +249,64 @@ class SweepAfterUploads:
         await self.app(scope, receive, send)
         if scope.get("type") == "http" and scope.get("path", "").endswith("/upload"):
             self.janitor.sweep_soon()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plain HTTP API
+# ----------------------------------------------------------------------------------------------------------
+
+CALL_ROUTE = re.compile(r"/gradio_api/call/(v2/)?[^/]+/?$")
+
+
+def without_session_hash(body: bytes) -> bytes:
+    """A /gradio_api/call request's JSON body without its session_hash (any other body as it is)."""
+    if b"session_hash" not in body:
+        return body
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return body  # Gradio answers what it cannot read
+    if not isinstance(request, dict) or "session_hash" not in request:
+        return body
+    del request["session_hash"]
+    return json.dumps(request).encode()
+
+
+class OwnStreamPerCall:
+    """ASGI middleware: each request to the plain call route (POST /gradio_api/call/<name>) is a session of its own.
+
+    Gradio streams the answer of GET /gradio_api/call/<name>/<event_id> from the queue of the event's session,
+    not of the event: two calls sent with the same session_hash read each other's answers (a tench photo was
+    answered 'great white shark', and the other call got a 404). Without a session_hash of its own, Gradio gives
+    each call the event id as its session, so a plain call reuses no earlier call's analysis; clients that keep
+    a session (gradio_client, the browser) use /queue/join, whose stream names each answer's event."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") != "http" or scope.get("method") != "POST" or not CALL_ROUTE.search(scope.get("path", "")):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = without_session_hash(b"".join(chunks))
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.app(dict(scope, headers=headers), replay, send)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -3,6 +3,10 @@ or finds it again.
 
 Each session keeps its `Analysis` in a gr.State (Gradio stores the object as is, without copying it); every
 other control re-renders from it, on a copy of the image at most DISPLAY_SIDE pixels wide.
+
+Each session also holds which model it chose (`chosen_model`; none: the server's default). The store takes the
+models from a `model_registry.ModelRegistry`, which keeps only a few in memory: when one leaves, the sessions'
+analyses of it are dropped, and each is made again from the same image the next time that session uses it.
 """
 
 import collections
@@ -26,6 +30,7 @@ from checks import check_after_block, head_index, layer_index
 from errors import ZoomViTError
 from geometry import Geometry
 from images import load_image, release_memory
+from model_registry import ModelRegistry
 from vit_analyzer import Analysis, analyze
 
 DISPLAY_SIDE = 768  # images are drawn at most this many pixels on their longest side
@@ -54,7 +59,7 @@ class Session:
 
     key: str  # content hash of the image file
     path: str  # the uploaded file it came from (a later event with the same path skips hashing)
-    analysis: Analysis
+    _analysis: Analysis | None  # None once its model left memory: see `analysis`
     display: Image.Image  # the working image, at most DISPLAY_SIDE pixels
     geometry: Geometry  # the model's geometry, for `display`'s pixels
     diagnosis: intent.Diagnosis
@@ -66,6 +71,33 @@ class Session:
     prune_result: pruning.PruneResult | None = None  # the one on screen
     grid_key: tuple | None = None  # the settings the all-heads grid below was drawn with
     grid_image: Image.Image | None = None
+    model: str | None = None  # the model it was analysed with, as the registry offers it
+    store: "SessionStore | None" = field(default=None, repr=False)
+
+    @property
+    def analysis(self) -> Analysis:
+        """The cached analysis; after its model left memory, the same image analysed again (one model run)."""
+        if self._analysis is None:
+            self._analysis = self.store.analyse_again(self)
+        return self._analysis
+
+    @property
+    def bundle(self) -> models.ViTBundle:
+        return self.analysis.bundle
+
+    @property
+    def num_layers(self) -> int:
+        return self.bundle.num_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.bundle.num_heads
+
+    def drop_analysis(self):
+        """Let go of the analysis (and with it the model it refers to); what is on screen stays."""
+        if self._analysis is not None:
+            self._analysis.release_graph()
+            self._analysis = None
 
     def original_to_display(self, x: float, y: float) -> tuple[float, float]:
         ow, oh = self.analysis.loaded.original_size
@@ -82,6 +114,32 @@ class FailedImage:
 
     path: str
     message: str
+    model: str | None = None  # the session's chosen model
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The state of a session that chose a model and has no image analysed with it (yet)."""
+
+    model: str
+
+
+SESSION_STATES = (Session, FailedImage, ModelChoice)  # what a session's gr.State holds, beside None
+
+
+def chosen_model(state) -> str | None:
+    """The model a session's state says to use; None: the server's default."""
+    return getattr(state, "model", None) if isinstance(state, SESSION_STATES) else None
+
+
+def forget_image(state):
+    """A session's state once its image is gone: only its choice of model, if it made one."""
+    model = chosen_model(state)
+    return None if model is None else ModelChoice(model)
+
+
+def prune_after_default(num_layers: int) -> int:
+    return min(config.PRUNE_AFTER_BLOCK, num_layers - 1)
 
 
 class GraphBudget:
@@ -108,7 +166,7 @@ class GraphBudget:
 def release_session(session):
     """gr.State delete callback: free the graph as soon as Gradio drops the session."""
     if isinstance(session, Session):
-        session.analysis.release_graph()
+        session.drop_analysis()
 
 
 def display_side(size) -> int:
@@ -126,18 +184,36 @@ def _file_key(path) -> str:
 
 
 class SessionStore:
-    """One shared model and the sessions' analyses of it: every model run goes through its lock."""
+    """The models (a ModelRegistry; each session uses the one it chose) and the sessions' analyses of them: every
+    model run goes through one lock.
 
-    def __init__(self, bundle: models.ViTBundle):
-        self.bundle = bundle
+    bundle, num_layers, num_heads and prune_after_default are the default model's: the page is laid out for it
+    before a session chooses another. Per session, use the session's (`bundle_for`, or the methods' `session`)."""
+
+    def __init__(self, models_: "models.ViTBundle | ModelRegistry"):
+        self.registry = models_ if isinstance(models_, ModelRegistry) else ModelRegistry.holding(models_)
         self.model_lock = threading.Lock()  # one model run (and one image decode) at a time
         self.graphs = GraphBudget(GRAPHS_KEPT)
-        self.num_layers = bundle.num_layers
-        self.num_heads = bundle.num_heads
-        self.prune_after_default = min(config.PRUNE_AFTER_BLOCK, self.num_layers - 1)
+        self._sessions = weakref.WeakSet()  # every live Session: a model that leaves memory takes their analyses
+        self._sessions_lock = threading.Lock()  # sessions are added while a model leaves (other threads)
+        self.registry.on_evict(self._drop_analyses)
+        default = self.registry.get()
+        self.num_layers = default.num_layers
+        self.num_heads = default.num_heads
+        self.prune_after_default = prune_after_default(self.num_layers)
+
+    @property
+    def bundle(self) -> models.ViTBundle:
+        """The default model (loaded again if it left memory)."""
+        return self.registry.get()
+
+    def bundle_for(self, state) -> models.ViTBundle:
+        """The model a session uses (its choice, else the default), loaded now if it is not in memory."""
+        return self.registry.get(chosen_model(state))
 
     def session_for(self, image, session: Session | None) -> Session:
-        """The session's analysis if it is for this image, otherwise a new analysis (one model run)."""
+        """The session's analysis if it is for this image, otherwise a new analysis (one model run) with the
+        session's model."""
         if image is None or not str(image):
             raise ZoomViTError("No image: upload one on the Explore tab first.")
         path = str(image)
@@ -151,24 +227,52 @@ class SessionStore:
         if isinstance(session, Session) and session.key == key:
             session.path = path
             return session
-        with self.model_lock:  # the decode too: one large image in memory at a time
-            loaded = load_image(path)  # clear errors for anything that is not a usable image
-            analysis = analyze(self.bundle, loaded)
+        model = self.registry.offer(chosen_model(session)).name
+        loaded, analysis = self._analyse(path, model)
+        with self.model_lock:
             probe = zoom_lib.zoom(analysis, policy="always")
             diagnosis = intent.diagnose(analysis, zoom_result=probe)  # computes the intent map on the way
-        analysis.grad_rollout()  # numpy only; cached, so the first switch to that view is a pure redraw
-        self.graphs.add(analysis)
         release_memory()  # the decode's and the pass's freed memory back to the OS, not held by malloc
         display, geometry = visualization.resized_view(
             loaded.image, analysis.geometry, display_side(loaded.image.size), MIN_DISPLAY_SIDE
         )
-        return Session(key, path, analysis, display, geometry, diagnosis)
+        session = Session(key, path, analysis, display, geometry, diagnosis, model=model, store=self)
+        with self._sessions_lock:
+            self._sessions.add(session)
+        return session
+
+    def _analyse(self, path: str, model: str):
+        """(loaded image, analysis) of the file with the model (loaded first if it is not in memory)."""
+        bundle = self.registry.get(model)
+        with self.model_lock:  # the decode too: one large image in memory at a time
+            loaded = load_image(path)  # clear errors for anything that is not a usable image
+            analysis = analyze(bundle, loaded)
+        analysis.grad_rollout()  # numpy only; cached, so the first switch to that view is a pure redraw
+        self.graphs.add(analysis)
+        return loaded, analysis
+
+    def analyse_again(self, session: Session) -> Analysis:
+        """A session whose analysis went with its model: the same image and model, so the same display, geometry
+        and diagnosis (kept)."""
+        if not Path(session.path).is_file():
+            raise ZoomViTError("The uploaded file is gone; upload the image again.")
+        analysis = self._analyse(session.path, session.model)[1]
+        release_memory()
+        return analysis
+
+    def _drop_analyses(self, key):
+        """A model left memory (registry callback): the sessions' analyses of it go too."""
+        with self._sessions_lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            if self.registry.key(session.model) == key:
+                session.drop_analysis()
 
     def resolve_target(self, session: Session, target) -> int:
         text = "" if target is None else str(target).strip()
         if not text:
             return session.analysis.predicted
-        return self.bundle.find_label(text)
+        return session.bundle.find_label(text)
 
     def for_target(self, session: Session, target: int) -> Analysis:
         analysis = session.analysis
@@ -179,13 +283,22 @@ class SessionStore:
         other.grad_rollout(), other.intent()  # both target views cached now: switching between them is a redraw
         return other
 
-    def block_index(self, block) -> int:
-        return layer_index(block, self.num_layers)
+    def block_index(self, block, session=None) -> int:
+        """Block number -> layer index, for the session's model (none: the default's)."""
+        return layer_index(block, self._counts(session)[0])
 
-    def head_index(self, head):
-        return head_index(head, self.num_heads)
+    def head_index(self, head, session=None):
+        return head_index(head, self._counts(session)[1])
 
-    def check_after_block(self, after_block) -> int:
+    def check_after_block(self, after_block, session=None) -> int:
+        num_layers = self._counts(session)[0]
         if after_block in (None, ""):
-            return self.prune_after_default
-        return check_after_block(after_block, self.num_layers)
+            return prune_after_default(num_layers)
+        return check_after_block(after_block, num_layers)
+
+    def _counts(self, session) -> tuple[int, int]:
+        """(blocks, heads) of the session's model; the default's without a session."""
+        if session is None:
+            return self.num_layers, self.num_heads
+        bundle = self.bundle_for(session)
+        return bundle.num_layers, bundle.num_heads

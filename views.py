@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import gradio as gr
 import numpy as np
 
+import artifacts
 import config
 import visualization
 from errors import ZoomViTError
@@ -41,7 +42,7 @@ class ViewSettings:
     """
 
     direction: str = "attends_to"
-    view: str = "rollout"
+    view: str = config.DEFAULT_VIEW
     block: int = -1
     head: str = "mean"
     discard_ratio: float = config.ROLLOUT_DISCARD_RATIO
@@ -115,8 +116,7 @@ class ViewRenderer:
     """Draws a session's views from its cached analysis, and records what the overlay shows (for the export)."""
 
     def __init__(self, store: SessionStore):
-        self.store = store
-        self.bundle = store.bundle
+        self.store = store  # the model is each session's own (session.bundle): none is held here
 
     def render(self, session: Session, settings: ViewSettings, note: str = "", skip_same_grid: bool = False):
         """(overlay, caption, heads grid) from the cached analysis: no model run unless the target is new.
@@ -125,7 +125,7 @@ class ViewRenderer:
         one of those changed, and with skip_same_grid (UI events) not even sent again (gr.skip()).
         """
         s = settings
-        layer, head = self.store.block_index(s.block), self.store.head_index(s.head)
+        layer, head = self.store.block_index(s.block, session), self.store.head_index(s.head, session)
         alpha = finite_number(s.opacity, "Opacity")
         if alpha is None or not 0.0 <= alpha <= 1.0:
             raise ZoomViTError(f"Opacity must be from 0 to 1, got {s.opacity!r}.")
@@ -137,24 +137,28 @@ class ViewRenderer:
         image = visualization.heat_overlay(session.display, session.geometry, grid_map, s.colormap, alpha)
         if session.patch is not None:
             image = visualization.patch_outline(image, session.geometry, *session.patch, color="white", width=3)
+        flagged = artifacts.artifact_patches(session.analysis)  # of the image's pass: flagged in every view
+        image = artifacts.outline(image, session.geometry, flagged)
         grid_key = (session.patch, s.direction if session.patch else None, layer, s.colormap, alpha)
         if grid_key == session.grid_key and session.grid_image is not None:
             grid = gr.skip() if skip_same_grid else session.grid_image
         else:
-            heads = range(self.store.num_heads)
+            heads = range(session.num_heads)
             grid = visualization.heads_grid(
                 session.display, session.geometry, grid_maps(), [head_name(h) for h in heads], s.colormap, alpha,
                 HEAD_TILE, min_side=HEAD_TILE_MIN_SIDE,
             )
             session.grid_key, session.grid_image = grid_key, grid
         session.shown = Shown(np.asarray(grid_map), caption, s.colormap, alpha, record, session.patch)
+        if flagged:
+            caption = f"{caption}\n\n{artifacts.note(flagged)}"
         if note:
             caption = f"{note}\n\n{caption}"
         return image, caption, grid
 
     def _patch_map(self, session: Session, s: ViewSettings, layer: int, head, record: dict):
         """The clicked patch's attention row (what it attends to) or column (what attends to it)."""
-        analysis, heads = session.analysis, range(self.store.num_heads)
+        analysis, heads = session.analysis, range(session.num_heads)
         row, col = session.patch
         attends_to = s.direction != "attended_by"
         pick = analysis.attended_by_patch if attends_to else analysis.attending_patch
@@ -169,12 +173,12 @@ class ViewRenderer:
 
     def _view_map(self, session: Session, s: ViewSettings, layer: int, head, record: dict):
         """The chosen view's map: for the target class where the view depends on it."""
-        analysis, heads = session.analysis, range(self.store.num_heads)
+        analysis, heads = session.analysis, range(session.num_heads)
         if s.view in TARGET_VIEWS:
             target_index = self.store.resolve_target(session, s.target)
             source = self.store.for_target(session, target_index)
             record["target"] = Prediction(
-                target_index, self.bundle.label(target_index), float(analysis.probs[target_index])
+                target_index, session.bundle.label(target_index), float(analysis.probs[target_index])
             ).as_dict()
         else:
             target_index, source = analysis.predicted, analysis
@@ -184,10 +188,10 @@ class ViewRenderer:
         return grid_map, caption, lambda: [analysis.cls_map(layer, h) for h in heads]
 
     def view_detail(self, session: Session, s: ViewSettings, number: int, head, target_index: int) -> str:
-        label = self.bundle.label(target_index)
+        label = session.bundle.label(target_index)
         prob = float(session.analysis.probs[target_index])
         if s.view == "rollout":
-            return (f": attention rolled out through all {self.store.num_layers} blocks ({head_name(head)}, "
+            return (f": attention rolled out through all {session.num_layers} blocks ({head_name(head)}, "
                     f"discard ratio {float(s.discard_ratio):.2f}); where it looks, for any class.")
         if s.view in TARGET_VIEWS:
             what = "gradient-weighted rollout" if s.view == "grad_rollout" else "what the decision depends on"
@@ -199,7 +203,7 @@ class ViewRenderer:
     def label_value(self, session: Session, probs=None) -> dict:
         """Top-k as a gr.Label value; a label shown twice (ImageNet has two 'crane's) gets its index."""
         probs = session.analysis.probs if probs is None else probs
-        top = top_predictions(self.bundle, probs)
+        top = top_predictions(session.bundle, probs)
         names = [p.label for p in top]
         value = {}
         for p in top:

@@ -191,6 +191,11 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def label_font(size: int):
+    """The font captions and tile names are drawn in, at `size` pixels."""
+    return _font(size)
+
+
 def _wrap(draw, text: str, font, width: int) -> list[str]:
     lines = []
     for paragraph in text.splitlines() or [""]:

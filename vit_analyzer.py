@@ -152,6 +152,13 @@ class Analysis:
     def upsample(self, grid_map: np.ndarray) -> np.ndarray:
         return self.geometry.upsample(grid_map)
 
+    # ---- token norms -------------------------------------------------------------------------------------
+    def token_norms(self) -> np.ndarray:
+        """(grid h, grid w) L2 norm of each patch's token leaving the last block, from the cached pass."""
+        if "token_norms" not in self._cache:
+            self._cache["token_norms"] = self._to_grid(np.linalg.norm(self.hidden_states[-1], axis=-1))
+        return self._cache["token_norms"]
+
     # ---- another target ----------------------------------------------------------------------------------
     def for_target(self, target: int) -> "Analysis":
         """The same analysis for another class: reuses the forward pass and re-runs only the backward."""

@@ -13,9 +13,18 @@ open four sessions. The app keeps each session's analysis, so RSS is read twice 
 the sessions still hold the big uploads' analyses, and 'released', once each of the case's clients has analysed a
 small image instead. Goals: peak < 2048 MB for one upload, < 3072 MB for four at once, and 'released' within
 300 MB of the baseline (what the uploads themselves left behind).
+
+    python benchmarks/bench_memory.py --cases data-url
+
+The data-URL case only: a 16-bit grey 12000x12000 PNG of 280 KB sent inline as a data: URL through the plain
+HTTP API (POST /gradio_api/call/explain; the app refuses it before anything decodes it), once and four at once,
+next to the same kind of file sent as an upload, once and four at once (four files a pixel of width apart).
+Goals as above.
 """
 
 import argparse
+import base64
+import json
 import os
 import socket
 import struct
@@ -135,15 +144,36 @@ def explain(client, path: Path) -> str:
         return f"refused: {str(exc).splitlines()[0][:90]}"
 
 
-def run_case(clients, sampler, pid, paths, after_wait, small):
-    """Peak while the uploads run; RSS after them; RSS once every client has moved on to a small image."""
+def explain_inline(url: str, path: Path, options: list) -> str:
+    """/explain over the plain HTTP API with the image inline, as a data: URL (no upload, no session)."""
+    import httpx
+
+    data_url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    image = {"path": None, "url": data_url, "meta": {"_type": "gradio.FileData"}}
+    event = httpx.post(f"{url}gradio_api/call/explain", json={"data": [image, *options]}, timeout=300).json()
+    answer = httpx.get(f"{url}gradio_api/call/explain/{event['event_id']}", timeout=300).text
+    if "event: complete" in answer:
+        return "ok"
+    return f"refused: {json.loads(answer.split('data:', 1)[1])['error'][:90]}"
+
+
+def api_options(client) -> list:
+    """/explain's values after the image, as view_api lists their defaults (the plain API fills in none)."""
+    parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/explain"]["parameters"]
+    return [p["parameter_default"] for p in parameters[1:]]
+
+
+def run_case(clients, sampler, pid, paths, after_wait, small, send_one=None):
+    """Peak while the uploads run; RSS after them; RSS once every client has moved on to a small image.
+    send_one(i): how request i is sent (default: paths[i] uploaded through clients[i])."""
     kb = paths[0].stat().st_size / 1024
     sampler.reset()
     started = time.perf_counter()
     outcomes = [None] * len(paths)
+    send_one = send_one or (lambda i: explain(clients[i], paths[i]))
 
     def send(i):
-        outcomes[i] = explain(clients[i], paths[i])
+        outcomes[i] = send_one(i)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(paths))]
     for thread in threads:
@@ -154,16 +184,53 @@ def run_case(clients, sampler, pid, paths, after_wait, small):
     peak = sampler.peak
     time.sleep(after_wait)
     after = rss_mb(pid)
-    for client in clients:
+    for client in {id(c): c for c in clients}.values():
         explain(client, small)
     time.sleep(after_wait)
     return kb, outcomes, peak, after, rss_mb(pid), seconds
+
+
+def dense_grey16_png(path: Path, width: int, height: int) -> Path:
+    """A 16-bit grey PNG of zeros at zlib's best compression: ~280 KB for 12000x12000, as in the report (the tests'
+    write_png compresses fast, to ~1.2 MB)."""
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    packer, row = zlib.compressobj(9), bytes(1 + 2 * width)
+    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+def data_url_rows(url, client, sampler, pid, folder: Path, after_wait: float, small: Path) -> list:
+    """The 16-bit grey 12000x12000 PNG inline as a data: URL (must be refused), once and four at once, and the
+    same kind of file as an upload (must load), once and four at once."""
+    options = api_options(client)
+    grey = [dense_grey16_png(folder / f"grey16-{i}.png", 12000 - i, 12000) for i in range(4)]
+    rows = []
+    for count in (1, 4):
+        print(f"data URL x{count}...", file=sys.stderr)
+        measured = run_case([client] * count, sampler, pid, grey[:count], after_wait, small,
+                            send_one=lambda i: explain_inline(url, grey[i], options))
+        rows.append((f"data URL x{count}: 16-bit grey PNG 12000x12000", *measured,
+                     SINGLE_MB if count == 1 else CONCURRENT_MB, True))
+    for count in (1, 4):
+        print(f"upload x{count}...", file=sys.stderr)
+        clients = [client] if count == 1 else [client_for(url) for _ in range(count)]
+        measured = run_case(clients, sampler, pid, grey[:count], after_wait, small)
+        rows.append((f"upload x{count}: 16-bit grey PNG 12000x12000", *measured,
+                     SINGLE_MB if count == 1 else CONCURRENT_MB, False))
+    return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(SHARED / "models" / "deit-tiny-patch16-224"))
     parser.add_argument("--after-wait", type=float, default=5.0, help="seconds before 'after' is read")
+    parser.add_argument("--cases", choices=["all", "data-url"], default="all",
+                        help="all: every upload case; data-url: the inline data: URL against the upload")
     args = parser.parse_args(argv)
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1,localhost")
@@ -199,14 +266,18 @@ def main(argv=None) -> int:
                   "the case, sessions still holding their analyses; 'released': once each of the case's clients has "
                   "analysed a small image instead (what the uploads left behind)\n")
             rows = []
+            if args.cases == "data-url":
+                rows = data_url_rows(url, client, sampler, server.pid, folder, args.after_wait, warm)
+                single, concurrent = [], []
             for name, path, must_refuse in single:
                 print(f"{name}...", file=sys.stderr)
                 measured = run_case([client], sampler, server.pid, [path], args.after_wait, warm)
                 rows.append((name, *measured, SINGLE_MB, must_refuse))
-            print("4 at once...", file=sys.stderr)
-            clients = [client_for(url) for _ in concurrent]  # four sessions: three more analyses kept after
-            measured = run_case(clients, sampler, server.pid, concurrent, args.after_wait, warm)
-            rows.append(("4 at once: 8-bit RGB PNG ~10000x10000", *measured, CONCURRENT_MB, False))
+            if concurrent:
+                print("4 at once...", file=sys.stderr)
+                clients = [client_for(url) for _ in concurrent]  # four sessions: three more analyses kept after
+                measured = run_case(clients, sampler, server.pid, concurrent, args.after_wait, warm)
+                rows.append(("4 at once: 8-bit RGB PNG ~10000x10000", *measured, CONCURRENT_MB, False))
         finally:
             server.terminate()
             server.wait(timeout=30)

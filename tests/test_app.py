@@ -96,7 +96,7 @@ def test_explain_with_only_the_image(client, tench):
     assert top == expected_label(analysis) and len(names) == 5
     assert names == [p.label for p in analysis.top()]
     assert re.match(r"\*\*Intent: (good|inverted|diffuse)\*\*: .+", diagnosis)
-    assert caption.startswith("**Rollout**")
+    assert caption.startswith("**Gradient-weighted**")  # config.DEFAULT_VIEW: the eval's most faithful map
     shown = open_image(overlay)
     assert shown.size == visualization.fit_size(analysis.loaded.image.size, DISPLAY_SIDE)
     assert open_image(heads).width > open_image(heads).height  # 3 heads side by side
@@ -239,7 +239,7 @@ def test_prune_at_the_extremes_and_with_options(client, tench):
     assert tokens(stats) == (197, 1 + 20)
     assert after_10["confidences"] != before["confidences"]
     _, _, _, stats = call(client, handle_file(path), 0.3, 3, "efficiency", api_name="/prune")
-    assert "after block 3 of 12 (efficiency mode)" in stats
+    assert "after block 3 of 12 (efficiency mode, merge)" in stats  # the stats name the fusion, merge by default
     for keep in (0.05, 0, 1.05, 50):
         with pytest.raises(AppError):
             call(client, handle_file(path), keep, api_name="/prune")
@@ -347,9 +347,9 @@ def test_an_upload_above_the_size_cap_is_refused(url, tmp_path, tench):
     assert label["label"]
 
 
-def test_only_the_four_endpoints_are_public(client):
+def test_only_the_five_endpoints_are_public(client):
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
-        "/explain", "/inspect_patch", "/zoom", "/prune",
+        "/explain", "/inspect_patch", "/zoom", "/prune", "/compare",
     }
 
 
@@ -385,7 +385,7 @@ RAW_OPTIONS = {  # every input after the image: the plain HTTP API fills in no d
     "explain": ["rollout", -1, "mean", 0.9, "", "jet", 0.5],
     "inspect_patch": [None, None, "attends_to", "rollout", -1, "mean", 0.9, "", "jet", 0.5],
     "zoom": ["adaptive"],
-    "prune": [0.5, 6, "analysis"],
+    "prune": [0.5, 6, "analysis", "merge"],
 }
 
 
@@ -553,7 +553,7 @@ def test_exports_are_full_size_pictures_with_a_legend_and_the_result_as_json(dei
     assert data["settings"]["block"] == 12 and data["diagnosis"]["kind"] in ("good", "inverted", "diffuse")
 
     explorer.zoom_prune.zoom(path, "always", session)
-    explorer.zoom_prune.prune(path, 0.3, 6, "analysis", session)
+    explorer.zoom_prune.prune(path, 0.3, 6, "analysis", session=session)  # fusion comes before it
     png, js = explorer.exports.export_zoom_prune(session)
     data = json.loads(Path(js).read_text())
     assert data["prune"]["tokens_after"] == 1 + 59 and np.asarray(data["prune"]["kept_mask"]).shape == analysis.grid
@@ -570,7 +570,7 @@ def test_the_zoom_prune_export_shows_the_zoom_only_while_it_is_on(deit_tiny, ten
     explorer = Explorer(deit_tiny)
     handlers, session = explorer.zoom_prune, explorer.store.session_for(path, None)
     handlers.toggle_zoom(True, path, "always", session)
-    handlers.prune(path, 0.3, 6, "analysis", session)
+    handlers.prune(path, 0.3, 6, "analysis", session=session)
     _, js = explorer.exports.export_zoom_prune(session, True)
     assert {"zoom", "prune"} <= set(json.loads(Path(js).read_text()))
 
@@ -774,5 +774,5 @@ def test_heads_are_numbered_from_one_as_blocks_are(client, tench):
         shown[head] = np.abs(np.asarray(open_image(overlay), float) - np.asarray(expected, float)).mean()
     assert max(shown.values()) < 4, shown
     for bad in ("0", "4"):
-        with pytest.raises(AppError, match="not in the list of choices"):
+        with pytest.raises(AppError, match=r"Head must be in 1\.\.3 \(or -1 for the last\), or mean, max or min"):
             call(client, handle_file(path), "cls", 6, bad, api_name="/explain")

@@ -316,6 +316,8 @@ def test_typing_in_the_target_box_searches_instead_of_appending(page, deit_tiny)
 def test_reset_buttons_redraw_what_their_controls_show(page, deit_tiny):
     upload(page, EXAMPLE, predicted_label(deit_tiny))
     caption = page.locator("#caption")
+    page.locator("#view").get_by_text("Rollout", exact=True).click()  # the view whose caption names the ratio
+    caption.get_by_text("discard ratio 0.90").wait_for()
     discard = page.locator("#discard input[type=number]")
     discard.fill("0.5")
     discard.press("Enter")
