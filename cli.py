@@ -18,6 +18,7 @@ from pathlib import Path
 
 import checks
 import config
+import train_cli
 from errors import ZoomViTError
 from model_registry import resolve_max_models  # light: the registry loads models lazily
 from serving import add_serve_options, port_free  # light: the port check and the app's other serving concerns
@@ -398,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_serve_options(commands.add_parser("serve", help="start the web app"))
     p.set_defaults(run=cmd_serve)
+    train_cli.add_parser(commands)
     return parser
 
 
