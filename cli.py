@@ -162,12 +162,16 @@ def cmd_explain(args):
     target = analysis.predicted if target is None else target
     heat = analysis.map(args.method, layer, head, discard_ratio, target)
     diagnosis = intent.diagnose(analysis)  # about the prediction, whatever class the map is for
+    target_info = Prediction(target, bundle.label(target), float(analysis.probs[target]))
+    title = _map_title(args, target_info.label)
+    summary = f"{title} on a {heat.shape[0]}x{heat.shape[1]} grid: {_where(analysis, heat)}."
+    caption = f"{summary} Intent: {diagnosis.kind}. {_top_line(analysis.top())}"
     if args.out:
-        _save(visualization.overlay(analysis.loaded.image, analysis.upsample(heat)), args.out)
+        _picture(visualization.overlay(analysis.loaded.image, analysis.upsample(heat)), caption, args.out)
+    _sheets(args, analysis, layer, head, discard_ratio, caption)
     ignored = [name for name, value in given.items() if value is not None and name not in reads]
     agnostic = " (class-agnostic: the same for every class)" if "--target" in ignored else ""
     _note_ignored(ignored, f"{args.method} maps{agnostic}")  # only now: an error is the only line when there is one
-    target_info = Prediction(target, bundle.label(target), float(analysis.probs[target]))
     if args.json:
         return {  # every setting the map was made with; null where the method does not read it
             "method": args.method,
@@ -183,14 +187,44 @@ def cmd_explain(args):
         }
     print(f"model: {bundle.name} ({bundle.adapter.describe()}) on {bundle.device} in {bundle.dtype_name}")
     _print_predictions("prediction:", analysis.top())
+    print(summary)
+    print(f"intent: {diagnosis.kind} ({diagnosis.reason})")
+
+
+def _map_title(args, target_label: str) -> str:
     if args.method in CLASS_AGNOSTIC:
         # The strongest spot of such a map is often a background artifact; it does not explain any one class.
         unchanged = ", so --target does not change it" if args.target is not None else ""
-        title = f"{args.method} map (class-agnostic: the same for every class{unchanged})"
-    else:
-        title = f"{args.method} map for class '{target_info.label}'"
-    print(f"{title} on a {heat.shape[0]}x{heat.shape[1]} grid: {_where(analysis, heat)}.")
-    print(f"intent: {diagnosis.kind} ({diagnosis.reason})")
+        return f"{args.method} map (class-agnostic: the same for every class{unchanged})"
+    return f"{args.method} map for class '{target_label}'"
+
+
+def _top_line(predictions) -> str:
+    return "Top: " + ", ".join(f"{p.label} {p.prob:.1%}" for p in predictions[:3]) + "."
+
+
+def _picture(image, caption: str, path, cmap: str | None = "jet"):
+    """A picture as the app exports it: with its colour bar (for maps) and a caption saying what it shows."""
+    import visualization
+
+    _save(visualization.figure_with_legend(image, cmap, caption), path)
+
+
+def _sheets(args, analysis, layer: int, head, discard_ratio: float, caption: str):
+    """--compare, --strip and --heads: the Compare tab's sheets (compare.py), with the same caption."""
+    import compare
+
+    if args.compare:
+        sheet = compare.map_tiles(analysis, block=layer, head=head, discard_ratio=discard_ratio,
+                                  selected=args.method)
+        _picture(sheet.image, f"Every map. {_top_line(analysis.top())}", args.compare)
+    if args.strip:
+        sheet = compare.block_strip(analysis, args.method, head=head, discard_ratio=discard_ratio, selected=layer)
+        _picture(sheet.image, f"The {args.method} map over the blocks. {caption}", args.strip)
+    if args.heads:
+        sheet = compare.heads_grid(analysis, block=layer)
+        _picture(sheet.image, f"What the class token reads in each head of block {layer % analysis.attentions.shape[0] + 1}."
+                 f" {_top_line(analysis.top())}", args.heads)
 
 
 def cmd_zoom(args):
@@ -201,7 +235,11 @@ def cmd_zoom(args):
     result = zoom.zoom(analysis, policy=args.policy)
     if args.out:
         working_box = [c * analysis.geometry.scale for c in result.box]
-        _save(visualization.draw_box(analysis.loaded.image, working_box), args.out)
+        x0, y0, x1, y1 = result.box
+        caption = (f"{'Zoomed in' if result.zoomed else 'Kept the whole image'}: {result.reason}. Box ({x0:.0f}, "
+                   f"{y0:.0f}) - ({x1:.0f}, {y1:.0f}) in image pixels. Before: {_top_line(result.before)} "
+                   f"After: {_top_line(result.after)}")
+        _picture(visualization.draw_box(analysis.loaded.image, working_box), caption, args.out, cmap=None)
     if args.json:
         return {**result.as_dict(), "policy": args.policy, "model": _model_json(analysis.bundle)}
     x0, y0, x1, y1 = result.box
@@ -221,7 +259,11 @@ def cmd_prune(args):
 
     result = pruning.prune(analysis, args.keep, args.after_block, args.mode, fusion)
     if args.out:
-        _save(visualization.token_mask_overlay(analysis.loaded.image, analysis.geometry, result.kept_mask), args.out)
+        caption = (f"Tokens kept ({result.tokens_after} of {result.tokens_before}) by {args.mode} pruning after block "
+                   f"{result.after_block}{f' ({result.fusion})' if result.fusion else ''}. Before: "
+                   f"{_top_line(result.before)} After: {_top_line(result.after)}")
+        _picture(visualization.token_mask_overlay(analysis.loaded.image, analysis.geometry, result.kept_mask), caption,
+                 args.out, cmap=None)
     if args.mode != "efficiency":  # analysis mode keeps its top-ranked tokens and drops the rest
         _note_ignored(["--fusion"] if args.fusion is not None else [], f"--mode {args.mode}")
     if args.json:
@@ -342,7 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "predicted class)")
     p.add_argument("--discard-ratio", type=float, help="rollout only: the share of each layer's weakest attention "
                    f"weights dropped, in [0, 1) (default: {config.ROLLOUT_DISCARD_RATIO:g})")
-    p.add_argument("--out", metavar="PNG", help="write the heatmap overlay here")
+    p.add_argument("--out", metavar="PNG", help="write the heatmap overlay here, with its colour bar and a caption")
+    p.add_argument("--compare", metavar="PNG", help="write every map side by side here (the app's Compare tab)")
+    p.add_argument("--strip", metavar="PNG", help="write the map over all blocks here (block 1 first)")
+    p.add_argument("--heads", metavar="PNG", help="write what the class token reads in each head of --block here")
     p.set_defaults(run=cmd_explain)
 
     p = commands.add_parser("zoom", parents=[image], help="crop where the model looks and classify again")

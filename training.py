@@ -191,6 +191,7 @@ def _training_arguments(o: TrainOptions, out, has_val: bool):
         output_dir=str(out / CHECKPOINTS), num_train_epochs=o.epochs, per_device_train_batch_size=o.batch_size,
         per_device_eval_batch_size=o.batch_size, gradient_accumulation_steps=o.grad_accum, learning_rate=o.lr,
         weight_decay=o.weight_decay, lr_scheduler_type="cosine", warmup_steps=o.warmup,
+        optim="adamw_torch_fused",  # one kernel for all weights: on a busy CPU the per-tensor loop stalls for seconds
         eval_strategy="epoch" if has_val else "no", save_strategy="epoch", logging_strategy="epoch",
         save_total_limit=2 if has_val else 1, load_best_model_at_end=has_val,
         metric_for_best_model="accuracy" if has_val else None, greater_is_better=True if has_val else None,

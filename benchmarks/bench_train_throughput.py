@@ -40,7 +40,7 @@ def dataset(built, images, classes):
 
 def plain_loop(model, rows, batch, lr):
     loader = torch.utils.data.DataLoader(rows, batch_size=batch, shuffle=True, drop_last=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, fused=True)  # as the Trainer's
     loss_fn = training.soft_cross_entropy(0.1)
     model.train()
     started = time.perf_counter()
@@ -60,7 +60,7 @@ def through_trainer(model, rows, batch, lr, out):
 
     args = TrainingArguments(
         output_dir=str(out), num_train_epochs=1, per_device_train_batch_size=batch, learning_rate=lr,
-        weight_decay=0.05, lr_scheduler_type="constant", eval_strategy="no", save_strategy="no",
+        weight_decay=0.05, optim="adamw_torch_fused", lr_scheduler_type="constant", eval_strategy="no", save_strategy="no",
         logging_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
         dataloader_drop_last=True, remove_unused_columns=False, dataloader_num_workers=0,
     )

@@ -113,7 +113,35 @@ def test_explain_summary_and_overlay(capsys, monkeypatch, deit_model_path, photo
     assert cli.main(["explain", photo, "--method", "cls", "--block", "6", "--head", "max", "--out", str(out_png)]) == 0
     captured = capsys.readouterr()
     assert "tench" in captured.out and "intent:" in captured.out
-    assert Image.open(out_png).size == Image.open(photo).size
+    picture, original = Image.open(out_png), Image.open(photo)
+    # The overlay at the image's size, then the colour bar and the caption below it, as the app's export.
+    assert picture.width == original.width and picture.height > original.height + 40
+
+
+def test_explain_writes_the_compare_sheets_with_captions(capsys, deit_tiny, deit_model_path, photo, tmp_path):
+    import compare
+    import visualization
+
+    paths = {name: tmp_path / f"{name}.png" for name in ("out", "compare", "strip", "heads")}
+    argv = ["explain", photo, "--model", deit_model_path, "--method", "grad_rollout", "--block", "4"]
+    for name, path in paths.items():
+        argv += [f"--{name}", str(path)]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().err.count("wrote ") == 4
+    analysis = analyze(deit_tiny, photo)
+    expected = {"compare": compare.map_tiles(analysis, block=3, selected="grad_rollout").image,
+                "strip": compare.block_strip(analysis, "grad_rollout", selected=3).image,
+                "heads": compare.heads_grid(analysis, block=3).image}
+    for name, sheet in expected.items():
+        saved = np.asarray(Image.open(paths[name]).convert("RGB"))
+        top = saved[: sheet.height]
+        assert saved.shape[1] == sheet.width and saved.shape[0] > sheet.height, name  # a legend below the sheet
+        assert np.abs(top.astype(int) - np.asarray(sheet.convert("RGB")).astype(int)).max() <= 1, name
+    strip = compare.block_strip(analysis, "grad_rollout", selected=3)
+    assert len(strip.names) == deit_tiny.num_layers
+    # The caption is drawn: the rows under the sheet and its colour bar are not blank.
+    legend = np.asarray(visualization.figure_with_legend(expected["heads"], "jet", "x").convert("L"))
+    assert legend[expected["heads"].height:].min() < 128
 
 
 @pytest.mark.parametrize("block, layer", [("1", 0), ("12", 11), ("-1", 11)])
@@ -175,7 +203,8 @@ def test_zoom_reports_the_box_in_original_pixels(capsys, shared_dir, deit_tiny, 
     # The object lies beyond the working image's width: only a box in original pixels can overlap it.
     assert truth[0] > analysis.loaded.image.width
     assert box[0] < truth[2] and truth[0] < box[2] and box[1] < truth[3] and truth[1] < box[3]
-    assert Image.open(out_png).size == analysis.loaded.image.size
+    saved = Image.open(out_png)  # the working image with the box, then the caption below it
+    assert saved.width == analysis.loaded.image.width and saved.height > analysis.loaded.image.height
 
 
 def test_unreadable_image_exits_2_with_one_line(capsys, deit_model_path, tmp_path):
