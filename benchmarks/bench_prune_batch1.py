@@ -1,0 +1,89 @@
+"""Batch-1 latency of the pruned forward against the full one, next to the analytic MACs ratio (not a test).
+
+    python benchmarks/bench_prune_batch1.py [--model PATH] [--image FILE] [--keeps 0.7 0.5 0.3] [--repeats 41]
+                                            [--after-block 6] [--threads 2] [--device cpu] [--dtype float32]
+
+One interleaved run (pruning.interleaved_ms: every configuration takes its turn in each round, so a noisy
+neighbour on a shared CPU slows them alike) of the full forward and, at each keep, both modes as `prune` times
+them: efficiency (own scores, merge: the selection runs inside the timed call) and analysis (scores from the
+analysis pass, given; plain top-k). Prints each median and range in milliseconds, the latency ratio (pruned
+median / full median), the MACs ratio, their difference and whether it is within --margin, and the machine
+load before and after the run.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import config  # noqa: E402
+import pruning  # noqa: E402
+from models import load_model  # noqa: E402
+from vit_analyzer import analyze  # noqa: E402
+
+SHARED = Path(os.environ.get("ZOOMVIT_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
+
+
+def configurations(bundle, analysis, keeps, after_block):
+    """(label, mode, keep, fusion, call) for the full forward and each pruned one, in the order they are timed."""
+    x = analysis.pixel_values
+    runs = [("full", None, 1.0, "drop", lambda: pruning.forward_pruned(bundle, x, after_block, 1.0))]
+    for keep in keeps:
+        scores = pruning.analysis_scores(analysis, after_block, keep)
+        runs.append(("efficiency/merge", "efficiency", keep, "merge",
+                     lambda keep=keep: pruning.forward_pruned(bundle, x, after_block, keep, None, "merge")))
+        runs.append(("analysis/drop", "analysis", keep, "drop",
+                     lambda keep=keep, scores=scores: pruning.forward_pruned(bundle, x, after_block, keep, scores)))
+    return runs
+
+
+def load_text() -> str:
+    return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + " (1, 5, 15 min)"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(SHARED / "models" / "deit-tiny-patch16-224"))
+    parser.add_argument("--image", default=str(SHARED / "data" / "imagenet-sample" / "n01440764_tench.JPEG"))
+    parser.add_argument("--keeps", type=float, nargs="+", default=[0.7, 0.5, 0.3])
+    parser.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK)
+    parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s, this CPU's cores)")
+    parser.add_argument("--margin", type=float, default=0.10, help="allowed latency ratio above the MACs ratio")
+    parser.add_argument("--device", default="cpu", help=f"{config.DEVICE_HELP} (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", help=f"{config.DTYPE_HELP} (default: %(default)s)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    bundle = load_model(args.model, args.device, args.dtype)
+    analysis = analyze(bundle, args.image, keep_graph=False)
+    runs = configurations(bundle, analysis, args.keeps, args.after_block)
+    num_tokens = analysis.attentions.shape[-1]
+    print(f"{bundle.name} on {bundle.device} in {bundle.dtype_name}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, batch 1, cut after block {args.after_block}, "
+          f"{args.repeats} interleaved rounds")
+    print(f"before: {load_text()}")
+    times = pruning.interleaved_ms([run[-1] for run in runs], args.repeats, bundle.device)
+    print(f"after:  {load_text()}")
+    full = float(np.median(times[0]))
+    print(f"\n{'configuration':<17} {'keep':>4} {'tokens':>7} {'median ms':>9} {'range ms':>13} {'latency':>7} "
+          f"{'MACs':>6} {'diff':>6}  within +{args.margin:.2f}")
+    for (label, mode, keep, fusion, _), ms in zip(runs, times):
+        median = float(np.median(ms))
+        spread = f"{min(ms):.2f}-{max(ms):.2f}"
+        if mode is None:
+            print(f"{label:<17} {keep:>4} {num_tokens:>7} {median:>9.2f} {spread:>13}")
+            continue
+        _, after, macs_full, macs_pruned = pruning.pruned_macs(bundle, num_tokens, keep, args.after_block, mode, fusion)
+        latency, macs = median / full, macs_pruned / macs_full
+        verdict = "yes" if latency <= macs + args.margin else "NO"
+        print(f"{label:<17} {keep:>4} {after:>7} {median:>9.2f} {spread:>13} {latency:>7.3f} {macs:>6.3f} "
+              f"{latency - macs:>+6.3f}  {verdict}")
+
+
+if __name__ == "__main__":
+    main()
