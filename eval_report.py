@@ -138,8 +138,9 @@ def _signed(x) -> str:
     return "–" if x is None else f"{100 * x:+.1f}"
 
 
-def markdown_report(summary: dict) -> str:
-    """The tables of one run, in Markdown (what the README's Results section is pasted from)."""
+def markdown_report(summary: dict, link_base: str = "") -> str:
+    """The tables of one run, in Markdown (what the README's Results section is pasted from). `link_base` prefixes
+    the links to the gallery and the example sheets: the report's folder as seen from where it is pasted."""
     s = summary
     lines = [f"**{Path(s['data']).name}**, n = {s['n']}, model `{s['model']}`: top-1 {_pct(s['top1'])}.", ""]
     if s["skipped"]:
@@ -192,7 +193,7 @@ def markdown_report(summary: dict) -> str:
                              f"{_signed(c['confidence_change_wrong'])}) | {_pct(c['errors_kept'])} | "
                              f"{_pct(c['errors_fixed'])} |")
         lines.append("")
-    lines += _pictures_report(s)
+    lines += _pictures_report(s, link_base)
     checks = goal_checks(s)
     if checks:
         lines += ["Goals:", "", "| goal | measured | |", "|---|---|---|"]
@@ -205,7 +206,7 @@ def markdown_report(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pictures_report(s: dict) -> list[str]:
+def _pictures_report(s: dict, base: str = "") -> list[str]:
     """The links to the gallery's pages and the example sheets, with what each intent group's second looks did."""
     lines = []
     if "gallery" in s:
@@ -214,7 +215,7 @@ def _pictures_report(s: dict) -> list[str]:
         for page in s["gallery"]["pages"]:
             counts = eval_gallery.change_counts(page.get("changes", {}))
             what = "predicted wrong" if page["task"] == "accuracy" else "changed"
-            lines.append(f"- [{page['title']}]({page['page']}): {page['images']} {what}"
+            lines.append(f"- [{page['title']}]({base}{page['page']}): {page['images']} {what}"
                          + (f" ({counts})" if counts else ""))
         lines.append("")
     if "examples" in s:
@@ -230,7 +231,7 @@ def _pictures_report(s: dict) -> list[str]:
             g = s["intent"][kind]
             changes = [(g[key]["top1"] - g["top1"] if g["n"] else None, g[key]["confidence_change"])
                        for _, key in looks]
-            sheets = f"[{len(group['sheets'])}]({group['folder']}/)" if group["sheets"] else "0"
+            sheets = f"[{len(group['sheets'])}]({base}{group['folder']}/)" if group["sheets"] else "0"
             lines.append(f"| {eval_gallery.GROUP_NAMES[kind]} | {group['n']} ({_pct(g['fraction'])}) | {sheets} | "
                          + " | ".join(f"{_signed(top1)} / {_signed(conf)}" for top1, conf in changes) + " |")
         lines.append("")

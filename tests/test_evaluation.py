@@ -416,3 +416,19 @@ def test_readme_results_are_the_committed_reports():
         summary = json.loads((report.parent / "results.json").read_text())
         assert report.read_text() == eval_report.markdown_report(summary)
         assert report.read_text() in readme, f"README.md does not contain {report} verbatim"
+
+
+def test_readme_study_is_the_committed_study_run():
+    """The README's study section holds the study's report.md as `zoomvit eval` wrote it (its links to the example
+    sheets pointed at their folder), and the training figures it quotes are the committed model card's."""
+    readme = (REPO / "README.md").read_text()
+    study = REPO / "docs" / "study" / "flowers-102"
+    summary = json.loads((study / "eval" / "results.json").read_text())
+    report = (study / "eval" / "report.md").read_text()
+    assert report == eval_report.markdown_report(summary)
+    assert eval_report.markdown_report(summary, link_base="docs/study/flowers-102/eval/") in readme
+    for group in summary["examples"]["groups"].values():
+        assert all((study / "eval" / sheet).is_file() for sheet in group["sheets"])
+    card = (study / "train" / "model_card.md").read_text()
+    assert "**Test top-1**: 92.94%" in card and "23.1 min" in card
+    assert "92.9% top-1 on the test split in 23.1 minutes" in readme
