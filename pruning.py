@@ -197,14 +197,14 @@ def finish_pruned(bundle: ViTBundle, cut: Cut, keep: float = 1.0, patch_scores: 
                 extra = (_gather(patches, drop_idx) * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True)
                 parts.append(extra.to(x.dtype))  # the float32 weights promoted it
             x = torch.cat(parts, dim=1)
-        if bundle.adapter.uses_positions:
-            # Each token's index in the unpruned sequence, for blocks with a position term (relative bias): a merged
-            # token keeps its kept representative's, EViT's fused token (after the kept ones) has no single place (-1).
-            fused = x.shape[1] - ns - n_keep
-            positions = torch.cat(
-                [torch.arange(ns, device=device).expand(b, -1), ns + keep_idx,
-                 torch.full((b, fused), -1, dtype=torch.long, device=device)], dim=1
-            )
+        # Each token's index in the unpruned sequence, for blocks with a position term (relative bias): a merged
+        # token keeps its kept representative's, EViT's fused token (after the kept ones) has no single place (-1).
+        # Made for every family (a few microseconds): it is also the record that the prefix stays first.
+        fused = x.shape[1] - ns - n_keep
+        positions = torch.cat(
+            [torch.arange(ns, device=device).expand(b, -1), ns + keep_idx,
+             torch.full((b, fused), -1, dtype=torch.long, device=device)], dim=1
+        )
     for i in range(cut.after_block, bundle.num_layers):
         x, _ = bundle.adapter.block(i, x, attn_bias=bias, positions=positions)
     return bundle.adapter.head(x, sizes=sizes).float().cpu(), keep_idx.cpu()
