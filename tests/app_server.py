@@ -3,6 +3,9 @@
 import socket
 from contextlib import contextmanager
 
+import pytest
+from gradio_client import Client
+
 import app
 
 
@@ -23,3 +26,26 @@ def running_app(bundle):
         yield demo, f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+# Module fixtures for the API tests (test_app, test_api_faults): one app per test module, on the real model.
+@pytest.fixture(scope="module")
+def server(deit_tiny):
+    with running_app(deit_tiny) as (demo, url):
+        yield demo, url
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return server[1]
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    return Client(url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def photos(shared_dir):
+    folder = shared_dir / "data" / "imagenet-sample"
+    return {"tench": str(folder / "n01440764_tench.JPEG"), "shark": str(folder / "n01484850_great_white_shark.JPEG")}

@@ -22,7 +22,7 @@ from PIL import Image
 
 import app
 import serving
-from app_server import running_app
+from app_server import client, photos, running_app, server, url  # noqa: F401 (shared fixtures)
 from checks import check_choice, check_number, finite_number
 from errors import ZoomViTError
 from vit_analyzer import predict
@@ -34,27 +34,6 @@ pytestmark = [  # Gradio's queue trips over pandas 3 deprecations: not ours
 
 FILE_MARKER = {"meta": {"_type": "gradio.FileData"}}  # Gradio's own marker: it copies such a path into its cache
 
-
-@pytest.fixture(scope="module")
-def server(deit_tiny):
-    with running_app(deit_tiny) as (demo, url):
-        yield demo, url
-
-
-@pytest.fixture(scope="module")
-def url(server):
-    return server[1]
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return Client(url, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def photos(shared_dir):
-    folder = shared_dir / "data" / "imagenet-sample"
-    return {"tench": str(folder / "n01440764_tench.JPEG"), "shark": str(folder / "n01484850_great_white_shark.JPEG")}
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from views import ViewSettings
 from vit_analyzer import analyze, predict
 from pruning import TIMING_REPEATS
 from zoom_prune import CROP_SIDE
-from app_server import running_app
+from app_server import client, photos, running_app, server, url  # noqa: F401 (shared fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,27 +34,6 @@ pytestmark = [  # Gradio's queue trips over pandas 3 deprecations: not ours
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
 
-
-@pytest.fixture(scope="module")
-def server(deit_tiny):
-    with running_app(deit_tiny) as (demo, url):
-        yield demo, url
-
-
-@pytest.fixture(scope="module")
-def url(server):
-    return server[1]
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return Client(url, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def photos(shared_dir):
-    folder = shared_dir / "data" / "imagenet-sample"
-    return {"tench": str(folder / "n01440764_tench.JPEG"), "shark": str(folder / "n01484850_great_white_shark.JPEG")}
 
 
 @pytest.fixture(scope="module")
