@@ -114,7 +114,7 @@ class HFData2VecVision(HFBeit):
 
     def parts(self, layer):
         att = layer.attention.attention
-        qkv = partial(project_heads, (att.query, att.key, att.value), att.attention_head_size)
+        qkv = partial(project_heads, (att.query, att.key, att.value), att.attention_head_size, holder=att)
         return BlockParts(layer.layernorm_before, qkv, att.attention_head_size**-0.5, layer.attention.output.dense,
                           partial(layer_scaled, layer.lambda_1), layer.layernorm_after,
                           (layer.intermediate, layer.output), partial(layer_scaled, layer.lambda_2))

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_prune_batch1.py [--model PATH] [--image FILE] [--keeps 0.7 0.5 0.3] [--repeats 41]
                                             [--after-block 6] [--threads 2] [--device cpu] [--dtype float32]
+                                            [--pieces KEEP]
 
 One interleaved run (pruning.interleaved_ms: every configuration takes its turn in each round, so a noisy
 neighbour on a shared CPU slows them alike) of the full forward and, at each keep, both modes as `prune` times
@@ -9,6 +10,12 @@ them: efficiency (own scores, merge: the selection runs inside the timed call) a
 analysis pass, given; plain top-k). Prints each median and range in milliseconds, the latency ratio (pruned
 median / full median), the MACs ratio, their difference and whether it is within --margin, and the machine
 load before and after the run.
+
+--pieces KEEP times, instead, where the pruned forward's time goes at that keep (one interleaved run): the blocks
+before the cut without and with efficiency mode's scoring rows, the blocks after it on every token and on the kept
+ones, the selection and merge, and the blocks after the cut on 2 tokens (what a block costs that does not scale
+with tokens: at batch 1 its weights are read whatever the token count, and each of its small operations has a
+fixed cost).
 """
 
 import argparse
@@ -42,6 +49,37 @@ def configurations(bundle, analysis, keeps, after_block):
     return runs
 
 
+def pieces(bundle, analysis, keep, after_block):
+    """(name, call) of the parts of a pruned forward, for --pieces."""
+    x = analysis.pixel_values
+    adapter = bundle.adapter
+    cut = pruning.run_to_cut(bundle, x, after_block, with_scores=True)
+    ns = bundle.num_special
+    n_keep = pruning.kept_count(cut.x.shape[1] - ns, keep)
+    kept = cut.x[:, : ns + n_keep].clone()
+    two = cut.x[:, :2].clone()
+
+    @torch.inference_mode()
+    def blocks_after(tokens):
+        for i in range(after_block, bundle.num_layers):
+            tokens, _ = adapter.block(i, tokens)
+
+    @torch.inference_mode()
+    def select_and_merge():
+        patches = cut.x[:, ns:]
+        keep_idx, drop_idx, similarity = pruning.select_with_coverage(cut.scores, patches, n_keep)
+        pruning.merge_into_kept(patches, similarity, None, keep_idx, drop_idx)
+
+    return [
+        (f"blocks 1-{after_block}", lambda: pruning.run_to_cut(bundle, x, after_block, with_scores=False)),
+        (f"blocks 1-{after_block} + scoring rows", lambda: pruning.run_to_cut(bundle, x, after_block, with_scores=True)),
+        (f"blocks {after_block + 1}-{bundle.num_layers}, {cut.x.shape[1]} tokens", lambda: blocks_after(cut.x)),
+        (f"blocks {after_block + 1}-{bundle.num_layers}, {kept.shape[1]} tokens", lambda: blocks_after(kept)),
+        ("selection + merge", select_and_merge),
+        (f"blocks {after_block + 1}-{bundle.num_layers}, 2 tokens", lambda: blocks_after(two)),
+    ]
+
+
 def load_text() -> str:
     return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg()) + " (1, 5, 15 min)"
 
@@ -57,10 +95,19 @@ def main():
     parser.add_argument("--margin", type=float, default=0.10, help="allowed latency ratio above the MACs ratio")
     parser.add_argument("--device", default="cpu", help=f"{config.DEVICE_HELP} (default: %(default)s)")
     parser.add_argument("--dtype", default="float32", help=f"{config.DTYPE_HELP} (default: %(default)s)")
+    parser.add_argument("--pieces", type=float, metavar="KEEP", help="time the parts of the pruned forward instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bundle = load_model(args.model, args.device, args.dtype)
     analysis = analyze(bundle, args.image, keep_graph=False)
+    if args.pieces is not None:
+        parts = pieces(bundle, analysis, args.pieces, args.after_block)
+        times = pruning.interleaved_ms([call for _, call in parts], args.repeats, bundle.device)
+        print(f"{bundle.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, keep {args.pieces}, "
+              f"{args.repeats} interleaved rounds; {load_text()}")
+        for (name, _), ms in zip(parts, times):
+            print(f"{name:<36} {np.median(ms):7.2f} ms  ({min(ms):.2f}-{max(ms):.2f})")
+        return
     runs = configurations(bundle, analysis, args.keeps, args.after_block)
     num_tokens = analysis.attentions.shape[-1]
     print(f"{bundle.name} on {bundle.device} in {bundle.dtype_name}, torch {torch.__version__}, "

@@ -1,6 +1,7 @@
 """Backbone adapters (the backbones package): each family's blocks, head and token layout against the library's own
 model. The tiny models are built from each family's real hub config keys (hub_configs.py), once per session."""
 
+import copy
 import functools
 
 import pytest
@@ -151,6 +152,23 @@ def test_the_adapter_reproduces_the_model(model):
     assert torch.allclose(eager, expected.logits, atol=1e-5)
     for ours, theirs in zip(attentions, expected.attentions, strict=True):
         assert torch.allclose(ours, theirs, atol=1e-6)
+
+
+def test_the_stacked_qkv_projection_follows_its_weights(tiny_vit):
+    """q, k and v run as one stacked product kept on the attention module: a weight changed in place (trained,
+    loaded) or a model cast or moved gives a new stack, never the old weights' logits."""
+    model = copy.deepcopy(tiny_vit.model)
+    adapter = backbones.adapter_for(model)
+    pixels = torch.randn(1, 3, *adapter.input_size)
+    with torch.no_grad():
+        run_adapter(adapter, pixels, full_attention=False)  # the stacks are made here
+        model.base_model.layers[0].attention.k_proj.weight.mul_(-1)
+        ours, _ = run_adapter(adapter, pixels, full_attention=False)
+        assert torch.allclose(ours, model(pixel_values=pixels).logits, atol=1e-5)
+        model.to(torch.float64)
+        ours, _ = run_adapter(adapter, pixels.double(), full_attention=False)
+        assert ours.dtype == torch.float64
+        assert torch.allclose(ours, model(pixel_values=pixels.double()).logits, atol=1e-10)
 
 
 def test_token_layouts():
