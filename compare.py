@@ -38,6 +38,7 @@ ACCUMULATED = ("rollout", "grad_rollout", "intent")
 MAP_SIDES = (192, 256)
 STRIP_SIDES = (192, 256)
 HEAD_SIDES = (128, 256)
+MIN_SHORT_SIDE = 64  # a tile's short side at least: a very wide or tall image gives readable strips, one a row
 SHEET_WIDTH = 1200  # the sheets' width (at most, unless one tile needs more): the app's full-width panel
 GAP = 8  # between tiles (a selected tile's frame is drawn in it)
 MARGIN = 4  # around the sheet
@@ -111,11 +112,13 @@ def _short_side(image_size, long_side: int) -> int:
 def tile_layout(image_size, count: int, sides=MAP_SIDES, width: int = SHEET_WIDTH) -> Layout:
     """`count` tiles of a picture of `image_size` (width, height): as many a row as `width` holds with a long side
     of at least sides[0] (rows balanced: 12 tiles are 2 rows of 6, not 7 and 5), each as large as that allows, up
-    to sides[1]."""
+    to sides[1]. A short side keeps MIN_SHORT_SIDE pixels: a very wide or tall image's tiles go one a row, wider
+    than `width` where they must (the app's panel scrolls)."""
     if count < 1:
         raise ValueError("a sheet needs at least one tile")
     least, most = sides
     aspect = image_size[0] / max(1, image_size[1])
+    least = max(least, math.ceil(MIN_SHORT_SIDE * max(aspect, 1 / aspect)))
     for columns in range(count, 0, -1):
         columns = math.ceil(count / math.ceil(count / columns))  # balanced rows
         room = (width - 2 * MARGIN - (columns - 1) * GAP) / columns  # picture width a tile may have

@@ -8,6 +8,7 @@ import gradio as gr
 import numpy as np
 
 import artifacts
+import compare
 import config
 import visualization
 from errors import ZoomViTError
@@ -15,8 +16,7 @@ from feedback import finite_number
 from sessions import Session, SessionStore, Shown
 from vit_analyzer import Prediction, top_predictions
 
-HEAD_TILE = 128  # one tile of the all-heads grid
-HEAD_TILE_MIN_SIDE = 64  # ... whose short side keeps this much for a very wide or tall image (a readable strip)
+HEADS_SHEET_WIDTH = 720  # the all-heads grid fills the Explore tab's right column (about 720 px on a 1280-px page)
 
 VIEWS = [
     ("Rollout", "rollout"),
@@ -121,8 +121,8 @@ class ViewRenderer:
     def render(self, session: Session, settings: ViewSettings, note: str = "", skip_same_grid: bool = False):
         """(overlay, caption, heads grid) from the cached analysis: no model run unless the target is new.
 
-        The all-heads grid depends only on the block, the clicked patch, the colours: it is redrawn only when
-        one of those changed, and with skip_same_grid (UI events) not even sent again (gr.skip()).
+        The all-heads grid (the Compare tab's sheet, the chosen head framed) depends only on the block, the head,
+        the clicked patch, the colours: it is redrawn only when one of those changed, and with skip_same_grid (UI events) not even sent again (gr.skip()).
         """
         s = settings
         layer, head = self.store.block_index(s.block, session), self.store.head_index(s.head, session)
@@ -139,15 +139,16 @@ class ViewRenderer:
             image = visualization.patch_outline(image, session.geometry, *session.patch, color="white", width=3)
         flagged = artifacts.artifact_patches(session.analysis)  # of the image's pass: flagged in every view
         image = artifacts.outline(image, session.geometry, flagged)
-        grid_key = (session.patch, s.direction if session.patch else None, layer, s.colormap, alpha)
+        grid_key = (session.patch, s.direction if session.patch else None, layer, head, s.colormap, alpha)
         if grid_key == session.grid_key and session.grid_image is not None:
             grid = gr.skip() if skip_same_grid else session.grid_image
         else:
-            heads = range(session.num_heads)
-            grid = visualization.heads_grid(
-                session.display, session.geometry, grid_maps(), [head_name(h) for h in heads], s.colormap, alpha,
-                HEAD_TILE, min_side=HEAD_TILE_MIN_SIDE,
-            )
+            maps = grid_maps()
+            grid = compare.draw_sheet(
+                session.display, session.geometry, maps, [head_name(h) for h in range(len(maps))],
+                compare.HEAD_SIDES, s.colormap, alpha, session.patch, None if isinstance(head, str) else head,
+                HEADS_SHEET_WIDTH,
+            ).image
             session.grid_key, session.grid_image = grid_key, grid
         session.shown = Shown(np.asarray(grid_map), caption, s.colormap, alpha, record, session.patch)
         if flagged:

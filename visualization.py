@@ -106,68 +106,6 @@ def heat_overlay(image: Image.Image, geometry, grid_map: np.ndarray, cmap: str =
     return overlay(image, geometry.upsample(grid_map), cmap, alpha)
 
 
-@functools.lru_cache(maxsize=256)
-def _caption(text: str) -> np.ndarray:
-    """White text on a black strip, as an RGB array (rendered once per text: drawing text is slow)."""
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    _, _, x1, y1 = probe.textbbox((3, 2), text)
-    strip = Image.new("RGB", (x1 + 3, y1 + 2), (0, 0, 0))
-    ImageDraw.Draw(strip).text((3, 2), text, fill=(255, 255, 255))
-    array = np.asarray(strip)
-    array.flags.writeable = False
-    return array
-
-
-def heads_grid(
-    image: Image.Image,
-    geometry,
-    grid_maps,
-    titles=None,
-    cmap: str = "jet",
-    alpha: float = 0.5,
-    tile: int = 128,
-    columns: int | None = None,
-    gap: int = 4,
-    min_side: int = 0,
-) -> Image.Image:
-    """One small overlay per map (e.g. one per attention head), tiled in a grid with a caption on each.
-
-    image/geometry: the picture and its geometry (any size; it is shrunk to `tile` pixels once, or to keep
-    `min_side` pixels on its short side where that is longer: a very wide image gives readable strips).
-    grid_maps: a sequence of patch-grid maps with values in [0, 1]. titles: one caption per map.
-    All tiles are upsampled and coloured in one batch (a few ms for 12 heads).
-    """
-    maps = np.asarray(list(grid_maps), dtype=np.float32)
-    if maps.ndim != 3 or not len(maps):
-        raise ValueError("heads_grid needs a non-empty sequence of 2-D maps")
-    titles = list(titles) if titles is not None else [str(i) for i in range(len(maps))]
-    long_side = math.ceil(min_side * max(image.size) / max(1, min(image.size)))
-    small, small_geometry = resized_view(image, geometry, max(tile, long_side))
-    heats = small_geometry.upsample(maps)
-    base = np.asarray(small, dtype=np.float32)
-    coloured = np.take(_colour_table(cmap), _levels(heats), axis=0).astype(np.float32)
-    panels = (base * (1.0 - alpha) + coloured * alpha + 0.5).astype(np.uint8)
-    h, w = base.shape[:2]
-    columns = columns or _grid_columns(len(maps), w / h)
-    rows = math.ceil(len(maps) / columns)
-    sheet = np.full((rows * h + (rows - 1) * gap, columns * w + (columns - 1) * gap, 3), 255, np.uint8)
-    for i, (panel, title) in enumerate(zip(panels, titles)):
-        y, x = (i // columns) * (h + gap), (i % columns) * (w + gap)
-        sheet[y : y + h, x : x + w] = panel
-        caption = _caption(str(title))[:h, :w]
-        sheet[y : y + caption.shape[0], x : x + caption.shape[1]] = caption
-    return Image.fromarray(sheet, "RGB")
-
-
-def _grid_columns(count: int, tile_aspect: float) -> int:
-    """Columns for `count` tiles of width/height `tile_aspect`: about sqrt(1.5 count) for tiles of a usual shape
-    (a sheet about 3:2); for strips, the count whose sheet comes closest to that shape."""
-    if 0.5 <= tile_aspect <= 2.0:
-        return min(count, max(1, math.ceil(math.sqrt(count * 1.5))))
-    return min(range(1, count + 1),
-               key=lambda c: abs(math.log(c * tile_aspect / math.ceil(count / c) / 1.5)))
-
-
 @functools.lru_cache(maxsize=1)
 def _font_file() -> str | None:
     """DejaVu Sans, which matplotlib ships: it has the en dash, ×, … that captions use (Pillow's own font lacks

@@ -13,6 +13,8 @@ from urllib.parse import urlparse
 
 import pytest
 
+import compare
+import views
 import visualization
 from images import load_image
 from sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE
@@ -68,7 +70,7 @@ def test_upload_click_a_patch_and_prune(browser, url, deit_tiny, tmp_path):
     loaded = load_image(EXAMPLE)
     analysis = analyze(deit_tiny, loaded, keep_graph=False)
     predicted = deit_tiny.label(analysis.predicted)
-    _, geometry = visualization.resized_view(loaded.image, analysis.geometry, DISPLAY_SIDE)
+    display, geometry = visualization.resized_view(loaded.image, analysis.geometry, DISPLAY_SIDE)
     # The patch to click: the strongest rollout patch (on the clock), at its centre in the shown image's pixels.
     row, col = (int(v) for v in divmod(int(analysis.rollout().argmax()), analysis.grid[1]))
     x0, y0, x1, y1 = geometry.patch_box(row, col)
@@ -102,6 +104,13 @@ def test_upload_click_a_patch_and_prune(browser, url, deit_tiny, tmp_path):
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(screenshot))
     assert screenshot.stat().st_size > 10_000
+
+    # All heads: the Compare tab's sheet, the right column's width, every tile shown at least 128 px across.
+    page.wait_for_function("() => { const i = document.querySelector('#heads img'); return i && i.naturalWidth > 0 }")
+    heads = page.locator("#heads img")
+    layout = compare.tile_layout(display.size, deit_tiny.num_heads, compare.HEAD_SIDES, views.HEADS_SHEET_WIDTH)
+    assert heads.evaluate("i => [i.naturalWidth, i.naturalHeight]") == list(layout.size)
+    assert heads.bounding_box()["width"] / layout.size[0] * max(layout.picture) >= 128
 
     # Zoom & prune: the default retention runs when the tab opens; dragging the slider to 10% changes "after".
     page.get_by_role("tab", name="Zoom & prune").click()

@@ -1,10 +1,11 @@
-"""Display-sized drawing for the web app: bounded copies, the fast upsampling, the all-heads grid, the legend."""
+"""Display-sized drawing for the web app: bounded copies, the fast upsampling, the tile sheets, the legend."""
 
 import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
 
+import compare
 import visualization
 from geometry import Geometry, upsample_operator
 
@@ -48,22 +49,24 @@ def test_the_fast_upsampling_is_the_exact_upsampling(geometry):
         np.testing.assert_allclose(fast, geometry.upsample_exact(grid_map), atol=1e-5)
 
 
-def test_heads_grid_tiles_one_overlay_per_map():
+def test_a_sheet_tiles_one_overlay_per_map():
     geometry = GEOMETRIES[0]
     image = Image.new("RGB", geometry.image_size, (0, 160, 0))
     maps = [np.full(geometry.grid, i / 4, dtype=np.float32) for i in range(5)]
-    grid = visualization.heads_grid(image, geometry, maps, [f"h{i}" for i in range(5)], "jet", 1.0, tile=64, gap=4)
-    tile_w, tile_h = visualization.fit_size(geometry.image_size, 64)
-    columns = 3  # ceil(sqrt(5 * 1.5))
-    assert grid.size == (columns * tile_w + (columns - 1) * 4, 2 * tile_h + 4)
+    sheet = compare.draw_sheet(image, geometry, maps, [f"h{i}" for i in range(5)], compare.HEAD_SIDES, "jet", 1.0,
+                               width=720)
+    layout = sheet.layout
+    assert sheet.image.size == layout.size and layout.columns * layout.rows >= 5
     jet = matplotlib.colormaps["jet"]
-    pixels = np.asarray(grid).astype(int)
+    pixels = np.asarray(sheet.image).astype(int)
     levels = [round(i / 4 * 255) for i in range(5)]  # the colour table has 256 levels
+    pw, ph = layout.picture
     for i in range(5):  # the middle of each tile (inside the crop) has its map's colour at full opacity
-        x = (i % columns) * (tile_w + 4) + tile_w // 2
-        y = (i // columns) * (tile_h + 4) + tile_h // 2
-        np.testing.assert_allclose(pixels[y, x], np.array(jet(levels[i] / 255)[:3]) * 255, atol=1)
-    assert (pixels[tile_h + 4 :, -tile_w:] == 255).all()  # the unused slot stays blank
+        x, y = layout.origin(i)
+        np.testing.assert_allclose(pixels[y + ph // 2, x + pw // 2], np.array(jet(levels[i] / 255)[:3]) * 255, atol=1)
+    if layout.columns * layout.rows > 5:
+        x, y = layout.origin(5)
+        assert (pixels[y : y + ph, x : x + pw] == 255).all()  # the unused slot stays blank
 
 
 def test_colormap_stops_run_low_to_high():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import compare
 import visualization
 from geometry import Geometry
 
@@ -77,16 +78,18 @@ def test_captions_draw_the_en_dash_and_the_times_sign():
         assert not np.array_equal(drawn(char), tofu), f"{char!r} is drawn as the missing-glyph box"
 
 
-def test_the_heads_of_a_very_wide_image_are_readable_strips():
-    """An 8000x200 photo: tiles keep min_side pixels on their short side (a 128-pixel tile would be 3 high),
-    stacked in one column."""
+def test_the_tiles_of_a_very_wide_image_are_readable_strips():
+    """An 8000x200 photo: tiles keep MIN_SHORT_SIDE pixels on their short side (a 128-pixel tile would be 3 high),
+    one a row, the sheet wider than its panel (which scrolls)."""
     geometry = Geometry((5120, 128), (8960, 224), (4368, 0, 224, 224), 16)
     image = Image.new("RGB", geometry.image_size, GREEN)
     maps = [np.full(geometry.grid, i / 2, dtype=np.float32) for i in range(3)]
-    grid = visualization.heads_grid(image, geometry, maps, ["head 0", "head 1", "head 2"], tile=128, min_side=64,
-                                    gap=4)
-    assert grid.size == (2560, 3 * 64 + 2 * 4)
-    # Usual shapes keep their layout: 128-pixel tiles, about sqrt(1.5 n) columns.
-    square = Geometry((224, 224), (224, 224), (0, 0, 224, 224), 16)
-    grid = visualization.heads_grid(Image.new("RGB", (224, 224)), square, maps * 4, tile=128, min_side=64, gap=4)
-    assert grid.size == (5 * 128 + 4 * 4, 3 * 128 + 2 * 4)
+    sheet = compare.draw_sheet(image, geometry, maps, ["head 1", "head 2", "head 3"], compare.HEAD_SIDES)
+    assert sheet.layout.columns == 1 and sheet.layout.picture == (2560, 64)
+    tall = compare.tile_layout((200, 8000), 3, compare.HEAD_SIDES)
+    assert min(tall.picture) == 64 and tall.size[1] > compare.SHEET_WIDTH
+    # Usual shapes keep their layout: 3 square heads in a row, as large as the sheet allows up to 256.
+    square = compare.tile_layout((224, 224), 3, compare.HEAD_SIDES, width=720)
+    assert square.columns == 3 and square.picture == (232, 232)
+
+
