@@ -298,7 +298,7 @@ def cmd_eval(args):
     if args.overwrite and args.resume:
         raise UsageError("--overwrite starts afresh and --resume continues the run in --out: give one of them.")
     device, dtype = _placement(args)
-    eval_data.read_labels(args.data, args.limit)  # a bad folder fails before the slow model load
+    eval_data.read_labels(args.data, args.limit, args.every)  # a bad folder fails before the slow model load
     out = Path(args.out or f"zoomvit-eval/{Path(args.data).resolve().name}")
     work = out / eval_work.WORK_DIR
     earlier = eval_report.earlier_outputs(out)
@@ -319,7 +319,8 @@ def cmd_eval(args):
                 eval_work.from_rank0(lambda: (eval_report.remove_outputs(out), eval_work.remove_work(work)))
             result = evaluation.evaluate(bundle, args.data, args.limit, keeps, args.after_block, tasks,
                                          progress=True, work_dir=work, resume=args.resume, workers=args.workers,
-                                         batch=args.batch, gallery=args.gallery, examples=args.examples)
+                                         batch=args.batch, gallery=args.gallery, examples=args.examples,
+                                         every=args.every)
         if result is None:  # another process of a torchrun launch: rank 0 writes the outputs
             return None
         for path in eval_report.write_outputs(result, out):
@@ -373,9 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
 
     p = commands.add_parser("explain", parents=[image], help="importance map and intent diagnosis")
-    p.add_argument("--method", choices=config.MAP_METHODS, default="rollout",
+    p.add_argument("--method", choices=config.MAP_METHODS, default=config.DEFAULT_VIEW,
                    help="the map: rollout, cls and attention come from the attentions alone (the same for every "
-                   "class); grad_rollout and intent explain one class (default: %(default)s)")
+                   "class); grad_rollout and intent explain one class; the default is the app's, the map the eval "
+                   "measures most faithful (default: %(default)s)")
     p.add_argument("--block", type=int, help="block 1..L for cls/attention maps (default and -1: the last, L)")
     # No default value here (None): an option given to a map that does not read it is noted, and only then.
     p.add_argument("--head", help="head 1..H (numbered as blocks are; -1: the last), or mean|max|min across heads; "
@@ -418,7 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "[,x0,y0,x1,y1])")
     p.add_argument("--out", metavar="DIR", help="where results.json, per_image.csv, the plots and report.md go "
                    "(default: zoomvit-eval/<data folder name>)")
-    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--limit", type=int, help="only the first N images (after --every)")
+    p.add_argument("--every", type=int, default=1, metavar="K",
+                   help="every K-th image of labels.csv: a spread sample of a class-sorted list (default: %(default)s)")
     p.add_argument("--keep", default=",".join(f"{k:g}" for k in config.EVAL_KEEPS),
                    help="fractions of patch tokens to keep, each in (0, 1] (default: %(default)s)")
     p.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK, help="1..L-1 (default: %(default)s)")

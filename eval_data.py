@@ -32,10 +32,12 @@ class Item:
     label: int
     box: tuple[float, float, float, float] | None  # original image pixels
     groups: dict = field(default_factory=dict)  # values of the GROUP_COLUMNS the CSV has
+    name: str = ""  # the label_name column, where the CSV has one (zoomvit train names its classes by it)
 
 
-def read_labels(folder, limit: int | None = None) -> list[Item]:
-    """The rows of `folder`/labels.csv, checked: a clear ZoomViTError names the file and line of any problem."""
+def read_labels(folder, limit: int | None = None, every: int = 1) -> list[Item]:
+    """The rows of `folder`/labels.csv, checked: a clear ZoomViTError names the file and line of any problem.
+    `every` K keeps every K-th row (a class-sorted list keeps every class), then `limit` the first N of those."""
     folder = Path(folder)
     path = folder / "labels.csv"
     if not folder.is_dir():
@@ -44,6 +46,8 @@ def read_labels(folder, limit: int | None = None) -> list[Item]:
         raise ZoomViTError(f"{path} not found: the folder needs a labels.csv with columns file,label_index.")
     if limit is not None and limit < 1:
         raise ZoomViTError(f"--limit must be at least 1, got {limit}.")
+    if not isinstance(every, int) or every < 1:
+        raise ZoomViTError(f"--every must be a whole number, at least 1, got {every!r}.")
     try:  # utf-8-sig: a spreadsheet's byte order mark would otherwise be part of the first column's name
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -66,9 +70,10 @@ def read_labels(folder, limit: int | None = None) -> list[Item]:
         if not row["file"]:
             raise ZoomViTError(f"{where}: empty file name.")
         groups = {k: row[k] for k in GROUP_COLUMNS if k in columns}
-        items.append(Item(row["file"], label, box, groups))
+        items.append(Item(row["file"], label, box, groups, (row.get("label_name") or "").strip()))
     if not items:
         raise ZoomViTError(f"{path} lists no images.")
+    items = items[::every]
     return items[:limit] if limit else items
 
 

@@ -291,6 +291,7 @@ def evaluate(
     batch: int = config.EVAL_BATCH,
     gallery: int = 0,
     examples: int = 0,
+    every: int = 1,
 ) -> Evaluation | None:
     """Run the evaluation tasks over a labelled folder (see the module docstring).
 
@@ -301,16 +302,17 @@ def evaluate(
     see `eval_work.distributed`) each process takes a share of the image groups and of the pruning batches, all in
     the one shared `work_dir`: rank 0 returns the Evaluation, the others None. `gallery` > 0 adds, per task, the
     first `gallery` images it got wrong or changed its mind on; `examples` > 0 that many example sheets per intent
-    group (see `eval_gallery`; neither changes pass 1's files, so a resumed run may ask for them or not)."""
+    group (see `eval_gallery`; neither changes pass 1's files, so a resumed run may ask for them or not). `every` K
+    evaluates every K-th image of labels.csv (before `limit`)."""
     if work_dir is None:
         if rank_world()[1] > 1:
             raise ZoomViTError("A distributed evaluation needs a work folder that every process shares (work_dir).")
         with tempfile.TemporaryDirectory(prefix="zoomvit-eval-") as work_dir:
             return evaluate(bundle, data, limit, keeps, after_block, tasks, progress, work_dir, resume, workers,
-                            batch, gallery, examples)
+                            batch, gallery, examples, every)
     started = time.perf_counter()
     data = Path(data)
-    items = read_labels(data, limit)
+    items = read_labels(data, limit, every)
     keeps = tuple(float(k) for k in keeps)
     tasks = tuple(t for t in TASKS if t in tasks)
     check_after_block(after_block, bundle.num_layers)
@@ -377,6 +379,7 @@ def evaluate(
                for i in sorted(finished) if finished[i]]
     summary = _summary(bundle, data, limit, keeps, after_block, tasks, batch, records, kept, rows, pruned, skipped,
                        items[0].box is not None)
+    summary["settings"]["every"] = every
     files = {}
     if gallery or examples:  # drawn from what the run has computed: no model call
         parts, files = eval_gallery.collect(bundle, data, items, kept, records, summary, rows, pruned, gallery,

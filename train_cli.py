@@ -2,7 +2,7 @@
 
     zoomvit train DATA --model MODEL --out DIR            fine-tune (DATA holds train/ and val/, optionally test/)
     zoomvit train --train DIR --val DIR --model MODEL --out DIR
-    zoomvit train DATA --init random --arch vit-mini --image-size 32 --patch-size 4 --out DIR
+    zoomvit train DATA --init random --arch vit-nano --image-size 32 --patch-size 4 --out DIR
 
 Under torchrun (`torchrun --nproc-per-node 2 -m cli train ...`) each process trains its share; rank 0 alone
 writes the folder.
@@ -15,7 +15,7 @@ import shlex
 
 import config
 
-PRESET_NAMES = ("vit-tiny", "vit-mini", "vit-micro")  # train_models.PRESETS (kept light: --help imports no torch)
+PRESET_NAMES = ("vit-tiny", "vit-mini", "vit-nano", "vit-micro")  # train_models.PRESETS (kept light: --help imports no torch)
 
 
 def add_parser(commands) -> None:
@@ -38,7 +38,8 @@ def add_parser(commands) -> None:
     p.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                    help="pretrained: fine-tune --model; random: train --arch from scratch (default: %(default)s)")
     p.add_argument("--arch", choices=PRESET_NAMES, default="vit-tiny",
-                   help="from-scratch preset: vit-tiny 12 blocks x 192, vit-mini 6 x 192, vit-micro 2 x 32 "
+                   help="from-scratch preset: vit-tiny 12 blocks x 192, vit-mini 6 x 192, vit-nano 6 x 128, "
+                        "vit-micro 2 x 32 "
                         "(default: %(default)s)")
     p.add_argument("--image-size", type=int, help="input side for --init random (e.g. 32 for CIFAR-10)")
     p.add_argument("--patch-size", type=int, help="patch side for --init random (e.g. 4 for CIFAR-10)")

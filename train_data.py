@@ -8,7 +8,6 @@ model's label indices are the ones `zoomvit eval` checks it against.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,10 +121,9 @@ def _from_class_folders(name: str, folder: Path):
 def _from_labels_csv(folder: Path):
     items = read_labels(folder)  # the eval's own checks: file and line of any bad row
     names = {}
-    with open(folder / "labels.csv", newline="", encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f):
-            if row.get("label_name"):
-                names.setdefault(int(row["label_index"]), row["label_name"].strip())
+    for item in items:
+        if item.name:
+            names.setdefault(item.label, item.name)
     labels = [item.label for item in items]
     if min(labels) < 0:
         raise ZoomViTError(f"{folder / 'labels.csv'}: label_index must be 0 or more, found {min(labels)}.")

@@ -153,7 +153,7 @@ def test_blocks_are_numbered_from_1(capsys, deit_tiny, deit_model_path, photo, b
 
 def test_summary_does_not_credit_a_class_agnostic_map_to_the_class(capsys, deit_tiny, deit_model_path, photo):
     analysis = analyze(deit_tiny, photo)
-    assert cli.main(["explain", photo, "--model", deit_model_path, "--target", "goldfish"]) == 0
+    assert cli.main(["explain", photo, "--model", deit_model_path, "--method", "rollout", "--target", "goldfish"]) == 0
     line = capsys.readouterr().out.splitlines()[-2]
     patches = int(top_mass_patches(analysis.rollout()).sum())
     assert line.startswith("rollout map (class-agnostic: the same for every class, so --target does not change it)")
@@ -370,7 +370,7 @@ def run_json_and_notes(capsys, *argv):
 
 
 @pytest.mark.parametrize("options, note, settings", [
-    ([], None, {"method": "rollout", "block": None, "head": "mean", "discard_ratio": config.ROLLOUT_DISCARD_RATIO}),
+    ([], None, {"method": config.DEFAULT_VIEW, "block": None, "head": None, "discard_ratio": None}),
     (["--method", "grad_rollout", "--block", "3", "--head", "max", "--discard-ratio", "0.5"],
      "--block, --head and --discard-ratio do not apply to grad_rollout maps; ignored.",
      {"method": "grad_rollout", "block": None, "head": None, "discard_ratio": None}),
@@ -445,7 +445,7 @@ def test_prune_result_says_whether_the_timings_differ(tiny_vit, before, after, w
 
 
 @pytest.mark.parametrize("command, option, default", [
-    ("explain", "--method", "rollout"), ("zoom", "--policy", "adaptive"), ("prune", "--mode", "analysis"),
+    ("explain", "--method", config.DEFAULT_VIEW), ("zoom", "--policy", "adaptive"), ("prune", "--mode", "analysis"),
     ("prune", "--keep", "0.5"), ("serve", "--host", "127.0.0.1"), ("serve", "--port", "7860"),
 ])
 def test_help_explains_each_option_and_its_default(capsys, command, option, default):

@@ -46,6 +46,16 @@ def test_read_labels_with_and_without_boxes(tmp_path):
     assert len(eval_data.read_labels(tmp_path / "a", limit=1)) == 1
 
 
+def test_every_kth_row_spreads_a_sample_over_a_class_sorted_list(tmp_path):
+    rows = [f"{c}_{i}.jpg,{c}" for c in range(3) for i in range(4)]  # sorted by class, as CIFAR-10's
+    folder = write_labels(tmp_path / "sorted", "file,label_index", *rows)
+    assert [i.label for i in eval_data.read_labels(folder, limit=4)] == [0, 0, 0, 0]
+    assert [i.file for i in eval_data.read_labels(folder, every=4)] == ["0_0.jpg", "1_0.jpg", "2_0.jpg"]
+    assert [i.file for i in eval_data.read_labels(folder, limit=2, every=3)] == ["0_0.jpg", "0_3.jpg"]
+    with pytest.raises(ZoomViTError, match="--every must be a whole number, at least 1, got 0"):
+        eval_data.read_labels(folder, every=0)
+
+
 @pytest.mark.parametrize(
     "header, line, message",
     [
@@ -418,17 +428,26 @@ def test_readme_results_are_the_committed_reports():
         assert report.read_text() in readme, f"README.md does not contain {report} verbatim"
 
 
-def test_readme_study_is_the_committed_study_run():
-    """The README's study section holds the study's report.md as `zoomvit eval` wrote it (its links to the example
+# Each study run the README quotes: its folder, and the model card's test figures the README repeats.
+STUDIES = {
+    "flowers-102": ("**Test top-1**: 92.94%", "23.1 min", "92.9% top-1 on the test split in 23.1 minutes"),
+    "cifar-10": ("**Test top-1**: 52.10%", "41.4 min", "52.1% top-1 on the 10,000 test images in 41.4 minutes"),
+}
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_readme_study_is_the_committed_study_run(name):
+    """The README's study section holds each study's report.md as `zoomvit eval` wrote it (its links to the example
     sheets pointed at their folder), and the training figures it quotes are the committed model card's."""
     readme = (REPO / "README.md").read_text()
-    study = REPO / "docs" / "study" / "flowers-102"
+    study = REPO / "docs" / "study" / name
     summary = json.loads((study / "eval" / "results.json").read_text())
     report = (study / "eval" / "report.md").read_text()
     assert report == eval_report.markdown_report(summary)
-    assert eval_report.markdown_report(summary, link_base="docs/study/flowers-102/eval/") in readme
+    assert eval_report.markdown_report(summary, link_base=f"docs/study/{name}/eval/") in readme
     for group in summary["examples"]["groups"].values():
         assert all((study / "eval" / sheet).is_file() for sheet in group["sheets"])
     card = (study / "train" / "model_card.md").read_text()
-    assert "**Test top-1**: 92.94%" in card and "23.1 min" in card
-    assert "92.9% top-1 on the test split in 23.1 minutes" in readme
+    accuracy, minutes, quoted = STUDIES[name]
+    assert accuracy in card and minutes in card
+    assert quoted in readme

@@ -14,6 +14,8 @@ import torch
 from transformers import TrainerCallback, ViTForImageClassification, ViTImageProcessorPil
 
 import cli
+import train_cli
+import train_models
 import training
 from hub_configs import config_for
 from models import load_model
@@ -127,6 +129,11 @@ def test_a_small_vit_from_scratch_trains_and_loads(image_folder, tmp_path):
     bundle = load_model(str(out), device="cpu", dtype="float32")
     assert (bundle.patch_size, bundle.input_size, bundle.num_layers) == (4, (32, 32), 2)
     assert len(bundle.id2label) == 3
+
+
+def test_the_cli_offers_every_preset_and_only_those():
+    """--arch's choices are written out (--help imports no torch): they must be the presets the trainer builds."""
+    assert train_cli.PRESET_NAMES == tuple(train_models.PRESETS)
 
 
 class StopAfterFirstCheckpoint(TrainerCallback):
