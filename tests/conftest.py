@@ -10,8 +10,13 @@ import torch
 # Tests never reach the network; the real model comes from the shared folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-# The app's temp-folder sweep runs in the tests: give them a folder of their own, not the machine's /tmp/gradio.
-os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="zoomvit-tests-gradio-"))
+# The app's temp-folder sweep runs in the tests: give them a folder of their own, not the machine's /tmp/gradio,
+# and one per xdist worker (workers inherit the controller's environment). A Gradio app deletes the files it made
+# when it closes, and files of equal content share one path: a module's server closing in one worker deleted what
+# the other worker's server had just handed out (a 403 on the client's download, now and then).
+_worker = os.environ.get("PYTEST_XDIST_WORKER")
+if _worker or "GRADIO_TEMP_DIR" not in os.environ:
+    os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix=f"zoomvit-tests-gradio-{_worker or 'main'}-")
 
 from models import ViTBundle, load_model  # noqa: E402  (after the environment above)
 
