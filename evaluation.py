@@ -377,9 +377,8 @@ def evaluate(
                 row[f"prune_{mode}_{criterion}_{keep:g}"] = int(p)
     skipped = [{"file": items[i].file, "error": load_record(work, i, True)["error"]}
                for i in sorted(finished) if finished[i]]
-    summary = _summary(bundle, data, limit, keeps, after_block, tasks, batch, records, kept, rows, pruned, skipped,
-                       items[0].box is not None)
-    summary["settings"]["every"] = every
+    summary = _summary(bundle, data, limit, every, keeps, after_block, tasks, batch, records, kept, rows, pruned,
+                       skipped, items[0].box is not None)
     files = {}
     if gallery or examples:  # drawn from what the run has computed: no model call
         parts, files = eval_gallery.collect(bundle, data, items, kept, records, summary, rows, pruned, gallery,
@@ -398,7 +397,7 @@ def evaluate(
     return Evaluation(summary, rows, files)
 
 
-def _summary(bundle, data, limit, keeps, after_block, tasks, batch, records, kept, rows, pruned, skipped,
+def _summary(bundle, data, limit, every, keeps, after_block, tasks, batch, records, kept, rows, pruned, skipped,
              has_boxes) -> dict:
     """results.json's figures (all but the speed and machine, which the run adds last)."""
     summary = {
@@ -407,7 +406,7 @@ def _summary(bundle, data, limit, keeps, after_block, tasks, batch, records, kep
         "n": len(rows),
         "top1": eval_summary.mean([r["correct"] for r in rows]),
         "settings": {"tasks": list(tasks), "keep": list(keeps), "after_block": after_block, "limit": limit,
-                     "batch": batch, "prune_batch": PRUNE_BATCH, "latency_rounds": LATENCY_ROUNDS,
+                     "every": every, "batch": batch, "prune_batch": PRUNE_BATCH, "latency_rounds": LATENCY_ROUNDS,
                      "faithfulness_steps": faithfulness.STEPS},
     }
     if "prune" in tasks:

@@ -122,7 +122,8 @@ class ViewRenderer:
         """(overlay, caption, heads grid) from the cached analysis: no model run unless the target is new.
 
         The all-heads grid (the Compare tab's sheet, the chosen head framed) depends only on the block, the head,
-        the clicked patch, the colours: it is redrawn only when one of those changed, and with skip_same_grid (UI events) not even sent again (gr.skip()).
+        the clicked patch, the colours: it is redrawn only when one of those changed, and with skip_same_grid (UI
+        events) not even sent again (gr.skip()).
         """
         s = settings
         layer, head = self.store.block_index(s.block, session), self.store.head_index(s.head, session)
@@ -133,7 +134,7 @@ class ViewRenderer:
                   "discard_ratio": float(s.discard_ratio),
                   "colormap": s.colormap, "opacity": alpha}
         draw = self._patch_map if session.patch is not None else self._view_map
-        grid_map, caption, grid_maps = draw(session, s, layer, head, record)
+        grid_map, caption = draw(session, s, layer, head, record)
         image = visualization.heat_overlay(session.display, session.geometry, grid_map, s.colormap, alpha)
         if session.patch is not None:
             image = visualization.patch_outline(image, session.geometry, *session.patch, color="white", width=3)
@@ -143,11 +144,10 @@ class ViewRenderer:
         if grid_key == session.grid_key and session.grid_image is not None:
             grid = gr.skip() if skip_same_grid else session.grid_image
         else:
-            maps = grid_maps()
-            grid = compare.draw_sheet(
-                session.display, session.geometry, maps, [head_name(h) for h in range(len(maps))],
-                compare.HEAD_SIDES, s.colormap, alpha, session.patch, None if isinstance(head, str) else head,
-                HEADS_SHEET_WIDTH,
+            grid = compare.heads_grid(
+                session.analysis, layer, session.patch, s.direction, s.colormap, alpha,
+                selected=None if isinstance(head, str) else head, image=session.display, geometry=session.geometry,
+                width=HEADS_SHEET_WIDTH,
             ).image
             session.grid_key, session.grid_image = grid_key, grid
         session.shown = Shown(np.asarray(grid_map), caption, s.colormap, alpha, record, session.patch)
@@ -159,7 +159,7 @@ class ViewRenderer:
 
     def _patch_map(self, session: Session, s: ViewSettings, layer: int, head, record: dict):
         """The clicked patch's attention row (what it attends to) or column (what attends to it)."""
-        analysis, heads = session.analysis, range(session.num_heads)
+        analysis = session.analysis
         row, col = session.patch
         attends_to = s.direction != "attended_by"
         pick = analysis.attended_by_patch if attends_to else analysis.attending_patch
@@ -170,11 +170,11 @@ class ViewRenderer:
             f"{head_name(head)}."
         )
         record.update(direction=s.direction, view="patch")
-        return pick(row, col, layer, head), caption, lambda: [pick(row, col, layer, h) for h in heads]
+        return pick(row, col, layer, head), caption
 
     def _view_map(self, session: Session, s: ViewSettings, layer: int, head, record: dict):
         """The chosen view's map: for the target class where the view depends on it."""
-        analysis, heads = session.analysis, range(session.num_heads)
+        analysis = session.analysis
         if s.view in TARGET_VIEWS:
             target_index = self.store.resolve_target(session, s.target)
             source = self.store.for_target(session, target_index)
@@ -186,7 +186,7 @@ class ViewRenderer:
         grid_map = source.map(s.view, layer, head, float(s.discard_ratio))
         caption = (f"**{VIEW_NAMES.get(s.view, s.view)}**"
                    + self.view_detail(session, s, layer + 1, head, target_index))
-        return grid_map, caption, lambda: [analysis.cls_map(layer, h) for h in heads]
+        return grid_map, caption
 
     def view_detail(self, session: Session, s: ViewSettings, number: int, head, target_index: int) -> str:
         label = session.bundle.label(target_index)
