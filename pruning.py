@@ -43,8 +43,9 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def select_with_coverage(scores: torch.Tensor, features: torch.Tensor, n_keep: int, important_share: float = 0.5):
     """Kept patch indices: the top `important_share` of the budget by score, the rest greedily chosen as the
     tokens least similar (cosine) to anything kept so far, so every kind of content keeps a representative
-    that dropped tokens can merge into. Returns (keep_idx, drop_idx), each (B, count), sorted ascending, and the
-    cosine similarity (B, P, P), its diagonal overwritten (no token is its own merge partner)."""
+    that dropped tokens can merge into. Returns (keep_idx, drop_idx), each (B, count), sorted ascending, and
+    each dropped token's merge partner (B, dropped): the position in keep_idx of its most similar kept token
+    (the first on a tie)."""
     n_important = max(1, int(round(n_keep * important_share)))
     features = features.float()  # cosines in float32: bfloat16 ties near-duplicates the greedy order tells apart
     unit = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-6)
@@ -52,33 +53,37 @@ def select_with_coverage(scores: torch.Tensor, features: torch.Tensor, n_keep: i
     # A token "covers itself" above any cosine: once kept, the coverage update lifts it out of the running, so
     # the loop needs no mask of the kept tokens.
     similarity.diagonal(dim1=1, dim2=2).fill_(_COVERED)
-    # The greedy loop is sequential and its steps tiny: on the CPU numpy runs them (a step costs a few
-    # microseconds, several times that in torch); elsewhere torch does, without a synchronisation per step.
+    # The greedy loop is sequential and its steps tiny: on the CPU numpy runs them (a step costs a microsecond or
+    # two, ten times that in torch); elsewhere torch does, without a synchronisation per step.
     cover = _cover_numpy if similarity.device.type == "cpu" else _cover_torch
-    keep_idx, drop_idx = cover(scores, similarity, n_important, n_keep)
-    return keep_idx, drop_idx, similarity
+    return cover(scores, similarity, n_important, n_keep)
 
 
 _COVERED = 3.0  # above any cosine
 
 
 def _cover_numpy(scores, similarity, n_important, n_keep):
-    """(keep_idx, drop_idx) of `select_with_coverage` given the similarity (its diagonal _COVERED), in numpy."""
+    """(keep_idx, drop_idx, partner) of `select_with_coverage` given the similarity (its diagonal _COVERED), in
+    numpy, one image at a time: a row of one image's matrix is a view, where a row per image of the batch would
+    be a copy at every step."""
     sim = similarity.detach().numpy()
     b, p, _ = sim.shape
     # Descending and stable, as torch's argsort(descending=True, stable=True): negating keeps equal scores equal.
-    important = np.argsort(-scores.detach().float().cpu().numpy(), axis=1, kind="stable")[:, :n_important]
-    coverage = np.take_along_axis(sim, important[:, None, :], axis=2).max(axis=2)  # highest cosine to them
-    batch, picks = np.arange(b), np.empty((b, n_keep - n_important), dtype=np.int64)
-    for step in range(n_keep - n_important):
-        newcomer = coverage.argmin(axis=1)  # the first on a tie
-        picks[:, step] = newcomer
-        np.maximum(coverage, sim[batch, newcomer], out=coverage)
-    chosen = np.zeros((b, p), dtype=bool)
-    np.put_along_axis(chosen, np.concatenate([important, picks], axis=1), True, axis=1)
-    # Row-major nonzero lists each image's kept (dropped) tokens in index order, the same count in every image.
-    keep_idx, drop_idx = np.nonzero(chosen)[1], np.nonzero(~chosen)[1]
-    return torch.from_numpy(keep_idx.reshape(b, n_keep)), torch.from_numpy(drop_idx.reshape(b, p - n_keep))
+    order = np.argsort(-scores.detach().float().cpu().numpy(), axis=1, kind="stable")
+    keep_idx, drop_idx = np.empty((b, n_keep), dtype=np.int64), np.empty((b, p - n_keep), dtype=np.int64)
+    partner = np.empty((b, p - n_keep), dtype=np.int64)
+    for image, rows in enumerate(sim):
+        important = order[image, :n_important]
+        chosen = np.zeros(p, dtype=bool)
+        chosen[important] = True
+        coverage = rows[:, important].max(axis=1)  # each token's highest cosine to the kept ones
+        for _ in range(n_keep - n_important):
+            newcomer = coverage.argmin()  # the first on a tie
+            chosen[newcomer] = True
+            np.maximum(coverage, rows[newcomer], out=coverage)
+        keep_idx[image], drop_idx[image] = np.flatnonzero(chosen), np.flatnonzero(~chosen)
+        partner[image] = rows[np.ix_(drop_idx[image], keep_idx[image])].argmax(axis=1)
+    return torch.from_numpy(keep_idx), torch.from_numpy(drop_idx), torch.from_numpy(partner)
 
 
 def _cover_torch(scores, similarity, n_important, n_keep):
@@ -94,26 +99,35 @@ def _cover_torch(scores, similarity, n_important, n_keep):
         torch.maximum(coverage, flat.index_select(0, newcomer + offsets), out=coverage)
     chosen = torch.zeros(b, p, dtype=torch.bool, device=similarity.device)
     chosen.scatter_(1, torch.cat([important, picks], dim=1), True)
-    return chosen.nonzero()[:, 1].view(b, n_keep), (~chosen).nonzero()[:, 1].view(b, p - n_keep)
+    keep_idx, drop_idx = chosen.nonzero()[:, 1].view(b, n_keep), (~chosen).nonzero()[:, 1].view(b, p - n_keep)
+    partner = torch.stack([rows.index_select(0, dropped).index_select(1, kept)
+                           for rows, dropped, kept in zip(similarity, drop_idx, keep_idx)]).argmax(dim=-1)
+    return keep_idx, drop_idx, partner
 
 
-def merge_into_kept(x, similarity, sizes, keep_idx, drop_idx):
-    """Each dropped token joins its most similar kept token; merged tokens are size-weighted means. `sizes`
-    (B, N, 1), or None where every token counts once (a first merge: no multiplications by one). Returns the
-    merged tokens and their sizes, in x's precision (bfloat16 counts exactly to 256)."""
-    partner = torch.stack([sim.index_select(0, dropped).index_select(1, kept)
-                           for sim, dropped, kept in zip(similarity, drop_idx, keep_idx)]).argmax(dim=-1)
-    partner = partner.unsqueeze(-1)  # (B, dropped, 1): the kept token each dropped one joins
-    kept, dropped = _gather(x, keep_idx), _gather(x, drop_idx)
+def merge_into_kept(x, sizes, keep_idx, drop_idx, partner):
+    """Each dropped token joins its merge partner (`select_with_coverage`); merged tokens are size-weighted means.
+    `sizes` (B, N, 1), or None where every token counts once (a first merge: no multiplications by one). Returns
+    the merged tokens (B, kept, D) and their sizes (B, kept, 1), in x's precision (bfloat16 counts exactly to
+    256). The batch runs as one: its tokens are rows of one (B * N, D) matrix, the indices offset per image."""
+    b, n, d = x.shape
+    n_keep = keep_idx.shape[1]
+    keep_idx, drop_idx, partner = keep_idx.to(x.device), drop_idx.to(x.device), partner.to(x.device)
+    if b > 1:
+        image = torch.arange(b, device=x.device).unsqueeze(1)
+        keep_idx, drop_idx, partner = keep_idx + image * n, drop_idx + image * n, partner + image * n_keep
+    keep_idx, drop_idx, partner = keep_idx.flatten(), drop_idx.flatten(), partner.flatten()
+    flat = x.reshape(b * n, d)
+    kept, dropped = flat.index_select(0, keep_idx), flat.index_select(0, drop_idx)
     if sizes is None:
-        kept_size = torch.ones(*keep_idx.shape, 1, dtype=x.dtype, device=x.device)
-        dropped_size = torch.ones(*drop_idx.shape, 1, dtype=x.dtype, device=x.device)
+        new_size = torch.bincount(partner, minlength=b * n_keep).add_(1).to(x.dtype).unsqueeze(1)
     else:
-        kept_size, dropped_size = _gather(sizes, keep_idx), _gather(sizes, drop_idx)
+        flat_sizes = sizes.reshape(b * n, 1)
+        kept_size, dropped_size = flat_sizes.index_select(0, keep_idx), flat_sizes.index_select(0, drop_idx)
         kept, dropped = kept * kept_size, dropped * dropped_size
-    total = kept.scatter_add(1, partner.expand(-1, -1, x.shape[-1]), dropped)
-    new_size = kept_size.scatter_add(1, partner, dropped_size)
-    return total / new_size, new_size
+        new_size = kept_size.index_add(0, partner, dropped_size)
+    total = kept.index_add_(0, partner, dropped)
+    return (total / new_size).view(b, n_keep, d), new_size.view(b, n_keep, 1)
 
 
 # Efficiency mode scores patches by the attention the decision row paid them in the last few blocks before
@@ -183,8 +197,8 @@ def finish_pruned(bundle: ViTBundle, cut: Cut, keep: float = 1.0, patch_scores: 
             raise ValueError("this cut was run without scores: pass patch_scores, or run_to_cut(with_scores=True)")
         special, patches = x[:, :ns], x[:, ns:]
         if fusion == "merge":
-            keep_idx, drop_idx, similarity = select_with_coverage(scores, patches, n_keep)
-            kept, kept_size = merge_into_kept(patches, similarity, None, keep_idx, drop_idx)
+            keep_idx, drop_idx, partner = select_with_coverage(scores, patches, n_keep)
+            kept, kept_size = merge_into_kept(patches, None, keep_idx, drop_idx, partner)
             x = torch.cat([special, kept], dim=1)
             sizes = torch.cat([torch.ones(b, ns, 1, dtype=x.dtype, device=device), kept_size], dim=1)
             bias = sizes.log().transpose(1, 2).unsqueeze(1)  # (B, 1, 1, N'): a merged key counts as its tokens

@@ -67,8 +67,8 @@ def pieces(bundle, analysis, keep, after_block):
     @torch.inference_mode()
     def select_and_merge():
         patches = cut.x[:, ns:]
-        keep_idx, drop_idx, similarity = pruning.select_with_coverage(cut.scores, patches, n_keep)
-        pruning.merge_into_kept(patches, similarity, None, keep_idx, drop_idx)
+        keep_idx, drop_idx, partner = pruning.select_with_coverage(cut.scores, patches, n_keep)
+        pruning.merge_into_kept(patches, None, keep_idx, drop_idx, partner)
 
     return [
         (f"blocks 1-{after_block}", lambda: pruning.run_to_cut(bundle, x, after_block, with_scores=False)),

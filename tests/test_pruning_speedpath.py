@@ -31,6 +31,14 @@ def reference_selection(scores, features, n_keep, important_share=0.5):
     return torch.stack(kept), torch.stack(dropped)
 
 
+def reference_partners(features, keep_idx, drop_idx):
+    """Each dropped token's most similar kept token (the first on a tie), as a position in keep_idx."""
+    unit = features.float() / features.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    similarity = unit @ unit.transpose(1, 2)
+    return torch.stack([sim[dropped][:, kept].argmax(dim=1)
+                        for sim, dropped, kept in zip(similarity, drop_idx, keep_idx)])
+
+
 def features_with_ties(batch, patches, dim=16, seed=0):
     """Random features with exact duplicates and equal scores, where only the tie rule decides."""
     torch.manual_seed(seed)
@@ -46,12 +54,12 @@ def features_with_ties(batch, patches, dim=16, seed=0):
 def test_fast_selection_equals_the_reference(batch, patches):
     scores, features = features_with_ties(batch, patches)
     for n_keep in sorted({1, 2, patches // 3, patches // 2, patches - 1, patches} - {0}):
-        keep_idx, drop_idx, similarity = pruning.select_with_coverage(scores, features, n_keep)
+        keep_idx, drop_idx, partner = pruning.select_with_coverage(scores, features, n_keep)
         ref_keep, ref_drop = reference_selection(scores, features, n_keep)
         assert torch.equal(keep_idx, ref_keep), n_keep
         assert torch.equal(drop_idx, ref_drop), n_keep
         assert keep_idx.shape == (batch, n_keep) and drop_idx.shape == (batch, patches - n_keep)
-        assert similarity.shape == (batch, patches, patches)
+        assert torch.equal(partner, reference_partners(features, keep_idx, drop_idx)), n_keep
 
 
 def test_the_smallest_budget_keeps_the_top_scored_token():
@@ -72,9 +80,9 @@ def test_the_numpy_and_torch_loops_pick_the_same_tokens(batch, n_keep):
     n_important = max(1, n_keep // 2)
     from_numpy = pruning._cover_numpy(scores, similarity, n_important, n_keep)
     from_torch = pruning._cover_torch(scores, similarity, n_important, n_keep)
-    assert torch.equal(from_numpy[0], from_torch[0]) and torch.equal(from_numpy[1], from_torch[1])
+    assert all(torch.equal(a, b) for a, b in zip(from_numpy, from_torch))  # kept, dropped, partners
     assert torch.equal(from_numpy[0], reference_selection(scores, features, n_keep, n_important / n_keep)[0])
-    everything = torch.cat(from_numpy, dim=1).sort(dim=1).values
+    everything = torch.cat(from_numpy[:2], dim=1).sort(dim=1).values
     assert torch.equal(everything, torch.arange(64).expand(batch, -1))  # each token kept or dropped, once
 
 
@@ -130,8 +138,8 @@ def test_real_model_keeps_the_reference_tokens(deit_tiny, sample_pixels, keep):
 def test_merging_with_unit_sizes_equals_merging_with_ones():
     """sizes=None (every token counts once, what pruning passes) gives exactly what explicit ones give."""
     scores, features = features_with_ties(2, 24, seed=5)
-    keep_idx, drop_idx, similarity = pruning.select_with_coverage(scores, features, 8)
-    implicit = pruning.merge_into_kept(features, similarity, None, keep_idx, drop_idx)
-    explicit = pruning.merge_into_kept(features, similarity, torch.ones(2, 24, 1), keep_idx, drop_idx)
+    keep_idx, drop_idx, partner = pruning.select_with_coverage(scores, features, 8)
+    implicit = pruning.merge_into_kept(features, None, keep_idx, drop_idx, partner)
+    explicit = pruning.merge_into_kept(features, torch.ones(2, 24, 1), keep_idx, drop_idx, partner)
     assert torch.equal(implicit[0], explicit[0]) and torch.equal(implicit[1], explicit[1])
     assert implicit[1].sum().item() == 48 and implicit[1].min().item() >= 1  # every token counted, once
