@@ -15,7 +15,9 @@ load before and after the run.
 before the cut without and with efficiency mode's scoring rows, the blocks after it on every token and on the kept
 ones, the selection and merge, and the blocks after the cut on 2 tokens (what a block costs that does not scale
 with tokens: at batch 1 its weights are read whatever the token count, and each of its small operations has a
-fixed cost).
+fixed cost). It ends with what the pieces add up to: the latency ratio of the blocks alone (blocks after the cut
+on the kept tokens, no selection) against their MACs ratio, the floor that no cheaper selection can go below, and
+what efficiency mode's scoring rows and selection add to it.
 """
 
 import argparse
@@ -50,7 +52,7 @@ def configurations(bundle, analysis, keeps, after_block):
 
 
 def pieces(bundle, analysis, keep, after_block):
-    """(name, call) of the parts of a pruned forward, for --pieces."""
+    """(name, call) of the parts of a pruned forward, for --pieces, and the token counts before and after the cut."""
     x = analysis.pixel_values
     adapter = bundle.adapter
     cut = pruning.run_to_cut(bundle, x, after_block, with_scores=True)
@@ -70,7 +72,7 @@ def pieces(bundle, analysis, keep, after_block):
         keep_idx, drop_idx, partner = pruning.select_with_coverage(cut.scores, patches, n_keep)
         pruning.merge_into_kept(patches, None, keep_idx, drop_idx, partner)
 
-    return [
+    return cut.x.shape[1], kept.shape[1], [
         (f"blocks 1-{after_block}", lambda: pruning.run_to_cut(bundle, x, after_block, with_scores=False)),
         (f"blocks 1-{after_block} + scoring rows", lambda: pruning.run_to_cut(bundle, x, after_block, with_scores=True)),
         (f"blocks {after_block + 1}-{bundle.num_layers}, {cut.x.shape[1]} tokens", lambda: blocks_after(cut.x)),
@@ -78,6 +80,21 @@ def pieces(bundle, analysis, keep, after_block):
         ("selection + merge", select_and_merge),
         (f"blocks {after_block + 1}-{bundle.num_layers}, 2 tokens", lambda: blocks_after(two)),
     ]
+
+
+def floor_text(bundle, tokens, kept_tokens, after_block, medians) -> str:
+    """The blocks-only latency ratio against the blocks' MACs ratio, and what efficiency mode's extras add, from the
+    medians of `pieces` (in its order)."""
+    before, scored, after_all, after_kept, selection, _ = medians
+    later = bundle.num_layers - after_block
+    per_block, per_kept_block = pruning.block_macs(bundle, tokens), pruning.block_macs(bundle, kept_tokens)
+    macs = (after_block * per_block + later * per_kept_block) / (bundle.num_layers * per_block)
+    full = before + after_all
+    latency = (before + after_kept) / full
+    extras = (scored - before + selection) / full
+    return (f"\nblocks alone, {kept_tokens} of {tokens} tokens after the cut: latency ratio {latency:.3f}, MACs ratio "
+            f"{macs:.3f}, {latency - macs:+.3f} before any selection; efficiency mode's scoring rows and selection add "
+            f"{extras:+.3f}")
 
 
 def load_text() -> str:
@@ -101,12 +118,13 @@ def main():
     bundle = load_model(args.model, args.device, args.dtype)
     analysis = analyze(bundle, args.image, keep_graph=False)
     if args.pieces is not None:
-        parts = pieces(bundle, analysis, args.pieces, args.after_block)
+        tokens, kept_tokens, parts = pieces(bundle, analysis, args.pieces, args.after_block)
         times = pruning.interleaved_ms([call for _, call in parts], args.repeats, bundle.device)
         print(f"{bundle.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, keep {args.pieces}, "
               f"{args.repeats} interleaved rounds; {load_text()}")
         for (name, _), ms in zip(parts, times):
             print(f"{name:<36} {np.median(ms):7.2f} ms  ({min(ms):.2f}-{max(ms):.2f})")
+        print(floor_text(bundle, tokens, kept_tokens, args.after_block, [float(np.median(ms)) for ms in times]))
         return
     runs = configurations(bundle, analysis, args.keeps, args.after_block)
     num_tokens = analysis.attentions.shape[-1]
