@@ -1,6 +1,6 @@
 """Batch-1 latency of the pruned forward against the full one, next to the analytic MACs ratio (not a test).
 
-    python benchmarks/bench_prune_batch1.py [--model PATH] [--image FILE] [--keeps 0.7 0.5 0.3] [--repeats 41]
+    python benchmarks/bench_prune_batch1.py [--model PATH | --random-vit-b] [--image FILE] [--keeps 0.7 0.5 0.3] [--repeats 41]
                                             [--after-block 6] [--threads 2] [--device cpu] [--dtype float32]
                                             [--pieces KEEP]
 
@@ -9,7 +9,8 @@ neighbour on a shared CPU slows them alike) of the full forward and, at each kee
 them: efficiency (own scores, merge: the selection runs inside the timed call) and analysis (scores from the
 analysis pass, given; plain top-k). Prints each median and range in milliseconds, the latency ratio (pruned
 median / full median), the MACs ratio, their difference and whether it is within --margin, and the machine
-load before and after the run.
+load before and after the run. --random-vit-b times a randomly initialised ViT-B/16-shaped model instead (the one
+bench_engine.py uses: twelve times DeiT-Tiny's MACs, so what does not scale with the model weighs far less).
 
 --pieces KEEP times, instead, where the pruned forward's time goes at that keep (one interleaved run): the blocks
 before the cut without and with efficiency mode's scoring rows, the blocks after it on every token and on the kept
@@ -104,6 +105,7 @@ def load_text() -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(SHARED / "models" / "deit-tiny-patch16-224"))
+    parser.add_argument("--random-vit-b", action="store_true", help="a random ViT-B/16-shaped model instead of --model")
     parser.add_argument("--image", default=str(SHARED / "data" / "imagenet-sample" / "n01440764_tench.JPEG"))
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.7, 0.5, 0.3])
     parser.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK)
@@ -115,7 +117,12 @@ def main():
     parser.add_argument("--pieces", type=float, metavar="KEEP", help="time the parts of the pruned forward instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    bundle = load_model(args.model, args.device, args.dtype)
+    if args.random_vit_b:
+        from bench_engine import vit_b_shaped
+
+        bundle = vit_b_shaped(args.device, args.dtype)
+    else:
+        bundle = load_model(args.model, args.device, args.dtype)
     analysis = analyze(bundle, args.image, keep_graph=False)
     if args.pieces is not None:
         tokens, kept_tokens, parts = pieces(bundle, analysis, args.pieces, args.after_block)
