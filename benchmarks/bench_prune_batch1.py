@@ -1,8 +1,8 @@
 """Batch-1 latency of the pruned forward against the full one, next to the analytic MACs ratio (not a test).
 
-    python benchmarks/bench_prune_batch1.py [--model PATH | --random-vit-b] [--image FILE] [--keeps 0.7 0.5 0.3] [--repeats 41]
-                                            [--after-block 6] [--threads 2] [--device cpu] [--dtype float32]
-                                            [--pieces KEEP]
+    python benchmarks/bench_prune_batch1.py [--model PATH | --random-vit-b] [--image FILE] [--keeps 0.7 0.5 0.3]
+                                            [--repeats 41] [--after-block 6] [--threads 2] [--device cpu]
+                                            [--dtype float32] [--pieces KEEP]
 
 One interleaved run (pruning.interleaved_ms: every configuration takes its turn in each round, so a noisy
 neighbour on a shared CPU slows them alike) of the full forward and, at each keep, both modes as `prune` times
@@ -75,7 +75,8 @@ def pieces(bundle, analysis, keep, after_block):
 
     return cut.x.shape[1], kept.shape[1], [
         (f"blocks 1-{after_block}", lambda: pruning.run_to_cut(bundle, x, after_block, with_scores=False)),
-        (f"blocks 1-{after_block} + scoring rows", lambda: pruning.run_to_cut(bundle, x, after_block, with_scores=True)),
+        (f"blocks 1-{after_block} + scoring rows",
+         lambda: pruning.run_to_cut(bundle, x, after_block, with_scores=True)),
         (f"blocks {after_block + 1}-{bundle.num_layers}, {cut.x.shape[1]} tokens", lambda: blocks_after(cut.x)),
         (f"blocks {after_block + 1}-{bundle.num_layers}, {kept.shape[1]} tokens", lambda: blocks_after(kept)),
         ("selection + merge", select_and_merge),
@@ -104,8 +105,9 @@ def load_text() -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(SHARED / "models" / "deit-tiny-patch16-224"))
-    parser.add_argument("--random-vit-b", action="store_true", help="a random ViT-B/16-shaped model instead of --model")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", default=str(SHARED / "models" / "deit-tiny-patch16-224"))
+    which.add_argument("--random-vit-b", action="store_true", help="a random ViT-B/16-shaped model instead of --model")
     parser.add_argument("--image", default=str(SHARED / "data" / "imagenet-sample" / "n01440764_tench.JPEG"))
     parser.add_argument("--keeps", type=float, nargs="+", default=[0.7, 0.5, 0.3])
     parser.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK)
@@ -127,8 +129,8 @@ def main():
     if args.pieces is not None:
         tokens, kept_tokens, parts = pieces(bundle, analysis, args.pieces, args.after_block)
         times = pruning.interleaved_ms([call for _, call in parts], args.repeats, bundle.device)
-        print(f"{bundle.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, keep {args.pieces}, "
-              f"{args.repeats} interleaved rounds; {load_text()}")
+        print(f"{bundle.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, "
+              f"keep {args.pieces}, {args.repeats} interleaved rounds; {load_text()}")
         for (name, _), ms in zip(parts, times):
             print(f"{name:<36} {np.median(ms):7.2f} ms  ({min(ms):.2f}-{max(ms):.2f})")
         print(floor_text(bundle, tokens, kept_tokens, args.after_block, [float(np.median(ms)) for ms in times]))
