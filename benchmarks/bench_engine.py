@@ -19,13 +19,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import config  # noqa: E402
-import pruning  # noqa: E402
-from geometry import encode
-from images import LoadedImage, load_image
-from models import ViTBundle, load_model, resolve_device, resolve_dtype
-from vit_analyzer import analyze, predict_pixels  # noqa: E402
-from pruning import median_ms  # noqa: E402
+from zoomvit import config  # noqa: E402
+from zoomvit import pruning  # noqa: E402
+from zoomvit.geometry import encode
+from zoomvit.images import LoadedImage, load_image
+from zoomvit.models import ViTBundle, load_model, resolve_device, resolve_dtype
+from zoomvit.vit_analyzer import analyze, predict_pixels  # noqa: E402
+from zoomvit.pruning import median_ms  # noqa: E402
 
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 

@@ -20,8 +20,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from explorer import Explorer  # noqa: E402
-from models import load_model  # noqa: E402
+from zoomvit.app.explorer import Explorer  # noqa: E402
+from zoomvit.models import load_model  # noqa: E402
 
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", REPO.parent / "shared"))
 
@@ -29,7 +29,7 @@ SHARED = Path(os.environ.get("ZOOMVIT_SHARED", REPO.parent / "shared"))
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SHARED / "models" / "deit-tiny-patch16-224"))
-    parser.add_argument("--image", default=str(REPO / "assets" / "wall_clock.jpg"))
+    parser.add_argument("--image", default=str(REPO / "zoomvit" / "assets" / "wall_clock.jpg"))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args(argv)

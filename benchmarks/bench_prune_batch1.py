@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import config  # noqa: E402
-import pruning  # noqa: E402
-from models import load_model  # noqa: E402
-from vit_analyzer import analyze  # noqa: E402
+from zoomvit import config  # noqa: E402
+from zoomvit import pruning  # noqa: E402
+from zoomvit.models import load_model  # noqa: E402
+from zoomvit.vit_analyzer import analyze  # noqa: E402
 
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 

@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import training  # noqa: E402
-import train_models  # noqa: E402
+from zoomvit.training import trainer as training  # noqa: E402
+from zoomvit.training import models as train_models  # noqa: E402
 
 
 def build(model_name, classes):

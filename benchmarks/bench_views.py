@@ -28,11 +28,11 @@ sys.path.insert(0, str(REPO))
 
 import dataclasses  # noqa: E402
 
-import serving  # noqa: E402
-from explorer import Explorer  # noqa: E402
-from models import load_model  # noqa: E402
-from sessions import DISPLAY_SIDE  # noqa: E402
-from views import ViewSettings  # noqa: E402
+from zoomvit.app import serving  # noqa: E402
+from zoomvit.app.explorer import Explorer  # noqa: E402
+from zoomvit.models import load_model  # noqa: E402
+from zoomvit.app.sessions import DISPLAY_SIDE  # noqa: E402
+from zoomvit.app.views import ViewSettings  # noqa: E402
 from bench_engine import vit_b_shaped  # noqa: E402
 
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", REPO.parent / "shared"))

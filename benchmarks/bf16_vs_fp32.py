@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from images import load_image
-from models import ViTBundle, load_model
-from vit_analyzer import analyze  # noqa: E402
+from zoomvit.images import load_image
+from zoomvit.models import ViTBundle, load_model
+from zoomvit.vit_analyzer import analyze  # noqa: E402
 from compare_timm_hf import MAPS, SHARED, correlation, dev_images  # noqa: E402
 
 

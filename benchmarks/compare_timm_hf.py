@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from images import load_image
-from models import load_model
-from vit_analyzer import analyze, predict  # noqa: E402
+from zoomvit.images import load_image
+from zoomvit.models import load_model
+from zoomvit.vit_analyzer import analyze, predict  # noqa: E402
 
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 MAPS = ("rollout", "grad_rollout", "intent")

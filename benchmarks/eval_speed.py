@@ -36,7 +36,7 @@ SHARED = Path(os.environ.get("ZOOMVIT_SHARED", ROOT.parent / "shared"))
 
 
 def run_eval(code: Path, out: Path, args, procs: int = 1) -> dict:
-    command = [sys.executable, "-m", "cli", "eval", "--data", str(args.data), "--model", str(args.model),
+    command = [sys.executable, "-m", "zoomvit", "eval", "--data", str(args.data), "--model", str(args.model),
                "--out", str(out), "--limit", str(args.limit)]
     if procs > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
@@ -83,7 +83,7 @@ def figures(results: dict) -> dict:
 
 def forward_throughput(bundle, batch: int = 16, rounds: int = 7) -> float:
     """Images per second of the plain model forward (`predict_pixels`) at `batch`, median of `rounds`."""
-    from vit_analyzer import predict_pixels
+    from zoomvit.vit_analyzer import predict_pixels
 
     x = torch.randn(batch, 3, *bundle.input_size)
     predict_pixels(bundle, x)
@@ -99,11 +99,11 @@ def forward_share(args, images: int = 16) -> dict:
     """In this process: `evaluate` (all tasks) on the first `images` images with every plain forward of pass 1
     (perturbations and zoom crops) timed, bracketed by the plain forward's throughput at batch 16 just before and
     after. Says how much of pass 1 is the forwards themselves, at the same moment on the same machine."""
-    import faithfulness
-    import evaluation
-    import zoom
-    from models import load_model
-    from vit_analyzer import predict_pixels
+    from zoomvit import faithfulness
+    from zoomvit.evaluation import runner as evaluation
+    from zoomvit import zoom
+    from zoomvit.models import load_model
+    from zoomvit.vit_analyzer import predict_pixels
 
     bundle = load_model(str(args.model), device="cpu")
     spent = {"seconds": 0.0, "images": 0}

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import pytest
 from gradio_client import Client
 
-import app
+from zoomvit.app import ui as app
 
 
 def free_port() -> int:

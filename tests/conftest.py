@@ -18,7 +18,7 @@ _worker = os.environ.get("PYTEST_XDIST_WORKER")
 if _worker or "GRADIO_TEMP_DIR" not in os.environ:
     os.environ["GRADIO_TEMP_DIR"] = tempfile.mkdtemp(prefix=f"zoomvit-tests-gradio-{_worker or 'main'}-")
 
-from models import ViTBundle, load_model  # noqa: E402  (after the environment above)
+from zoomvit.models import ViTBundle, load_model  # noqa: E402  (after the environment above)
 
 # The models here are small: a second intra-op thread gains little on 2 cores and, when anything else is
 # running (a served app, another job), thread contention makes every pass 10-20x slower.

@@ -20,12 +20,12 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-import app
-import serving
+from zoomvit.app import ui as app
+from zoomvit.app import serving
 from app_server import client, photos, running_app, server, url  # noqa: F401 (shared fixtures)
-from checks import check_choice, check_number, finite_number
-from errors import ZoomViTError
-from vit_analyzer import predict
+from zoomvit.checks import check_choice, check_number, finite_number
+from zoomvit.errors import ZoomViTError
+from zoomvit.vit_analyzer import predict
 
 pytestmark = [  # Gradio's queue trips over pandas 3 deprecations: not ours
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
@@ -321,7 +321,7 @@ def test_a_refused_request_logs_one_line_and_no_traceback(client, url, photos, d
 
 def test_a_fault_in_a_handler_still_logs_its_traceback(client, photos, caplog, monkeypatch):
     """Not a user's mistake: the message says so, and the log keeps the traceback to find it by."""
-    import views
+    from zoomvit.app import views
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")

@@ -14,17 +14,17 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-import app
-import models
-import serving
-import visualization
-from errors import ZoomViTError
-from explorer import Explorer
-from sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE, MIN_PANEL_SIDE, _file_key, display_side
-from views import ViewSettings
-from vit_analyzer import analyze, predict
-from pruning import TIMING_REPEATS
-from zoom_prune import CROP_SIDE
+from zoomvit.app import ui as app
+from zoomvit import models
+from zoomvit.app import serving
+from zoomvit import visualization
+from zoomvit.errors import ZoomViTError
+from zoomvit.app.explorer import Explorer
+from zoomvit.app.sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE, MIN_PANEL_SIDE, _file_key, display_side
+from zoomvit.app.views import ViewSettings
+from zoomvit.vit_analyzer import analyze, predict
+from zoomvit.pruning import TIMING_REPEATS
+from zoomvit.app.zoom_prune import CROP_SIDE
 from app_server import client, photos, running_app, server, url  # noqa: F401 (shared fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -580,7 +580,7 @@ def test_a_broken_file_is_warned_about_once_when_its_change_event_comes_twice(de
     assert len(warnings) == 1 and "Not an image file" in warnings[0]
     assert first[:5] == second[:5] and "Could not analyse this file" in second[2] and "Not an image" in second[2]
     # A good image after it is analysed, and the broken file after that is warned about again.
-    good = explorer.explore.on_image(str(REPO / "assets" / "wall_clock.jpg"), ViewSettings(), second[-1])
+    good = explorer.explore.on_image(str(REPO / "zoomvit" / "assets" / "wall_clock.jpg"), ViewSettings(), second[-1])
     assert good[1] and "Intent" in good[2]
     explorer.explore.on_image(str(fake), ViewSettings(), good[-1])
     assert len(warnings) == 2
@@ -695,7 +695,7 @@ def test_the_about_text_is_written_from_the_loaded_model_and_device(deit_tiny, t
 
     import torch
 
-    from about import about_text
+    from zoomvit.app.about import about_text
 
     deit = about_text(deit_tiny)
     assert "resized to 256×256, then the centre 224×224 taken" in deit and "blocks are numbered 1 to 12" in deit
@@ -722,7 +722,7 @@ def test_the_server_start_up_lines_never_suggest_a_share_link(deit_model_path):
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "app.py", "--model", deit_model_path, "--port", str(port)],
-                            cwd=Path(app.__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 180
         while time.time() < deadline:

@@ -19,11 +19,11 @@ from transformers import (
     ViTMSNForImageClassification,
 )
 
-import backbones
+from zoomvit import backbones
 from hub_configs import config_for
-from maps import fuse_heads, normalize_map, rollout_matrix
-from models import ViTBundle
-from vit_analyzer import MAP_METHODS, analyze
+from zoomvit.maps import fuse_heads, normalize_map, rollout_matrix
+from zoomvit.models import ViTBundle
+from zoomvit.vit_analyzer import MAP_METHODS, analyze
 
 # A larger init range than the real 0.02 gives peaked, distinguishable attention in a random model.
 INIT = dict(initializer_range=0.2)
@@ -218,7 +218,7 @@ def test_pooled_heads_end_to_end(make, prefix, family):
     of the decision sum to 1 and skip registers."""
     import numpy as np
 
-    import pruning
+    from zoomvit import pruning
 
     model = make()
     adapter = backbones.adapter_for(model)
@@ -306,7 +306,7 @@ def test_a_token_without_a_place_takes_the_class_tokens_bias():
 def test_pruned_blocks_gather_the_relative_bias_by_original_positions():
     """Analysis-mode pruning keeps the patches in ranking order, not index order; the library's own block, given
     the shared bias matrix gathered by hand at the kept tokens' original indices, computes the same logits."""
-    import pruning
+    from zoomvit import pruning
 
     model = beit_shared_bias_cls()
     beit = model.beit
@@ -342,7 +342,7 @@ def test_a_merged_token_weighs_in_the_head_as_the_tokens_it_stands_for(model):
 def test_merging_after_the_last_block_is_exact_for_a_mean_of_the_raw_patches(make):
     """Merged tokens are size-weighted means, so a head that averages the last block's patches before any
     nonlinearity (CLIP; BEiT's norm comes after the mean) sees the same mean when it weighs them by size."""
-    import pruning
+    from zoomvit import pruning
 
     model = make()
     bundle = tiny_bundle(model)
@@ -358,7 +358,7 @@ def test_efficiency_pruning_ranks_patches_by_the_decision_row(make):
     """Efficiency mode keeps the patches the decision attended to most before the cut: the class row for a class-
     token head (not the unread distillation token's), the patch-mean row for CLIP and BEiT, the class row and the
     patch mean by halves for DINOv2 (registers unread), every row for SigLIP."""
-    import pruning
+    from zoomvit import pruning
 
     bundle = tiny_bundle(make())
     adapter = bundle.adapter

@@ -13,12 +13,12 @@ from urllib.parse import urlparse
 
 import pytest
 
-import compare
-import views
-import visualization
-from images import load_image
-from sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE
-from vit_analyzer import analyze
+from zoomvit import compare
+from zoomvit.app import views
+from zoomvit import visualization
+from zoomvit.images import load_image
+from zoomvit.app.sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE
+from zoomvit.vit_analyzer import analyze
 from app_server import running_app
 
 pytestmark = [
@@ -27,7 +27,7 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "assets" / "wall_clock.jpg"
+EXAMPLE = REPO / "zoomvit" / "assets" / "wall_clock.jpg"
 # The README's picture is refreshed on purpose (ZOOMVIT_SCREENSHOT=docs/screenshot.png); by default a test
 # run leaves tracked files alone.
 SCREENSHOT_ENV = "ZOOMVIT_SCREENSHOT"
@@ -307,7 +307,7 @@ def test_a_new_upload_clears_the_inspected_coordinates(page, deit_tiny):
     page.get_by_text("Inspect a patch by its pixel coordinates").click()
     x_box = page.locator("#x input")
     assert x_box.input_value() != ""
-    other = REPO / "assets" / "photo_coffee.jpg"
+    other = REPO / "zoomvit" / "assets" / "photo_coffee.jpg"
     other_label = deit_tiny.label(analyze(deit_tiny, other, keep_graph=False).predicted)
     upload(page, other, other_label)
     assert x_box.input_value() == "" and page.locator("#y input").input_value() == ""
@@ -371,7 +371,7 @@ def test_a_very_wide_image_is_shown_at_a_usable_size_and_its_guess_said(page, de
     import numpy as np
     from PIL import Image
 
-    from sessions import MIN_PANEL_SIDE, display_side
+    from zoomvit.app.sessions import MIN_PANEL_SIDE, display_side
 
     wide = tmp_path / "wide.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 8000, 3), dtype=np.uint8)).save(wide)

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-import compare
-import visualization
-from images import load_image
-from sessions import MIN_DISPLAY_SIDE, display_side
+from zoomvit import compare
+from zoomvit import visualization
+from zoomvit.images import load_image
+from zoomvit.app.sessions import MIN_DISPLAY_SIDE, display_side
 from test_browser import EXAMPLE, browser, error_badges, page, predicted_label, upload, url  # noqa: F401 (fixtures)
-from views import VIEW_NAMES, VIEWS, ViewSettings
-from vit_analyzer import analyze
-from zoom_prune import CROP_SIDE
+from zoomvit.app.views import VIEW_NAMES, VIEWS, ViewSettings
+from zoomvit.vit_analyzer import analyze
+from zoomvit.app.zoom_prune import CROP_SIDE
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),

@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from about import preprocessing_text
-import models
+from zoomvit.app.about import preprocessing_text
+from zoomvit import models
 from app_server import running_app
-from model_registry import ModelRegistry
+from zoomvit.app.model_registry import ModelRegistry
 from test_browser import EXAMPLE, TIMEOUT_MS, browser, error_badges, upload, wait_for_toast  # noqa: F401 (fixture)
-from vit_analyzer import analyze
+from zoomvit.vit_analyzer import analyze
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cli
-import config
-import images
-import intent
-import models
-import zoom
-from errors import ZoomViTError
-from maps import top_mass_patches
-from models import match_label
-from vit_analyzer import MAP_METHODS, analyze, predict
+from zoomvit import cli
+from zoomvit import config
+from zoomvit import images
+from zoomvit import intent
+from zoomvit import models
+from zoomvit import zoom
+from zoomvit.errors import ZoomViTError
+from zoomvit.maps import top_mass_patches
+from zoomvit.models import match_label
+from zoomvit.vit_analyzer import MAP_METHODS, analyze, predict
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +119,8 @@ def test_explain_summary_and_overlay(capsys, monkeypatch, deit_model_path, photo
 
 
 def test_explain_writes_the_compare_sheets_with_captions(capsys, deit_tiny, deit_model_path, photo, tmp_path):
-    import compare
-    import visualization
+    from zoomvit import compare
+    from zoomvit import visualization
 
     paths = {name: tmp_path / f"{name}.png" for name in ("out", "compare", "strip", "heads")}
     argv = ["explain", photo, "--model", deit_model_path, "--method", "grad_rollout", "--block", "4"]
@@ -266,7 +266,7 @@ def test_match_label_reads_config_json_labels(deit_tiny):
 
 def test_pruning_after_the_last_block_is_refused(tiny_vit):
     """Nothing runs after the last block, so there is nothing to prune: it used to report 197 -> 99 tokens."""
-    import pruning
+    from zoomvit import pruning
 
     analysis = analyze(tiny_vit, np.zeros((32, 48, 3), dtype=np.uint8))
     for after_block in (0, tiny_vit.num_layers):
@@ -277,7 +277,7 @@ def test_pruning_after_the_last_block_is_refused(tiny_vit):
 def test_help_imports_no_library(tmp_path):
     """--help builds the parser only: no torch, transformers, gradio or numpy (each costs seconds to import)."""
     code = (
-        "import json, sys, cli\n"
+        "import json, sys\nfrom zoomvit import cli\n"
         "for argv in (['--help'], ['explain', '--help'], ['serve', '--help']):\n"
         "    try:\n"
         "        cli.main(argv)\n"
@@ -286,17 +286,18 @@ def test_help_imports_no_library(tmp_path):
         "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=Path(cli.__file__).parent)
+                          cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert "--block B" in done.stdout or "--block BLOCK" in done.stdout
     assert "--device DEVICE" in done.stdout and "--dtype DTYPE" in done.stdout
-    heavy = {"torch", "transformers", "gradio", "numpy", "PIL", "huggingface_hub", "vit_analyzer", "evaluation", "app"}
+    heavy = {"torch", "transformers", "gradio", "numpy", "PIL", "huggingface_hub", "zoomvit.vit_analyzer",
+             "zoomvit.evaluation.runner", "zoomvit.app.ui"}
     assert heavy.isdisjoint(json.loads(done.stderr.splitlines()[-1]))
 
 
 def test_cli_choices_match_the_library():
-    import evaluation
-    import pruning
+    from zoomvit.evaluation import runner as evaluation
+    from zoomvit import pruning
 
     assert config.MAP_METHODS == MAP_METHODS and config.ZOOM_POLICIES == zoom.POLICIES
     assert (config.PRUNE_MODES, config.PRUNE_FUSIONS) == (pruning.MODES, pruning.FUSIONS)
@@ -406,7 +407,7 @@ def test_prune_and_zoom_notes_and_settings_in_json(capsys, deit_model_path, phot
 
 
 def test_prune_prints_the_timing_ranges_and_whether_they_overlap(capsys, deit_model_path, photo):
-    import pruning
+    from zoomvit import pruning
 
     assert cli.main(["prune", photo, "--model", deit_model_path]) == 0
     out = capsys.readouterr().out
@@ -432,7 +433,7 @@ def test_prune_prints_the_timing_ranges_and_whether_they_overlap(capsys, deit_mo
 def test_prune_result_says_whether_the_timings_differ(tiny_vit, before, after, within_noise, verdict):
     import dataclasses
 
-    import pruning
+    from zoomvit import pruning
 
     result = pruning.prune(analyze(tiny_vit, np.zeros((32, 48, 3), dtype=np.uint8)), 0.5, 1, timing_repeats=0)
     result = dataclasses.replace(result, latency_before_runs=before, latency_after_runs=after,

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import compare
-import visualization
-from errors import ZoomViTError
-from explorer import Explorer
-from maps import normalize_map, rollout_matrix
-from views import VIEWS, ViewSettings
-from vit_analyzer import analyze
-from zoom_prune import CROP_SIDE, crop_for_panel
+from zoomvit import compare
+from zoomvit import visualization
+from zoomvit.errors import ZoomViTError
+from zoomvit.app.explorer import Explorer
+from zoomvit.maps import normalize_map, rollout_matrix
+from zoomvit.app.views import VIEWS, ViewSettings
+from zoomvit.vit_analyzer import analyze
+from zoomvit.app.zoom_prune import CROP_SIDE, crop_for_panel
 
 pytestmark = [  # Gradio's queue trips over pandas 3 deprecations: not ours
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
@@ -25,7 +25,7 @@ pytestmark = [  # Gradio's queue trips over pandas 3 deprecations: not ours
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "assets" / "wall_clock.jpg"
+EXAMPLE = REPO / "zoomvit" / "assets" / "wall_clock.jpg"
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import faithfulness
-import models
-import pruning
-import zoom
-from errors import ZoomViTError
-from models import load_model, resolve_device, resolve_dtype
-from vit_analyzer import analyze, predict
+from zoomvit import faithfulness
+from zoomvit import models
+from zoomvit import pruning
+from zoomvit import zoom
+from zoomvit.errors import ZoomViTError
+from zoomvit.models import load_model, resolve_device, resolve_dtype
+from zoomvit.vit_analyzer import analyze, predict
 
 MAPS = ("rollout", "grad_rollout", "intent")
 # The first 6 dev images: bfloat16 gave float32's top-1 on all 6 (top-2 margins 0.12 to 0.82) and map correlations

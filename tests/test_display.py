@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import compare
-import visualization
-from geometry import Geometry, upsample_operator
+from zoomvit import compare
+from zoomvit import visualization
+from zoomvit.geometry import Geometry, upsample_operator
 
 GEOMETRIES = [
     Geometry((500, 375), (341, 256), (58, 16, 224, 224), 16),  # DeiT-style resize + centre crop

@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 from transformers import DeiTImageProcessorPil, ViTImageProcessorPil
 
-import pruning
-from errors import ModelLoadError
-from geometry import Geometry, geometry_for
-from maps import normalize_map, rollout_matrix
-from models import load_model
-from vit_analyzer import MAP_METHODS, analyze, analyze_many
+from zoomvit import pruning
+from zoomvit.errors import ModelLoadError
+from zoomvit.geometry import Geometry, geometry_for
+from zoomvit.maps import normalize_map, rollout_matrix
+from zoomvit.models import load_model
+from zoomvit.vit_analyzer import MAP_METHODS, analyze, analyze_many
 
 # The grids the tiny configs imply: 32x48 input / patch 8 and 48x48 / patch 8 (see conftest).
 GRIDS = {"tiny_vit": (4, 6), "tiny_deit_distilled": (6, 6)}
@@ -459,7 +459,7 @@ def test_uncached_hub_model_offline_is_one_clear_line(monkeypatch):
 
 
 def test_focus_share_tells_one_place_from_several():
-    import intent
+    from zoomvit import intent
 
     one = np.zeros((8, 8), dtype=np.float32)
     one[2:4, 2:4] = 1.0

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cli
-import eval_data
-import eval_gallery
-import eval_report
-import eval_tasks
-import eval_work
-import evaluation
-import pruning
-from errors import ZoomViTError
-from vit_analyzer import analyze
+from zoomvit import cli
+from zoomvit.evaluation import data as eval_data
+from zoomvit.evaluation import gallery as eval_gallery
+from zoomvit.evaluation import report as eval_report
+from zoomvit.evaluation import tasks as eval_tasks
+from zoomvit.evaluation import work as eval_work
+from zoomvit.evaluation import runner as evaluation
+from zoomvit import pruning
+from zoomvit.errors import ZoomViTError
+from zoomvit.vit_analyzer import analyze
 
 LIMIT = 6
 PER_PAGE = 3

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
-import config
-import eval_data
-import eval_report
-import eval_tasks
-import eval_work
-import evaluation
-from images import load_image
+from zoomvit import cli
+from zoomvit import config
+from zoomvit.evaluation import data as eval_data
+from zoomvit.evaluation import report as eval_report
+from zoomvit.evaluation import tasks as eval_tasks
+from zoomvit.evaluation import work as eval_work
+from zoomvit.evaluation import runner as evaluation
+from zoomvit.images import load_image
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 4
@@ -51,8 +51,8 @@ def launches(shared_dir, deit_model_path, tmp_path_factory):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     data = str(shared_dir / "data" / "imagenet-sample")
     commands = {
-        "single": [sys.executable, "-m", "cli", *eval_args(shared_dir, deit_model_path, root / "single")],
-        "torchrun": [*torchrun, "-m", "cli", *eval_args(shared_dir, deit_model_path, root / "torchrun")],
+        "single": [sys.executable, "-m", "zoomvit", *eval_args(shared_dir, deit_model_path, root / "single")],
+        "torchrun": [*torchrun, "-m", "zoomvit", *eval_args(shared_dir, deit_model_path, root / "torchrun")],
         "small batches": [*torchrun, "tests/torchrun_evaluate.py", deit_model_path, data, str(root / "small"),
                           str(LIMIT), str(SMALL_BATCH), ",".join(SMALL_TASKS)],
     }
@@ -186,7 +186,7 @@ def start_cli_eval(shared_dir, model, out, *extra):
     """`zoomvit eval` in a subprocess, one image at a time (zoom only), to be stopped early."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "cli", "eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", model,
+        [sys.executable, "-m", "zoomvit", "eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", model,
          "--device", "cpu", "--limit", str(STOPPED_LIMIT), "--batch", "1", "--tasks", "zoom", "--out", str(out),
          *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -13,16 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
-import eval_data
-import eval_report
-import eval_tasks
-import eval_work
-import evaluation
-import faithfulness
-import visualization
-from errors import ZoomViTError
-from vit_analyzer import analyze, predict, predict_pixels
+from zoomvit import cli
+from zoomvit.evaluation import data as eval_data
+from zoomvit.evaluation import report as eval_report
+from zoomvit.evaluation import tasks as eval_tasks
+from zoomvit.evaluation import work as eval_work
+from zoomvit.evaluation import runner as evaluation
+from zoomvit import faithfulness
+from zoomvit import visualization
+from zoomvit.errors import ZoomViTError
+from zoomvit.vit_analyzer import analyze, predict, predict_pixels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -354,7 +354,7 @@ def test_label_outside_the_model_is_refused(deit_tiny, tmp_path):
 def test_cli_eval_prints_json_and_shows_progress(deit_model_path, shared_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "cli", "eval", "--data", str(shared_dir / "data" / "imagenet-sample"),
+        [sys.executable, "-m", "zoomvit", "eval", "--data", str(shared_dir / "data" / "imagenet-sample"),
          "--model", deit_model_path, "--limit", "2", "--tasks", "prune", "--keep", "0.5", "--out", str(out), "--json"],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )

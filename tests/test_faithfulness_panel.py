@@ -16,18 +16,18 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-import app
-import artifacts
-import config
-import faithfulness
-import faithfulness_panel
-from errors import ZoomViTError
-from explorer import Explorer
-from views import ViewSettings
+from zoomvit.app import ui as app
+from zoomvit import artifacts
+from zoomvit import config
+from zoomvit import faithfulness
+from zoomvit.app import faithfulness_panel
+from zoomvit.errors import ZoomViTError
+from zoomvit.app.explorer import Explorer
+from zoomvit.app.views import ViewSettings
 from app_server import running_app
 
 REPO = Path(__file__).resolve().parents[1]
-CLOCK = str(REPO / "assets" / "wall_clock.jpg")
+CLOCK = str(REPO / "zoomvit" / "assets" / "wall_clock.jpg")
 
 pytestmark = [  # Gradio's queue trips over pandas 3 deprecations: not ours
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),

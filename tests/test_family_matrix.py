@@ -12,15 +12,15 @@ import pytest
 import torch
 from transformers import DeiTForImageClassificationWithTeacher, DeiTImageProcessorPil, ViTForImageClassification
 
-import backbones
-import pruning
+from zoomvit import backbones
+from zoomvit import pruning
 import test_backbones as hf
 import test_timm
 from hub_configs import config_for
-from maps import fuse_heads, rollout_matrix
-from models import load_model
-from vit_analyzer import MAP_METHODS, analyze
-import zoom
+from zoomvit.maps import fuse_heads, rollout_matrix
+from zoomvit.models import load_model
+from zoomvit.vit_analyzer import MAP_METHODS, analyze
+from zoomvit import zoom
 
 # row -> (builder, model_type in backbones.FAMILIES, prefix tokens, how the folder is loaded)
 MATRIX = {

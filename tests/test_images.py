@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import config
-from errors import ImageLoadError
-from images import decode_cost, load_image
-from vit_analyzer import analyze, predict
+from zoomvit import config
+from zoomvit.errors import ImageLoadError
+from zoomvit.images import decode_cost, load_image
+from zoomvit.vit_analyzer import analyze, predict
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 REPO = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def write_png(path, width, height, bit_depth=8, color_type=0):
 # unless load_image hands them back.
 MEASURE = """
 import json, sys, threading
-from images import load_image
+from zoomvit.images import load_image
 
 def status_mb(key):
     with open("/proc/self/status") as status:

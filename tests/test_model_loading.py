@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from errors import ModelLoadError
-from models import load_model
+from zoomvit.errors import ModelLoadError
+from zoomvit.models import load_model
 
 NOT_CACHED = "zoomvit-test/not-a-cached-model"
 PHOTO = "data/imagenet-sample/n01440764_tench.JPEG"
@@ -183,7 +183,7 @@ def test_a_preprocessor_for_another_kind_of_input_is_refused(model_folder, deit_
 
 
 def test_error_text_never_advises_unpickling():
-    from models import _first_line
+    from zoomvit.models import _first_line
 
     timm_says = RuntimeError("weights_only=True blocked loading this checkpoint because it requires non-allowlisted "
                              "pickle globals. If this checkpoint is trusted, retry with weights_only=False.")

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import app
-import cli
-import model_registry
-import models
-from errors import ModelLoadError, ZoomViTError
-from model_chooser import _pinning
-from model_registry import ModelRegistry, cached_models
-from sessions import ModelChoice, SessionStore, chosen_model
+from zoomvit.app import ui as app
+from zoomvit import cli
+from zoomvit.app import model_registry
+from zoomvit import models
+from zoomvit.errors import ModelLoadError, ZoomViTError
+from zoomvit.app.model_chooser import _pinning
+from zoomvit.app.model_registry import ModelRegistry, cached_models
+from zoomvit.app.sessions import ModelChoice, SessionStore, chosen_model
 
 
 @pytest.fixture(scope="module")

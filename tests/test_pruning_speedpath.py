@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import pruning
-from geometry import encode
-from images import load_image
+from zoomvit import pruning
+from zoomvit.geometry import encode
+from zoomvit.images import load_image
 
 
 def reference_selection(scores, features, n_keep, important_share=0.5):

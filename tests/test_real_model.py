@@ -6,10 +6,10 @@ import csv
 import pytest
 import torch
 
-import pruning
-from geometry import encode
-from images import load_image
-from vit_analyzer import analyze_many, predict_pixels
+from zoomvit import pruning
+from zoomvit.geometry import encode
+from zoomvit.images import load_image
+from zoomvit.vit_analyzer import analyze_many, predict_pixels
 
 SAMPLE_SIZE = 100
 

@@ -6,10 +6,10 @@ import csv
 import numpy as np
 import pytest
 
-import config
-import intent
-import zoom
-from vit_analyzer import analyze, analyze_many
+from zoomvit import config
+from zoomvit import intent
+from zoomvit import zoom
+from zoomvit.vit_analyzer import analyze, analyze_many
 
 BLUR_ITEMS = 30
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-import backbones
-import pruning
-from errors import ModelLoadError
-from geometry import encode
-from images import load_image
-from models import load_model
-from vit_analyzer import MAP_METHODS, analyze, predict, predict_pixels
+from zoomvit import backbones
+from zoomvit import pruning
+from zoomvit.errors import ModelLoadError
+from zoomvit.geometry import encode
+from zoomvit.images import load_image
+from zoomvit.models import load_model
+from zoomvit.vit_analyzer import MAP_METHODS, analyze, predict, predict_pixels
 
 timm = pytest.importorskip("timm")  # a project dependency: the import fails loudly if it is missing
 
@@ -217,7 +217,7 @@ def test_the_timm_copy_gives_the_hf_copy_maps(deit_paths, shared_dir):
 def test_the_cli_explains_with_a_timm_model(shared_dir):
     folder = shared_dir / "models" / "deit-tiny-patch16-224-timm"
     image = sorted((shared_dir / "data" / "imagenet-sample").glob("*.JPEG"))[0]
-    done = subprocess.run([sys.executable, "cli.py", "explain", str(image), "--model", f"timm:{folder}", "--json"],
+    done = subprocess.run([sys.executable, "-m", "zoomvit", "explain", str(image), "--model", f"timm:{folder}", "--json"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)

@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import TrainerCallback, ViTForImageClassification, ViTImageProcessorPil
 
-import cli
-import train_cli
-import train_models
-import training
+from zoomvit import cli
+from zoomvit.training import command as train_cli
+from zoomvit.training import models as train_models
+from zoomvit.training import trainer as training
 from hub_configs import config_for
-from models import load_model
+from zoomvit.models import load_model
 from test_timm import save_timm_folder, tiny_timm
-from train_outputs import Interrupted
+from zoomvit.training.outputs import Interrupted
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("0_airplane", "1_automobile", "2_bird")
@@ -167,7 +167,7 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(image
 def test_two_torchrun_processes_train_and_rank_0_alone_writes(image_folder, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cli", "train", str(image_folder), "--init", "random", "--arch", "vit-micro",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "zoomvit", "train", str(image_folder), "--init", "random", "--arch", "vit-micro",
                "--image-size", "32", "--patch-size", "4", "--epochs", "1", "--batch-size", "3", "--workers", "0",
                "--out", str(out)]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import compare
-import visualization
-from geometry import Geometry
+from zoomvit import compare
+from zoomvit import visualization
+from zoomvit.geometry import Geometry
 
 GREEN = (0, 160, 0)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules, wherever torchrun starts
 
-import eval_work  # noqa: E402
-import evaluation  # noqa: E402
-from models import load_model  # noqa: E402
+from zoomvit.evaluation import work as eval_work  # noqa: E402
+from zoomvit.evaluation import runner as evaluation  # noqa: E402
+from zoomvit.models import load_model  # noqa: E402
 
 model, data, work_dir, limit, batch, tasks = sys.argv[1:]
 evaluation.PRUNE_BATCH = int(batch)

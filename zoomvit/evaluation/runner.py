@@ -1,0 +1,423 @@
+"""Batch evaluation over a labelled image folder (`zoomvit eval`): pruning, zoom, map faithfulness and intent,
+all in one run, written out as results.json, a per-image CSV, PNG plots and a Markdown report (see `eval_report`),
+with, when asked for, a gallery of what each task got wrong and example sheets per intent group (see `eval_gallery`).
+
+The folder holds images and labels.csv (see `eval_data`). Two passes:
+1. per group of `batch` images (8 by default): one batched analysis pass, then per image its maps, the zoom and
+   the intent diagnosis, and the deletion/insertion curves of every map of every image of the group in one run of
+   batched forwards (see `faithfulness`);
+2. pruning: every (mode, criterion, keep) runs over all images in batches of PRUNE_BATCH, then is timed on
+   one batch against the unpruned forward (see `_prune_pass`).
+
+Pass 1 writes one small file per image into a work folder (see `eval_work.open_work`), so an interrupted run resumes
+where it stopped, and processes started by torchrun (`torch.distributed`) share the images and the pruning
+batches: every process runs exactly the computations a single process would, so the figures are the same.
+Images are decoded in DataLoader worker processes while the model runs. The tasks and their configurations are in
+`eval_tasks`, the figures summarised from the rows in `eval_summary`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from zoomvit import config
+from zoomvit.evaluation import gallery as eval_gallery
+from zoomvit.evaluation import summary as eval_summary
+from zoomvit import faithfulness
+from zoomvit import intent
+from zoomvit import pruning
+from zoomvit import zoom
+from zoomvit.checks import check_after_block
+from zoomvit.errors import ImageLoadError, ZoomViTError
+from zoomvit.evaluation.data import BOX_COLUMNS, Images, default_workers, die_with_parent, read_labels
+from zoomvit.evaluation.report import Evaluation
+from zoomvit.evaluation.tasks import (DEFAULT_KEEPS, FAITHFULNESS_METHODS, INTENT_CONFIGS, OWN_SCORES, TASKS, PrunedRun, fusion,
+                        prune_configs)
+from zoomvit.evaluation.work import (Stamps, barrier, finished_images, fingerprint, from_rank0, groups_to_do, load_record,
+                       open_work, rank_world, save_record)
+from zoomvit.geometry import encode
+from zoomvit.models import ViTBundle
+from zoomvit.vit_analyzer import Analysis, analyze_encoded
+
+PRUNE_BATCH = 32  # the batch the engine's latency goal is stated at
+LATENCY_ROUNDS = 5
+
+
+# ---- box metrics ------------------------------------------------------------------------------------------
+
+
+def box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def peak_in_box(analysis: Analysis, grid_map: np.ndarray, box) -> bool:
+    """Pointing game: the centre of the map's strongest patch lies inside the box (original pixels)."""
+    row, col = np.unravel_index(int(np.argmax(grid_map)), grid_map.shape)
+    x0, y0, x1, y1 = analysis.geometry.to_original(analysis.geometry.patch_box(row, col))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return bool(box[0] <= cx <= box[2] and box[1] <= cy <= box[3])
+
+
+def _loader(images: Images, batches, workers: int) -> DataLoader:
+    """The batches' images, decoded ahead in `workers` processes that die with this one (see
+    `eval_data.die_with_parent`)."""
+    return DataLoader(images, batch_sampler=batches, num_workers=workers, collate_fn=list,
+                      worker_init_fn=functools.partial(die_with_parent, os.getpid()))
+
+
+# ---- pass 1: per image ------------------------------------------------------------------------------------
+
+
+def _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, need_scores) -> dict:
+    """Pass 1 for one group of images, [(index, LoadedImage, None) or (index, None, error)]: {index: record}, where
+    a record holds the image's CSV row, its analysis-mode pruning scores (None unless `need_scores`), its
+    perturbation curves and its share of the batched analysis pass's time, or the error that skips it. The group's
+    analysis pass is one batch, and its perturbation forwards run together (see
+    `faithfulness.perturbation_curves_group`)."""
+    records, by_shape = {}, {}
+    for index, loaded, error in entries:
+        if error is None:
+            try:  # the model's preprocessing can refuse an image too
+                pixels, geometry = encode(bundle, loaded)
+                by_shape.setdefault(tuple(pixels.shape), []).append((index, loaded, pixels, geometry))
+            except ImageLoadError as exc:
+                error = str(exc)
+        if error is not None:
+            records[index] = {"error": error}
+    done = []  # (index, analysis)
+    for group in by_shape.values():  # one size for every image with the processors here: one batch
+        start = time.perf_counter()
+        _, loaded, pixels, geometries = map(list, zip(*group))
+        analyses = analyze_encoded(bundle, loaded, pixels, geometries)
+        analysis_ms = (time.perf_counter() - start) * 1000 / len(group)
+        for (index, *_), analysis in zip(group, analyses):
+            row, scores, look = _image_results(analysis, items[index], tasks, intent_keeps, after_block, need_scores)
+            records[index] = {"row": row, "scores": scores, "analysis_ms": analysis_ms, "curves": None,
+                              "num_tokens": analysis.attentions.shape[-1], "look": look,
+                              # what the gallery and the example sheets draw (see eval_gallery)
+                              "intent_map": torch.from_numpy(analysis.intent().astype(np.float32))}
+            done.append((index, analysis))
+    if "faithfulness" in tasks and done:
+        maps = [{m: None if m == "random" else a.map(m) for m in FAITHFULNESS_METHODS} for _, a in done]
+        curves = faithfulness.perturbation_curves_group([a for _, a in done], maps, [i for i, _ in done])
+        for (index, analysis), image_maps, image_curves in zip(done, maps, curves):
+            row, box = records[index]["row"], items[index].box
+            for m, (deletion, insertion) in image_curves.items():
+                row[f"deletion_{m}"] = faithfulness.auc(deletion)
+                row[f"insertion_{m}"] = faithfulness.auc(insertion)
+                if box is not None and image_maps[m] is not None:
+                    row[f"pointing_{m}"] = int(peak_in_box(analysis, image_maps[m], box))
+            records[index]["curves"] = image_curves
+    return records
+
+
+def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores):
+    """One analysed image's CSV row (without the faithfulness columns), its analysis-mode pruning scores, and its
+    zoom (None where no task zooms) as the example sheets show it."""
+    predicted = analysis.predicted
+    row = {
+        "file": item.file, **item.groups, "label": item.label, "predicted": predicted,
+        "correct": int(predicted == item.label), "confidence": float(analysis.probs[predicted]),
+        "label_prob": float(analysis.probs[item.label]),
+    }
+    scores = None
+    if need_scores:
+        num_patches = analysis.grid[0] * analysis.grid[1]
+        counts = {k: pruning.kept_count(num_patches, k) for k in intent_keeps}
+        order = pruning.intent_pick_order(analysis, after_block, max(counts.values(), default=0))
+        scores = {  # one greedy pass serves every keep: a smaller budget keeps a prefix of the same order
+            "intent": {k: pruning.scores_from_order(order[:count], num_patches)[0] for k, count in counts.items()},
+            "grad_rollout": torch.from_numpy(analysis.grad_rollout().ravel().copy()),
+        }
+    zoom_result = zoom.zoom(analysis) if {"zoom", "intent"} & set(tasks) else None
+    look = zoom_result and {"box": [float(c) for c in zoom_result.box], "zoomed": bool(zoom_result.zoomed),
+                            "predicted": int(np.argmax(zoom_result.probs_after)),
+                            "confidence": float(np.max(zoom_result.probs_after))}
+    if "zoom" in tasks:
+        after, crop = int(np.argmax(zoom_result.probs_after)), int(np.argmax(zoom_result.probs_crop))
+        row.update(
+            zoomed=int(zoom_result.zoomed), zoom_predicted=after, zoom_correct=int(after == item.label),
+            crop_correct=int(crop == item.label), zoom_confidence=float(zoom_result.probs_after[predicted]),
+            zoom_source=zoom_result.source,
+            **{f"zoom_{k}": round(v, 1) for k, v in zip(BOX_COLUMNS, zoom_result.box)},
+        )
+        if item.box is not None:
+            row["pointing_hit"] = int(peak_in_box(analysis, zoom.focus_map(analysis), item.box))
+            row["box_iou"] = box_iou(zoom_result.box, item.box)
+    if "intent" in tasks:
+        diagnosis = intent.diagnose(analysis, box=item.box, zoom_result=zoom_result)
+        row["intent"] = diagnosis.kind
+        row.update({f"intent_{k}": v for k, v in diagnosis.metrics.items()})
+    return row, scores, look
+
+
+# ---- pass 2: pruning --------------------------------------------------------------------------------------
+
+
+def _patch_scores(criterion, keep, scores, random_scores):
+    """The ranking one configuration prunes a batch by (`scores`: its images' pass-1 scores, `random_scores`: its
+    rows of the random baseline's); None = efficiency mode's own attention scores."""
+    if criterion in OWN_SCORES:
+        return None
+    if criterion == "intent":
+        return torch.stack([s["intent"][keep] for s in scores])
+    if criterion == "grad_rollout":
+        return torch.stack([s["grad_rollout"] for s in scores])
+    return random_scores
+
+
+def _batches(kept, rank, world):
+    """This rank's pruning batches, (start, image indices): every world-th batch of PRUNE_BATCH readable images.
+    The batches are a single process's: a batch's logits depend on which images share it."""
+    return [(start, kept[start:start + PRUNE_BATCH]) for start in range(0, len(kept), PRUNE_BATCH)[rank::world]]
+
+
+def _pixels(bundle, images, entry):
+    index, loaded, error = entry
+    if error is not None:
+        raise ZoomViTError(f"{images.items[index].file} could be read in pass 1 but not now: {error}")
+    return encode(bundle, loaded)[0]
+
+
+def _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings, record_kept=()):
+    """{config: PrunedRun} for the N readable images `kept` (indices into `images`, in order) on rank 0; None on
+    the other ranks. The configurations in `record_kept` also give the patch tokens each image kept.
+
+    Accuracy runs every configuration over all images in batches (under torch.distributed every rank runs its
+    share, see `_batches`, and rank 0 gathers them). The images are decoded again rather than kept from pass 1:
+    the same pixels, without holding a whole data set's in memory. `records`: pass 1's, at least for this rank's
+    batches. Latency is timed afterwards on the first batch, on rank 0 once the others are done (see
+    `_latency_ratios`; its seconds go to `timings["latency_seconds"]`). Timing inside the accuracy loop gave ratios
+    0.05-0.25 too high on 2 cores: one unpruned run per batch is too noisy a reference."""
+    rank, world = rank_world()
+    n = len(kept)
+    batches = _batches(kept, rank, world)
+    if batches:
+        num_patches = len(records[batches[0][1][0]]["scores"]["grad_rollout"])
+        random_scores = torch.rand(n, num_patches, generator=torch.Generator().manual_seed(0))
+    loader = _loader(images, [indices for _, indices in batches], workers)
+    results, first_pixels = {}, None
+    with tqdm(total=len(batches) * len(configs), desc="pruning", unit="run", file=sys.stderr,
+              disable=not progress) as bar:
+        for (start, indices), entries in zip(batches, loader):
+            pixels = torch.cat([_pixels(bundle, images, entry) for entry in entries])
+            scores = [records[i]["scores"] for i in indices]
+            before = torch.tensor([[records[i]["row"]["predicted"]] for i in indices])
+            batch_random = random_scores[start:start + len(indices)]
+            results[start] = {}
+            cuts = {}  # the blocks before the cut run once per batch (twice when some configurations need scores)
+            for mode, criterion, keep in configs:
+                patch_scores = _patch_scores(criterion, keep, scores, batch_random)
+                with_scores = pruning.needs_own_scores(bundle, pixels, keep, patch_scores)
+                if with_scores not in cuts:
+                    cuts[with_scores] = pruning.run_to_cut(bundle, pixels, after_block, with_scores)
+                logits, keep_idx = pruning.finish_pruned(bundle, cuts[with_scores], keep, patch_scores,
+                                                         fusion(mode, criterion))
+                probs = logits.softmax(-1)
+                results[start][mode, criterion, keep] = (
+                    logits.argmax(-1).numpy(), probs.gather(1, before)[:, 0].numpy(), probs.max(-1).values.numpy(),
+                    keep_idx.numpy().astype(np.int32) if (mode, criterion, keep) in record_kept else None)
+                bar.update()
+            if start == 0:
+                first_pixels = pixels
+    if world > 1:
+        gathered = [None] * world if rank == 0 else None
+        dist.gather_object(results, gathered, dst=0)
+        if rank != 0:
+            return None
+        results = {start: part for ranks in gathered for start, part in ranks.items()}
+    out = {cfg: [np.zeros(n, dtype=int), np.zeros(n), np.zeros(n), None] for cfg in configs}
+    for start, part in results.items():
+        for cfg, values in part.items():
+            if values[3] is not None and out[cfg][3] is None:
+                out[cfg][3] = np.zeros((n, values[3].shape[1]), dtype=np.int32)
+            for column, value in zip(out[cfg], values):
+                if value is not None:
+                    column[start:start + len(value)] = value
+    latency_started = time.perf_counter()
+    latency = _latency_ratios(bundle, first_pixels, random_scores[:PRUNE_BATCH], configs, after_block, progress)
+    timings["latency_seconds"] = time.perf_counter() - latency_started
+    return {cfg: PrunedRun(*out[cfg][:3], latency[cfg], out[cfg][3]) for cfg in configs}
+
+
+def _latency_ratios(bundle, pixels, some_scores, configs, after_block, progress):
+    """{config: median pruned time / median unpruned time} on one batch, over LATENCY_ROUNDS interleaved rounds
+    (unpruned, then every distinct computation; see `pruning.interleaved_ms`). Medians of several rounds: single
+    runs on a shared 2-core machine vary by up to 70%."""
+    paths = {cfg: (fusion(*cfg[:2]), cfg[1] in OWN_SCORES, cfg[2]) for cfg in configs}
+    distinct = sorted(set(paths.values()))
+
+    def run(path):
+        how, own_scores, keep = path
+        scores = None if own_scores else some_scores
+        return lambda: pruning.forward_pruned(bundle, pixels, after_block, keep, scores, how)
+
+    full = lambda: pruning.forward_pruned(bundle, pixels, after_block, 1.0)
+    bar = tqdm(total=LATENCY_ROUNDS, desc="timing", unit="round", file=sys.stderr, disable=not progress)
+    full_ms, *path_ms = pruning.interleaved_ms([full, *map(run, distinct)], LATENCY_ROUNDS, bundle.device,
+                                               on_round=bar.update)
+    bar.close()
+    median_full, medians = float(np.median(full_ms)), dict(zip(distinct, map(np.median, path_ms)))
+    return {cfg: float(medians[path]) / median_full for cfg, path in paths.items()}
+
+
+def evaluate(
+    bundle: ViTBundle,
+    data,
+    limit: int | None = None,
+    keeps=DEFAULT_KEEPS,
+    after_block: int = config.PRUNE_AFTER_BLOCK,
+    tasks=TASKS,
+    progress: bool = True,
+    work_dir=None,
+    resume: bool = False,
+    workers: int | None = None,
+    batch: int = config.EVAL_BATCH,
+    gallery: int = 0,
+    examples: int = 0,
+    every: int = 1,
+) -> Evaluation | None:
+    """Run the evaluation tasks over a labelled folder (see the module docstring).
+
+    Pass 1 writes one file per image to `work_dir` (a temporary folder when None; see `eval_work.open_work`): with
+    `resume` a run interrupted there goes on with the images it had not done. Images are decoded by `workers`
+    DataLoader processes (None: `eval_data.default_workers`; 0: this process). Pass 1 analyses `batch` images at a
+    time (one batched analysis pass; their perturbation forwards run together). Under torch.distributed (torchrun,
+    see `eval_work.distributed`) each process takes a share of the image groups and of the pruning batches, all in
+    the one shared `work_dir`: rank 0 returns the Evaluation, the others None. `gallery` > 0 adds, per task, the
+    first `gallery` images it got wrong or changed its mind on; `examples` > 0 that many example sheets per intent
+    group (see `eval_gallery`; neither changes pass 1's files, so a resumed run may ask for them or not). `every` K
+    evaluates every K-th image of labels.csv (before `limit`)."""
+    if work_dir is None:
+        if rank_world()[1] > 1:
+            raise ZoomViTError("A distributed evaluation needs a work folder that every process shares (work_dir).")
+        with tempfile.TemporaryDirectory(prefix="zoomvit-eval-") as work_dir:
+            return evaluate(bundle, data, limit, keeps, after_block, tasks, progress, work_dir, resume, workers,
+                            batch, gallery, examples, every)
+    started = time.perf_counter()
+    data = Path(data)
+    items = read_labels(data, limit, every)
+    keeps = tuple(float(k) for k in keeps)
+    tasks = tuple(t for t in TASKS if t in tasks)
+    check_after_block(after_block, bundle.num_layers)
+    eval_gallery.check_requests(tasks, gallery, examples)
+    num_labels = len(bundle.id2label)
+    for item in items:
+        if not 0 <= item.label < num_labels:
+            raise ZoomViTError(f"{item.file}: label_index {item.label} is outside this model's 0..{num_labels - 1}.")
+    configs = prune_configs(tasks, keeps)
+    intent_keeps = sorted({k for m, c, k in configs if c == "intent"})
+
+    rank, world = rank_world()
+    progress = progress and rank == 0  # one set of bars, not one per process
+    workers = default_workers(world) if workers is None else workers
+    work = Path(work_dir)
+    if not isinstance(batch, int) or batch < 1:
+        raise ZoomViTError(f"--batch must be a whole number of images, at least 1, got {batch!r}.")
+    settings = fingerprint(bundle, data, items, limit, keeps, tasks, after_block, batch)
+    stamps = Stamps(data, items, settings)  # what each image's work file must say about itself
+    finished = from_rank0(lambda: open_work(work, settings, resume, stamps))
+    images = Images(data, items)
+    todo = groups_to_do(len(items), finished, batch)[rank::world]  # even shares of what is left
+    loader = _loader(images, todo, workers)  # decodes ahead
+    # closed on a Ctrl-C too, so that the CLI's one line about it starts a line of its own
+    with tqdm(total=sum(map(len, todo)), desc=f"images ({data.name})", unit="img", file=sys.stderr,
+              disable=not progress) as bar:
+        for entries in loader:
+            records = _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, bool(configs))
+            for index, record in records.items():
+                if "error" in record:  # one bad file should not sink a long run: report it and go on
+                    save_record(work, index, record, stamps(index), skipped=True)
+                    continue
+                curves = record["curves"]  # tensors, not arrays: torch.load(weights_only=True) reads no arrays
+                record["curves"] = curves and {m: tuple(map(torch.from_numpy, pair)) for m, pair in curves.items()}
+                save_record(work, index, record, stamps(index))
+            bar.update(len(entries))
+    barrier()  # every image has its file now
+    images_seconds = time.perf_counter() - started
+    finished = finished_images(work)
+    if len(finished) < len(items):  # each machine of a multi-machine run wrote to a disk of its own
+        raise ZoomViTError(f"{work} lacks {len(items) - len(finished)} images' results: every process of a run must "
+                           "write to the same folder (a shared file system across machines).")
+    kept = sorted(i for i, skipped in finished.items() if not skipped)
+    if not kept:
+        raise ZoomViTError(f"No image in {data} could be read ({load_record(work, min(finished), True)['error']}).")
+    if rank == 0:  # it summarises every image
+        needed = kept
+    else:  # the others need only their pruning batches' files
+        needed = [i for _, indices in _batches(kept, rank, world) for i in indices] if configs else []
+    records = {i: load_record(work, i) for i in needed}
+
+    pruned, timings = {}, {}
+    if configs:
+        pruned = _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings,
+                             INTENT_CONFIGS if examples else ())
+    if rank != 0:
+        return None
+    rows = [records[i]["row"] for i in kept]
+    for (mode, criterion, keep), run in pruned.items():
+        if keep in keeps and "prune" in tasks:
+            for row, p in zip(rows, run.predicted):
+                row[f"prune_{mode}_{criterion}_{keep:g}"] = int(p)
+    skipped = [{"file": items[i].file, "error": load_record(work, i, True)["error"]}
+               for i in sorted(finished) if finished[i]]
+    summary = _summary(bundle, data, limit, every, keeps, after_block, tasks, batch, records, kept, rows, pruned,
+                       skipped, items[0].box is not None)
+    files = {}
+    if gallery or examples:  # drawn from what the run has computed: no model call
+        parts, files = eval_gallery.collect(bundle, data, items, kept, records, summary, rows, pruned, gallery,
+                                            examples)
+        summary.update(parts)
+    summary["speed"] = {
+        "analysis_ms_median": float(np.median([records[i]["analysis_ms"] for i in kept])),
+        "images_seconds": round(images_seconds, 1),
+        "latency_seconds": round(timings.get("latency_seconds", 0.0), 1),  # timing the pruning (one batch)
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    summary["machine"] = {
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    return Evaluation(summary, rows, files)
+
+
+def _summary(bundle, data, limit, every, keeps, after_block, tasks, batch, records, kept, rows, pruned, skipped,
+             has_boxes) -> dict:
+    """results.json's figures (all but the speed and machine, which the run adds last)."""
+    summary = {
+        "model": bundle.name,
+        "data": str(data),
+        "n": len(rows),
+        "top1": eval_summary.mean([r["correct"] for r in rows]),
+        "settings": {"tasks": list(tasks), "keep": list(keeps), "after_block": after_block, "limit": limit,
+                     "every": every, "batch": batch, "prune_batch": PRUNE_BATCH, "latency_rounds": LATENCY_ROUNDS,
+                     "faithfulness_steps": faithfulness.STEPS},
+    }
+    if "prune" in tasks:
+        num_tokens = records[kept[0]]["num_tokens"]
+        summary["prune"] = eval_summary.prune_summary(bundle, rows, pruned, keeps, after_block, num_tokens)
+    if "zoom" in tasks:
+        summary["zoom"] = eval_summary.zoom_summary(rows, has_boxes)
+    if "faithfulness" in tasks:
+        curves = [{m: tuple(t.numpy() for t in pair) for m, pair in records[i]["curves"].items()} for i in kept]
+        summary["faithfulness"] = eval_summary.faithfulness_summary(rows, curves, has_boxes)
+    if "intent" in tasks:
+        summary["intent"] = eval_summary.intent_summary(rows, pruned)
+    summary["skipped"] = skipped
+    return summary

@@ -1,0 +1,197 @@
+"""The labelled folders `zoomvit train` reads, checked before any training starts, and their datasets.
+
+A split is either the ImageFolder layout (`SPLIT/CLASS_NAME/image.jpg`, classes in sorted folder order, what
+torchvision and the Hugging Face `imagefolder` loader read) or a folder with a labels.csv (`file,label_index`
+and optionally `label_name`, the folders `zoomvit eval` reads). labels.csv wins when a folder has both, so a
+model's label indices are the ones `zoomvit eval` checks it against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from zoomvit.errors import ZoomViTError
+from zoomvit.evaluation.data import read_labels
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SHOWN_NAMES = 3  # how many skipped files a message names
+
+
+@dataclass
+class Split:
+    name: str  # "train", "val" or "test"
+    folder: Path
+    files: list[Path]
+    labels: list[int]
+    class_names: dict[int, str]  # label index -> name, as the folder or labels.csv names them
+    skipped: list[tuple[Path, str]]  # (file, why) of files that are not readable images
+    folders: list = field(default_factory=list)  # every folder it was read from
+
+
+def find_splits(data: str | None, train: list | None, val: str | None, test: str | None = None) -> dict:
+    """{split name: [folders]}: DATA/train and DATA/val (and DATA/test when present), or --train DIR [DIR ...]
+    with an optional --val and --test."""
+    if data and (train or val or test):
+        raise ZoomViTError("Give a data folder with train/ and val/ inside, or --train (--val, --test): not both.")
+    if data:
+        root = Path(data)
+        if not root.is_dir():
+            raise ZoomViTError(f"Data folder not found: {root}")
+        found = {name: [root / name] for name in ("train", "val", "test") if (root / name).is_dir()}
+        missing = [name for name in ("train", "val") if name not in found]
+        if missing:
+            raise ZoomViTError(f"{root} has no {' or '.join(m + '/' for m in missing)} folder: it needs train/ and "
+                               "val/ (and optionally test/), or give --train DIR [DIR ...] (and --val DIR).")
+    elif train:
+        found = {"train": [Path(t) for t in train], **({"val": [Path(val)]} if val else {}),
+                 **({"test": [Path(test)]} if test else {})}
+    else:
+        raise ZoomViTError("Training needs a data folder (with train/ and val/) or --train DIR [DIR ...].")
+    for name, folders in found.items():
+        for folder in folders:
+            if not folder.is_dir():
+                raise ZoomViTError(f"The {name} folder was not found: {folder}")
+    return found
+
+
+def read_splits(found: dict) -> dict:
+    """Each split's images, several folders of one split (train and val trained on together) joined."""
+    splits = {}
+    for name, folders in found.items():
+        parts = [read_split(name, folder) for folder in folders]
+        first = parts[0]
+        for part in parts[1:]:
+            clash = [i for i in set(part.class_names) & set(first.class_names) if part.class_names[i] != first.class_names[i]]
+            if clash:
+                i = clash[0]
+                raise ZoomViTError(f"Class {i} is '{first.class_names[i]}' in {first.folder} but '{part.class_names[i]}' "
+                                   f"in {part.folder}: folders trained on together must list the same classes.")
+            first = Split(name, first.folder, first.files + part.files, first.labels + part.labels,
+                          {**part.class_names, **first.class_names}, first.skipped + part.skipped,
+                          first.folders + part.folders)
+        splits[name] = first
+    return splits
+
+
+def read_split(name: str, folder: Path) -> Split:
+    """The images and labels of one split, each image's header read (unreadable files are skipped and counted)."""
+    if (folder / "labels.csv").is_file():
+        files, labels, names = _from_labels_csv(folder)
+    else:
+        files, labels, names = _from_class_folders(name, folder)
+    kept_files, kept_labels, skipped = [], [], []
+    for file, label in zip(files, labels):
+        why = _not_an_image(file)
+        if why:
+            skipped.append((file, why))
+        else:
+            kept_files.append(file)
+            kept_labels.append(label)
+    if not kept_files:
+        raise ZoomViTError(f"The {name} folder {folder} holds no readable image"
+                           + (f" ({len(skipped)} files skipped: {_named(skipped)})." if skipped else "."))
+    return Split(name, folder, kept_files, kept_labels, names, skipped, [folder])
+
+
+def _from_class_folders(name: str, folder: Path):
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ZoomViTError(f"The {name} folder {folder} has no class folders (SPLIT/CLASS_NAME/image.jpg) and no "
+                           "labels.csv.")
+    files, labels = [], []
+    empty = []
+    for index, class_folder in enumerate(classes):
+        members = sorted(p for p in class_folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not members:
+            empty.append(class_folder.name)
+        files += members
+        labels += [index] * len(members)
+    if empty:
+        raise ZoomViTError(f"The {name} folder {folder} has {len(empty)} empty class folder(s): "
+                           f"{', '.join(empty[:SHOWN_NAMES])}{' ...' if len(empty) > SHOWN_NAMES else ''}: "
+                           "remove them or add images.")
+    return files, labels, {i: c.name for i, c in enumerate(classes)}
+
+
+def _from_labels_csv(folder: Path):
+    items = read_labels(folder)  # the eval's own checks: file and line of any bad row
+    names = {}
+    for item in items:
+        if item.name:
+            names.setdefault(item.label, item.name)
+    labels = [item.label for item in items]
+    if min(labels) < 0:
+        raise ZoomViTError(f"{folder / 'labels.csv'}: label_index must be 0 or more, found {min(labels)}.")
+    for label in labels:
+        names.setdefault(label, f"class {label}")
+    return [folder / item.file for item in items], labels, names
+
+
+def _not_an_image(file: Path) -> str:
+    """Why `file` cannot be trained on ('' when it can): reads the header only, so a check of 10,000 files is
+    quick; a file whose pixels turn out broken later is caught by the dataset."""
+    if not file.is_file():
+        return "missing"
+    try:
+        with Image.open(file) as image:
+            image.size  # noqa: B018 (the header is parsed here)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return "not an image" if "cannot identify" in str(exc) else str(exc).split("\n")[0]
+    return ""
+
+
+def _named(skipped) -> str:
+    shown = ", ".join(f"{file.name} ({why})" for file, why in skipped[:SHOWN_NAMES])
+    return shown + (f" and {len(skipped) - SHOWN_NAMES} more" if len(skipped) > SHOWN_NAMES else "")
+
+
+def check_splits(splits: dict[str, Split]) -> tuple[dict[int, str], list[str]]:
+    """(id2label, lines to tell the user) after the checks across splits: at least two classes in train, no class
+    in val or test that train lacks, and the same class names where both name them."""
+    train = splits["train"]
+    classes = sorted(set(train.labels))
+    if len(classes) < 2:
+        raise ZoomViTError(f"The train folder {train.folder} has one class only ({train.class_names[classes[0]]}): "
+                           "a classifier needs at least two.")
+    notes = [f"{split.name}: skipped {len(split.skipped)} file(s) that are not readable images: "
+             f"{_named(split.skipped)}" for split in splits.values() if split.skipped]
+    for split in (s for s in splits.values() if s.name != "train"):
+        unknown = sorted(set(split.labels) - set(classes))
+        if unknown:
+            shown = ", ".join(split.class_names[i] for i in unknown[:SHOWN_NAMES])
+            raise ZoomViTError(f"The {split.name} folder has {len(unknown)} class(es) that train lacks: {shown}"
+                               f"{' ...' if len(unknown) > SHOWN_NAMES else ''}.")
+        renamed = [i for i in set(split.labels) if split.class_names[i] != train.class_names[i]]
+        if renamed:
+            i = renamed[0]
+            raise ZoomViTError(f"Class {i} is '{train.class_names[i]}' in train but '{split.class_names[i]}' in "
+                               f"{split.name}: the splits must list the same classes.")
+    num_labels = max(classes) + 1
+    id2label = {i: train.class_names.get(i, f"class {i}") for i in range(num_labels)}
+    return id2label, notes
+
+
+class ImageDataset(Dataset):
+    """(pixel_values, labels) of a split through `transform` (PIL image -> tensor); an image that fails to decode
+    in the middle of training is reported with its name."""
+
+    def __init__(self, split: Split, transform):
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split.files)
+
+    def __getitem__(self, index: int) -> dict:
+        file = self.split.files[index]
+        try:
+            with Image.open(file) as image:
+                pixels = self.transform(image.convert("RGB"))
+        except OSError as exc:
+            raise ZoomViTError(f"Could not decode {file} during training: {exc}") from None
+        return {"pixel_values": pixels, "labels": torch.tensor(self.split.labels[index])}
