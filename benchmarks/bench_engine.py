@@ -23,7 +23,8 @@ from zoomvit import config  # noqa: E402
 from zoomvit import pruning  # noqa: E402
 from zoomvit.geometry import encode
 from zoomvit.images import LoadedImage, load_image
-from zoomvit.models import ViTBundle, load_model, resolve_device, resolve_dtype
+from zoomvit.devices import resolve_device, resolve_dtype
+from zoomvit.models import ViTBundle, load_model
 from zoomvit.vit_analyzer import analyze, predict_pixels  # noqa: E402
 from zoomvit.pruning import median_ms  # noqa: E402
 

@@ -14,6 +14,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from zoomvit.app import layout
 from zoomvit.app import ui as app
 from zoomvit import models
 from zoomvit.app import serving
@@ -597,9 +598,9 @@ def test_a_guess_is_not_shown_as_good_intent(deit_tiny, tmp_path):
 
 
 def test_examples_are_listed_with_captions_and_licences():
-    examples, captions = app._examples()
+    examples, captions = layout.example_files()
     assert len(examples) == len(captions) >= 6
-    readme = (app.EXAMPLES_DIR / "README.md").read_text()
+    readme = (layout.EXAMPLES_DIR / "README.md").read_text()
     photos = [Path(e[0]).name for e in examples if Path(e[0]).name.startswith("photo_")]
     assert len(photos) >= 3
     for (path,), caption in zip(examples, captions):

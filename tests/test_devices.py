@@ -12,7 +12,8 @@ from zoomvit import models
 from zoomvit import pruning
 from zoomvit import zoom
 from zoomvit.errors import ZoomViTError
-from zoomvit.models import load_model, resolve_device, resolve_dtype
+from zoomvit.devices import resolve_device, resolve_dtype
+from zoomvit.models import load_model
 from zoomvit.vit_analyzer import analyze, predict
 
 MAPS = ("rollout", "grad_rollout", "intent")

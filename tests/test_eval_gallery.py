@@ -12,11 +12,13 @@ import pytest
 from PIL import Image
 
 from zoomvit import cli
+from zoomvit.cli import evaluate as cli_evaluate
 from zoomvit.evaluation import data as eval_data
 from zoomvit.evaluation import gallery as eval_gallery
 from zoomvit.evaluation import report as eval_report
 from zoomvit.evaluation import tasks as eval_tasks
 from zoomvit.evaluation import work as eval_work
+from zoomvit.evaluation import pruning_pass
 from zoomvit.evaluation import runner as evaluation
 from zoomvit import pruning
 from zoomvit.errors import ZoomViTError
@@ -43,7 +45,7 @@ def picture_run(deit_tiny, shared_dir, tmp_path_factory):
         return real_sheet(*args)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluation, "LATENCY_ROUNDS", 1)
+        patch.setattr(pruning_pass, "LATENCY_ROUNDS", 1)
         patch.setattr(eval_gallery, "example_sheet", example_sheet)
         result = evaluation.evaluate(deit_tiny, data, LIMIT, KEEPS, tasks=TASKS, progress=False, work_dir=work,
                                      workers=0, gallery=PER_PAGE, examples=PER_GROUP)
@@ -174,7 +176,7 @@ def test_report_links_the_pages_and_sheets_with_each_groups_figures(picture_run)
 def test_resuming_a_finished_work_folder_draws_the_same_pictures(picture_run, deit_tiny, monkeypatch, tmp_path):
     """The options do not change pass 1's files: a resumed run may ask for the pictures, and draws them from the
     work files alone, byte for byte; its outputs replace every picture of the folder's earlier write."""
-    monkeypatch.setattr(evaluation, "LATENCY_ROUNDS", 1)
+    monkeypatch.setattr(pruning_pass, "LATENCY_ROUNDS", 1)
     monkeypatch.setattr(evaluation, "_group_pass", lambda *a, **k: pytest.fail("pass 1 ran again"))
     result = evaluation.evaluate(deit_tiny, picture_run["data"], LIMIT, KEEPS, tasks=TASKS, progress=False,
                                  work_dir=picture_run["work"], resume=True, workers=0, gallery=PER_PAGE,
@@ -221,7 +223,7 @@ def test_cli_refuses_a_folder_with_earlier_pictures_and_overwrite_removes_only_t
                                                                                    tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     fake_pictures(out)
-    monkeypatch.setattr(cli, "_load_model", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli_evaluate, "load_bundle", lambda *args: pytest.fail("the model was loaded"))
     argv = ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", deit_model_path,
             "--out", str(out), "--tasks", "zoom"]
     assert cli.main(argv) == 2
@@ -240,7 +242,7 @@ def test_cli_refuses_a_folder_with_earlier_pictures_and_overwrite_removes_only_t
 ])
 def test_cli_picture_options_are_checked_before_the_model_loads(shared_dir, tmp_path, monkeypatch, capsys, options,
                                                                 message):
-    monkeypatch.setattr(cli, "_load_model", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli_evaluate, "load_bundle", lambda *args: pytest.fail("the model was loaded"))
     argv = ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--out", str(tmp_path / "o"), *options]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err

@@ -21,6 +21,7 @@ from zoomvit.evaluation import data as eval_data
 from zoomvit.evaluation import report as eval_report
 from zoomvit.evaluation import tasks as eval_tasks
 from zoomvit.evaluation import work as eval_work
+from zoomvit.evaluation import pruning_pass
 from zoomvit.evaluation import runner as evaluation
 from zoomvit.images import load_image
 
@@ -167,7 +168,7 @@ def test_worker_decoded_rows_are_the_group_pass_on_the_files(deit_tiny, shared_d
 def test_torchrun_splits_the_pruning_batches_over_the_ranks(launches, deit_tiny, shared_dir, monkeypatch):
     """With batches of SMALL_BATCH images rank 0 runs batches 0 and 2 and rank 1 batches 1 and 3; rank 0 gathers
     them into what one process running every batch gives."""
-    monkeypatch.setattr(evaluation, "PRUNE_BATCH", SMALL_BATCH)
+    monkeypatch.setattr(pruning_pass, "PRUNE_BATCH", SMALL_BATCH)
     expected = evaluation.evaluate(deit_tiny, shared_dir / "data" / "imagenet-sample", LIMIT, keeps=(0.5,),
                                    tasks=SMALL_TASKS, progress=False)
     expected = json.loads(json.dumps({"rows": expected.rows, "summary": expected.summary}))

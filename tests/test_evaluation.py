@@ -14,10 +14,12 @@ import torch
 from PIL import Image
 
 from zoomvit import cli
+from zoomvit.cli import evaluate as cli_evaluate
 from zoomvit.evaluation import data as eval_data
 from zoomvit.evaluation import report as eval_report
 from zoomvit.evaluation import tasks as eval_tasks
 from zoomvit.evaluation import work as eval_work
+from zoomvit.evaluation import pruning_pass
 from zoomvit.evaluation import runner as evaluation
 from zoomvit import faithfulness
 from zoomvit import visualization
@@ -263,7 +265,7 @@ def bench_run(deit_tiny, shared_dir, tmp_path_factory):
     """Every task on the first images of zoom-bench (boxes, background and scale groups). One timing round instead
     of LATENCY_ROUNDS: the tests read the latency ratios' presence and sign, never their value."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(evaluation, "LATENCY_ROUNDS", 1)
+        patch.setattr(pruning_pass, "LATENCY_ROUNDS", 1)
         result = evaluation.evaluate(deit_tiny, shared_dir / "data" / "zoom-bench", limit=LIMIT, progress=False)
     out = tmp_path_factory.mktemp("eval")
     return result, out, eval_report.write_outputs(result, out)
@@ -377,7 +379,7 @@ def test_cli_eval_refuses_an_earlier_runs_folder_before_the_model_loads(deit_mod
                                                                         monkeypatch, capsys):
     """A new run would replace report.md and results.json and leave the earlier run's other plots beside them."""
     out = earlier_run(tmp_path / "out")
-    monkeypatch.setattr(cli, "_load_model", lambda *args: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(cli_evaluate, "load_bundle", lambda *args: pytest.fail("the model was loaded"))
     argv = ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", deit_model_path,
             "--out", str(out), "--tasks", "zoom"]
     for extra in ([], ["--resume"]):  # --resume with nothing to resume would start a new run

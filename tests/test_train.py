@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback, ViTForImageClassification, ViTImageProcessorPil
 
 from zoomvit import cli
-from zoomvit.training import command as train_cli
+from zoomvit.cli import train as train_cli
 from zoomvit.training import models as train_models
 from zoomvit.training import trainer as training
 from hub_configs import config_for

@@ -70,7 +70,7 @@ def resolve_model_name(explicit=None):
     return explicit or os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
 
 
-# Where the model runs and in which precision; checked by models.resolve_device / resolve_dtype.
+# Where the model runs and in which precision; checked by devices.resolve_device / resolve_dtype.
 # auto: cuda if available, else mps, else cpu. A GPU is named as torch names it (cuda:1).
 DEVICE_ENV_VAR = "ZOOMVIT_DEVICE"
 DTYPE_ENV_VAR = "ZOOMVIT_DTYPE"

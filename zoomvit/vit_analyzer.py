@@ -7,7 +7,7 @@ Zoom, pruning, the app and the CLI all read from the same `Analysis`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -173,10 +173,7 @@ class Analysis:
                 memo[target] = analyze(self.bundle, self.loaded, target=target, keep_graph=False)
             else:
                 grads = _backward(self._graph, [target], keep_graph=True)[:, 0]
-                memo[target] = Analysis(
-                    self.bundle, self.loaded, self.geometry, self.pixel_values, self.probs, self.attentions,
-                    target, grads, self.hidden_states, _graph=None,
-                )
+                memo[target] = replace(self, target=target, attention_grads=grads, _graph=None, _cache={})
         return memo[target]
 
     def release_graph(self):

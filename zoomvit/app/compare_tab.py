@@ -59,6 +59,28 @@ def outputs(ui: SimpleNamespace) -> list:
     return [*(getattr(ui, f"cmp_{name}") for name in SHEETS), *(getattr(ui, f"cmp_{name}_text") for name in SHEETS)]
 
 
+def sheet_titles(session: Session, s: ViewSettings, layer: int, head, target: int, patch) -> list[str]:
+    """What each of the three pictures shows, in words."""
+    label, prob = session.bundle.label(target), float(session.analysis.probs[target])
+    name = dict((v, text) for text, v in VIEWS).get(s.view, s.view)
+    last = session.num_layers
+    lines = [f"**Every map**: gradient-weighted and intent explain *{label}* ({prob:.1%}); rollout runs through "
+             f"all {last} blocks; CLS and attention are block {layer + 1}'s ({head_name(head)})."]
+    if patch is not None:
+        row, col = patch
+        what = "what attends to it" if s.direction == "attended_by" else "what it attends to"
+        lines.append(f"**Block by block**: patch **row {row}, column {col}**, {what}, in each of the {last} "
+                     f"blocks ({head_name(head)}).")
+    elif s.view in compare.ACCUMULATED:
+        lines.append(f"**Block by block: {name}** through blocks 1 to b (the model cut after block b): where "
+                     f"the map takes shape. The last tile is the map itself.")
+    else:
+        lines.append(f"**Block by block: {name}**, each block's own ({head_name(head)}).")
+    whose = "the clicked patch's attention" if patch is not None else "what the class token reads"
+    lines.append(f"**Every head of block {layer + 1}**: {whose}.")
+    return lines
+
+
 class CompareHandlers:
     """Draws the Compare tab from a session's analysis; a click there inspects the patch on the Explore tab too."""
 
@@ -92,7 +114,7 @@ class CompareHandlers:
             compare.STRIP_SIDES, patch=patch, selected=len(strip_maps) - 1 if accumulated else layer, **colours)
         heads = compare.heads_grid(session.analysis, layer, patch, s.direction,
                                    selected=None if isinstance(head, str) else head, **colours, **picture)
-        return (maps.image, strip.image, heads.image, *self._titles(session, s, layer, head, target, patch))
+        return (maps.image, strip.image, heads.image, *sheet_titles(session, s, layer, head, target, patch))
 
     def _block_maps(self, session, source, s: ViewSettings, head, discard_ratio, patch):
         """compare.block_maps, kept for the last few settings: the accumulated maps cost ~0.1-0.5 s a strip."""
@@ -105,26 +127,6 @@ class CompareHandlers:
             while len(kept) > STRIPS_KEPT:
                 kept.pop(next(iter(kept)))
         return kept[key]
-
-    def _titles(self, session: Session, s: ViewSettings, layer: int, head, target: int, patch) -> list[str]:
-        label, prob = session.bundle.label(target), float(session.analysis.probs[target])
-        name = dict((v, text) for text, v in VIEWS).get(s.view, s.view)
-        last = session.num_layers
-        lines = [f"**Every map**: gradient-weighted and intent explain *{label}* ({prob:.1%}); rollout runs through "
-                 f"all {last} blocks; CLS and attention are block {layer + 1}'s ({head_name(head)})."]
-        if patch is not None:
-            row, col = patch
-            what = "what attends to it" if s.direction == "attended_by" else "what it attends to"
-            lines.append(f"**Block by block**: patch **row {row}, column {col}**, {what}, in each of the {last} "
-                         f"blocks ({head_name(head)}).")
-        elif s.view in compare.ACCUMULATED:
-            lines.append(f"**Block by block: {name}** through blocks 1 to b (the model cut after block b): where "
-                         f"the map takes shape. The last tile is the map itself.")
-        else:
-            lines.append(f"**Block by block: {name}**, each block's own ({head_name(head)}).")
-        whose = "the clicked patch's attention" if patch is not None else "what the class token reads"
-        lines.append(f"**Every head of block {layer + 1}**: {whose}.")
-        return lines
 
     # ---- events ----------------------------------------------------------------------------------------------
     def show(self, session, settings: ViewSettings):

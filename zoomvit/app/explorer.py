@@ -34,6 +34,31 @@ def checked_settings(settings: ViewSettings) -> ViewSettings:
                    colormap=check_choice(settings.colormap, COLORMAPS, "Colormap"))
 
 
+def target_back(session, *args, **kwargs):
+    """After a target that failed: the dropdown shows the target that is on screen again."""
+    text = session.target_text if isinstance(session, Session) else ""
+    return (text, gr.skip(), gr.skip(), gr.skip(), gr.skip())
+
+
+def target_choices(session):
+    """Top-k first (with their probabilities), then every label: the dropdown is searchable."""
+    if not isinstance(session, Session):
+        return gr.skip()
+    label, probs = session.bundle.label, session.analysis.probs
+    top = [p.index for p in session.analysis.top()]
+    rest = [i for i in range(len(probs)) if i not in set(top)]
+    choices = [("predicted class", "")]
+    choices += [(f"{label(i)} ({probs[i]:.1%})", str(i)) for i in top]
+    choices += [(f"{label(i)} [{i}]", str(i)) for i in rest]
+    return gr.update(choices=choices, value="")
+
+
+def reset_outputs():
+    """Before a new analysis: predicted-class target, no zoom, and no output of the old image left."""
+    return ("", False, gr.update(visible=False), None, None, None, "", None, None,
+            None, None, "", "", None, None, None)
+
+
 class ExploreHandlers:
     """The Explore tab: analyse an image, redraw on any view control, inspect a patch, pick the target class."""
 
@@ -78,12 +103,6 @@ class ExploreHandlers:
         rendered = self.views.render(session, settings, skip_same_grid=True)
         session.target_text = "" if settings.target is None else str(settings.target)
         return (gr.skip(), settings.view, *rendered)
-
-    @staticmethod
-    def target_back(session, *args, **kwargs):
-        """After a target that failed: the dropdown shows the target that is on screen again."""
-        text = session.target_text if isinstance(session, Session) else ""
-        return (text, gr.skip(), gr.skip(), gr.skip(), gr.skip())
 
     def rerender(self, session, settings: ViewSettings, clear_patch=False):
         """Any view control: redraw from the cached analysis. Typed slider values out of range are brought
@@ -157,23 +176,6 @@ class ExploreHandlers:
         session.target_text = str(index)
         return str(index), view, overlay, caption, grid
 
-    def target_choices(self, session):
-        """Top-k first (with their probabilities), then every label: the dropdown is searchable."""
-        if not isinstance(session, Session):
-            return gr.skip()
-        label, probs = session.bundle.label, session.analysis.probs
-        top = [p.index for p in session.analysis.top()]
-        rest = [i for i in range(len(probs)) if i not in set(top)]
-        choices = [("predicted class", "")]
-        choices += [(f"{label(i)} ({probs[i]:.1%})", str(i)) for i in top]
-        choices += [(f"{label(i)} [{i}]", str(i)) for i in rest]
-        return gr.update(choices=choices, value="")
-
-    @staticmethod
-    def reset():
-        """Before a new analysis: predicted-class target, no zoom, and no output of the old image left."""
-        return ("", False, gr.update(visible=False), None, None, None, "", None, None,
-                None, None, "", "", None, None, None)
 
 
 class Explorer:

@@ -120,10 +120,10 @@ class ModelRegistry:
         """names: as --model gives them (None or []: $ZOOMVIT_MODEL, else the built-in default); each is checked
         now from its config.json (a broken folder or an unsupported model fails before anything loads), unless a
         `loader` of the caller's own serves them."""
-        from zoomvit import models
+        from zoomvit import devices, models
 
-        self.device = models.resolve_device(device)
-        self.dtype = models.resolve_dtype(dtype, self.device)
+        self.device = devices.resolve_device(device)
+        self.dtype = devices.resolve_dtype(dtype, self.device)
         self.max_models = resolve_max_models(max_models)
         given = [config.resolve_model_name(name) for name in (names or [None])]
         if loader is None:

@@ -5,8 +5,8 @@
 Each browser session chooses its model among those offered (`model_chooser`, `model_registry`).
 
 UI only: every number comes from the library (vit_analyzer, zoom, pruning, intent, visualization). This module
-holds the layout and the wiring; the handlers live in `explorer` (with `sessions`, `views`, `zoom_prune` and
-`exports`), the serving concerns (port, uploads, temp folder) in `serving`.
+puts the panels of `layout` on tabs and wires them; the handlers live in `explorer` (with `sessions`, `views`,
+`zoom_prune` and `exports`), the serving concerns (port, uploads, temp folder) in `serving`.
 
 Speed: the model runs on an upload, a target-class change, zoom, prune and the faithfulness panel, one event at a
 time (a queue with one worker for them: one model, bounded memory). Each session keeps its `Analysis` in a gr.State
@@ -33,191 +33,34 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
 import functools  # noqa: E402
 import inspect  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import fields  # noqa: E402
-from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import gradio as gr  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
-from zoomvit.app import compare_tab  # noqa: E402
-from zoomvit import config  # noqa: E402
+from zoomvit.app import compare_tab, layout  # noqa: E402
 from zoomvit.app import model_chooser  # noqa: E402
-from zoomvit import models  # noqa: E402
+from zoomvit import devices, models  # noqa: E402
 from zoomvit.checks import check_port  # noqa: E402
 from zoomvit.errors import ZoomViTError  # noqa: E402
-from zoomvit.app.explorer import Explorer, checked_settings  # noqa: E402
-from zoomvit.app.model_chooser import model_controls  # noqa: E402
+from zoomvit.app.explorer import Explorer, checked_settings, reset_outputs, target_back, target_choices  # noqa: E402
 from zoomvit.app.model_registry import ModelRegistry, resolve_max_models  # noqa: E402
-from zoomvit.app.faithfulness_panel import build_panel, wire_panel  # noqa: E402
-from zoomvit.app.feedback import answer_refusals, clamped_by_us, keeps_view, user_errors, view_inputs_checked_by_us  # noqa: E402
+from zoomvit.app.faithfulness_panel import wire_panel  # noqa: E402
+from zoomvit.app.feedback import answer_refusals, keeps_view, user_errors, view_inputs_checked_by_us  # noqa: E402
 from zoomvit.app.serving import (  # noqa: E402
-    JANITOR, TEMP_MAX_AGE_S, OwnStreamPerCall, SweepAfterUploads, add_serve_options, hand_over_the_file,
-    one_blas_thread, port_free,
+    JANITOR, TEMP_MAX_AGE_S, OwnStreamPerCall, SweepAfterUploads, add_serve_options, one_blas_thread, port_free,
 )
 from zoomvit.app.sessions import MAX_SESSIONS, SESSION_TTL_S, release_session  # noqa: E402
-from zoomvit.app.views import COLORMAPS, DIRECTIONS, PAGE_CSS, PAGE_JS, VIEWS, ViewSettings, legend_html  # noqa: E402
-from zoomvit.app.zoom_prune import FUSIONS, KEEP_MIN, MODES, POLICIES  # noqa: E402
-
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "assets"  # zoomvit/assets: the wheel carries it
+from zoomvit.app.views import PAGE_CSS, PAGE_JS, ViewSettings, legend_html  # noqa: E402
 
 MAX_UPLOAD = "25mb"  # Gradio refuses larger uploads; images.load_image also bounds the decoded pixels
 MODEL_QUEUE = "model"  # the concurrency id of every event that may run the model (one at a time)
-IMAGE_BUTTONS = ["download", "fullscreen"]  # no "share": it only works on Hugging Face Spaces
 VIEW_FIELDS = tuple(f.name for f in fields(ViewSettings))  # the view controls, by the names the handlers use
-
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Layout: one builder per panel, each returning the components it made
-# ----------------------------------------------------------------------------------------------------------
-
-
-def text_in_the_api(dropdown: gr.Dropdown, description: str) -> gr.Dropdown:
-    """List a dropdown as free text in the API docs (the target class: 1000 labels, or any label text)."""
-    dropdown.api_info = lambda: {"type": "string", "description": description}
-    return dropdown
-
-
-def _examples():
-    """([[path], ...], [caption, ...]) from zoomvit/assets/examples.csv, in its order (the files listed that are
-    there)."""
-    index = EXAMPLES_DIR / "examples.csv"
-    if not index.is_file():
-        return [], []
-    with open(index, newline="") as f:
-        rows = [row for row in csv.DictReader(f) if (EXAMPLES_DIR / row["file"]).is_file()]
-    return [[str(EXAMPLES_DIR / row["file"])] for row in rows], [row["caption"] for row in rows]
-
-
-def _image_column() -> SimpleNamespace:
-    """The Explore tab's left column: the upload, the examples, the prediction and the diagnosis."""
-    examples, example_labels = _examples()
-    c = SimpleNamespace()
-    c.image = hand_over_the_file(gr.Image(
-        label="Image", type="filepath", sources=["upload", "clipboard"], image_mode=None, height=300, elem_id="image",
-        buttons=["fullscreen"],
-    ), also=[EXAMPLES_DIR])
-    if examples:
-        gr.Examples(examples, inputs=[c.image], example_labels=example_labels, cache_examples=False,
-                    label="Examples: photos (CC0 / public domain) and drawings", examples_per_page=12)
-    c.label = gr.Label(num_top_classes=config.TOP_K, label="Prediction (click one to explain it)", elem_id="prediction")
-    c.diagnosis = gr.Markdown(elem_id="diagnosis", label="Intent diagnosis")
-    return c
-
-
-def _view_controls(bundle: models.ViTBundle) -> SimpleNamespace:
-    """The view controls, named as the ViewSettings fields they fill."""
-    model = model_controls(bundle)  # choices for this model (a session's switch sends its model's)
-    c = SimpleNamespace()
-    with gr.Row():
-        c.view = gr.Radio(
-            VIEWS, value=config.DEFAULT_VIEW, label="View", scale=3, elem_id="view",
-            info="rollout, CLS, attention: where it looks (any class); gradient-weighted, "
-                 "intent: what makes it pick the target class",
-        )
-        c.direction = gr.Radio(DIRECTIONS, value="attends_to", label="Clicked patch shows", scale=2,
-                               elem_id="direction")
-    with gr.Row():
-        c.block = gr.Dropdown(**model["block"], label="Block", elem_id="block")
-        c.head = gr.Dropdown(**model["head"], label="Head", info="one head, or mean / max / min (rollout too)",
-                             elem_id="head")
-        c.target = text_in_the_api(gr.Dropdown(
-            **model["target"], label="Target class",
-            info="what gradient-weighted and intent explain; type to search", filterable=True,
-            allow_custom_value=True, elem_id="target",
-        ), "class index or label text; empty: the predicted class")
-    with gr.Row():
-        c.discard_ratio = clamped_by_us(gr.Slider(
-            0.0, 0.95, value=config.ROLLOUT_DISCARD_RATIO, step=0.05, label="Discard ratio",
-            info="rollout: share of the weakest attention dropped in each block", elem_id="discard",
-        ))
-        c.opacity = clamped_by_us(gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Opacity", info="of the heatmap",
-                                            elem_id="opacity"))
-        c.colormap = gr.Dropdown(COLORMAPS, value="jet", label="Colormap", elem_id="colormap")
-    return c
-
-
-def _view_column(bundle: models.ViTBundle) -> SimpleNamespace:
-    """The Explore tab's right column: the overlay, its controls, patch inspection, all heads, the export."""
-    overlay = gr.Image(label="Where it looks (click a patch)", type="pil", format="jpeg", interactive=False,
-                       elem_id="overlay", buttons=IMAGE_BUTTONS)
-    legend = gr.HTML(legend_html("jet"), elem_id="legend")
-    caption = gr.Markdown(elem_id="caption", label="Caption")
-    c = _view_controls(bundle)
-    c.overlay, c.legend, c.caption = overlay, legend, caption
-    with gr.Row():
-        c.clear = gr.Button("Clear patch selection", size="sm")
-    with gr.Accordion("Inspect a patch by its pixel coordinates", open=False):
-        with gr.Row():
-            c.x_in = gr.Number(label="x (image pixels)", value=None, precision=0, elem_id="x")
-            c.y_in = gr.Number(label="y (image pixels)", value=None, precision=0, elem_id="y")
-            c.inspect_btn = gr.Button("Inspect", elem_id="inspect")
-    with gr.Accordion("All heads of this block: CLS attention, or the clicked patch's", open=True):
-        c.heads_img = gr.Image(label="All heads", show_label=False, type="pil", format="jpeg", interactive=False,
-                               elem_id="heads", buttons=IMAGE_BUTTONS)
-    vars(c).update(vars(build_panel()))  # faith_btn, faith_plot, faith_text
-    with gr.Row():
-        c.export_btn = gr.Button("Export: full-size PNG + JSON", size="sm", elem_id="export")
-    c.export_files = gr.File(label="Export", file_count="multiple", interactive=False, elem_id="export_files")
-    return c
-
-
-def _zoom_panel() -> SimpleNamespace:
-    """The Zoom & prune tab's zoom controls and results."""
-    c = SimpleNamespace()
-    with gr.Row():
-        c.zoom_on = gr.Checkbox(False, label="Zoom in on where the model looks", elem_id="zoom_on")
-        c.policy = gr.Radio(
-            POLICIES, value="adaptive", label="Zoom policy", elem_id="policy",
-            info="adaptive: only when the box is small, and then 70% whole image + 30% crop",
-        )
-    with gr.Group(visible=False) as c.zoom_group:
-        with gr.Row():
-            c.zoom_box = gr.Image(label="Zoom box", type="pil", format="jpeg", interactive=False, height=320,
-                                  elem_id="zoom_box", buttons=IMAGE_BUTTONS)
-            c.zoom_crop = gr.Image(label="Crop", type="pil", format="jpeg", interactive=False, height=320,
-                                   elem_id="zoom_crop", buttons=IMAGE_BUTTONS)
-        c.zoom_info = gr.Markdown(label="Zoom decision", elem_id="zoom_info")
-        with gr.Row():
-            c.zoom_before = gr.Label(num_top_classes=3, label="Before (whole image)")
-            c.zoom_after = gr.Label(num_top_classes=3, label="After zoom")
-    return c
-
-
-def _prune_panel(ex: Explorer) -> SimpleNamespace:
-    """The Zoom & prune tab's pruning controls and results, and the tab's export."""
-    c = SimpleNamespace()
-    gr.Markdown("### Token pruning")
-    with gr.Row():
-        c.keep = clamped_by_us(gr.Slider(
-            KEEP_MIN, 1.0, value=config.PRUNE_KEEP, step=0.05, label="Keep",
-            info="share of patch tokens kept after the block (0.1 to 1.0); the class token always stays",
-            elem_id="keep",
-        ))
-        c.after_block = gr.Dropdown(**model_controls(ex.store.bundle)["after_block"], label="Prune after block",
-                                    elem_id="after_block")
-        c.mode = gr.Radio(MODES, value=config.PRUNE_MODE, label="Mode", elem_id="mode")
-        c.fusion = gr.Radio(FUSIONS, value=config.PRUNE_FUSION, label="Fusion", elem_id="fusion",
-                            info="efficiency mode: what becomes of the tokens not kept",
-                            interactive=config.PRUNE_MODE == "efficiency")
-    with gr.Row():
-        c.kept_img = gr.Image(label="Kept tokens (dropped ones greyed out)", type="pil", format="jpeg",
-                              interactive=False, elem_id="kept", buttons=IMAGE_BUTTONS)
-        with gr.Column():
-            with gr.Row():
-                c.prune_before = gr.Label(num_top_classes=3, label="Before", elem_id="prune_before")
-                c.prune_after = gr.Label(num_top_classes=3, label="After pruning", elem_id="prune_after")
-            c.prune_stats = gr.Markdown(elem_id="prune_stats", label="Pruning cost")
-    with gr.Row():
-        c.zp_export_btn = gr.Button("Export: full-size PNG + JSON", size="sm", elem_id="zp_export")
-    c.zp_export_files = gr.File(label="Export", file_count="multiple", interactive=False, elem_id="zp_export_files")
-    return c
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,14 +130,14 @@ def _wire_explore(ex: Explorer, ui: SimpleNamespace, api: dict):
     # A new image, or the same one with the model a session switched to: clear everything of the old one, analyse.
     on_image, explain_inputs = view_event(handlers.on_image, [ui.image], ui, [ui.session], without=["direction"])
     ui.analyse_anew = lambda trigger: trigger(
-        handlers.reset, None,
+        reset_outputs, None,
         [ui.target, ui.zoom_on, ui.zoom_group, ui.kept_img, ui.prune_before, ui.prune_after, ui.prune_stats,
          ui.x_in, ui.y_in, ui.overlay, ui.label, ui.diagnosis, ui.caption, ui.heads_img, ui.export_files,
          ui.zp_export_files],
         queue=False, show_progress="hidden", **PRIVATE,
     ).then(
         on_image, explain_inputs, api["explain"][2], **MODEL_RUN, **PRIVATE,
-    ).then(handlers.target_choices, [ui.session], [ui.target], show_progress="hidden", **PRIVATE)
+    ).then(target_choices, [ui.session], [ui.target], show_progress="hidden", **PRIVATE)
     ui.analyse_anew(ui.image.change)
 
     change_view, view_inputs = view_event(handlers.change_view, [ui.session], ui)
@@ -306,7 +149,7 @@ def _wire_explore(ex: Explorer, ui: SimpleNamespace, api: dict):
         trigger(rerender, view_inputs, slider_outputs, **QUIET)
     change_target, _ = view_event(handlers.change_target, [ui.session], ui)
     ui.target.input(
-        keeps_view(5, fallback=handlers.target_back)(change_target), view_inputs,
+        keeps_view(5, fallback=target_back)(change_target), view_inputs,
         [ui.target, ui.view, *view_outputs], trigger_mode="always_last", **MODEL_RUN, **PRIVATE,
     )
     ui.colormap.input(legend_html, [ui.colormap], [ui.legend], queue=False, show_progress="hidden", **PRIVATE)
@@ -372,15 +215,15 @@ def build_demo(models_: models.ViTBundle | ModelRegistry) -> gr.Blocks:
             with gr.Tab("Explore", id="explore"):
                 with gr.Row():
                     with gr.Column(scale=2, min_width=280):
-                        left = _image_column()
+                        left = layout.image_column()
                     with gr.Column(scale=3, min_width=360):
-                        right = _view_column(bundle)
+                        right = layout.view_column(bundle)
             with gr.Tab("Compare", id="compare") as cmp_tab:
                 compared = compare_tab.layout()
             with gr.Tab("Zoom & prune", id="zoomprune") as zp_tab:
                 gr.Markdown("Works on the image from the **Explore** tab.")
-                zoom = _zoom_panel()
-                prune = _prune_panel(ex)
+                zoom = layout.zoom_panel()
+                prune = layout.prune_panel(ex)
         _wire(ex, SimpleNamespace(session=session, zp_tab=zp_tab, **vars(head), **vars(left), **vars(right), **vars(zoom),
                                   **vars(prune), cmp_tab=cmp_tab, **vars(compared)))
 
@@ -424,7 +267,7 @@ def main(argv=None) -> int:
 def serve(args) -> int:
     """Serve the app with parsed options (`python app.py` and `zoomvit serve` alike)."""
     try:  # a bad device, dtype, port number or --max-models fails at once, before the slow model load
-        models.resolve_dtype(args.dtype, models.resolve_device(args.device))
+        devices.resolve_dtype(args.dtype, devices.resolve_device(args.device))
         check_port(args.port)
         resolve_max_models(args.max_models)
     except ZoomViTError as exc:

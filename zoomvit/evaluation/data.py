@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import functools
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from zoomvit.errors import ImageLoadError, ZoomViTError
 from zoomvit.images import load_image
@@ -154,3 +155,9 @@ def _alive(pid: int) -> bool:
         return False
     return state not in ("Z", "X")
 
+
+def decode_ahead(images: Images, batches, workers: int) -> DataLoader:
+    """The batches' images, decoded ahead in `workers` processes that die with this one (see
+    `die_with_parent`)."""
+    return DataLoader(images, batch_sampler=batches, num_workers=workers, collate_fn=list,
+                      worker_init_fn=functools.partial(die_with_parent, os.getpid()))

@@ -6,8 +6,8 @@ The folder holds images and labels.csv (see `eval_data`). Two passes:
 1. per group of `batch` images (8 by default): one batched analysis pass, then per image its maps, the zoom and
    the intent diagnosis, and the deletion/insertion curves of every map of every image of the group in one run of
    batched forwards (see `faithfulness`);
-2. pruning: every (mode, criterion, keep) runs over all images in batches of PRUNE_BATCH, then is timed on
-   one batch against the unpruned forward (see `_prune_pass`).
+2. pruning: every (mode, criterion, keep) runs over all images in batches of pruning_pass.PRUNE_BATCH, then is timed on
+   one batch against the unpruned forward (see `pruning_pass`).
 
 Pass 1 writes one small file per image into a work folder (see `eval_work.open_work`), so an interrupted run resumes
 where it stopped, and processes started by torchrun (`torch.distributed`) share the images and the pruning
@@ -18,8 +18,6 @@ Images are decoded in DataLoader worker processes while the model runs. The task
 
 from __future__ import annotations
 
-import functools
-import os
 import platform
 import sys
 import tempfile
@@ -28,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from zoomvit import config
 from zoomvit.evaluation import gallery as eval_gallery
+from zoomvit.evaluation import pruning_pass
 from zoomvit.evaluation import summary as eval_summary
 from zoomvit import faithfulness
 from zoomvit import intent
@@ -41,18 +38,15 @@ from zoomvit import pruning
 from zoomvit import zoom
 from zoomvit.checks import check_after_block
 from zoomvit.errors import ImageLoadError, ZoomViTError
-from zoomvit.evaluation.data import BOX_COLUMNS, Images, default_workers, die_with_parent, read_labels
+from zoomvit.evaluation.data import BOX_COLUMNS, Images, decode_ahead, default_workers, read_labels
 from zoomvit.evaluation.report import Evaluation
-from zoomvit.evaluation.tasks import (DEFAULT_KEEPS, FAITHFULNESS_METHODS, INTENT_CONFIGS, OWN_SCORES, TASKS, PrunedRun, fusion,
-                        prune_configs)
+from zoomvit.evaluation.tasks import (DEFAULT_KEEPS, FAITHFULNESS_METHODS, INTENT_CONFIGS, TASKS, prune_configs)
 from zoomvit.evaluation.work import (Stamps, barrier, finished_images, fingerprint, from_rank0, groups_to_do, load_record,
                        open_work, rank_world, save_record)
 from zoomvit.geometry import encode
 from zoomvit.models import ViTBundle
 from zoomvit.vit_analyzer import Analysis, analyze_encoded
 
-PRUNE_BATCH = 32  # the batch the engine's latency goal is stated at
-LATENCY_ROUNDS = 5
 
 
 # ---- box metrics ------------------------------------------------------------------------------------------
@@ -72,13 +66,6 @@ def peak_in_box(analysis: Analysis, grid_map: np.ndarray, box) -> bool:
     x0, y0, x1, y1 = analysis.geometry.to_original(analysis.geometry.patch_box(row, col))
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     return bool(box[0] <= cx <= box[2] and box[1] <= cy <= box[3])
-
-
-def _loader(images: Images, batches, workers: int) -> DataLoader:
-    """The batches' images, decoded ahead in `workers` processes that die with this one (see
-    `eval_data.die_with_parent`)."""
-    return DataLoader(images, batch_sampler=batches, num_workers=workers, collate_fn=list,
-                      worker_init_fn=functools.partial(die_with_parent, os.getpid()))
 
 
 # ---- pass 1: per image ------------------------------------------------------------------------------------
@@ -167,114 +154,23 @@ def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores
     return row, scores, look
 
 
-# ---- pass 2: pruning --------------------------------------------------------------------------------------
-
-
-def _patch_scores(criterion, keep, scores, random_scores):
-    """The ranking one configuration prunes a batch by (`scores`: its images' pass-1 scores, `random_scores`: its
-    rows of the random baseline's); None = efficiency mode's own attention scores."""
-    if criterion in OWN_SCORES:
-        return None
-    if criterion == "intent":
-        return torch.stack([s["intent"][keep] for s in scores])
-    if criterion == "grad_rollout":
-        return torch.stack([s["grad_rollout"] for s in scores])
-    return random_scores
-
-
-def _batches(kept, rank, world):
-    """This rank's pruning batches, (start, image indices): every world-th batch of PRUNE_BATCH readable images.
-    The batches are a single process's: a batch's logits depend on which images share it."""
-    return [(start, kept[start:start + PRUNE_BATCH]) for start in range(0, len(kept), PRUNE_BATCH)[rank::world]]
-
-
-def _pixels(bundle, images, entry):
-    index, loaded, error = entry
-    if error is not None:
-        raise ZoomViTError(f"{images.items[index].file} could be read in pass 1 but not now: {error}")
-    return encode(bundle, loaded)[0]
-
-
-def _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings, record_kept=()):
-    """{config: PrunedRun} for the N readable images `kept` (indices into `images`, in order) on rank 0; None on
-    the other ranks. The configurations in `record_kept` also give the patch tokens each image kept.
-
-    Accuracy runs every configuration over all images in batches (under torch.distributed every rank runs its
-    share, see `_batches`, and rank 0 gathers them). The images are decoded again rather than kept from pass 1:
-    the same pixels, without holding a whole data set's in memory. `records`: pass 1's, at least for this rank's
-    batches. Latency is timed afterwards on the first batch, on rank 0 once the others are done (see
-    `_latency_ratios`; its seconds go to `timings["latency_seconds"]`). Timing inside the accuracy loop gave ratios
-    0.05-0.25 too high on 2 cores: one unpruned run per batch is too noisy a reference."""
-    rank, world = rank_world()
-    n = len(kept)
-    batches = _batches(kept, rank, world)
-    if batches:
-        num_patches = len(records[batches[0][1][0]]["scores"]["grad_rollout"])
-        random_scores = torch.rand(n, num_patches, generator=torch.Generator().manual_seed(0))
-    loader = _loader(images, [indices for _, indices in batches], workers)
-    results, first_pixels = {}, None
-    with tqdm(total=len(batches) * len(configs), desc="pruning", unit="run", file=sys.stderr,
+def _first_pass(bundle, images: Images, todo, workers: int, settings, work: Path, stamps: Stamps, progress: bool):
+    """Pass 1 over this process's groups `todo`: each image's record saved in `work` as it is done. `settings`:
+    `_group_pass`'s (tasks, intent_keeps, after_block, need_scores)."""
+    loader = decode_ahead(images, todo, workers)
+    # closed on a Ctrl-C too, so that the CLI's one line about it starts a line of its own
+    with tqdm(total=sum(map(len, todo)), desc=f"images ({images.folder.name})", unit="img", file=sys.stderr,
               disable=not progress) as bar:
-        for (start, indices), entries in zip(batches, loader):
-            pixels = torch.cat([_pixels(bundle, images, entry) for entry in entries])
-            scores = [records[i]["scores"] for i in indices]
-            before = torch.tensor([[records[i]["row"]["predicted"]] for i in indices])
-            batch_random = random_scores[start:start + len(indices)]
-            results[start] = {}
-            cuts = {}  # the blocks before the cut run once per batch (twice when some configurations need scores)
-            for mode, criterion, keep in configs:
-                patch_scores = _patch_scores(criterion, keep, scores, batch_random)
-                with_scores = pruning.needs_own_scores(bundle, pixels, keep, patch_scores)
-                if with_scores not in cuts:
-                    cuts[with_scores] = pruning.run_to_cut(bundle, pixels, after_block, with_scores)
-                logits, keep_idx = pruning.finish_pruned(bundle, cuts[with_scores], keep, patch_scores,
-                                                         fusion(mode, criterion))
-                probs = logits.softmax(-1)
-                results[start][mode, criterion, keep] = (
-                    logits.argmax(-1).numpy(), probs.gather(1, before)[:, 0].numpy(), probs.max(-1).values.numpy(),
-                    keep_idx.numpy().astype(np.int32) if (mode, criterion, keep) in record_kept else None)
-                bar.update()
-            if start == 0:
-                first_pixels = pixels
-    if world > 1:
-        gathered = [None] * world if rank == 0 else None
-        dist.gather_object(results, gathered, dst=0)
-        if rank != 0:
-            return None
-        results = {start: part for ranks in gathered for start, part in ranks.items()}
-    out = {cfg: [np.zeros(n, dtype=int), np.zeros(n), np.zeros(n), None] for cfg in configs}
-    for start, part in results.items():
-        for cfg, values in part.items():
-            if values[3] is not None and out[cfg][3] is None:
-                out[cfg][3] = np.zeros((n, values[3].shape[1]), dtype=np.int32)
-            for column, value in zip(out[cfg], values):
-                if value is not None:
-                    column[start:start + len(value)] = value
-    latency_started = time.perf_counter()
-    latency = _latency_ratios(bundle, first_pixels, random_scores[:PRUNE_BATCH], configs, after_block, progress)
-    timings["latency_seconds"] = time.perf_counter() - latency_started
-    return {cfg: PrunedRun(*out[cfg][:3], latency[cfg], out[cfg][3]) for cfg in configs}
-
-
-def _latency_ratios(bundle, pixels, some_scores, configs, after_block, progress):
-    """{config: median pruned time / median unpruned time} on one batch, over LATENCY_ROUNDS interleaved rounds
-    (unpruned, then every distinct computation; see `pruning.interleaved_ms`). Medians of several rounds: single
-    runs on a shared 2-core machine vary by up to 70%."""
-    paths = {cfg: (fusion(*cfg[:2]), cfg[1] in OWN_SCORES, cfg[2]) for cfg in configs}
-    distinct = sorted(set(paths.values()))
-
-    def run(path):
-        how, own_scores, keep = path
-        scores = None if own_scores else some_scores
-        return lambda: pruning.forward_pruned(bundle, pixels, after_block, keep, scores, how)
-
-    full = lambda: pruning.forward_pruned(bundle, pixels, after_block, 1.0)
-    bar = tqdm(total=LATENCY_ROUNDS, desc="timing", unit="round", file=sys.stderr, disable=not progress)
-    full_ms, *path_ms = pruning.interleaved_ms([full, *map(run, distinct)], LATENCY_ROUNDS, bundle.device,
-                                               on_round=bar.update)
-    bar.close()
-    median_full, medians = float(np.median(full_ms)), dict(zip(distinct, map(np.median, path_ms)))
-    return {cfg: float(medians[path]) / median_full for cfg, path in paths.items()}
+        for entries in loader:
+            records = _group_pass(bundle, entries, images.items, *settings)
+            for index, record in records.items():
+                if "error" in record:  # one bad file should not sink a long run: report it and go on
+                    save_record(work, index, record, stamps(index), skipped=True)
+                    continue
+                curves = record["curves"]  # tensors, not arrays: torch.load(weights_only=True) reads no arrays
+                record["curves"] = curves and {m: tuple(map(torch.from_numpy, pair)) for m, pair in curves.items()}
+                save_record(work, index, record, stamps(index))
+            bar.update(len(entries))
 
 
 def evaluate(
@@ -335,20 +231,8 @@ def evaluate(
     finished = from_rank0(lambda: open_work(work, settings, resume, stamps))
     images = Images(data, items)
     todo = groups_to_do(len(items), finished, batch)[rank::world]  # even shares of what is left
-    loader = _loader(images, todo, workers)  # decodes ahead
-    # closed on a Ctrl-C too, so that the CLI's one line about it starts a line of its own
-    with tqdm(total=sum(map(len, todo)), desc=f"images ({data.name})", unit="img", file=sys.stderr,
-              disable=not progress) as bar:
-        for entries in loader:
-            records = _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, bool(configs))
-            for index, record in records.items():
-                if "error" in record:  # one bad file should not sink a long run: report it and go on
-                    save_record(work, index, record, stamps(index), skipped=True)
-                    continue
-                curves = record["curves"]  # tensors, not arrays: torch.load(weights_only=True) reads no arrays
-                record["curves"] = curves and {m: tuple(map(torch.from_numpy, pair)) for m, pair in curves.items()}
-                save_record(work, index, record, stamps(index))
-            bar.update(len(entries))
+    _first_pass(bundle, images, todo, workers, (tasks, intent_keeps, after_block, bool(configs)), work, stamps,
+                progress)
     barrier()  # every image has its file now
     images_seconds = time.perf_counter() - started
     finished = finished_images(work)
@@ -361,12 +245,12 @@ def evaluate(
     if rank == 0:  # it summarises every image
         needed = kept
     else:  # the others need only their pruning batches' files
-        needed = [i for _, indices in _batches(kept, rank, world) for i in indices] if configs else []
+        needed = [i for _, indices in pruning_pass.rank_batches(kept, rank, world) for i in indices] if configs else []
     records = {i: load_record(work, i) for i in needed}
 
     pruned, timings = {}, {}
     if configs:
-        pruned = _prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings,
+        pruned = pruning_pass.prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings,
                              INTENT_CONFIGS if examples else ())
     if rank != 0:
         return None
@@ -384,17 +268,24 @@ def evaluate(
         parts, files = eval_gallery.collect(bundle, data, items, kept, records, summary, rows, pruned, gallery,
                                             examples)
         summary.update(parts)
-    summary["speed"] = {
-        "analysis_ms_median": float(np.median([records[i]["analysis_ms"] for i in kept])),
-        "images_seconds": round(images_seconds, 1),
-        "latency_seconds": round(timings.get("latency_seconds", 0.0), 1),  # timing the pruning (one batch)
-        "total_seconds": round(time.perf_counter() - started, 1),
-    }
-    summary["machine"] = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-    }
+    summary.update(_speed_and_machine([records[i]["analysis_ms"] for i in kept], images_seconds, timings, started))
     return Evaluation(summary, rows, files)
+
+
+def _speed_and_machine(analysis_ms: list, images_seconds: float, timings: dict, started: float) -> dict:
+    """results.json's `speed` (pass 1, the pruning's timing, the whole run) and `machine`, added last."""
+    return {
+        "speed": {
+            "analysis_ms_median": float(np.median(analysis_ms)),
+            "images_seconds": round(images_seconds, 1),
+            "latency_seconds": round(timings.get("latency_seconds", 0.0), 1),  # timing the pruning (one batch)
+            "total_seconds": round(time.perf_counter() - started, 1),
+        },
+        "machine": {
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+        },
+    }
 
 
 def _summary(bundle, data, limit, every, keeps, after_block, tasks, batch, records, kept, rows, pruned, skipped,
@@ -406,7 +297,7 @@ def _summary(bundle, data, limit, every, keeps, after_block, tasks, batch, recor
         "n": len(rows),
         "top1": eval_summary.mean([r["correct"] for r in rows]),
         "settings": {"tasks": list(tasks), "keep": list(keeps), "after_block": after_block, "limit": limit,
-                     "every": every, "batch": batch, "prune_batch": PRUNE_BATCH, "latency_rounds": LATENCY_ROUNDS,
+                     "every": every, "batch": batch, "prune_batch": pruning_pass.PRUNE_BATCH, "latency_rounds": pruning_pass.LATENCY_ROUNDS,
                      "faithfulness_steps": faithfulness.STEPS},
     }
     if "prune" in tasks:

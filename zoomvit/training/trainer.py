@@ -181,9 +181,9 @@ def train(o: TrainOptions, callbacks=(), progress: bool = True) -> dict:
 def _training_arguments(o: TrainOptions, out, has_val: bool):
     from transformers import TrainingArguments
 
-    from zoomvit import models
+    from zoomvit import devices
 
-    device = models.resolve_device(o.device)
+    device = devices.resolve_device(o.device)
     if o.precision == "fp16" and device.type == "cpu":
         raise ZoomViTError("fp16 trains on a GPU only; on the CPU use bf16 or fp32.")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

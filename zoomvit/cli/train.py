@@ -15,7 +15,7 @@ import shlex
 
 from zoomvit import config
 
-PRESET_NAMES = ("vit-tiny", "vit-mini", "vit-nano", "vit-micro")  # train_models.PRESETS (kept light: --help imports no torch)
+PRESET_NAMES = ("vit-tiny", "vit-mini", "vit-nano", "vit-micro")  # training.models.PRESETS (kept light: --help imports no torch)
 
 
 def add_parser(commands) -> None:
