@@ -19,14 +19,16 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zoomvit import config  # noqa: E402
-from zoomvit import pruning  # noqa: E402
+from zoomvit import (
+    config,  # noqa: E402
+    pruning,  # noqa: E402
+)
+from zoomvit.devices import resolve_device, resolve_dtype
 from zoomvit.geometry import encode
 from zoomvit.images import LoadedImage, load_image
-from zoomvit.devices import resolve_device, resolve_dtype
 from zoomvit.models import ViTBundle, load_model
-from zoomvit.vit_analyzer import analyze, predict_pixels  # noqa: E402
 from zoomvit.pruning import median_ms  # noqa: E402
+from zoomvit.vit_analyzer import analyze, predict_pixels  # noqa: E402
 
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", Path(__file__).resolve().parent.parent.parent / "shared"))
 
@@ -71,18 +73,22 @@ def bench(bundle: ViTBundle, image: Image.Image, repeats: int):
     plain = median_ms(lambda: plain_forward_backward(plain_model, bundle, loaded), repeats, device)
     ours = median_ms(lambda: analyze(bundle, loaded, keep_graph=False), repeats, device)
     print(f"\n== {bundle.name} on {device} in {bundle.dtype_name} ==")
-    print(f"analysis pass {ours:.1f} ms / plain {type(plain_model).__name__} forward+backward {plain:.1f} ms "
-          f"= {ours / plain:.3f}x")
+    print(
+        f"analysis pass {ours:.1f} ms / plain {type(plain_model).__name__} forward+backward {plain:.1f} ms "
+        f"= {ours / plain:.3f}x"
+    )
     pixel_values, _ = encode(bundle, loaded)
     for batch in (1, 32):
         x = pixel_values.expand(batch, -1, -1, -1).contiguous()
         reps = repeats if batch == 1 else max(3, repeats // 2)
-        full = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, 1.0), reps, device)
-        hf = median_ms(lambda: predict_pixels(bundle, x), reps, device)
+        full = median_ms(lambda x=x: pruning.forward_pruned(bundle, x, 6, 1.0), reps, device)
+        hf = median_ms(lambda x=x: predict_pixels(bundle, x), reps, device)
         print(f"batch {batch}: full {full:.1f} ms (prediction pass {hf:.1f} ms)")
         tokens = (x.shape[-1] // bundle.patch_size) * (x.shape[-2] // bundle.patch_size) + bundle.num_special
         for keep in (0.7, 0.5, 0.3):
-            pruned = median_ms(lambda: pruning.forward_pruned(bundle, x, 6, keep, None, "merge"), reps, device)
+            pruned = median_ms(
+                lambda x=x, keep=keep: pruning.forward_pruned(bundle, x, 6, keep, None, "merge"), reps, device
+            )
             _, after, macs_b, macs_a = pruning.pruned_macs(bundle, tokens, keep, 6, "efficiency", "merge")
             ratio = pruned / full
             print(
@@ -94,8 +100,11 @@ def bench(bundle: ViTBundle, image: Image.Image, repeats: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(SHARED / "models" / "deit-tiny-patch16-224"))
-    parser.add_argument("--timm-model", default=str(SHARED / "models" / "deit-tiny-patch16-224-timm"),
-                        help="a folder in timm's hub layout, run through timm and through TimmWrapper ('' skips)")
+    parser.add_argument(
+        "--timm-model",
+        default=str(SHARED / "models" / "deit-tiny-patch16-224-timm"),
+        help="a folder in timm's hub layout, run through timm and through TimmWrapper ('' skips)",
+    )
     parser.add_argument("--image", default=str(SHARED / "data" / "imagenet-sample" / "n01440764_tench.JPEG"))
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-vit-b", action="store_true")

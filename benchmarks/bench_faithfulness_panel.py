@@ -52,9 +52,11 @@ def main(argv=None):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
-        print(f"faithfulness panel, {name}: median {np.median(times):.3f} s "
-              f"(range {min(times):.3f}-{max(times):.3f}, {args.repeats} runs, {torch.get_num_threads()} threads, "
-              f"{Path(args.model).name}, view {session.shown.settings['view']})")
+        print(
+            f"faithfulness panel, {name}: median {np.median(times):.3f} s "
+            f"(range {min(times):.3f}-{max(times):.3f}, {args.repeats} runs, {torch.get_num_threads()} threads, "
+            f"{Path(args.model).name}, view {session.shown.settings['view']})"
+        )
 
 
 if __name__ == "__main__":

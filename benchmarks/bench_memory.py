@@ -212,16 +212,35 @@ def data_url_rows(url, client, sampler, pid, folder: Path, after_wait: float, sm
     rows = []
     for count in (1, 4):
         print(f"data URL x{count}...", file=sys.stderr)
-        measured = run_case([client] * count, sampler, pid, grey[:count], after_wait, small,
-                            send_one=lambda i: explain_inline(url, grey[i], options))
-        rows.append((f"data URL x{count}: 16-bit grey PNG 12000x12000", *measured,
-                     SINGLE_MB if count == 1 else CONCURRENT_MB, True))
+        measured = run_case(
+            [client] * count,
+            sampler,
+            pid,
+            grey[:count],
+            after_wait,
+            small,
+            send_one=lambda i: explain_inline(url, grey[i], options),
+        )
+        rows.append(
+            (
+                f"data URL x{count}: 16-bit grey PNG 12000x12000",
+                *measured,
+                SINGLE_MB if count == 1 else CONCURRENT_MB,
+                True,
+            )
+        )
     for count in (1, 4):
         print(f"upload x{count}...", file=sys.stderr)
         clients = [client] if count == 1 else [client_for(url) for _ in range(count)]
         measured = run_case(clients, sampler, pid, grey[:count], after_wait, small)
-        rows.append((f"upload x{count}: 16-bit grey PNG 12000x12000", *measured,
-                     SINGLE_MB if count == 1 else CONCURRENT_MB, False))
+        rows.append(
+            (
+                f"upload x{count}: 16-bit grey PNG 12000x12000",
+                *measured,
+                SINGLE_MB if count == 1 else CONCURRENT_MB,
+                False,
+            )
+        )
     return rows
 
 
@@ -229,8 +248,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(SHARED / "models" / "deit-tiny-patch16-224"))
     parser.add_argument("--after-wait", type=float, default=5.0, help="seconds before 'after' is read")
-    parser.add_argument("--cases", choices=["all", "data-url"], default="all",
-                        help="all: every upload case; data-url: the inline data: URL against the upload")
+    parser.add_argument(
+        "--cases",
+        choices=["all", "data-url"],
+        default="all",
+        help="all: every upload case; data-url: the inline data: URL against the upload",
+    )
     args = parser.parse_args(argv)
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", NO_PROXY="127.0.0.1,localhost")
@@ -246,7 +269,10 @@ def main(argv=None) -> int:
         url = f"http://127.0.0.1:{port}/"
         server = subprocess.Popen(
             [sys.executable, "app.py", "--model", args.model, "--port", str(port)],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             wait_until_served(url, server)
@@ -259,12 +285,16 @@ def main(argv=None) -> int:
             assert explain(client, warm) == "ok", "the warm-up request failed"
             time.sleep(args.after_wait)
             baseline = rss_mb(server.pid)
-            print(f"server RSS: {started_mb:.0f} MB once serving, {baseline:.0f} MB after a warm-up request "
-                  f"(the baseline)")
-            print(f"rule: peak < {SINGLE_MB} MB (one upload), < {CONCURRENT_MB} MB (4 at once); 'released' within "
-                  f"{AFTER_MB} MB of the baseline; bombs refused, others load.\n'after': {args.after_wait:g} s after "
-                  "the case, sessions still holding their analyses; 'released': once each of the case's clients has "
-                  "analysed a small image instead (what the uploads left behind)\n")
+            print(
+                f"server RSS: {started_mb:.0f} MB once serving, {baseline:.0f} MB after a warm-up request "
+                f"(the baseline)"
+            )
+            print(
+                f"rule: peak < {SINGLE_MB} MB (one upload), < {CONCURRENT_MB} MB (4 at once); 'released' within "
+                f"{AFTER_MB} MB of the baseline; bombs refused, others load.\n'after': {args.after_wait:g} s after "
+                "the case, sessions still holding their analyses; 'released': once each of the case's clients has "
+                "analysed a small image instead (what the uploads left behind)\n"
+            )
             rows = []
             if args.cases == "data-url":
                 rows = data_url_rows(url, client, sampler, server.pid, folder, args.after_wait, warm)
@@ -282,15 +312,19 @@ def main(argv=None) -> int:
             server.terminate()
             server.wait(timeout=30)
 
-    print(f"{'case':40s} {'file KB':>8s} {'peak MB':>8s} {'after MB':>9s} {'released':>9s} {'base MB':>8s} "
-          f"{'s':>6s}  result")
+    print(
+        f"{'case':40s} {'file KB':>8s} {'peak MB':>8s} {'after MB':>9s} {'released':>9s} {'base MB':>8s} "
+        f"{'s':>6s}  result"
+    )
     failed = 0
     for name, kb, outcomes, peak, after, released, seconds, limit, must_refuse in rows:
         refused = [o.startswith("refused") for o in outcomes]
         ok = peak < limit and released - baseline < AFTER_MB and all(r == must_refuse for r in refused)
         failed += not ok
-        print(f"{name:40s} {kb:8.0f} {peak:8.0f} {after:9.0f} {released:9.0f} "
-              f"{baseline:8.0f} {seconds:6.1f}  {'PASS' if ok else 'FAIL'}  {'; '.join(sorted(set(outcomes)))}")
+        print(
+            f"{name:40s} {kb:8.0f} {peak:8.0f} {after:9.0f} {released:9.0f} "
+            f"{baseline:8.0f} {seconds:6.1f}  {'PASS' if ok else 'FAIL'}  {'; '.join(sorted(set(outcomes)))}"
+        )
     return 1 if failed else 0
 
 

@@ -31,8 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zoomvit import config  # noqa: E402
-from zoomvit import pruning  # noqa: E402
+from zoomvit import (
+    config,  # noqa: E402
+    pruning,  # noqa: E402
+)
 from zoomvit.models import load_model  # noqa: E402
 from zoomvit.vit_analyzer import analyze  # noqa: E402
 
@@ -45,10 +47,24 @@ def configurations(bundle, analysis, keeps, after_block):
     runs = [("full", None, 1.0, "drop", lambda: pruning.forward_pruned(bundle, x, after_block, 1.0))]
     for keep in keeps:
         scores = pruning.analysis_scores(analysis, after_block, keep)
-        runs.append(("efficiency/merge", "efficiency", keep, "merge",
-                     lambda keep=keep: pruning.forward_pruned(bundle, x, after_block, keep, None, "merge")))
-        runs.append(("analysis/drop", "analysis", keep, "drop",
-                     lambda keep=keep, scores=scores: pruning.forward_pruned(bundle, x, after_block, keep, scores)))
+        runs.append(
+            (
+                "efficiency/merge",
+                "efficiency",
+                keep,
+                "merge",
+                lambda keep=keep: pruning.forward_pruned(bundle, x, after_block, keep, None, "merge"),
+            )
+        )
+        runs.append(
+            (
+                "analysis/drop",
+                "analysis",
+                keep,
+                "drop",
+                lambda keep=keep, scores=scores: pruning.forward_pruned(bundle, x, after_block, keep, scores),
+            )
+        )
     return runs
 
 
@@ -73,15 +89,21 @@ def pieces(bundle, analysis, keep, after_block):
         keep_idx, drop_idx, partner = pruning.select_with_coverage(cut.scores, patches, n_keep)
         pruning.merge_into_kept(patches, None, keep_idx, drop_idx, partner)
 
-    return cut.x.shape[1], kept.shape[1], [
-        (f"blocks 1-{after_block}", lambda: pruning.run_to_cut(bundle, x, after_block, with_scores=False)),
-        (f"blocks 1-{after_block} + scoring rows",
-         lambda: pruning.run_to_cut(bundle, x, after_block, with_scores=True)),
-        (f"blocks {after_block + 1}-{bundle.num_layers}, {cut.x.shape[1]} tokens", lambda: blocks_after(cut.x)),
-        (f"blocks {after_block + 1}-{bundle.num_layers}, {kept.shape[1]} tokens", lambda: blocks_after(kept)),
-        ("selection + merge", select_and_merge),
-        (f"blocks {after_block + 1}-{bundle.num_layers}, 2 tokens", lambda: blocks_after(two)),
-    ]
+    return (
+        cut.x.shape[1],
+        kept.shape[1],
+        [
+            (f"blocks 1-{after_block}", lambda: pruning.run_to_cut(bundle, x, after_block, with_scores=False)),
+            (
+                f"blocks 1-{after_block} + scoring rows",
+                lambda: pruning.run_to_cut(bundle, x, after_block, with_scores=True),
+            ),
+            (f"blocks {after_block + 1}-{bundle.num_layers}, {cut.x.shape[1]} tokens", lambda: blocks_after(cut.x)),
+            (f"blocks {after_block + 1}-{bundle.num_layers}, {kept.shape[1]} tokens", lambda: blocks_after(kept)),
+            ("selection + merge", select_and_merge),
+            (f"blocks {after_block + 1}-{bundle.num_layers}, 2 tokens", lambda: blocks_after(two)),
+        ],
+    )
 
 
 def floor_text(bundle, tokens, kept_tokens, after_block, medians) -> str:
@@ -94,9 +116,11 @@ def floor_text(bundle, tokens, kept_tokens, after_block, medians) -> str:
     full = before + after_all
     latency = (before + after_kept) / full
     extras = (scored - before + selection) / full
-    return (f"\nblocks alone, {kept_tokens} of {tokens} tokens after the cut: latency ratio {latency:.3f}, MACs ratio "
-            f"{macs:.3f}, {latency - macs:+.3f} before any selection; efficiency mode's scoring rows and selection add "
-            f"{extras:+.3f}")
+    return (
+        f"\nblocks alone, {kept_tokens} of {tokens} tokens after the cut: latency ratio {latency:.3f}, MACs ratio "
+        f"{macs:.3f}, {latency - macs:+.3f} before any selection; efficiency mode's scoring rows and selection add "
+        f"{extras:+.3f}"
+    )
 
 
 def load_text() -> str:
@@ -129,23 +153,29 @@ def main():
     if args.pieces is not None:
         tokens, kept_tokens, parts = pieces(bundle, analysis, args.pieces, args.after_block)
         times = pruning.interleaved_ms([call for _, call in parts], args.repeats, bundle.device)
-        print(f"{bundle.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, "
-              f"keep {args.pieces}, {args.repeats} interleaved rounds; {load_text()}")
+        print(
+            f"{bundle.name}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch 1, "
+            f"keep {args.pieces}, {args.repeats} interleaved rounds; {load_text()}"
+        )
         for (name, _), ms in zip(parts, times):
             print(f"{name:<36} {np.median(ms):7.2f} ms  ({min(ms):.2f}-{max(ms):.2f})")
         print(floor_text(bundle, tokens, kept_tokens, args.after_block, [float(np.median(ms)) for ms in times]))
         return
     runs = configurations(bundle, analysis, args.keeps, args.after_block)
     num_tokens = analysis.attentions.shape[-1]
-    print(f"{bundle.name} on {bundle.device} in {bundle.dtype_name}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, batch 1, cut after block {args.after_block}, "
-          f"{args.repeats} interleaved rounds")
+    print(
+        f"{bundle.name} on {bundle.device} in {bundle.dtype_name}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, batch 1, cut after block {args.after_block}, "
+        f"{args.repeats} interleaved rounds"
+    )
     print(f"before: {load_text()}")
     times = pruning.interleaved_ms([run[-1] for run in runs], args.repeats, bundle.device)
     print(f"after:  {load_text()}")
     full = float(np.median(times[0]))
-    print(f"\n{'configuration':<17} {'keep':>4} {'tokens':>7} {'median ms':>9} {'range ms':>13} {'latency':>7} "
-          f"{'MACs':>6} {'diff':>6}  within +{args.margin:.2f}")
+    print(
+        f"\n{'configuration':<17} {'keep':>4} {'tokens':>7} {'median ms':>9} {'range ms':>13} {'latency':>7} "
+        f"{'MACs':>6} {'diff':>6}  within +{args.margin:.2f}"
+    )
     for (label, mode, keep, fusion, _), ms in zip(runs, times):
         median = float(np.median(ms))
         spread = f"{min(ms):.2f}-{max(ms):.2f}"
@@ -155,8 +185,10 @@ def main():
         _, after, macs_full, macs_pruned = pruning.pruned_macs(bundle, num_tokens, keep, args.after_block, mode, fusion)
         latency, macs = median / full, macs_pruned / macs_full
         verdict = "yes" if latency <= macs + args.margin else "NO"
-        print(f"{label:<17} {keep:>4} {after:>7} {median:>9.2f} {spread:>13} {latency:>7.3f} {macs:>6.3f} "
-              f"{latency - macs:>+6.3f}  {verdict}")
+        print(
+            f"{label:<17} {keep:>4} {after:>7} {median:>9.2f} {spread:>13} {latency:>7.3f} {macs:>6.3f} "
+            f"{latency - macs:>+6.3f}  {verdict}"
+        )
 
 
 if __name__ == "__main__":

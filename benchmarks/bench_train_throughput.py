@@ -18,14 +18,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zoomvit.training import trainer as training  # noqa: E402
 from zoomvit.training import models as train_models  # noqa: E402
+from zoomvit.training import trainer as training  # noqa: E402
 
 
 def build(model_name, classes):
-    o = training.TrainOptions(out="", model=model_name, init="pretrained" if model_name else "random",
-                              arch="vit-mini", image_size=None if model_name else 32,
-                              patch_size=None if model_name else 4)
+    o = training.TrainOptions(
+        out="",
+        model=model_name,
+        init="pretrained" if model_name else "random",
+        arch="vit-mini",
+        image_size=None if model_name else 32,
+        patch_size=None if model_name else 4,
+    )
     id2label = {i: f"class {i}" for i in range(classes)}
     built = train_models._fine_tune(o, id2label) if model_name else train_models._scratch(o, id2label)
     return built
@@ -55,17 +60,34 @@ def plain_loop(model, rows, batch, lr):
 
 
 def through_trainer(model, rows, batch, lr, out):
-    from transformers import TrainingArguments
     from torch.utils.data import default_collate
+    from transformers import TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(out), num_train_epochs=1, per_device_train_batch_size=batch, learning_rate=lr,
-        weight_decay=0.05, optim="adamw_torch_fused", lr_scheduler_type="constant", eval_strategy="no", save_strategy="no",
-        logging_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
-        dataloader_drop_last=True, remove_unused_columns=False, dataloader_num_workers=0,
+        output_dir=str(out),
+        num_train_epochs=1,
+        per_device_train_batch_size=batch,
+        learning_rate=lr,
+        weight_decay=0.05,
+        optim="adamw_torch_fused",
+        lr_scheduler_type="constant",
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        dataloader_drop_last=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
     )
-    trainer = training._trainer_class()(model=model, args=args, train_dataset=rows, data_collator=default_collate,
-                                        compute_loss_func=training.soft_cross_entropy(0.1))
+    trainer = training._trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=default_collate,
+        compute_loss_func=training.soft_cross_entropy(0.1),
+    )
     started = time.perf_counter()
     trainer.train()
     return len(rows) // batch * batch / (time.perf_counter() - started)
@@ -94,8 +116,10 @@ def main():
         for _ in range(a.rounds):  # interleaved: a change in machine load hits both sides alike
             speeds["plain loop"].append(plain_loop(built.model, rows, a.batch, 1e-4))
             speeds["Trainer"].append(through_trainer(built.model, rows, a.batch, 1e-4, out))
-    print(f"model: {built.base}, input {built.input_size}, batch {a.batch}, {a.steps} steps x {a.rounds} rounds, "
-          f"{a.threads} threads, torch {torch.__version__}")
+    print(
+        f"model: {built.base}, input {built.input_size}, batch {a.batch}, {a.steps} steps x {a.rounds} rounds, "
+        f"{a.threads} threads, torch {torch.__version__}"
+    )
     for name, values in speeds.items():
         print(f"{name:>10}: median {statistics.median(values):7.1f} img/s (range {min(values):.1f}..{max(values):.1f})")
     ratio = statistics.median(speeds["Trainer"]) / statistics.median(speeds["plain loop"])

@@ -28,12 +28,13 @@ sys.path.insert(0, str(REPO))
 
 import dataclasses  # noqa: E402
 
+from bench_engine import vit_b_shaped  # noqa: E402
+
 from zoomvit.app import serving  # noqa: E402
 from zoomvit.app.explorer import Explorer  # noqa: E402
-from zoomvit.models import load_model  # noqa: E402
 from zoomvit.app.sessions import DISPLAY_SIDE  # noqa: E402
 from zoomvit.app.views import ViewSettings  # noqa: E402
-from bench_engine import vit_b_shaped  # noqa: E402
+from zoomvit.models import load_model  # noqa: E402
 
 SHARED = Path(os.environ.get("ZOOMVIT_SHARED", REPO.parent / "shared"))
 
@@ -69,16 +70,19 @@ def encode_ms(image: Image.Image) -> float:
 def bench(bundle, image_path, repeats):
     explorer = Explorer(bundle)
     session = explorer.store.session_for(image_path, None)
-    print(f"\n== {bundle.name}: {session.analysis.loaded.image.size} image, drawn at {session.display.size}, "
-          f"{bundle.num_layers} layers x {bundle.num_heads} heads, {session.analysis.grid} grid ==")
+    print(
+        f"\n== {bundle.name}: {session.analysis.loaded.image.size} image, drawn at {session.display.size}, "
+        f"{bundle.num_layers} layers x {bundle.num_heads} heads, {session.analysis.grid} grid =="
+    )
     gh, gw = session.analysis.grid
     discard_values = iter(np.linspace(0.5, 0.95, 10_000))  # every value new: the rollout is recomputed
     rows = []
     for name, change in changes(bundle):
         render_times, encode_times = [], []
         for i in range(repeats + 1):
-            controls = {control: values[i % len(values)] for control, values in change.items()
-                        if isinstance(values, list)}
+            controls = {
+                control: values[i % len(values)] for control, values in change.items() if isinstance(values, list)
+            }
             if change.get("discard_ratio") == "new":
                 controls["discard_ratio"] = float(next(discard_values))
             session.patch = ((i * 5) % gh, (i * 3) % gw) if change.get("patch") else None
@@ -97,8 +101,10 @@ def bench(bundle, image_path, repeats):
         print(f"{name:<{width}}  {render:9.1f}  {encode:8.1f}  {render + encode:8.1f}")
     worst = max(r[1] for r in rows)
     totals = [r[1] + r[2] for r in rows]
-    print(f"median of medians: render {np.median([r[1] for r in rows]):.1f} ms, worst {worst:.1f} ms; "
-          f"with encoding {np.median(totals):.1f} ms, worst {max(totals):.1f} ms")
+    print(
+        f"median of medians: render {np.median([r[1] for r in rows]):.1f} ms, worst {worst:.1f} ms; "
+        f"with encoding {np.median(totals):.1f} ms, worst {max(totals):.1f} ms"
+    )
     return rows
 
 
@@ -109,14 +115,20 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the maps themselves are numpy)")
     parser.add_argument("--skip-vit-b", action="store_true")
-    parser.add_argument("--blas-threads", choices=["one", "default"], default="one",
-                        help="numpy's OpenBLAS on one thread, as app.main() sets it (default), or left as is")
+    parser.add_argument(
+        "--blas-threads",
+        choices=["one", "default"],
+        default="one",
+        help="numpy's OpenBLAS on one thread, as app.main() sets it (default), or left as is",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.blas_threads == "one":
         serving.one_blas_thread()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), numpy BLAS threads: {args.blas_threads}, "
-          f"display side {DISPLAY_SIDE} px")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), numpy BLAS threads: {args.blas_threads}, "
+        f"display side {DISPLAY_SIDE} px"
+    )
     if not args.skip_vit_b:
         bench(vit_b_shaped(), args.image, args.repeats)
     bench(load_model(args.model), args.image, args.repeats)

@@ -18,10 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from compare_timm_hf import MAPS, SHARED, correlation, dev_images  # noqa: E402
+
 from zoomvit.images import load_image
 from zoomvit.models import ViTBundle, load_model
 from zoomvit.vit_analyzer import analyze  # noqa: E402
-from compare_timm_hf import MAPS, SHARED, correlation, dev_images  # noqa: E402
 
 
 def compare(reference: ViTBundle, low: ViTBundle, images) -> dict:
@@ -65,11 +66,17 @@ def main():
     low = load_model(args.model, args.device, "bfloat16")
     f = compare(reference, low, dev_images(args.limit))
     print(f"{f['images']} dev images, {reference.name} on {reference.device}: bfloat16 against float32")
-    print(f"top-1 accuracy: float32 {f['top1_float32']:.3f}, bfloat16 {f['top1_bfloat16']:.3f}; "
-          f"top-1 agreement {f['top1_agreement']:.3f}")
+    print(
+        f"top-1 accuracy: float32 {f['top1_float32']:.3f}, bfloat16 {f['top1_bfloat16']:.3f}; "
+        f"top-1 agreement {f['top1_agreement']:.3f}"
+    )
     print(f"|delta prob| of float32's predicted class: mean {f['prob_delta_mean']:.4f}, max {f['prob_delta_max']:.4f}")
-    print("map correlation with float32 (min / median / mean): " + ", ".join(
-        f"{m} {c['min']:.4f} / {c['median']:.4f} / {c['mean']:.4f}" for m, c in f["map_correlation"].items()))
+    print(
+        "map correlation with float32 (min / median / mean): "
+        + ", ".join(
+            f"{m} {c['min']:.4f} / {c['median']:.4f} / {c['mean']:.4f}" for m, c in f["map_correlation"].items()
+        )
+    )
 
 
 if __name__ == "__main__":

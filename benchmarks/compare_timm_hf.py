@@ -96,12 +96,18 @@ def main():
     print(f"{figures['images']} dev images; maps compared on {figures['maps_on']}; reference: Hugging Face")
     for name in paths:
         f = figures[name]
-        print(f"{name}: top-1 {f['top1_own_preprocessing']:.3f} with its own preprocessing "
-              f"(agrees {f['agrees_with_reference_own_preprocessing']:.3f}); same pixels: top-1 "
-              f"{f['top1_same_pixels']:.3f}, agrees {f['agrees_with_reference_same_pixels']:.3f}")
+        print(
+            f"{name}: top-1 {f['top1_own_preprocessing']:.3f} with its own preprocessing "
+            f"(agrees {f['agrees_with_reference_own_preprocessing']:.3f}); same pixels: top-1 "
+            f"{f['top1_same_pixels']:.3f}, agrees {f['agrees_with_reference_same_pixels']:.3f}"
+        )
         if "map_correlation_min" in f:
-            print("   map correlation min / median: " + ", ".join(
-                f"{m} {f['map_correlation_min'][m]:.5f} / {f['map_correlation_median'][m]:.5f}" for m in MAPS))
+            print(
+                "   map correlation min / median: "
+                + ", ".join(
+                    f"{m} {f['map_correlation_min'][m]:.5f} / {f['map_correlation_median'][m]:.5f}" for m in MAPS
+                )
+            )
 
 
 if __name__ == "__main__":

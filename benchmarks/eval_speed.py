@@ -36,11 +36,30 @@ SHARED = Path(os.environ.get("ZOOMVIT_SHARED", ROOT.parent / "shared"))
 
 
 def run_eval(code: Path, out: Path, args, procs: int = 1) -> dict:
-    command = [sys.executable, "-m", "zoomvit", "eval", "--data", str(args.data), "--model", str(args.model),
-               "--out", str(out), "--limit", str(args.limit)]
+    command = [
+        sys.executable,
+        "-m",
+        "zoomvit",
+        "eval",
+        "--data",
+        str(args.data),
+        "--model",
+        str(args.model),
+        "--out",
+        str(out),
+        "--limit",
+        str(args.limit),
+    ]
     if procs > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
-                   "-m", *command[2:]]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={procs}",
+            "-m",
+            *command[2:],
+        ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     start = time.perf_counter()
     subprocess.run(command, cwd=code, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -52,8 +71,9 @@ def run_eval(code: Path, out: Path, args, procs: int = 1) -> dict:
 def mean_run(runs: list) -> dict:
     """The rounds of one way of running: mean wall and speed figures, the first round's results otherwise (the
     figures are the same in every round)."""
-    speed = {k: float(np.mean([r["results"]["speed"].get(k, np.nan) for r in runs]))
-             for k in runs[0]["results"]["speed"]}
+    speed = {
+        k: float(np.mean([r["results"]["speed"].get(k, np.nan) for r in runs])) for k in runs[0]["results"]["speed"]
+    }
     return {"wall": float(np.mean([r["wall"] for r in runs])), "results": {**runs[0]["results"], "speed": speed}}
 
 
@@ -99,9 +119,8 @@ def forward_share(args, images: int = 16) -> dict:
     """In this process: `evaluate` (all tasks) on the first `images` images with every plain forward of pass 1
     (perturbations and zoom crops) timed, bracketed by the plain forward's throughput at batch 16 just before and
     after. Says how much of pass 1 is the forwards themselves, at the same moment on the same machine."""
-    from zoomvit import faithfulness
+    from zoomvit import faithfulness, zoom
     from zoomvit.evaluation import runner as evaluation
-    from zoomvit import zoom
     from zoomvit.models import load_model
     from zoomvit.vit_analyzer import predict_pixels
 
@@ -123,9 +142,13 @@ def forward_share(args, images: int = 16) -> dict:
         faithfulness.predict_pixels = zoom.predict_pixels = predict_pixels
     after = forward_throughput(bundle)
     pass_one = result.summary["speed"]["images_seconds"]
-    return {"pass_one_s_per_image": pass_one / images, "forward_s_per_image": spent["seconds"] / images,
-            "forwards_per_image": spent["images"] / images, "plain_ips": (before + after) / 2,
-            "plain_ips_range": (before, after)}
+    return {
+        "pass_one_s_per_image": pass_one / images,
+        "forward_s_per_image": spent["seconds"] / images,
+        "forwards_per_image": spent["images"] / images,
+        "plain_ips": (before + after) / 2,
+        "plain_ips_range": (before, after),
+    }
 
 
 def main():
@@ -135,8 +158,12 @@ def main():
     parser.add_argument("--limit", type=int, default=48)
     parser.add_argument("--base", default="51068f0", help="the 'before' git revision (default: %(default)s)")
     parser.add_argument("--procs", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="each way is run this many times, in alternating "
-                        "order (default: %(default)s)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="each way is run this many times, in alternating order (default: %(default)s)",
+    )
     parser.add_argument("--share-only", action="store_true", help="only the forward share (no eval runs)")
     parser.add_argument("--scale", type=int, default=500, help="extrapolate the times to this many images")
     args = parser.parse_args()
@@ -165,8 +192,10 @@ def main():
     n = args.limit
     reference = figures(runs["before"]["results"])
     print(f"{n} images of {args.data.name}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"{'run':<10} {'wall s':>8} {'pass-1 s/img':>13} {'pruning s':>10} {'ratio':>7} "
-          f"{f'{args.scale} images, min':>18} {'max figure change':>18}")
+    print(
+        f"{'run':<10} {'wall s':>8} {'pass-1 s/img':>13} {'pruning s':>10} {'ratio':>7} "
+        f"{f'{args.scale} images, min':>18} {'max figure change':>18}"
+    )
     extrapolated = {}
     for name, run in runs.items():
         speed = run["results"]["speed"]
@@ -178,23 +207,30 @@ def main():
         fixed = run["wall"] - speed["total_seconds"] + latency
         extrapolated[name] = (fixed + args.scale * per_image + (pruning - latency) * args.scale / n) / 60
         change = max(abs(v - reference[k]) for k, v in figures(run["results"]).items())
-        print(f"{name:<10} {run['wall']:8.1f} {per_image:13.2f} {pruning:10.1f} "
-              f"{runs['before']['wall'] / run['wall']:7.2f} {extrapolated[name]:18.1f} {change:18.3f}")
+        print(
+            f"{name:<10} {run['wall']:8.1f} {per_image:13.2f} {pruning:10.1f} "
+            f"{runs['before']['wall'] / run['wall']:7.2f} {extrapolated[name]:18.1f} {change:18.3f}"
+        )
     for name in list(runs)[1:]:
-        print(f"{name} against before, extrapolated to {args.scale} images: "
-              f"{extrapolated['before'] / extrapolated[name]:.2f}x")
+        print(
+            f"{name} against before, extrapolated to {args.scale} images: "
+            f"{extrapolated['before'] / extrapolated[name]:.2f}x"
+        )
     report_share(args)
 
 
 def report_share(args):
     share = forward_share(args)
     ips, pass_one, forwards = share["plain_ips"], share["pass_one_s_per_image"], share["forward_s_per_image"]
-    print(f"one process, {torch.get_num_threads()} threads, first 16 images: pass 1 takes "
-          f"{pass_one:.2f} s per image ({1 / pass_one:.3f} images/s), of which {forwards:.2f} s "
-          f"({forwards / pass_one:.0%}) are its {share['forwards_per_image']:.0f} plain forwards per image (perturbations, zoom crops); the plain "
-          f"forward alone runs {ips:.1f} images/s at batch 16 ({share['plain_ips_range'][0]:.1f} before, "
-          f"{share['plain_ips_range'][1]:.1f} after), so those forwards would take "
-          f"{share['forwards_per_image'] / ips:.2f} s per image by themselves")
+    print(
+        f"one process, {torch.get_num_threads()} threads, first 16 images: pass 1 takes "
+        f"{pass_one:.2f} s per image ({1 / pass_one:.3f} images/s), of which {forwards:.2f} s "
+        f"({forwards / pass_one:.0%}) are its {share['forwards_per_image']:.0f} plain forwards per image "
+        f"(perturbations, zoom crops); the plain "
+        f"forward alone runs {ips:.1f} images/s at batch 16 ({share['plain_ips_range'][0]:.1f} before, "
+        f"{share['plain_ips_range'][1]:.1f} after), so those forwards would take "
+        f"{share['forwards_per_image'] / ips:.2f} s per image by themselves"
+    )
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from gradio_client import Client, handle_file
+from app_server import client, photos, running_app, server, url  # noqa: F401 (shared fixtures)
+from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from zoomvit.app import ui as app
 from zoomvit.app import serving
-from app_server import client, photos, running_app, server, url  # noqa: F401 (shared fixtures)
+from zoomvit.app import ui as app
 from zoomvit.checks import check_choice, check_number, finite_number
 from zoomvit.errors import ZoomViTError
 from zoomvit.vit_analyzer import predict
@@ -33,7 +33,6 @@ pytestmark = [  # Gradio's queue trips over pandas 3 deprecations: not ours
 ]
 
 FILE_MARKER = {"meta": {"_type": "gradio.FileData"}}  # Gradio's own marker: it copies such a path into its cache
-
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +59,9 @@ def defaults(client):
     """Every public endpoint's values after the image, as view_api lists their defaults (the plain HTTP API fills
     in none)."""
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    return {name.lstrip("/"): [p["parameter_default"] for p in info["parameters"][1:]]
-            for name, info in endpoints.items()}
+    return {
+        name.lstrip("/"): [p["parameter_default"] for p in info["parameters"][1:]] for name, info in endpoints.items()
+    }
 
 
 # ---- the plain HTTP API, as any script can call it --------------------------------------------------------------
@@ -70,8 +70,12 @@ def defaults(client):
 def post_call(url, api_name, data, session_hash=None) -> str:
     body = {"data": data} if session_hash is None else {"data": data, "session_hash": session_hash}
     # json.dumps writes NaN and Infinity, as a script's JSON library may: Gradio reads them
-    response = httpx.post(f"{url}gradio_api/call/{api_name}", content=json.dumps(body),
-                          headers={"content-type": "application/json"}, timeout=30)
+    response = httpx.post(
+        f"{url}gradio_api/call/{api_name}",
+        content=json.dumps(body),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert response.status_code == 200, response.text
     return response.json()["event_id"]
 
@@ -108,8 +112,9 @@ def join_queue(url, demo, api_name, values, session_hash) -> str:
 def queue_answers(url, session_hash, event_ids, timeout=120.0) -> dict:
     """event id -> (success, output) for each of `event_ids`, from the session's one /queue/data stream."""
     answers, deadline = {}, time.monotonic() + timeout
-    with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session_hash},
-                      timeout=60) as response:
+    with httpx.stream(
+        "GET", f"{url}gradio_api/queue/data", params={"session_hash": session_hash}, timeout=60
+    ) as response:
         for line in response.iter_lines():
             if line.startswith("data:"):
                 message = json.loads(line[5:])
@@ -150,7 +155,8 @@ def test_an_image_that_is_not_a_file_object_or_too_few_values_get_a_message(url,
         assert raw_call(url, "explain", [image, *defaults["explain"]]) == ours(serving.NOT_A_FILE), image
     count = 1 + len(defaults["explain"])
     assert raw_call(url, "explain", []) == ours(
-        f"This call takes {count} values, in the order view_api lists them; got 0.")
+        f"This call takes {count} values, in the order view_api lists them; got 0."
+    )
 
 
 # ---- 2. concurrent calls sharing a session_hash ----------------------------------------------------------------
@@ -209,8 +215,10 @@ BAD_VALUES = [
     ({"discard_ratio": "abc"}, "Discard ratio must be a number, got 'abc'."),
     ({"discard_ratio": None}, "Discard ratio is empty: give a number."),
     ({"colormap": None}, "Colormap must be one of jet, turbo, viridis, inferno, magma, plasma, hot, gray; got None."),
-    ({"colormap": "rainbow"},
-     "Colormap must be one of jet, turbo, viridis, inferno, magma, plasma, hot, gray; got 'rainbow'."),
+    (
+        {"colormap": "rainbow"},
+        "Colormap must be one of jet, turbo, viridis, inferno, magma, plasma, hot, gray; got 'rainbow'.",
+    ),
     ({"block": "three"}, "Block must be in 1..12 (or -1 for the last), got three."),
     ({"block": 2.5}, "Block must be in 1..12 (or -1 for the last), got 2.5."),
     ({"block": True}, "Block must be in 1..12 (or -1 for the last), got True."),
@@ -236,8 +244,11 @@ def test_a_point_that_is_not_a_finite_number_is_one_clear_line(client, url, phot
         assert answer == ours(f"x must be a finite number, got {shown}."), answer
         answer = raw_call(url, "inspect_patch", [uploaded["tench"], 100, x, *options])
         assert answer == ours(f"y must be a finite number, got {shown}."), answer
-    for x, message in (("nan", "x must be a finite number, got 'nan'."), ("left", "x must be a number, got 'left'."),
-                       ([1], "x must be a number, got [1].")):
+    for x, message in (
+        ("nan", "x must be a finite number, got 'nan'."),
+        ("left", "x must be a number, got 'left'."),
+        ([1], "x must be a number, got [1]."),
+    ):
         with pytest.raises(AppError) as refused:
             client.predict(handle_file(photos["tench"]), x, 100, api_name="/inspect_patch")
         assert str(refused.value) == message
@@ -247,8 +258,12 @@ def test_a_point_that_is_not_a_finite_number_is_one_clear_line(client, url, phot
 
 def test_the_number_and_choice_checks():
     assert finite_number(" 2.5 ", "x") == 2.5 and finite_number("", "x") is None and finite_number(None, "x") is None
-    for bad, message in ((True, "x must be a number, got True."), (math.nan, "x must be a finite number, got nan."),
-                         ("1e999", "x must be a finite number, got '1e999'."), (10 ** 400, "x must be a number")):
+    for bad, message in (
+        (True, "x must be a number, got True."),
+        (math.nan, "x must be a finite number, got nan."),
+        ("1e999", "x must be a finite number, got '1e999'."),
+        (10**400, "x must be a number"),
+    ):
         with pytest.raises(ZoomViTError, match=message.replace(".", r"\.")):
             finite_number(bad, "x")
     assert check_number(0, "Discard ratio") == 0.0
@@ -269,11 +284,18 @@ def test_view_api_lists_block_and_head_as_the_endpoints_take_them(client, photos
     for api_name in ("/explain", "/inspect_patch"):
         listed = {p["parameter_name"]: p["python_type"] for p in endpoints[api_name]["parameters"]}
         assert listed["block"] == {"type": "int", "description": "block number 1..12; -1: the last"}
-        assert listed["head"] == {"type": "int | Literal['mean', 'max', 'min']",
-                                  "description": "head number 1..3; -1: the last; or mean, max or min over the heads"}
+        assert listed["head"] == {
+            "type": "int | Literal['mean', 'max', 'min']",
+            "description": "head number 1..3; -1: the last; or mean, max or min over the heads",
+        }
     image = handle_file(photos["tench"])
-    for block, head, shown in ((1, 1, "block 1, head 1."), (-1, -1, "block 12, head 3."), (12, 2, "block 12, head 2."),
-                               ("3", "2", "block 3, head 2."), (5, "max", "block 5, max over heads.")):
+    for block, head, shown in (
+        (1, 1, "block 1, head 1."),
+        (-1, -1, "block 12, head 3."),
+        (12, 2, "block 12, head 2."),
+        ("3", "2", "block 3, head 2."),
+        (5, "max", "block 5, max over heads."),
+    ):
         caption = client.predict(image, "cls", block, head, api_name="/explain")[3]
         assert caption.endswith(shown), (block, head, caption)
 
@@ -313,8 +335,10 @@ def test_a_refused_request_logs_one_line_and_no_traceback(client, url, photos, d
     assert "Traceback" not in out + err, (out + err)[-3000:]
     lines = [r.getMessage() for r in caplog.records if r.name == "zoomvit.app"]
     assert len(lines) == len(refusals) + len(raw), lines
-    assert all(line.startswith(("refused explain: ", "refused inspect_patch: ", "refused prune: "))
-               and "\n" not in line for line in lines), lines
+    assert all(
+        line.startswith(("refused explain: ", "refused inspect_patch: ", "refused prune: ")) and "\n" not in line
+        for line in lines
+    ), lines
     assert "refused explain: Discard ratio must be a number, got 'abc'." in lines
     assert f"refused explain: {serving.NOT_UPLOADED}" in lines
 
@@ -343,8 +367,12 @@ def test_a_plain_call_loses_only_its_session_hash():
     assert set(stripped) == {"data", "event_data"} and stripped["data"][0] == 1 and math.isnan(stripped["data"][1])
     for body in (b"not json", b"[1, 2]", b'{"data": []}', b'{"data": ["session_hash"]}'):
         assert serving.without_session_hash(body) == body
-    for path in ("/gradio_api/call/explain", "/gradio_api/call/explain/", "/gradio_api/call/v2/explain",
-                 "/prefix/gradio_api/call/prune"):
+    for path in (
+        "/gradio_api/call/explain",
+        "/gradio_api/call/explain/",
+        "/gradio_api/call/v2/explain",
+        "/prefix/gradio_api/call/prune",
+    ):
         assert serving.CALL_ROUTE.search(path), path
     for path in ("/gradio_api/call/explain/abc123", "/gradio_api/queue/join", "/gradio_api/upload"):
         assert not serving.CALL_ROUTE.search(path), path
@@ -357,8 +385,8 @@ def test_the_browser_queue_keeps_its_session(server, url, uploaded, expected, de
     event = join_queue(url, demo, "explain", [uploaded["tench"], "rollout", *defaults["explain"][1:]], "kept")
     success, output = queue_answers(url, "kept", [event])[event]
     assert success and output["data"][1]["label"] == expected["tench"]
-    state = next(block for block in demo.blocks.values() if isinstance(block, app.gr.State)
-                 and block.time_to_live is not None)
+    state = next(
+        block for block in demo.blocks.values() if isinstance(block, app.gr.State) and block.time_to_live is not None
+    )
     session = demo.state_holder["kept"].state_data.get(state._id)
     assert session is not None and session.bundle.label(session.analysis.predicted) == expected["tench"]
-

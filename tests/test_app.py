@@ -5,28 +5,26 @@ side by side, bad uploads, extreme settings and clicks outside the image; the se
 """
 
 import re
-from pathlib import Path
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
+from app_server import client, photos, running_app, server, url  # noqa: F401 (shared fixtures)
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from zoomvit.app import layout
+from zoomvit import models, visualization
+from zoomvit.app import layout, serving
 from zoomvit.app import ui as app
-from zoomvit import models
-from zoomvit.app import serving
-from zoomvit import visualization
-from zoomvit.errors import ZoomViTError
 from zoomvit.app.explorer import Explorer
 from zoomvit.app.sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE, MIN_PANEL_SIDE, _file_key, display_side
 from zoomvit.app.views import ViewSettings
-from zoomvit.vit_analyzer import analyze, predict
-from zoomvit.pruning import TIMING_REPEATS
 from zoomvit.app.zoom_prune import CROP_SIDE
-from app_server import client, photos, running_app, server, url  # noqa: F401 (shared fixtures)
+from zoomvit.errors import ZoomViTError
+from zoomvit.pruning import TIMING_REPEATS
+from zoomvit.vit_analyzer import analyze, predict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,7 +32,6 @@ pytestmark = [  # Gradio's queue trips over pandas 3 deprecations: not ours
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
     pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
 ]
-
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +96,12 @@ def test_explain_with_options(client, tench, deit_tiny):
     path, analysis = tench
     goldfish = deit_tiny.find_label("goldfish")
     _, label, _, caption, _ = call(
-        client, handle_file(path), view="grad_rollout", target="goldfish", colormap="inferno", opacity=0.8,
+        client,
+        handle_file(path),
+        view="grad_rollout",
+        target="goldfish",
+        colormap="inferno",
+        opacity=0.8,
         api_name="/explain",
     )
     assert top_label(label)[0] == expected_label(analysis)  # the prediction does not depend on the target
@@ -152,7 +154,14 @@ def test_inspect_patch_with_only_the_image_is_the_centre(client, tench):
 def test_inspect_patch_names_the_patch_under_the_point(client, tench, x, y):
     path, analysis = tench
     _, caption, _, x_used, y_used = call(
-        client, handle_file(path), x, y, "attended_by", block=5, head="2", api_name="/inspect_patch",
+        client,
+        handle_file(path),
+        x,
+        y,
+        "attended_by",
+        block=5,
+        head="2",
+        api_name="/inspect_patch",
     )
     assert (x_used, y_used) == (x, y)
     scale = analysis.geometry.scale
@@ -200,7 +209,10 @@ def test_prune_with_only_the_image(client, tench):
     assert top_label(before)[0] == expected_label(analysis)
     assert "Keep **0.50** of the patch tokens (50%)" in stats and "after block 6 of 12 (analysis mode)" in stats
     assert tokens(stats) == (197, 1 + 98)
-    timed = re.search(r"\| time: median of (\d+) \(range\) \| ([\d.]+) ms \(([\d.]+)–([\d.]+)\) \| ([\d.]+) ms \(([\d.]+)–([\d.]+)\)", stats)
+    timed = re.search(
+        r"\| time: median of (\d+) \(range\) \| ([\d.]+) ms \(([\d.]+)–([\d.]+)\) \| ([\d.]+) ms \(([\d.]+)–([\d.]+)\)",
+        stats,
+    )
     assert timed and int(timed[1]) == TIMING_REPEATS
     for median, low, high in (timed.group(2, 3, 4), timed.group(5, 6, 7)):
         assert float(low) <= float(median) <= float(high)
@@ -308,8 +320,11 @@ def test_bad_images_are_messages(client, tmp_path, name, tench):
 def test_unusual_images_work(client, tmp_path):
     """Grey, transparent and 16-bit files go through the library's loader, not Pillow's defaults in Gradio."""
     gradient = np.linspace(0, 65535, 64 * 48, dtype=np.uint16).reshape(48, 64)
-    files = {"grey.png": Image.new("L", (64, 48), 90), "alpha.png": Image.new("RGBA", (64, 48), (255, 0, 0, 0)),
-             "deep.png": Image.fromarray(gradient)}
+    files = {
+        "grey.png": Image.new("L", (64, 48), 90),
+        "alpha.png": Image.new("RGBA", (64, 48), (255, 0, 0, 0)),
+        "deep.png": Image.fromarray(gradient),
+    }
     for name, image in files.items():
         image.save(tmp_path / name)
         _, label, *_ = client.predict(handle_file(str(tmp_path / name)), api_name="/explain")
@@ -329,7 +344,11 @@ def test_an_upload_above_the_size_cap_is_refused(url, tmp_path, tench):
 
 def test_only_the_five_endpoints_are_public(client):
     assert set(client.view_api(print_info=False, return_format="dict")["named_endpoints"]) == {
-        "/explain", "/inspect_patch", "/zoom", "/prune", "/compare",
+        "/explain",
+        "/inspect_patch",
+        "/zoom",
+        "/prune",
+        "/compare",
     }
 
 
@@ -376,13 +395,22 @@ def test_server_paths_that_were_not_uploaded_are_refused_alike(url, tench, api_n
     file marker Gradio would copy the path (or fetch the URL) into its cache first: refused the same way."""
     real_image = tench[0]  # exists, and is an image the model would happily explain
     upload_folder = serving.get_upload_folder()
-    ours = ('{"error": "This file did not come through this app\'s upload; upload it again.", "duration": 10, '
-            '"visible": true, "title": "Error"}')
+    ours = (
+        '{"error": "This file did not come through this app\'s upload; upload it again.", "duration": 10, '
+        '"visible": true, "title": "Error"}'
+    )
     gradios = '{"error": null}'  # Gradio's own refusal of a marked path outside its folder names no cause
     for marker in ({}, {"meta": {"_type": "gradio.FileData"}}):
         answers = {}
-        for path in (real_image, "/etc/hostname", "/no/such/file.png", "/", f"{upload_folder}/../../etc/hostname",
-                     upload_folder, "http://127.0.0.1:9/x.png"):
+        for path in (
+            real_image,
+            "/etc/hostname",
+            "/no/such/file.png",
+            "/",
+            f"{upload_folder}/../../etc/hostname",
+            upload_folder,
+            "http://127.0.0.1:9/x.png",
+        ):
             answers[path] = raw_call(url, api_name, [{"path": path, **marker}, *RAW_OPTIONS[api_name]])
             assert answers[path] in {("error", ours), ("error", gradios)}, (path, marker, answers[path])
         assert answers[real_image] == answers["/no/such/file.png"] == answers["/etc/hostname"]
@@ -499,8 +527,9 @@ def test_bare_uploads_do_not_fill_the_temp_folder(url, monkeypatch):
     monkeypatch.setattr(serving.JANITOR, "max_bytes", cap)
     rng = np.random.default_rng(3)
     for i in range(12):
-        response = httpx.post(f"{url}gradio_api/upload",
-                              files={"files": (f"junk{i}.bin", rng.bytes(1024 * 1024))}, timeout=30)
+        response = httpx.post(
+            f"{url}gradio_api/upload", files={"files": (f"junk{i}.bin", rng.bytes(1024 * 1024))}, timeout=30
+        )
         assert response.status_code == 200
         time.sleep(0.1)
     deadline = time.time() + 10
@@ -641,8 +670,10 @@ def header_of(demo) -> str:
 
 def test_the_app_says_which_family_and_token_layout_it_loaded(server):
     demo, _ = server
-    assert ("Model family: ViT: class token, then patches; the head reads the class token. Running on cpu in float32."
-            in header_of(demo))
+    assert (
+        "Model family: ViT: class token, then patches; the head reads the class token. Running on cpu in float32."
+        in header_of(demo)
+    )
 
 
 def test_the_header_shows_the_device_and_dtype_of_the_model(deit_tiny_bf16):
@@ -673,8 +704,10 @@ def test_an_inline_data_url_is_refused_before_anything_decodes_it(url, monkeypat
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 40, 40)).save(buffer, "png")
     data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    ours = ('{"error": "This file did not come through this app\'s upload; upload it again.", "duration": 10, '
-            '"visible": true, "title": "Error"}')
+    ours = (
+        '{"error": "This file did not come through this app\'s upload; upload it again.", "duration": 10, '
+        '"visible": true, "title": "Error"}'
+    )
     for api_name, options in RAW_OPTIONS.items():
         payload = {"path": None, "url": data_url, "meta": {"_type": "gradio.FileData"}}
         assert raw_call(url, api_name, [payload, *options]) == ("error", ours), api_name
@@ -706,8 +739,11 @@ def test_the_about_text_is_written_from_the_loaded_model_and_device(deit_tiny, t
     assert "blocks are numbered 1 to 2" in squeezed
     on_gpu = about_text(dataclasses.replace(deit_tiny, device=torch.device("cuda", 0)))
     assert "several runs on this server's GPU (cuda:0)" in on_gpu and "CPU" not in on_gpu
-    about = next(b for b in app.build_demo(tiny_vit).blocks.values()
-                 if isinstance(b, app.gr.Markdown) and "Numbering" in str(b.value))
+    about = next(
+        b
+        for b in app.build_demo(tiny_vit).blocks.values()
+        if isinstance(b, app.gr.Markdown) and "Numbering" in str(b.value)
+    )
     assert about.value == squeezed.strip()
 
 
@@ -718,12 +754,16 @@ def test_the_server_start_up_lines_never_suggest_a_share_link(deit_model_path):
     import time
 
     import httpx
-
     from app_server import free_port
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", deit_model_path, "--port", str(port)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--model", deit_model_path, "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline:
@@ -746,8 +786,9 @@ def test_heads_are_numbered_from_one_as_blocks_are(client, tench):
     path, analysis = tench
     shown = {}
     for head, index in (("1", 0), ("3", 2)):
-        overlay, *_, caption, _ = call(client, handle_file(path), "cls", 6, head, 0.9, "", "viridis", 1.0,
-                                       api_name="/explain")
+        overlay, *_, caption, _ = call(
+            client, handle_file(path), "cls", 6, head, 0.9, "", "viridis", 1.0, api_name="/explain"
+        )
         assert f"block 6, head {head}." in caption, caption
         display, geometry = visualization.resized_view(analysis.loaded.image, analysis.geometry, DISPLAY_SIDE)
         expected = visualization.heat_overlay(display, geometry, analysis.cls_map(5, index), "viridis", 1.0)

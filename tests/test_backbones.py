@@ -6,21 +6,21 @@ import functools
 
 import pytest
 import torch
+from hub_configs import config_for
 from transformers import (
     BeitForImageClassification,
     CLIPForImageClassification,
     Data2VecVisionForImageClassification,
+    DeiTForImageClassification,
     Dinov2ForImageClassification,
     Dinov2WithRegistersForImageClassification,
-    DeiTForImageClassification,
+    SiglipForImageClassification,
     SwinConfig,
     SwinForImageClassification,
-    SiglipForImageClassification,
     ViTMSNForImageClassification,
 )
 
 from zoomvit import backbones
-from hub_configs import config_for
 from zoomvit.maps import fuse_heads, normalize_map, rollout_matrix
 from zoomvit.models import ViTBundle
 from zoomvit.vit_analyzer import MAP_METHODS, analyze
@@ -109,21 +109,45 @@ def beit_layer_bias():
 @functools.cache
 def beit_shared_bias_cls():
     """BEiT with one relative bias shared by the blocks, absolute position embeddings, the head on the class token."""
-    return _beit_like(BeitForImageClassification, "beit", 9, use_relative_position_bias=False,
-                      use_shared_relative_position_bias=True, use_absolute_position_embeddings=True,
-                      use_mean_pooling=False)
+    return _beit_like(
+        BeitForImageClassification,
+        "beit",
+        9,
+        use_relative_position_bias=False,
+        use_shared_relative_position_bias=True,
+        use_absolute_position_embeddings=True,
+        use_mean_pooling=False,
+    )
 
 
 @functools.cache
 def data2vec_vision():
     """Data2Vec-vision with both relative biases (added together) and absolute position embeddings."""
-    return _beit_like(Data2VecVisionForImageClassification, "data2vec-vision", 10, use_relative_position_bias=True,
-                      use_shared_relative_position_bias=True, use_absolute_position_embeddings=True)
+    return _beit_like(
+        Data2VecVisionForImageClassification,
+        "data2vec-vision",
+        10,
+        use_relative_position_bias=True,
+        use_shared_relative_position_bias=True,
+        use_absolute_position_embeddings=True,
+    )
 
 
-@pytest.fixture(params=["tiny_vit", "tiny_deit_distilled", "deit_without_teacher", "vit_msn", "dinov2",
-                        "dinov2_registers", "clip", "siglip", "beit_layer_bias", "beit_shared_bias_cls",
-                        "data2vec_vision"])
+@pytest.fixture(
+    params=[
+        "tiny_vit",
+        "tiny_deit_distilled",
+        "deit_without_teacher",
+        "vit_msn",
+        "dinov2",
+        "dinov2_registers",
+        "clip",
+        "siglip",
+        "beit_layer_bias",
+        "beit_shared_bias_cls",
+        "data2vec_vision",
+    ]
+)
 def model(request):
     if request.param in ("tiny_vit", "tiny_deit_distilled"):
         return request.getfixturevalue(request.param).model
@@ -196,10 +220,10 @@ def test_maps_read_only_the_tokens_the_head_reads(tiny_deit_distilled):
     class token's row alone; the distilled head reads both rows."""
     import numpy as np
 
-
     image = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
-    plain = ViTBundle(deit_without_teacher(), tiny_deit_distilled.processor, "deit", 8, (32, 32), 2,
-                                   {i: str(i) for i in range(5)})
+    plain = ViTBundle(
+        deit_without_teacher(), tiny_deit_distilled.processor, "deit", 8, (32, 32), 2, {i: str(i) for i in range(5)}
+    )
     analysis = analyze(plain, image)
     cls_row = analysis.attentions[-1].mean(axis=0)[0]
     assert np.allclose(analysis.cls_map(-1), normalize_map(analysis._to_grid(cls_row)), atol=1e-6)
@@ -208,10 +232,18 @@ def test_maps_read_only_the_tokens_the_head_reads(tiny_deit_distilled):
     assert np.allclose(distilled.cls_map(-1), normalize_map(distilled._to_grid(both)), atol=1e-6)
 
 
-@pytest.mark.parametrize("make, prefix, family", [(dinov2, 1, "DINOv2"), (dinov2_registers, 5, "DINOv2 with registers"),
-                                                  (clip, 1, "CLIP"), (siglip, 0, "SigLIP"), (beit_layer_bias, 1, "BEiT"),
-                                                  (beit_shared_bias_cls, 1, "BEiT"),
-                                                  (data2vec_vision, 1, "Data2Vec-vision")])
+@pytest.mark.parametrize(
+    "make, prefix, family",
+    [
+        (dinov2, 1, "DINOv2"),
+        (dinov2_registers, 5, "DINOv2 with registers"),
+        (clip, 1, "CLIP"),
+        (siglip, 0, "SigLIP"),
+        (beit_layer_bias, 1, "BEiT"),
+        (beit_shared_bias_cls, 1, "BEiT"),
+        (data2vec_vision, 1, "Data2Vec-vision"),
+    ],
+)
 def test_pooled_heads_end_to_end(make, prefix, family):
     """Tiny DINOv2 (class token + patch mean, registers), CLIP (patch mean), SigLIP, BEiT and Data2Vec-vision
     (relative bias): analysis, every map in [0, 1], keep-1.0 pruning equals the model's own logits, the weights
@@ -246,10 +278,16 @@ def tiny_bundle(model):
     """A model of this file (32x32 input, 8-pixel patches, 5 labels) as the analyzer and pruning take it."""
     from transformers import ViTImageProcessorPil
 
-
     adapter = backbones.adapter_for(model)
-    return ViTBundle(model, ViTImageProcessorPil(size={"height": 32, "width": 32}), adapter.family, 8,
-                                  (32, 32), adapter.num_prefix, {i: str(i) for i in range(5)})
+    return ViTBundle(
+        model,
+        ViTImageProcessorPil(size={"height": 32, "width": 32}),
+        adapter.family,
+        8,
+        (32, 32),
+        adapter.num_prefix,
+        {i: str(i) for i in range(5)},
+    )
 
 
 RELATIVE_BIAS_MODELS = [beit_layer_bias, beit_shared_bias_cls, data2vec_vision]
@@ -366,7 +404,7 @@ def test_efficiency_pruning_ranks_patches_by_the_decision_row(make):
     _, keep_idx = pruning.forward_pruned(bundle, pixels, 1, 0.25, fusion="drop")
     x = adapter.embed(pixels)
     _, probs = adapter.block(0, x, full_attention=True)  # the one block before a cut after block 1
-    decision_row = torch.einsum("q,bhqk->bk", adapter.decision_weights(x.shape[1]), probs)[:, adapter.num_prefix:]
+    decision_row = torch.einsum("q,bhqk->bk", adapter.decision_weights(x.shape[1]), probs)[:, adapter.num_prefix :]
     expected = decision_row.argsort(dim=1, descending=True)[:, :4]
     assert [set(row.tolist()) for row in keep_idx] == [set(row.tolist()) for row in expected]
 
@@ -386,9 +424,7 @@ def test_without_a_read_class_token_cls_attention_is_the_average_pooled_tokens_r
     rolled-out rows; the unread class token's own row plays no part."""
     import numpy as np
 
-
-    analysis = analyze(tiny_bundle(make()), np.random.default_rng(3).integers(0, 256, (32, 32, 3),
-                                                                                         dtype=np.uint8))
+    analysis = analyze(tiny_bundle(make()), np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8))
     attention = analysis.attentions[-1].mean(axis=0)
     expected = normalize_map(analysis._to_grid(attention[pooled_from:].mean(axis=0)))
     assert np.allclose(analysis.cls_map(-1), expected, atol=1e-6)
@@ -396,5 +432,6 @@ def test_without_a_read_class_token_cls_attention_is_the_average_pooled_tokens_r
         class_row = normalize_map(analysis._to_grid(attention[0]))
         assert not np.allclose(analysis.cls_map(-1), class_row, atol=1e-3)
     rolled = rollout_matrix(fuse_heads(analysis.attentions, "mean"), 0.9)
-    assert np.allclose(analysis.rollout(0.9, "mean"), normalize_map(
-        analysis._to_grid(rolled[pooled_from:].mean(axis=0))), atol=1e-6)
+    assert np.allclose(
+        analysis.rollout(0.9, "mean"), normalize_map(analysis._to_grid(rolled[pooled_from:].mean(axis=0))), atol=1e-6
+    )

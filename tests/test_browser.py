@@ -12,14 +12,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-
-from zoomvit import compare
-from zoomvit.app import views
-from zoomvit import visualization
-from zoomvit.images import load_image
-from zoomvit.app.sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE
-from zoomvit.vit_analyzer import analyze
 from app_server import running_app
+
+from zoomvit import compare, visualization
+from zoomvit.app import views
+from zoomvit.app.sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE
+from zoomvit.images import load_image
+from zoomvit.vit_analyzer import analyze
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
@@ -32,20 +31,32 @@ EXAMPLE = REPO / "zoomvit" / "assets" / "wall_clock.jpg"
 # run leaves tracked files alone.
 SCREENSHOT_ENV = "ZOOMVIT_SCREENSHOT"
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 TIMEOUT_MS = 90_000  # a model run on a busy 2-core machine can take a few seconds
 
 
 def chromium_path() -> str:
-    candidates = [os.environ.get("ZOOMVIT_CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium"),
-                  shutil.which("chromium-browser"), "/usr/bin/chromium"]
+    candidates = [
+        os.environ.get("ZOOMVIT_CHROMIUM"),
+        "/usr/lib/chromium/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+        "/usr/bin/chromium",
+    ]
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
-    pytest.fail("Chromium not found: install Debian's `chromium` (apt-get install chromium; .ci/run does) "
-                "or set ZOOMVIT_CHROMIUM=/path/to/chromium.")
+    pytest.fail(
+        "Chromium not found: install Debian's `chromium` (apt-get install chromium; .ci/run does) "
+        "or set ZOOMVIT_CHROMIUM=/path/to/chromium."
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +89,14 @@ def test_upload_click_a_patch_and_prune(browser, url, deit_tiny, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 1100})
     page.set_default_timeout(TIMEOUT_MS)
     outside = []
-    page.on("request", lambda r: outside.append(r.url) if urlparse(r.url).hostname not in ("127.0.0.1", "localhost")
-            and not r.url.startswith(("data:", "blob:")) else None)
+    page.on(
+        "request",
+        lambda r: (
+            outside.append(r.url)
+            if urlparse(r.url).hostname not in ("127.0.0.1", "localhost") and not r.url.startswith(("data:", "blob:"))
+            else None
+        ),
+    )
     page.goto(url)
 
     # Upload: the prediction appears.
@@ -161,7 +178,8 @@ def settled(component):
     """Waits until `component` (a locator) shows no "processing" status: a toast can come before the event that
     raised it has finished, and until then its outputs carry the status over their last value."""
     component.locator('[data-testid="status-tracker"]').get_by_text(re.compile(r"processing")).first.wait_for(
-        state="hidden")
+        state="hidden"
+    )
     return component
 
 
@@ -183,7 +201,8 @@ def test_a_broken_upload_clears_the_previous_result_and_says_why(page, deit_tiny
     upload(page, fake, None)
     # Waits until the message is there (it may flicker while the upload's events settle); fails if it never is.
     page.locator("#diagnosis").filter(has_text="Could not analyse this file").filter(
-        has_text="Not an image file").wait_for()
+        has_text="Not an image file"
+    ).wait_for()
     assert page.locator("#prediction").get_by_text(predicted, exact=True).count() == 0
     assert page.locator("#overlay img").count() == 0
     wait_for_toast(page, "Not an image file")
@@ -382,7 +401,8 @@ def test_a_very_wide_image_is_shown_at_a_usable_size_and_its_guess_said(page, de
     # The overlay keeps MIN_PANEL_SIDE pixels across (it was 18), at its own size, its panel scrolling.
     page.wait_for_function(
         "min => { const i = document.querySelector('#overlay img');"
-        " return i && i.naturalWidth > 0 && i.getBoundingClientRect().height >= min }", arg=MIN_PANEL_SIDE,
+        " return i && i.naturalWidth > 0 && i.getBoundingClientRect().height >= min }",
+        arg=MIN_PANEL_SIDE,
     )
     overlay = page.locator("#overlay img")
     shown = overlay.bounding_box()
@@ -390,8 +410,9 @@ def test_a_very_wide_image_is_shown_at_a_usable_size_and_its_guess_said(page, de
     # A click lands on the patch under it.
     loaded = load_image(wide)
     analysis = analyze(deit_tiny, loaded, keep_graph=False)
-    _, geometry = visualization.resized_view(loaded.image, analysis.geometry, display_side(loaded.image.size),
-                                             MIN_DISPLAY_SIDE)
+    _, geometry = visualization.resized_view(
+        loaded.image, analysis.geometry, display_side(loaded.image.size), MIN_DISPLAY_SIDE
+    )
     row, col = 7, 6
     x0, y0, x1, y1 = geometry.patch_box(row, col)
     overlay.click(position={"x": (x0 + x1) / 2, "y": (y0 + y1) / 2})
@@ -399,7 +420,8 @@ def test_a_very_wide_image_is_shown_at_a_usable_size_and_its_guess_said(page, de
     # The heads grid: strips at least 40% of their drawn size (64 pixels high), not 3-pixel lines.
     page.wait_for_function(
         "min => { const i = document.querySelector('#heads img');"
-        " return i && i.naturalWidth > 0 && i.getBoundingClientRect().height >= min }", arg=MIN_PANEL_SIDE,
+        " return i && i.naturalWidth > 0 && i.getBoundingClientRect().height >= min }",
+        arg=MIN_PANEL_SIDE,
     )
     heads = page.locator("#heads img")
     assert heads.bounding_box()["width"] >= 0.4 * heads.evaluate("i => i.naturalWidth")

@@ -9,15 +9,14 @@ import re
 from pathlib import Path
 
 import pytest
-
-from zoomvit import compare
-from zoomvit import visualization
-from zoomvit.images import load_image
-from zoomvit.app.sessions import MIN_DISPLAY_SIDE, display_side
 from test_browser import EXAMPLE, browser, error_badges, page, predicted_label, upload, url  # noqa: F401 (fixtures)
+
+from zoomvit import compare, visualization
+from zoomvit.app.sessions import MIN_DISPLAY_SIDE, display_side
 from zoomvit.app.views import VIEW_NAMES, VIEWS, ViewSettings
-from zoomvit.vit_analyzer import analyze
 from zoomvit.app.zoom_prune import CROP_SIDE
+from zoomvit.images import load_image
+from zoomvit.vit_analyzer import analyze
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
@@ -26,8 +25,10 @@ pytestmark = [
 
 SCREENSHOT_ENV = "ZOOMVIT_COMPARE_SCREENSHOT"
 LOADED = "sel => { const i = document.querySelector(sel); return i && i.complete && i.naturalWidth > 0 }"
-NEW_PICTURE = ("([sel, src]) => { const i = document.querySelector(sel);"
-               " return i && i.src !== src && i.complete && i.naturalWidth > 0 }")
+NEW_PICTURE = (
+    "([sel, src]) => { const i = document.querySelector(sel);"
+    " return i && i.src !== src && i.complete && i.naturalWidth > 0 }"
+)
 
 
 def shown_scale(picture) -> float:
@@ -38,12 +39,16 @@ def shown_scale(picture) -> float:
 def test_every_tile_readable_and_a_click_inspects_its_patch(page, deit_tiny, tmp_path):  # noqa: F811
     loaded = load_image(EXAMPLE)
     analysis = analyze(deit_tiny, loaded, keep_graph=False)
-    display, geometry = visualization.resized_view(loaded.image, analysis.geometry, display_side(loaded.image.size),
-                                                   MIN_DISPLAY_SIDE)
+    display, geometry = visualization.resized_view(
+        loaded.image, analysis.geometry, display_side(loaded.image.size), MIN_DISPLAY_SIDE
+    )
     upload(page, EXAMPLE, deit_tiny.label(analysis.predicted))
     page.get_by_role("tab", name="Compare").click()
-    sheets = {"maps": (len(VIEWS), compare.MAP_SIDES, 192), "strip": (deit_tiny.num_layers, compare.STRIP_SIDES, 192),
-              "heads": (deit_tiny.num_heads, compare.HEAD_SIDES, 96)}
+    sheets = {
+        "maps": (len(VIEWS), compare.MAP_SIDES, 192),
+        "strip": (deit_tiny.num_layers, compare.STRIP_SIDES, 192),
+        "heads": (deit_tiny.num_heads, compare.HEAD_SIDES, 96),
+    }
     layouts = {}
     for name, (count, sides, least) in sheets.items():
         page.wait_for_function(LOADED, arg=f"#cmp_{name} img")
@@ -62,8 +67,12 @@ def test_every_tile_readable_and_a_click_inspects_its_patch(page, deit_tiny, tmp
     tx, ty = layout.origin(3)
     pw, ph = layout.picture
     scale, before = shown_scale(strip), strip.get_attribute("src")
-    strip.click(position={"x": (tx + (x0 + x1) / 2 * pw / display.width) * scale,
-                          "y": (ty + (y0 + y1) / 2 * ph / display.height) * scale})
+    strip.click(
+        position={
+            "x": (tx + (x0 + x1) / 2 * pw / display.width) * scale,
+            "y": (ty + (y0 + y1) / 2 * ph / display.height) * scale,
+        }
+    )
     page.locator("#cmp_strip_text").get_by_text(re.compile(rf"row {row}, column {col}\b")).wait_for()
     page.locator("#cmp_heads_text").get_by_text("Every head of block 4").wait_for()
     page.wait_for_function(NEW_PICTURE, arg=["#cmp_strip img", before])
@@ -72,8 +81,11 @@ def test_every_tile_readable_and_a_click_inspects_its_patch(page, deit_tiny, tmp
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     top = page.get_by_role("tab", name="Compare").bounding_box()["y"] - 8  # the tab, without the page's header
     end = page.locator("#cmp_clear").bounding_box()
-    page.screenshot(path=str(screenshot), full_page=True,
-                    clip={"x": 0, "y": top, "width": 1280, "height": end["y"] + end["height"] + 8 - top})
+    page.screenshot(
+        path=str(screenshot),
+        full_page=True,
+        clip={"x": 0, "y": top, "width": 1280, "height": end["y"] + end["height"] + 8 - top},
+    )
     assert screenshot.stat().st_size > 10_000
 
     # A map tile's name makes it the Explore tab's view and keeps the patch; the Explore tab shows the same patch.
@@ -104,7 +116,9 @@ def test_the_zoom_crop_is_shown_at_the_panel_size(page, deit_tiny):  # noqa: F81
     assert max(crop.evaluate("i => [i.naturalWidth, i.naturalHeight]")) == CROP_SIDE
     page.wait_for_function(LOADED, arg="#zoom_box img")
     # As tall as the zoom box beside it (the panel's height), not the crop's own ~250 px.
-    shown = crop.evaluate("i => { const r = i.getBoundingClientRect();"
-                          " const s = Math.min(r.width / i.naturalWidth, r.height / i.naturalHeight, 1);"
-                          " return i.naturalHeight * s }")
+    shown = crop.evaluate(
+        "i => { const r = i.getBoundingClientRect();"
+        " const s = Math.min(r.width / i.naturalWidth, r.height / i.naturalHeight, 1);"
+        " return i.naturalHeight * s }"
+    )
     assert shown >= 0.95 * box.bounding_box()["height"]

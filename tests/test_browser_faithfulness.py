@@ -4,9 +4,15 @@ the faithfulness panel of the map on screen, and the fusion control of the Zoom 
 import re
 
 import pytest
-
 from test_browser import (  # noqa: F401  (browser, url and page are fixtures)
-    EXAMPLE, browser, error_badges, open_prune_tab, page, predicted_label, upload, url,
+    EXAMPLE,
+    browser,
+    error_badges,
+    open_prune_tab,
+    page,
+    predicted_label,
+    upload,
+    url,
 )
 
 pytestmark = [

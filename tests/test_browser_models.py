@@ -8,12 +8,12 @@ import shutil
 import time
 
 import pytest
-
-from zoomvit.app.about import preprocessing_text
-from zoomvit import models
 from app_server import running_app
-from zoomvit.app.model_registry import ModelRegistry
 from test_browser import EXAMPLE, TIMEOUT_MS, browser, error_badges, upload, wait_for_toast  # noqa: F401 (fixture)
+
+from zoomvit import models
+from zoomvit.app.about import preprocessing_text
+from zoomvit.app.model_registry import ModelRegistry
 from zoomvit.vit_analyzer import analyze
 
 pytestmark = [
@@ -36,8 +36,9 @@ def served(deit_model_path, shared_dir, tiny_vit, tmp_path_factory):
             time.sleep(3)
         return models.load_model(name, device, dtype)
 
-    registry = ModelRegistry([deit_model_path, timm, str(broken)], "cpu", "float32", 2, include_cache=False,
-                             loader=slow_timm)
+    registry = ModelRegistry(
+        [deit_model_path, timm, str(broken)], "cpu", "float32", 2, include_cache=False, loader=slow_timm
+    )
     (broken / "model.safetensors").write_bytes(b"truncated")  # fails when chosen
     with running_app(registry) as (_, url):
         yield url, registry, timm
@@ -76,7 +77,8 @@ def test_each_tab_chooses_its_model_and_the_header_follows(browser, served, deit
 
     choose_model(first, "deit-tiny-patch16-224-timm")
     first.wait_for_function(  # the progress message, shown on the header while the model loads
-        "() => document.body.textContent.includes('Loading deit-tiny-patch16-224-timm…')", polling=100)
+        "() => document.body.textContent.includes('Loading deit-tiny-patch16-224-timm…')", polling=100
+    )
     header.filter(has_text="Model family: timm VisionTransformer").wait_for()
     assert "See where deit-tiny-patch16-224-timm looks (12 blocks × 3 heads" in header.inner_text()
     timm_bundle = registry.get(timm)

@@ -14,12 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoomvit import cli
-from zoomvit import config
-from zoomvit import images
-from zoomvit import intent
-from zoomvit import models
-from zoomvit import zoom
+from zoomvit import cli, config, images, intent, models, zoom
 from zoomvit.errors import ZoomViTError
 from zoomvit.maps import top_mass_patches
 from zoomvit.models import match_label
@@ -57,8 +52,9 @@ def test_explain_json(capsys, deit_tiny, deit_model_path, photo):
 
 
 def test_explain_in_bfloat16_on_the_cpu(capsys, deit_tiny, deit_model_path, photo):
-    result = run_json(capsys, "explain", photo, "--model", deit_model_path, "--device", "cpu", "--dtype", "bfloat16",
-                      "--json")
+    result = run_json(
+        capsys, "explain", photo, "--model", deit_model_path, "--device", "cpu", "--dtype", "bfloat16", "--json"
+    )
     assert result["model"]["device"] == "cpu" and result["model"]["dtype"] == "bfloat16"
     check_predictions(result["top"])
     assert result["top"][0]["index"] == int(predict(deit_tiny, photo).argmax())
@@ -66,13 +62,16 @@ def test_explain_in_bfloat16_on_the_cpu(capsys, deit_tiny, deit_model_path, phot
     assert heat.shape == (14, 14) and heat.min() >= 0 and heat.max() == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["explain", "IMAGE", "--device", "tpu"], "Unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps "),
-    (["zoom", "IMAGE", "--dtype", "float64"], "Unknown dtype 'float64': use float32, bfloat16, float16 "),
-    (["prune", "IMAGE", "--device", "cpu", "--dtype", "float16"], "float16 runs on a GPU only (cuda or mps); "),
-    (["eval", "--data", "DATA", "--device", "tpu"], "Unknown device 'tpu'"),
-    (["serve", "--port", "0", "--device", "tpu"], "Unknown device 'tpu'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["explain", "IMAGE", "--device", "tpu"], "Unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps "),
+        (["zoom", "IMAGE", "--dtype", "float64"], "Unknown dtype 'float64': use float32, bfloat16, float16 "),
+        (["prune", "IMAGE", "--device", "cpu", "--dtype", "float16"], "float16 runs on a GPU only (cuda or mps); "),
+        (["eval", "--data", "DATA", "--device", "tpu"], "Unknown device 'tpu'"),
+        (["serve", "--port", "0", "--device", "tpu"], "Unknown device 'tpu'"),
+    ],
+)
 def test_a_bad_device_or_dtype_is_one_line_and_status_2_before_anything_loads(
     capsys, monkeypatch, shared_dir, deit_model_path, photo, argv, message
 ):
@@ -119,8 +118,7 @@ def test_explain_summary_and_overlay(capsys, monkeypatch, deit_model_path, photo
 
 
 def test_explain_writes_the_compare_sheets_with_captions(capsys, deit_tiny, deit_model_path, photo, tmp_path):
-    from zoomvit import compare
-    from zoomvit import visualization
+    from zoomvit import compare, visualization
 
     paths = {name: tmp_path / f"{name}.png" for name in ("out", "compare", "strip", "heads")}
     argv = ["explain", photo, "--model", deit_model_path, "--method", "grad_rollout", "--block", "4"]
@@ -129,9 +127,11 @@ def test_explain_writes_the_compare_sheets_with_captions(capsys, deit_tiny, deit
     assert cli.main(argv) == 0
     assert capsys.readouterr().err.count("wrote ") == 4
     analysis = analyze(deit_tiny, photo)
-    expected = {"compare": compare.map_tiles(analysis, block=3, selected="grad_rollout").image,
-                "strip": compare.block_strip(analysis, "grad_rollout", selected=3).image,
-                "heads": compare.heads_grid(analysis, block=3).image}
+    expected = {
+        "compare": compare.map_tiles(analysis, block=3, selected="grad_rollout").image,
+        "strip": compare.block_strip(analysis, "grad_rollout", selected=3).image,
+        "heads": compare.heads_grid(analysis, block=3).image,
+    }
     for name, sheet in expected.items():
         saved = np.asarray(Image.open(paths[name]).convert("RGB"))
         top = saved[: sheet.height]
@@ -141,12 +141,14 @@ def test_explain_writes_the_compare_sheets_with_captions(capsys, deit_tiny, deit
     assert len(strip.names) == deit_tiny.num_layers
     # The caption is drawn: the rows under the sheet and its colour bar are not blank.
     legend = np.asarray(visualization.figure_with_legend(expected["heads"], "jet", "x").convert("L"))
-    assert legend[expected["heads"].height:].min() < 128
+    assert legend[expected["heads"].height :].min() < 128
 
 
 @pytest.mark.parametrize("block, layer", [("1", 0), ("12", 11), ("-1", 11)])
 def test_blocks_are_numbered_from_1(capsys, deit_tiny, deit_model_path, photo, block, layer):
-    result = run_json(capsys, "explain", photo, "--model", deit_model_path, "--json", "--method", "cls", "--block", block)
+    result = run_json(
+        capsys, "explain", photo, "--model", deit_model_path, "--json", "--method", "cls", "--block", block
+    )
     expected = analyze(deit_tiny, photo).cls_map(layer)
     np.testing.assert_allclose(result["map"], expected, atol=1e-4)
 
@@ -159,7 +161,10 @@ def test_summary_does_not_credit_a_class_agnostic_map_to_the_class(capsys, deit_
     assert line.startswith("rollout map (class-agnostic: the same for every class, so --target does not change it)")
     assert f"60% of its mass lies in {patches} of 196 patches" in line and "strongest" not in line
 
-    assert cli.main(["explain", photo, "--model", deit_model_path, "--method", "grad_rollout", "--target", "goldfish"]) == 0
+    assert (
+        cli.main(["explain", photo, "--model", deit_model_path, "--method", "grad_rollout", "--target", "goldfish"])
+        == 0
+    )
     line = capsys.readouterr().out.splitlines()[-2]
     patches = int(top_mass_patches(analysis.grad_rollout(1)).sum())
     assert line.startswith("grad_rollout map for class 'goldfish, Carassius auratus'")
@@ -168,7 +173,9 @@ def test_summary_does_not_credit_a_class_agnostic_map_to_the_class(capsys, deit_
 
 def test_prune_json(capsys, deit_model_path, photo, tmp_path):
     out_png = tmp_path / "tokens.png"
-    result = run_json(capsys, "prune", photo, "--model", deit_model_path, "--keep", "0.5", "--json", "--out", str(out_png))
+    result = run_json(
+        capsys, "prune", photo, "--model", deit_model_path, "--keep", "0.5", "--json", "--out", str(out_png)
+    )
     assert (result["tokens_before"], result["tokens_after"]) == (197, 99)
     assert 0.6 < result["macs_after"] / result["macs_before"] < 0.85  # half the blocks on half the tokens
     assert np.array(result["kept_mask"]).shape == (14, 14) and np.sum(result["kept_mask"]) == 98
@@ -227,11 +234,14 @@ def test_missing_model_folder_exits_2(capsys, photo, tmp_path):
     assert capsys.readouterr().err.startswith("zoomvit: error: Model folder not found")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["prune", "--keep", "1.5"], "--keep must be a fraction in (0, 1], got 1.5."),
-    (["prune", "--keep", "0"], "--keep must be a fraction in (0, 1], got 0."),
-    (["explain", "--discard-ratio", "1"], "--discard-ratio must be in [0, 1), got 1."),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prune", "--keep", "1.5"], "--keep must be a fraction in (0, 1], got 1.5."),
+        (["prune", "--keep", "0"], "--keep must be a fraction in (0, 1], got 0."),
+        (["explain", "--discard-ratio", "1"], "--discard-ratio must be in [0, 1), got 1."),
+    ],
+)
 def test_option_ranges_are_checked_first(capsys, monkeypatch, deit_model_path, photo, argv, message):
     for module, step in ((images, "load_image"), (models, "load_model")):
         monkeypatch.setattr(module, step, lambda *a, **k: pytest.fail("checked only after reading the image"))
@@ -239,15 +249,18 @@ def test_option_ranges_are_checked_first(capsys, monkeypatch, deit_model_path, p
     assert capsys.readouterr().err == f"zoomvit: error: {message}\n"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["explain", "IMAGE", "--target", "xyzzy"], "No class label matches 'xyzzy'."),
-    (["explain", "IMAGE", "--target", "fish"], "'fish' matches 11 labels (e.g. goldfish, Carassius auratus, "),
-    (["explain", "IMAGE", "--block", "13"], "--block must be in 1..12 (or -1 for the last), got 13."),
-    (["explain", "IMAGE", "--block", "0"], "--block must be in 1..12 (or -1 for the last), got 0."),
-    (["prune", "IMAGE", "--after-block", "12"], "--after-block must be in 1..11 (after the last block, 12, "),
-    (["prune", "IMAGE", "--after-block", "0"], "--after-block must be in 1..11 "),
-    (["eval", "--data", "DATA", "--after-block", "12"], "--after-block must be in 1..11 "),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["explain", "IMAGE", "--target", "xyzzy"], "No class label matches 'xyzzy'."),
+        (["explain", "IMAGE", "--target", "fish"], "'fish' matches 11 labels (e.g. goldfish, Carassius auratus, "),
+        (["explain", "IMAGE", "--block", "13"], "--block must be in 1..12 (or -1 for the last), got 13."),
+        (["explain", "IMAGE", "--block", "0"], "--block must be in 1..12 (or -1 for the last), got 0."),
+        (["prune", "IMAGE", "--after-block", "12"], "--after-block must be in 1..11 (after the last block, 12, "),
+        (["prune", "IMAGE", "--after-block", "0"], "--after-block must be in 1..11 "),
+        (["eval", "--data", "DATA", "--after-block", "12"], "--after-block must be in 1..11 "),
+    ],
+)
 def test_options_are_checked_against_config_json_before_the_model_loads(
     capsys, monkeypatch, shared_dir, deit_model_path, photo, argv, message
 ):
@@ -285,19 +298,33 @@ def test_help_imports_no_library(tmp_path):
         "        assert exc.code == 0, argv\n"
         "print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr
     assert "--block B" in done.stdout or "--block BLOCK" in done.stdout
     assert "--device DEVICE" in done.stdout and "--dtype DTYPE" in done.stdout
-    heavy = {"torch", "transformers", "gradio", "numpy", "PIL", "huggingface_hub", "zoomvit.vit_analyzer",
-             "zoomvit.evaluation.runner", "zoomvit.app.ui"}
+    heavy = {
+        "torch",
+        "transformers",
+        "gradio",
+        "numpy",
+        "PIL",
+        "huggingface_hub",
+        "zoomvit.vit_analyzer",
+        "zoomvit.evaluation.runner",
+        "zoomvit.app.ui",
+    }
     assert heavy.isdisjoint(json.loads(done.stderr.splitlines()[-1]))
 
 
 def test_cli_choices_match_the_library():
-    from zoomvit.evaluation import runner as evaluation
     from zoomvit import pruning
+    from zoomvit.evaluation import runner as evaluation
 
     assert config.MAP_METHODS == MAP_METHODS and config.ZOOM_POLICIES == zoom.POLICIES
     assert (config.PRUNE_MODES, config.PRUNE_FUSIONS) == (pruning.MODES, pruning.FUSIONS)
@@ -323,7 +350,9 @@ def test_serve_on_a_busy_port_exits_2_before_loading(capsys, monkeypatch, deit_m
         port = busy.getsockname()[1]
         assert cli.main(["serve", "--port", str(port), "--model", deit_model_path]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"zoomvit: error: Cannot serve on 127.0.0.1:{port}: the port is in use")
+    assert err.count("\n") == 1 and err.startswith(
+        f"zoomvit: error: Cannot serve on 127.0.0.1:{port}: the port is in use"
+    )
 
 
 def test_usage_errors_exit_2(capsys, photo):
@@ -338,7 +367,9 @@ def test_console_script(deit_tiny, deit_model_path, photo):
     assert script.is_file(), f"{script} is missing: install the project with pip install -e ."
     done = subprocess.run(
         [str(script), "explain", photo, "--model", deit_model_path, "--json"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},  # as in conftest: no thread contention on 2 cores
     )
     assert done.returncode == 0, done.stderr
@@ -370,37 +401,79 @@ def run_json_and_notes(capsys, *argv):
     return json.loads(captured.out), captured.err.splitlines()
 
 
-@pytest.mark.parametrize("options, note, settings", [
-    ([], None, {"method": config.DEFAULT_VIEW, "block": None, "head": None, "discard_ratio": None}),
-    (["--method", "grad_rollout", "--block", "3", "--head", "max", "--discard-ratio", "0.5"],
-     "--block, --head and --discard-ratio do not apply to grad_rollout maps; ignored.",
-     {"method": "grad_rollout", "block": None, "head": None, "discard_ratio": None}),
-    (["--method", "cls", "--block", "3", "--head", "2", "--target", "goldfish", "--discard-ratio", "0.5"],
-     "--discard-ratio and --target do not apply to cls maps (class-agnostic: the same for every class); ignored.",
-     {"method": "cls", "block": 3, "head": 2, "discard_ratio": None}),
-    (["--method", "rollout", "--block", "12", "--head", "max"], "--block does not apply to rollout maps; ignored.",
-     {"method": "rollout", "block": None, "head": "max", "discard_ratio": config.ROLLOUT_DISCARD_RATIO}),
-])
-def test_explain_notes_ignored_options_and_echoes_every_setting(capsys, deit_model_path, photo, options, note,
-                                                                 settings):
-    result, err = run_json_and_notes(capsys, "explain", photo, "--model", deit_model_path, "--device", "cpu",
-                                     "--dtype", "float32", "--json", *options)
+@pytest.mark.parametrize(
+    "options, note, settings",
+    [
+        ([], None, {"method": config.DEFAULT_VIEW, "block": None, "head": None, "discard_ratio": None}),
+        (
+            ["--method", "grad_rollout", "--block", "3", "--head", "max", "--discard-ratio", "0.5"],
+            "--block, --head and --discard-ratio do not apply to grad_rollout maps; ignored.",
+            {"method": "grad_rollout", "block": None, "head": None, "discard_ratio": None},
+        ),
+        (
+            ["--method", "cls", "--block", "3", "--head", "2", "--target", "goldfish", "--discard-ratio", "0.5"],
+            "--discard-ratio and --target do not apply to cls maps (class-agnostic: the same for every class); "
+            "ignored.",
+            {"method": "cls", "block": 3, "head": 2, "discard_ratio": None},
+        ),
+        (
+            ["--method", "rollout", "--block", "12", "--head", "max"],
+            "--block does not apply to rollout maps; ignored.",
+            {"method": "rollout", "block": None, "head": "max", "discard_ratio": config.ROLLOUT_DISCARD_RATIO},
+        ),
+    ],
+)
+def test_explain_notes_ignored_options_and_echoes_every_setting(
+    capsys, deit_model_path, photo, options, note, settings
+):
+    result, err = run_json_and_notes(
+        capsys,
+        "explain",
+        photo,
+        "--model",
+        deit_model_path,
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--json",
+        *options,
+    )
     assert err == ([f"zoomvit: note: {note}"] if note else [])
     assert {key: result[key] for key in settings} == settings
     target = 1 if "--target" in options else result["top"][0]["index"]
     assert result["target"]["index"] == target
-    assert result["model"] == {"name": deit_model_path, "family": result["model"]["family"], "device": "cpu",
-                               "dtype": "float32"}
+    assert result["model"] == {
+        "name": deit_model_path,
+        "family": result["model"]["family"],
+        "device": "cpu",
+        "dtype": "float32",
+    }
 
 
 def test_prune_and_zoom_notes_and_settings_in_json(capsys, deit_model_path, photo):
-    result, err = run_json_and_notes(capsys, "prune", photo, "--model", deit_model_path, "--mode", "analysis",
-                                     "--fusion", "fuse", "--keep", "0.5", "--after-block", "4", "--json")
+    result, err = run_json_and_notes(
+        capsys,
+        "prune",
+        photo,
+        "--model",
+        deit_model_path,
+        "--mode",
+        "analysis",
+        "--fusion",
+        "fuse",
+        "--keep",
+        "0.5",
+        "--after-block",
+        "4",
+        "--json",
+    )
     assert err == ["zoomvit: note: --fusion does not apply to --mode analysis; ignored."]
     assert (result["mode"], result["keep"], result["after_block"], result["fusion"]) == ("analysis", 0.5, 4, None)
     assert result["model"]["name"] == deit_model_path and {"device", "dtype"} <= set(result["model"])
-    result, err = run_json_and_notes(capsys, "prune", photo, "--model", deit_model_path, "--mode", "efficiency",
-                                     "--json")
+    result, err = run_json_and_notes(
+        capsys, "prune", photo, "--model", deit_model_path, "--mode", "efficiency", "--json"
+    )
     assert err == [] and (result["mode"], result["fusion"]) == ("efficiency", "merge")
     result, err = run_json_and_notes(capsys, "zoom", photo, "--model", deit_model_path, "--policy", "always", "--json")
     assert err == [] and result["policy"] == "always" and result["model"]["name"] == deit_model_path
@@ -412,43 +485,61 @@ def test_prune_prints_the_timing_ranges_and_whether_they_overlap(capsys, deit_mo
     assert cli.main(["prune", photo, "--model", deit_model_path]) == 0
     out = capsys.readouterr().out
     timing = r"([\d.]+) ms \(([\d.]+)–([\d.]+)\)"
-    found = re.search(rf"^time: {timing} -> {timing}, median \(range\) of (\d+) interleaved runs each; (.*)$", out,
-                      re.MULTILINE)
+    found = re.search(
+        rf"^time: {timing} -> {timing}, median \(range\) of (\d+) interleaved runs each; (.*)$", out, re.MULTILINE
+    )
     assert found, out
     for median, low, high in (found.group(1, 2, 3), found.group(4, 5, 6)):
         assert float(low) <= float(median) <= float(high)
     assert int(found[7]) == pruning.TIMING_REPEATS >= 5
     overlap = float(found[5]) <= float(found[3]) and float(found[2]) <= float(found[6])
-    assert found[8] == ("the ranges overlap: the difference is within the timing noise" if overlap
-                        else f"every pruned run was {'faster' if float(found[6]) < float(found[2]) else 'slower'} "
-                        "than every unpruned run")
+    assert found[8] == (
+        "the ranges overlap: the difference is within the timing noise"
+        if overlap
+        else f"every pruned run was {'faster' if float(found[6]) < float(found[2]) else 'slower'} "
+        "than every unpruned run"
+    )
 
 
-@pytest.mark.parametrize("before, after, within_noise, verdict", [
-    ([326, 300, 340], [1068, 310, 500], True, "the ranges overlap: the difference is within the timing noise"),
-    ([30, 31, 35], [20, 22, 29], False, "every pruned run was faster than every unpruned run"),
-    ([30, 31, 35], [36, 40, 41], False, "every pruned run was slower than every unpruned run"),
-    ([], [], False, "not timed"),
-])
+@pytest.mark.parametrize(
+    "before, after, within_noise, verdict",
+    [
+        ([326, 300, 340], [1068, 310, 500], True, "the ranges overlap: the difference is within the timing noise"),
+        ([30, 31, 35], [20, 22, 29], False, "every pruned run was faster than every unpruned run"),
+        ([30, 31, 35], [36, 40, 41], False, "every pruned run was slower than every unpruned run"),
+        ([], [], False, "not timed"),
+    ],
+)
 def test_prune_result_says_whether_the_timings_differ(tiny_vit, before, after, within_noise, verdict):
     import dataclasses
 
     from zoomvit import pruning
 
     result = pruning.prune(analyze(tiny_vit, np.zeros((32, 48, 3), dtype=np.uint8)), 0.5, 1, timing_repeats=0)
-    result = dataclasses.replace(result, latency_before_runs=before, latency_after_runs=after,
-                                 latency_before_ms=float(np.median(before)) if before else float("nan"),
-                                 latency_after_ms=float(np.median(after)) if after else float("nan"))
+    result = dataclasses.replace(
+        result,
+        latency_before_runs=before,
+        latency_after_runs=after,
+        latency_before_ms=float(np.median(before)) if before else float("nan"),
+        latency_after_ms=float(np.median(after)) if after else float("nan"),
+    )
     assert result.latency_within_noise == within_noise and result.latency_verdict() == verdict
     assert result.as_dict()["latency_within_noise"] == within_noise
     if before:
         assert result.latency_text("before") == f"{np.median(before):.1f} ms ({min(before):.1f}–{max(before):.1f})"
 
 
-@pytest.mark.parametrize("command, option, default", [
-    ("explain", "--method", config.DEFAULT_VIEW), ("zoom", "--policy", "adaptive"), ("prune", "--mode", "analysis"),
-    ("prune", "--keep", "0.5"), ("serve", "--host", "127.0.0.1"), ("serve", "--port", "7860"),
-])
+@pytest.mark.parametrize(
+    "command, option, default",
+    [
+        ("explain", "--method", config.DEFAULT_VIEW),
+        ("zoom", "--policy", "adaptive"),
+        ("prune", "--mode", "analysis"),
+        ("prune", "--keep", "0.5"),
+        ("serve", "--host", "127.0.0.1"),
+        ("serve", "--port", "7860"),
+    ],
+)
 def test_help_explains_each_option_and_its_default(capsys, command, option, default):
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
@@ -463,11 +554,13 @@ def test_heads_are_numbered_from_one_in_the_cli_as_blocks_are(capsys, deit_model
     """--head 1 is the first head (the library's index 0), -1 the last, and the JSON echoes the head's number."""
     analysis = analyze(deit_tiny, photo)
     for head, index, echoed in (("1", 0, 1), ("-1", 2, 3)):
-        assert cli.main(["explain", photo, "--model", deit_model_path, "--method", "cls", "--head", head,
-                         "--json"]) == 0
+        assert (
+            cli.main(["explain", photo, "--model", deit_model_path, "--method", "cls", "--head", head, "--json"]) == 0
+        )
         out = json.loads(capsys.readouterr().out)
         assert out["head"] == echoed
         assert np.allclose(out["map"], analysis.cls_map(-1, index), atol=1e-4)
     assert cli.main(["explain", photo, "--model", deit_model_path, "--method", "cls", "--head", "0"]) == 2
-    assert capsys.readouterr().err == ("zoomvit: error: --head must be in 1..3 (or -1 for the last), or mean, max or "
-                                       "min; got 0.\n")
+    assert capsys.readouterr().err == (
+        "zoomvit: error: --head must be in 1..3 (or -1 for the last), or mean, max or min; got 0.\n"
+    )

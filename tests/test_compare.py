@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoomvit import compare
-from zoomvit import visualization
-from zoomvit.errors import ZoomViTError
+from zoomvit import compare, visualization
 from zoomvit.app.explorer import Explorer
-from zoomvit.maps import normalize_map, rollout_matrix
 from zoomvit.app.views import VIEWS, ViewSettings
-from zoomvit.vit_analyzer import analyze
 from zoomvit.app.zoom_prune import CROP_SIDE, crop_for_panel
+from zoomvit.errors import ZoomViTError
+from zoomvit.maps import normalize_map, rollout_matrix
+from zoomvit.vit_analyzer import analyze
 
 pytestmark = [  # Gradio's queue trips over pandas 3 deprecations: not ours
     pytest.mark.filterwarnings("ignore:.*no_silent_downcasting"),
@@ -66,8 +65,9 @@ def test_every_map_is_one_readable_tile_named_under_it(analysis, shown):
     pictures = tiles(sheet)
     assert_all_differ(pictures)
     # Each tile is the library's map over the picture, drawn as the main view draws it.
-    small, small_geometry = visualization.resized_view(image, geometry, max(sheet.layout.picture),
-                                                       min(sheet.layout.picture))
+    small, small_geometry = visualization.resized_view(
+        image, geometry, max(sheet.layout.picture), min(sheet.layout.picture)
+    )
     expected = visualization.heat_overlay(small, small_geometry, analysis.map("intent"), "jet", 0.5)
     assert np.abs(pictures[2] - np.asarray(expected, dtype=np.int16)).mean() < 0.5  # the frame is outside it
     # The name strip under each picture has ink in it; the framed (selected) tile's frame is orange.
@@ -214,17 +214,25 @@ def test_a_click_on_a_tile_chooses_it_and_inspects_its_patch(explorer):
 
 
 def test_the_compare_endpoint_takes_the_image_first_then_plain_values(deit_tiny):
-    from gradio_client import Client, handle_file
-
     from app_server import running_app
+    from gradio_client import Client, handle_file
 
     with running_app(deit_tiny) as (_, url):
         client = Client(url, verbose=False)
         maps, strip, heads, maps_text, strip_text, heads_text = client.predict(
-            handle_file(str(EXAMPLE)), api_name="/compare")
+            handle_file(str(EXAMPLE)), api_name="/compare"
+        )
         with Image.open(maps) as picture:
             assert picture.width > 5 * 192
         assert "Every map" in maps_text and "Block by block" in strip_text and "block 12" in heads_text
-        *_, strip_text, heads_text = client.predict(handle_file(str(EXAMPLE)), x=300, y=100, direction="attended_by",
-                                                    view="cls", block=3, head="2", api_name="/compare")
+        *_, strip_text, heads_text = client.predict(
+            handle_file(str(EXAMPLE)),
+            x=300,
+            y=100,
+            direction="attended_by",
+            view="cls",
+            block=3,
+            head="2",
+            api_name="/compare",
+        )
         assert re.search(r"row \d+, column \d+\*\*, what attends to it", strip_text) and "block 3" in heads_text

@@ -7,12 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from zoomvit import faithfulness
-from zoomvit import models
-from zoomvit import pruning
-from zoomvit import zoom
-from zoomvit.errors import ZoomViTError
+from zoomvit import faithfulness, models, pruning, zoom
 from zoomvit.devices import resolve_device, resolve_dtype
+from zoomvit.errors import ZoomViTError
 from zoomvit.models import load_model
 from zoomvit.vit_analyzer import analyze, predict
 
@@ -55,7 +52,9 @@ def test_this_machine_resolves_auto_to_cpu():
 
 
 def test_named_devices(no_gpu):
-    assert resolve_device("cpu") == resolve_device(" CPU ") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert (
+        resolve_device("cpu") == resolve_device(" CPU ") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    )
     fake_cuda(no_gpu, count=2)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     assert resolve_device("cuda") == torch.device("cuda")
@@ -85,7 +84,9 @@ def test_devices_this_machine_lacks_are_refused(no_gpu):
     with pytest.raises(ZoomViTError, match=r"Device 'mps' is not available"):
         resolve_device("mps")
     fake_cuda(no_gpu, count=2)
-    with pytest.raises(ZoomViTError, match=r"Device 'cuda:2' does not exist: torch sees 2 CUDA GPU\(s\), cuda:0..cuda:1"):
+    with pytest.raises(
+        ZoomViTError, match=r"Device 'cuda:2' does not exist: torch sees 2 CUDA GPU\(s\), cuda:0..cuda:1"
+    ):
         resolve_device("cuda:2")
 
 
@@ -134,8 +135,11 @@ def test_interleaved_timing_warms_up_each_function_once(monkeypatch):
     calls = {"a": 0, "b": 0}
     syncs = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
-    runs = pruning.interleaved_ms([lambda: calls.__setitem__("a", calls["a"] + 1),
-                                   lambda: calls.__setitem__("b", calls["b"] + 1)], repeats=3, device="cuda")
+    runs = pruning.interleaved_ms(
+        [lambda: calls.__setitem__("a", calls["a"] + 1), lambda: calls.__setitem__("b", calls["b"] + 1)],
+        repeats=3,
+        device="cuda",
+    )
     assert calls == {"a": 4, "b": 4} and [len(r) for r in runs] == [3, 3]
     assert len(syncs) == 2 * 8  # every call, warm-ups included, is waited for before and after
 
@@ -200,8 +204,9 @@ def test_predict_in_bfloat16(deit_tiny, deit_tiny_bf16, image_paths):
     assert probs.argmax() == predict(deit_tiny, image_paths[0]).argmax()
 
 
-@pytest.mark.parametrize("mode, fusion", [("analysis", "drop"), ("efficiency", "merge"), ("efficiency", "fuse"),
-                                          ("efficiency", "drop")])
+@pytest.mark.parametrize(
+    "mode, fusion", [("analysis", "drop"), ("efficiency", "merge"), ("efficiency", "fuse"), ("efficiency", "drop")]
+)
 def test_pruning_in_bfloat16(pairs, mode, fusion):
     for ref, low in pairs[:3]:
         result = pruning.prune(low, 0.5, 6, mode, fusion, timing_repeats=1)

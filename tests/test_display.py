@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoomvit import compare
-from zoomvit import visualization
+from zoomvit import compare, visualization
 from zoomvit.geometry import Geometry, upsample_operator
 
 GEOMETRIES = [
@@ -17,9 +16,14 @@ GEOMETRIES = [
 ]
 
 
-@pytest.mark.parametrize("size, side, expected", [
-    ((2048, 1536), 768, (768, 576)), ((300, 200), 768, (300, 200)), ((1, 4000), 768, (1, 768)),
-])
+@pytest.mark.parametrize(
+    "size, side, expected",
+    [
+        ((2048, 1536), 768, (768, 576)),
+        ((300, 200), 768, (300, 200)),
+        ((1, 4000), 768, (1, 768)),
+    ],
+)
 def test_fit_size_only_shrinks(size, side, expected):
     assert visualization.fit_size(size, side) == expected
 
@@ -53,8 +57,9 @@ def test_a_sheet_tiles_one_overlay_per_map():
     geometry = GEOMETRIES[0]
     image = Image.new("RGB", geometry.image_size, (0, 160, 0))
     maps = [np.full(geometry.grid, i / 4, dtype=np.float32) for i in range(5)]
-    sheet = compare.draw_sheet(image, geometry, maps, [f"h{i}" for i in range(5)], compare.HEAD_SIDES, "jet", 1.0,
-                               width=720)
+    sheet = compare.draw_sheet(
+        image, geometry, maps, [f"h{i}" for i in range(5)], compare.HEAD_SIDES, "jet", 1.0, width=720
+    )
     layout = sheet.layout
     assert sheet.image.size == layout.size and layout.columns * layout.rows >= 5
     jet = matplotlib.colormaps["jet"]

@@ -136,8 +136,12 @@ def test_rollout_without_discard_is_the_product_of_residual_attention():
 
 PROCESSORS = {
     "resize": lambda: ViTImageProcessorPil(size={"height": 32, "width": 48}),
-    "resize+crop": lambda: DeiTImageProcessorPil(size={"height": 56, "width": 56}, crop_size={"height": 48, "width": 48}),
-    "shortest_edge+crop": lambda: DeiTImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 48, "width": 48}),
+    "resize+crop": lambda: DeiTImageProcessorPil(
+        size={"height": 56, "width": 56}, crop_size={"height": 48, "width": 48}
+    ),
+    "shortest_edge+crop": lambda: DeiTImageProcessorPil(
+        size={"shortest_edge": 56}, crop_size={"height": 48, "width": 48}
+    ),
     "shortest_edge": lambda: DeiTImageProcessorPil(size={"shortest_edge": 56}, do_center_crop=False),
 }
 IMAGE_SIZES = [(48, 32), (100, 60), (37, 90), (300, 301)]
@@ -306,8 +310,14 @@ def test_one_cut_serves_every_configuration_exactly(request, name):
     pixels = random_pixels(bundle, 3, seed=5)
     scores = torch.rand(3, GRIDS[name][0] * GRIDS[name][1], generator=torch.Generator().manual_seed(0))
     cut = pruning.run_to_cut(bundle, pixels, 1, with_scores=True)
-    for keep, patch_scores, fusion in [(0.5, None, "merge"), (0.3, None, "drop"), (0.7, None, "fuse"),
-                                       (0.5, scores, "drop"), (0.3, scores, "merge"), (1.0, None, "merge")]:
+    for keep, patch_scores, fusion in [
+        (0.5, None, "merge"),
+        (0.3, None, "drop"),
+        (0.7, None, "fuse"),
+        (0.5, scores, "drop"),
+        (0.3, scores, "merge"),
+        (1.0, None, "merge"),
+    ]:
         expected, expected_kept = pruning.forward_pruned(bundle, pixels, 1, keep, patch_scores, fusion)
         logits, kept = pruning.finish_pruned(bundle, cut, keep, patch_scores, fusion)
         assert torch.equal(logits, expected) and torch.equal(kept, expected_kept), (keep, fusion)

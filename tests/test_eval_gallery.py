@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoomvit import cli
+from zoomvit import cli, pruning
 from zoomvit.cli import evaluate as cli_evaluate
+from zoomvit.errors import ZoomViTError
 from zoomvit.evaluation import data as eval_data
 from zoomvit.evaluation import gallery as eval_gallery
+from zoomvit.evaluation import pruning_pass
 from zoomvit.evaluation import report as eval_report
+from zoomvit.evaluation import runner as evaluation
 from zoomvit.evaluation import tasks as eval_tasks
 from zoomvit.evaluation import work as eval_work
-from zoomvit.evaluation import pruning_pass
-from zoomvit.evaluation import runner as evaluation
-from zoomvit import pruning
-from zoomvit.errors import ZoomViTError
 from zoomvit.vit_analyzer import analyze
 
 LIMIT = 6
@@ -47,14 +46,23 @@ def picture_run(deit_tiny, shared_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pruning_pass, "LATENCY_ROUNDS", 1)
         patch.setattr(eval_gallery, "example_sheet", example_sheet)
-        result = evaluation.evaluate(deit_tiny, data, LIMIT, KEEPS, tasks=TASKS, progress=False, work_dir=work,
-                                     workers=0, gallery=PER_PAGE, examples=PER_GROUP)
+        result = evaluation.evaluate(
+            deit_tiny,
+            data,
+            LIMIT,
+            KEEPS,
+            tasks=TASKS,
+            progress=False,
+            work_dir=work,
+            workers=0,
+            gallery=PER_PAGE,
+            examples=PER_GROUP,
+        )
     out = tmp_path_factory.mktemp("out")
     written = eval_report.write_outputs(result, out)
     with open(out / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return {"data": data, "work": work, "result": result, "out": out, "written": written, "rows": rows,
-            "drawn": drawn}
+    return {"data": data, "work": work, "result": result, "out": out, "written": written, "rows": rows, "drawn": drawn}
 
 
 def table_rows(page: Path) -> list[list[str]]:
@@ -78,8 +86,12 @@ def expected_entries(rows, column):
 def test_gallery_pages_list_what_each_task_got_wrong_or_changed(picture_run, deit_tiny):
     out, rows = picture_run["out"], picture_run["rows"]
     pages = picture_run["result"].summary["gallery"]["pages"]
-    columns = {"accuracy": None, "prune_analysis_intent_0.5": "prune_analysis_intent_0.5",
-               "prune_efficiency_merge_0.5": "prune_efficiency_merge_0.5", "zoom": "zoom_predicted"}
+    columns = {
+        "accuracy": None,
+        "prune_analysis_intent_0.5": "prune_analysis_intent_0.5",
+        "prune_efficiency_merge_0.5": "prune_efficiency_merge_0.5",
+        "zoom": "zoom_predicted",
+    }
     assert [Path(p["page"]).stem for p in pages] == list(columns)
     linked = set()
     for page in pages:
@@ -96,8 +108,13 @@ def test_gallery_pages_list_what_each_task_got_wrong_or_changed(picture_run, dei
             if column:  # the second look's class, and which way it went
                 after = int(row[column])
                 assert c[4].startswith(deit_tiny.label(after).split(",")[0] + " (")
-                assert c[5] == ("right → wrong" if row["predicted"] == row["label"] else
-                                "wrong → right" if after == int(row["label"]) else "wrong → another wrong")
+                assert c[5] == (
+                    "right → wrong"
+                    if row["predicted"] == row["label"]
+                    else "wrong → right"
+                    if after == int(row["label"])
+                    else "wrong → another wrong"
+                )
             thumb = re.fullmatch(r"!\[\]\((thumbs/\d{6}_[\w-]+\.jpg)\)", c[0])[1]
             linked.add(thumb)
             with Image.open(out / "gallery" / thumb) as image:
@@ -135,7 +152,7 @@ def test_example_sheets_are_the_first_of_each_group_with_the_prune_pass_tokens(p
     by_file = {r["file"]: r for r in rows}
     data, after_block = picture_run["data"], result.summary["settings"]["after_block"]
     boxes = {item.file: item.box for item in eval_data.read_labels(data, LIMIT)}
-    for file, (loaded, geometry, grid_map, zoom_box, masks, object_box, caption) in zip(drawn_files, drawn):
+    for file, (_loaded, _geometry, grid_map, zoom_box, masks, object_box, caption) in zip(drawn_files, drawn):
         row = by_file[file]
         assert caption.startswith(f"{file}: label '{deit_tiny.label(int(row['label'])).split(',')[0]}'")
         np.testing.assert_allclose(zoom_box, [float(row[f"zoom_{k}"]) for k in eval_data.BOX_COLUMNS], atol=0.051)
@@ -153,8 +170,9 @@ def test_report_links_the_pages_and_sheets_with_each_groups_figures(picture_run)
     report = (out / "report.md").read_text()
     assert report == eval_report.markdown_report(json.loads((out / "results.json").read_text()))
     links = re.findall(r"\]\(([^)]+)\)", report)
-    assert {link for link in links if link.startswith("gallery/")} == {p["page"] for p in
-                                                                       result.summary["gallery"]["pages"]}
+    assert {link for link in links if link.startswith("gallery/")} == {
+        p["page"] for p in result.summary["gallery"]["pages"]
+    }
     for link in links:
         assert (out / link).exists(), link
     intent = result.summary["intent"]
@@ -178,9 +196,19 @@ def test_resuming_a_finished_work_folder_draws_the_same_pictures(picture_run, de
     work files alone, byte for byte; its outputs replace every picture of the folder's earlier write."""
     monkeypatch.setattr(pruning_pass, "LATENCY_ROUNDS", 1)
     monkeypatch.setattr(evaluation, "_group_pass", lambda *a, **k: pytest.fail("pass 1 ran again"))
-    result = evaluation.evaluate(deit_tiny, picture_run["data"], LIMIT, KEEPS, tasks=TASKS, progress=False,
-                                 work_dir=picture_run["work"], resume=True, workers=0, gallery=PER_PAGE,
-                                 examples=PER_GROUP)
+    result = evaluation.evaluate(
+        deit_tiny,
+        picture_run["data"],
+        LIMIT,
+        KEEPS,
+        tasks=TASKS,
+        progress=False,
+        work_dir=picture_run["work"],
+        resume=True,
+        workers=0,
+        gallery=PER_PAGE,
+        examples=PER_GROUP,
+    )
     first = picture_run["result"]
     assert result.files == first.files and result.rows == first.rows
     assert result.summary["gallery"] == first.summary["gallery"]
@@ -193,8 +221,12 @@ def test_resuming_a_finished_work_folder_draws_the_same_pictures(picture_run, de
     (out / "gallery" / "notes.txt").write_text("mine")
     eval_report.write_outputs(result, out)
     assert not stale.exists() and (out / "gallery" / "notes.txt").read_text() == "mine"
-    on_disk = {p.relative_to(out).as_posix() for folder in ("gallery", "examples") for p in (out / folder).rglob("*")
-               if p.is_file()}
+    on_disk = {
+        p.relative_to(out).as_posix()
+        for folder in ("gallery", "examples")
+        for p in (out / folder).rglob("*")
+        if p.is_file()
+    }
     assert on_disk == set(result.files) | {"gallery/notes.txt"}
 
 
@@ -212,36 +244,57 @@ def test_a_work_folder_of_the_earlier_format_is_not_resumed(deit_tiny, shared_di
 
 def fake_pictures(out: Path) -> None:
     """`out` with an earlier run's gallery and sheets (and a file of someone else's in the gallery folder)."""
-    for name in ("gallery/accuracy.md", "gallery/prune_analysis_intent_0.5.md", "gallery/thumbs/000001_a.jpg",
-                 "examples/1_good_alignment/000002_b.png", "examples/3_diffuse_intent/000004_c.png",
-                 "gallery/notes.txt"):
+    for name in (
+        "gallery/accuracy.md",
+        "gallery/prune_analysis_intent_0.5.md",
+        "gallery/thumbs/000001_a.jpg",
+        "examples/1_good_alignment/000002_b.png",
+        "examples/3_diffuse_intent/000004_c.png",
+        "gallery/notes.txt",
+    ):
         (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("earlier")
 
 
-def test_cli_refuses_a_folder_with_earlier_pictures_and_overwrite_removes_only_them(deit_model_path, shared_dir,
-                                                                                   tmp_path, monkeypatch, capsys):
+def test_cli_refuses_a_folder_with_earlier_pictures_and_overwrite_removes_only_them(
+    deit_model_path, shared_dir, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "out"
     fake_pictures(out)
     monkeypatch.setattr(cli_evaluate, "load_bundle", lambda *args: pytest.fail("the model was loaded"))
-    argv = ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", deit_model_path,
-            "--out", str(out), "--tasks", "zoom"]
+    argv = [
+        "eval",
+        "--data",
+        str(shared_dir / "data" / "imagenet-sample"),
+        "--model",
+        deit_model_path,
+        "--out",
+        str(out),
+        "--tasks",
+        "zoom",
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err == (f"zoomvit: error: {out} holds an earlier run's outputs (gallery, examples): add --overwrite to "
-                   "replace them, or choose another --out.\n")
+    assert err == (
+        f"zoomvit: error: {out} holds an earlier run's outputs (gallery, examples): add --overwrite to "
+        "replace them, or choose another --out.\n"
+    )
     eval_report.remove_outputs(out)  # what --overwrite does first
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["gallery", "gallery/notes.txt"]
     assert eval_report.earlier_outputs(out) == []
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--tasks", "zoom,prune", "--examples", "2"], "--examples needs the intent task"),
-    (["--gallery", "-1"], "--gallery must be a whole number of images, 0 or more, got -1."),
-    (["--examples", "-3"], "--examples must be a whole number of images, 0 or more, got -3."),
-])
-def test_cli_picture_options_are_checked_before_the_model_loads(shared_dir, tmp_path, monkeypatch, capsys, options,
-                                                                message):
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--tasks", "zoom,prune", "--examples", "2"], "--examples needs the intent task"),
+        (["--gallery", "-1"], "--gallery must be a whole number of images, 0 or more, got -1."),
+        (["--examples", "-3"], "--examples must be a whole number of images, 0 or more, got -3."),
+    ],
+)
+def test_cli_picture_options_are_checked_before_the_model_loads(
+    shared_dir, tmp_path, monkeypatch, capsys, options, message
+):
     monkeypatch.setattr(cli_evaluate, "load_bundle", lambda *args: pytest.fail("the model was loaded"))
     argv = ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--out", str(tmp_path / "o"), *options]
     assert cli.main(argv) == 2

@@ -15,14 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoomvit import cli
-from zoomvit import config
+from zoomvit import cli, config
 from zoomvit.evaluation import data as eval_data
+from zoomvit.evaluation import pruning_pass
 from zoomvit.evaluation import report as eval_report
+from zoomvit.evaluation import runner as evaluation
 from zoomvit.evaluation import tasks as eval_tasks
 from zoomvit.evaluation import work as eval_work
-from zoomvit.evaluation import pruning_pass
-from zoomvit.evaluation import runner as evaluation
 from zoomvit.images import load_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +31,25 @@ RESUME_AFTER = 1  # groups done before the simulated interruption
 
 
 def eval_args(shared_dir, model, out):
-    return ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", model, "--device", "cpu",
-            "--limit", str(LIMIT), "--tasks", "prune,zoom,faithfulness,intent", "--keep", "0.5", "--batch", str(BATCH),
-            "--out", str(out)]
+    return [
+        "eval",
+        "--data",
+        str(shared_dir / "data" / "imagenet-sample"),
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--limit",
+        str(LIMIT),
+        "--tasks",
+        "prune,zoom,faithfulness,intent",
+        "--keep",
+        "0.5",
+        "--batch",
+        str(BATCH),
+        "--out",
+        str(out),
+    ]
 
 
 SMALL_BATCH = 1  # pruning batches in the run that splits them over the ranks: 4, two per rank
@@ -54,11 +69,21 @@ def launches(shared_dir, deit_model_path, tmp_path_factory):
     commands = {
         "single": [sys.executable, "-m", "zoomvit", *eval_args(shared_dir, deit_model_path, root / "single")],
         "torchrun": [*torchrun, "-m", "zoomvit", *eval_args(shared_dir, deit_model_path, root / "torchrun")],
-        "small batches": [*torchrun, "tests/torchrun_evaluate.py", deit_model_path, data, str(root / "small"),
-                          str(LIMIT), str(SMALL_BATCH), ",".join(SMALL_TASKS)],
+        "small batches": [
+            *torchrun,
+            "tests/torchrun_evaluate.py",
+            deit_model_path,
+            data,
+            str(root / "small"),
+            str(LIMIT),
+            str(SMALL_BATCH),
+            ",".join(SMALL_TASKS),
+        ],
     }
-    procs = {name: subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True) for name, command in commands.items()}
+    procs = {
+        name: subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name, command in commands.items()
+    }
     runs = {}
 
     def finished(name):
@@ -97,8 +122,9 @@ def assert_same_outputs(out: Path, reference: Path):
     assert not (out / eval_work.WORK_DIR).exists()  # a complete run leaves nothing to resume
 
 
-def test_interrupted_run_resumes_to_the_same_results(launches, shared_dir, deit_model_path, tmp_path, monkeypatch,
-                                                     capsys):
+def test_interrupted_run_resumes_to_the_same_results(
+    launches, shared_dir, deit_model_path, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "resumed"
     argv = [*eval_args(shared_dir, deit_model_path, out), "--workers", "0"]
     real = evaluation._group_pass
@@ -160,8 +186,9 @@ def test_worker_decoded_rows_are_the_group_pass_on_the_files(deit_tiny, shared_d
     assert [s["file"] for s in result.summary["skipped"]] == ["broken.jpg"]
     after_block, intent_keeps = config.PRUNE_AFTER_BLOCK, [eval_tasks.INTENT_KEEP]
     entries = [(index, load_image(tmp_path / item.file), None) for index, item in zip((0, 2), items)]
-    direct = evaluation._group_pass(deit_tiny, entries, [items[0], None, items[1]], tasks, intent_keeps,
-                                    after_block, True)
+    direct = evaluation._group_pass(
+        deit_tiny, entries, [items[0], None, items[1]], tasks, intent_keeps, after_block, True
+    )
     assert result.rows == [direct[0]["row"], direct[2]["row"]]
 
 
@@ -169,8 +196,9 @@ def test_torchrun_splits_the_pruning_batches_over_the_ranks(launches, deit_tiny,
     """With batches of SMALL_BATCH images rank 0 runs batches 0 and 2 and rank 1 batches 1 and 3; rank 0 gathers
     them into what one process running every batch gives."""
     monkeypatch.setattr(pruning_pass, "PRUNE_BATCH", SMALL_BATCH)
-    expected = evaluation.evaluate(deit_tiny, shared_dir / "data" / "imagenet-sample", LIMIT, keeps=(0.5,),
-                                   tasks=SMALL_TASKS, progress=False)
+    expected = evaluation.evaluate(
+        deit_tiny, shared_dir / "data" / "imagenet-sample", LIMIT, keeps=(0.5,), tasks=SMALL_TASKS, progress=False
+    )
     expected = json.loads(json.dumps({"rows": expected.rows, "summary": expected.summary}))
     got = json.loads(launches("small batches")[1])
     assert got["rows"] == expected["rows"]
@@ -187,10 +215,33 @@ def start_cli_eval(shared_dir, model, out, *extra):
     """`zoomvit eval` in a subprocess, one image at a time (zoom only), to be stopped early."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "zoomvit", "eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", model,
-         "--device", "cpu", "--limit", str(STOPPED_LIMIT), "--batch", "1", "--tasks", "zoom", "--out", str(out),
-         *extra],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "zoomvit",
+            "eval",
+            "--data",
+            str(shared_dir / "data" / "imagenet-sample"),
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--limit",
+            str(STOPPED_LIMIT),
+            "--batch",
+            "1",
+            "--tasks",
+            "zoom",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(condition, proc, timeout=300.0):
@@ -245,8 +296,9 @@ def test_ctrl_c_is_one_line_and_the_work_is_kept(shared_dir, deit_model_path, tm
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     saved = len(list(work.glob("*.pt")))
-    assert saved >= 1 and stderr.splitlines()[-1] == (f"zoomvit: interrupted; {saved} images are saved in {work}: "
-                                                       "run again with --resume")
+    assert saved >= 1 and stderr.splitlines()[-1] == (
+        f"zoomvit: interrupted; {saved} images are saved in {work}: run again with --resume"
+    )
 
 
 # ---- the work folder's files are checked before a resumed run trusts them ---------------------------------
@@ -285,8 +337,11 @@ DAMAGE = {  # name: (what is done to the work folder, the file the warning names
     "garbage": (lambda w: (w / "000001.pt").write_bytes(os.urandom(2000)), "000001.pt", [1]),
     "copied over another": (lambda w: shutil.copy(w / "000000.pt", w / "000001.pt"), "000001.pt", [1]),
     "edited value": (lambda w: edit_a_value(w / "000000.pt"), "000000.pt", [0]),
-    "stray skipped file": (lambda w: shutil.copy(w / "000002.skipped.pt", w / "000001.skipped.pt"),
-                           "000001.skipped.pt", []),
+    "stray skipped file": (
+        lambda w: shutil.copy(w / "000002.skipped.pt", w / "000001.skipped.pt"),
+        "000001.skipped.pt",
+        [],
+    ),
     "damaged settings": (lambda w: (w / "settings.json").write_text('{"model": '), "settings.json", []),
 }
 
@@ -306,10 +361,10 @@ def test_a_bad_work_file_is_named_and_redone(finished_work, deit_tiny, tmp_path,
 
     monkeypatch.setattr(evaluation, "_group_pass", group_pass)
     capsys.readouterr()
-    result = evaluation.evaluate(deit_tiny, data, tasks=("zoom",), batch=1, workers=0, work_dir=work, resume=True,
-                                 progress=False)
+    result = evaluation.evaluate(
+        deit_tiny, data, tasks=("zoom",), batch=1, workers=0, work_dir=work, resume=True, progress=False
+    )
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zoomvit: warning:")]
     assert len(warnings) == 1 and warnings[0].startswith(f"zoomvit: warning: {work / name}: "), warnings
     assert calls == redone
     assert result.rows == expected.rows and result.summary["skipped"] == expected.summary["skipped"]
-

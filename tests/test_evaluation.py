@@ -13,17 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from zoomvit import cli
+from zoomvit import cli, faithfulness, visualization
 from zoomvit.cli import evaluate as cli_evaluate
+from zoomvit.errors import ZoomViTError
 from zoomvit.evaluation import data as eval_data
+from zoomvit.evaluation import pruning_pass
 from zoomvit.evaluation import report as eval_report
+from zoomvit.evaluation import runner as evaluation
 from zoomvit.evaluation import tasks as eval_tasks
 from zoomvit.evaluation import work as eval_work
-from zoomvit.evaluation import pruning_pass
-from zoomvit.evaluation import runner as evaluation
-from zoomvit import faithfulness
-from zoomvit import visualization
-from zoomvit.errors import ZoomViTError
 from zoomvit.vit_analyzer import analyze, predict, predict_pixels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,8 +152,9 @@ def test_a_group_of_images_gives_each_image_its_own_curves(tiny_vit):
     """Evaluation runs the perturbed images of a group of images together, in batches that straddle images: each
     image's curves are the ones it gets on its own."""
     rng = np.random.default_rng(1)
-    analyses = [analyze(tiny_vit, rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), keep_graph=False)
-                for _ in range(3)]
+    analyses = [
+        analyze(tiny_vit, rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), keep_graph=False) for _ in range(3)
+    ]
     maps = [{"rollout": a.rollout(), "random": None} for a in analyses]
     together = faithfulness.perturbation_curves_group(analyses, maps, [5, 6, 7], steps=4, batch=5)
     for analysis, image_maps, seed, curves in zip(analyses, maps, [5, 6, 7], together):
@@ -178,22 +177,61 @@ def test_pass_one_groups_are_fixed_runs_of_the_list():
 
 def synthetic_summary():
     prune = [
-        {"mode": m, "criterion": c, "keep": k, "top1": t - (1 - k) * d, "agreement": 0.9, "macs_ratio": 0.5 + k / 2,
-         "latency_ratio": 0.45 + k / 2, "tokens_after": 10}
-        for m, crits in eval_tasks.CRITERIA.items() for c, d in zip(crits, (0.01, 0.05, 0.2)) for k in (0.5, 0.3)
+        {
+            "mode": m,
+            "criterion": c,
+            "keep": k,
+            "top1": t - (1 - k) * d,
+            "agreement": 0.9,
+            "macs_ratio": 0.5 + k / 2,
+            "latency_ratio": 0.45 + k / 2,
+            "tokens_after": 10,
+        }
+        for m, crits in eval_tasks.CRITERIA.items()
+        for c, d in zip(crits, (0.01, 0.05, 0.2))
+        for k in (0.5, 0.3)
         for t in (0.8,)
     ]
     curve = list(np.linspace(0.8, 0.0, 11))
-    faith = [{"method": m, "deletion_auc": a, "insertion_auc": 0.4, "deletion_curve": curve, "insertion_curve": curve}
-             for m, a in zip(eval_tasks.FAITHFULNESS_METHODS, (0.18, 0.17, 0.19, 0.19, 0.12, 0.11))]
-    zoom = {"n": 10, "top1_before": 0.2, "top1_after": 0.6, "top1_crop": 0.5, "zoomed_fraction": 0.7,
-            "pointing_game": 0.9, "box_iou": 0.4,
-            "groups": {"background": {"blur": {"n": 5, "top1_before": 0.3, "top1_after": 0.6, "top1_crop": 0.5,
-                                               "zoomed_fraction": 1.0, "pointing_game": 0.8, "box_iou": 0.5}}}}
-    return {"model": "m", "data": "/x/zoom-bench", "n": 10, "top1": 0.8, "settings": {"after_block": 6,
-            "prune_batch": 32}, "prune": prune, "zoom": zoom, "faithfulness": faith, "skipped": [],
-            "speed": {"analysis_ms_median": 50.0, "total_seconds": 60.0},
-            "machine": {"threads": 2, "processor": "x86_64", "torch": "2"}}
+    faith = [
+        {"method": m, "deletion_auc": a, "insertion_auc": 0.4, "deletion_curve": curve, "insertion_curve": curve}
+        for m, a in zip(eval_tasks.FAITHFULNESS_METHODS, (0.18, 0.17, 0.19, 0.19, 0.12, 0.11))
+    ]
+    zoom = {
+        "n": 10,
+        "top1_before": 0.2,
+        "top1_after": 0.6,
+        "top1_crop": 0.5,
+        "zoomed_fraction": 0.7,
+        "pointing_game": 0.9,
+        "box_iou": 0.4,
+        "groups": {
+            "background": {
+                "blur": {
+                    "n": 5,
+                    "top1_before": 0.3,
+                    "top1_after": 0.6,
+                    "top1_crop": 0.5,
+                    "zoomed_fraction": 1.0,
+                    "pointing_game": 0.8,
+                    "box_iou": 0.5,
+                }
+            }
+        },
+    }
+    return {
+        "model": "m",
+        "data": "/x/zoom-bench",
+        "n": 10,
+        "top1": 0.8,
+        "settings": {"after_block": 6, "prune_batch": 32},
+        "prune": prune,
+        "zoom": zoom,
+        "faithfulness": faith,
+        "skipped": [],
+        "speed": {"analysis_ms_median": 50.0, "total_seconds": 60.0},
+        "machine": {"threads": 2, "processor": "x86_64", "torch": "2"},
+    }
 
 
 def test_goal_checks_report_met_and_missed():
@@ -238,8 +276,11 @@ def test_zoom_plot_legend_covers_no_bar_or_value():
     (legend,) = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
     box = legend.get_window_extent(renderer)
     ax = fig.axes[0]
-    covered = [artist for artist in [*ax.patches, *ax.texts, ax.title, *ax.get_xticklabels(), *ax.get_yticklabels()]
-               if artist.get_window_extent(renderer).overlaps(box)]
+    covered = [
+        artist
+        for artist in [*ax.patches, *ax.texts, ax.title, *ax.get_xticklabels(), *ax.get_yticklabels()]
+        if artist.get_window_extent(renderer).overlaps(box)
+    ]
     assert not covered
     assert len(ax.texts) == 6 and all(t.get_window_extent(renderer).y1 <= ax.bbox.y1 for t in ax.texts)
 
@@ -273,8 +314,14 @@ def bench_run(deit_tiny, shared_dir, tmp_path_factory):
 
 def test_run_writes_every_output(bench_run):
     result, out, written = bench_run
-    assert {p.name for p in written} == {"results.json", "per_image.csv", "prune.png", "zoom.png", "faithfulness.png",
-                                         "report.md"}
+    assert {p.name for p in written} == {
+        "results.json",
+        "per_image.csv",
+        "prune.png",
+        "zoom.png",
+        "faithfulness.png",
+        "report.md",
+    }
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(result.summary))
     with open(out / "per_image.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -321,15 +368,17 @@ def test_results_agree_with_the_library(bench_run, deit_tiny, shared_dir):
 
 
 def test_keep_one_changes_nothing(deit_tiny, shared_dir):
-    result = evaluation.evaluate(deit_tiny, shared_dir / "data" / "imagenet-sample", limit=3, keeps=(1.0,),
-                                 tasks=("prune",), progress=False)
+    result = evaluation.evaluate(
+        deit_tiny, shared_dir / "data" / "imagenet-sample", limit=3, keeps=(1.0,), tasks=("prune",), progress=False
+    )
     for e in result.summary["prune"]:
         assert e["agreement"] == 1.0 and e["macs_ratio"] == 1.0 and e["top1"] == result.summary["top1"]
 
 
 def test_intent_map_beats_random_on_deletion(deit_tiny, shared_dir):
-    result = evaluation.evaluate(deit_tiny, shared_dir / "data" / "imagenet-sample", limit=4,
-                                 tasks=("faithfulness",), progress=False)
+    result = evaluation.evaluate(
+        deit_tiny, shared_dir / "data" / "imagenet-sample", limit=4, tasks=("faithfulness",), progress=False
+    )
     auc = {e["method"]: e for e in result.summary["faithfulness"]}
     assert auc["intent"]["deletion_auc"] < auc["random"]["deletion_auc"]
     assert auc["intent"]["insertion_auc"] > auc["random"]["insertion_auc"]
@@ -356,9 +405,29 @@ def test_label_outside_the_model_is_refused(deit_tiny, tmp_path):
 def test_cli_eval_prints_json_and_shows_progress(deit_model_path, shared_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "zoomvit", "eval", "--data", str(shared_dir / "data" / "imagenet-sample"),
-         "--model", deit_model_path, "--limit", "2", "--tasks", "prune", "--keep", "0.5", "--out", str(out), "--json"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "zoomvit",
+            "eval",
+            "--data",
+            str(shared_dir / "data" / "imagenet-sample"),
+            "--model",
+            deit_model_path,
+            "--limit",
+            "2",
+            "--tasks",
+            "prune",
+            "--keep",
+            "0.5",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -375,18 +444,30 @@ def earlier_run(out: Path, *extra: str) -> Path:
     return out
 
 
-def test_cli_eval_refuses_an_earlier_runs_folder_before_the_model_loads(deit_model_path, shared_dir, tmp_path,
-                                                                        monkeypatch, capsys):
+def test_cli_eval_refuses_an_earlier_runs_folder_before_the_model_loads(
+    deit_model_path, shared_dir, tmp_path, monkeypatch, capsys
+):
     """A new run would replace report.md and results.json and leave the earlier run's other plots beside them."""
     out = earlier_run(tmp_path / "out")
     monkeypatch.setattr(cli_evaluate, "load_bundle", lambda *args: pytest.fail("the model was loaded"))
-    argv = ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", deit_model_path,
-            "--out", str(out), "--tasks", "zoom"]
+    argv = [
+        "eval",
+        "--data",
+        str(shared_dir / "data" / "imagenet-sample"),
+        "--model",
+        deit_model_path,
+        "--out",
+        str(out),
+        "--tasks",
+        "zoom",
+    ]
     for extra in ([], ["--resume"]):  # --resume with nothing to resume would start a new run
         assert cli.main([*argv, *extra]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"zoomvit: error: {out} holds an earlier run's outputs (results.json, per_image.csv, "
-                              "prune.png, zoom.png, faithfulness.png, report.md): add --overwrite")
+        assert err.startswith(
+            f"zoomvit: error: {out} holds an earlier run's outputs (results.json, per_image.csv, "
+            "prune.png, zoom.png, faithfulness.png, report.md): add --overwrite"
+        )
         assert err.count("\n") == 1
     assert sorted(p.name for p in out.iterdir()) == sorted(eval_report.OUTPUTS)
 
@@ -397,21 +478,49 @@ def test_cli_eval_overwrite_removes_only_what_eval_wrote(deit_model_path, shared
     (out / eval_work.WORK_DIR).mkdir()
     (out / eval_work.WORK_DIR / "settings.json").write_text("{}")  # an interrupted run
     (out / eval_work.WORK_DIR / "000000.pt").write_text("earlier")
-    assert cli.main(["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", deit_model_path,
-                     "--device", "cpu", "--out", str(out), "--limit", "2", "--tasks", "zoom", "--workers", "0",
-                     "--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "per_image.csv", "report.md", "results.json",
-                                                     "zoom.png"]
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--data",
+                str(shared_dir / "data" / "imagenet-sample"),
+                "--model",
+                deit_model_path,
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "--limit",
+                "2",
+                "--tasks",
+                "zoom",
+                "--workers",
+                "0",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.iterdir()) == [
+        "notes.txt",
+        "per_image.csv",
+        "report.md",
+        "results.json",
+        "zoom.png",
+    ]
     assert (out / "notes.txt").read_text() == "earlier" and json.loads((out / "results.json").read_text())["n"] == 2
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--data", "/no/such/folder"], "Data folder not found"),
-    (["--data", ".", "--keep", "2"], "--keep values"),
-    (["--data", ".", "--tasks", "speed"], "--tasks"),
-    (["--data", ".", "--batch", "0"], "--batch must be at least 1"),
-    (["--data", ".", "--overwrite", "--resume"], "give one of them"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--data", "/no/such/folder"], "Data folder not found"),
+        (["--data", ".", "--keep", "2"], "--keep values"),
+        (["--data", ".", "--tasks", "speed"], "--tasks"),
+        (["--data", ".", "--batch", "0"], "--batch must be at least 1"),
+        (["--data", ".", "--overwrite", "--resume"], "give one of them"),
+    ],
+)
 def test_cli_eval_errors_are_one_line(capsys, argv, message):
     assert cli.main(["eval", *argv]) == 2
     err = capsys.readouterr().err

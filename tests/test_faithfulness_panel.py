@@ -12,19 +12,17 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+from app_server import running_app
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from zoomvit.app import ui as app
-from zoomvit import artifacts
-from zoomvit import config
-from zoomvit import faithfulness
+from zoomvit import artifacts, config, faithfulness
 from zoomvit.app import faithfulness_panel
-from zoomvit.errors import ZoomViTError
+from zoomvit.app import ui as app
 from zoomvit.app.explorer import Explorer
 from zoomvit.app.views import ViewSettings
-from app_server import running_app
+from zoomvit.errors import ZoomViTError
 
 REPO = Path(__file__).resolve().parents[1]
 CLOCK = str(REPO / "zoomvit" / "assets" / "wall_clock.jpg")
@@ -156,7 +154,7 @@ def test_the_panel_without_an_image_says_so(explorer):
 
 def test_token_norms_on_the_real_model(clock):
     analysis = clock.analysis
-    expected = np.linalg.norm(analysis.hidden_states[-1, analysis.num_special:], axis=-1).reshape(analysis.grid)
+    expected = np.linalg.norm(analysis.hidden_states[-1, analysis.num_special :], axis=-1).reshape(analysis.grid)
     np.testing.assert_allclose(analysis.token_norms(), expected, rtol=1e-6)
     ratios = expected / np.median(expected)
     # DeiT-Tiny has no artifact tokens here (largest ratio about 1.9): nothing flagged, nothing said.
@@ -263,8 +261,10 @@ def test_the_faithfulness_button_runs_in_the_model_queue_and_a_view_change_does_
     events = {fn.name: fn for fn in demo.fns.values() if fn.name in ("compute", "refresh")}
     assert events["compute"].concurrency_id == app.MODEL_QUEUE and events["compute"].concurrency_limit == 1
     assert events["refresh"].concurrency_id != app.MODEL_QUEUE
-    assert not any("faith" in name or name in ("/compute", "/refresh")
-                   for name in client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert not any(
+        "faith" in name or name in ("/compute", "/refresh")
+        for name in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    )
 
 
 def test_the_prune_api_takes_a_fusion_with_a_default(client):

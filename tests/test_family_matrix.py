@@ -9,18 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import DeiTForImageClassificationWithTeacher, DeiTImageProcessorPil, ViTForImageClassification
-
-from zoomvit import backbones
-from zoomvit import pruning
 import test_backbones as hf
 import test_timm
+import torch
 from hub_configs import config_for
+from transformers import DeiTForImageClassificationWithTeacher, DeiTImageProcessorPil, ViTForImageClassification
+
+from zoomvit import backbones, pruning, zoom
 from zoomvit.maps import fuse_heads, rollout_matrix
 from zoomvit.models import load_model
 from zoomvit.vit_analyzer import MAP_METHODS, analyze
-from zoomvit import zoom
 
 # row -> (builder, model_type in backbones.FAMILIES, prefix tokens, how the folder is loaded)
 MATRIX = {
@@ -72,7 +70,9 @@ def saved_folder(row, tmp_path):
     model = globals()[builder]() if builder in globals() else getattr(hf, builder)()
     model.save_pretrained(folder)
     # Resize then centre-crop, so the geometry has a crop to undo.
-    DeiTImageProcessorPil(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    DeiTImageProcessorPil(size={"height": 40, "width": 40}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        folder
+    )
     return str(folder)
 
 
@@ -129,8 +129,12 @@ def test_family_through_the_whole_tool(row, tmp_path):
 
     bundle.adapter.block = recording_block
     try:
-        for mode, fusion in [("analysis", "drop"), ("efficiency", "drop"), ("efficiency", "fuse"),
-                             ("efficiency", "merge")]:
+        for mode, fusion in [
+            ("analysis", "drop"),
+            ("efficiency", "drop"),
+            ("efficiency", "fuse"),
+            ("efficiency", "merge"),
+        ]:
             seen.clear()
             kept = pruning.prune(analysis, 0.5, 1, mode, fusion, timing_repeats=0)
             assert kept.tokens_after == prefix + 8 + (fusion == "fuse") and np.isfinite(kept.probs_after).all()
@@ -149,8 +153,9 @@ def dinov2_bundle(request, tmp_path_factory):
     return load_model(folder)
 
 
-@pytest.mark.parametrize("mode, fusion", [("analysis", "drop"), ("efficiency", "drop"), ("efficiency", "fuse"),
-                                          ("efficiency", "merge")])
+@pytest.mark.parametrize(
+    "mode, fusion", [("analysis", "drop"), ("efficiency", "drop"), ("efficiency", "fuse"), ("efficiency", "merge")]
+)
 def test_a_real_shaped_dinov2_prunes_in_both_modes(dinov2_bundle, mode, fusion):
     """Pruning a DINOv2 (with or without registers) from its real config, MACs included: the MLP's width is
     hidden_size * mlp_ratio, read from the blocks' Linear layers, not from a config key DINOv2 does not have."""

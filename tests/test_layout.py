@@ -61,7 +61,7 @@ def test_no_import_circle():
 
     def circle_from(node, trail):
         if node in trail:
-            return trail[trail.index(node):] + [node]
+            return trail[trail.index(node) :] + [node]
         for nxt in sorted(graph[node]):
             found = circle_from(nxt, trail + [node])
             if found:
@@ -73,12 +73,15 @@ def test_no_import_circle():
         assert circle is None, f"import circle: {' -> '.join(circle)}"
 
 
-@pytest.mark.parametrize("rule, pattern", [
-    ("block numbers", r"must be in 1\.\.\{.*\(or -1 for the last\)"),
-    ("after-block", r"nothing is left to prune"),
-    ("keep", r"must be a fraction in"),
-    ("port", r"must be a port number in 1\.\.65535"),
-])
+@pytest.mark.parametrize(
+    "rule, pattern",
+    [
+        ("block numbers", r"must be in 1\.\.\{.*\(or -1 for the last\)"),
+        ("after-block", r"nothing is left to prune"),
+        ("keep", r"must be a fraction in"),
+        ("port", r"must be a port number in 1\.\.65535"),
+    ],
+)
 def test_each_rule_has_one_home(rule, pattern):
     homes = [name for name, path in MODULES.items() if re.search(pattern, path.read_text(encoding="utf-8"))]
     assert homes == ["zoomvit.checks"], f"the {rule} rule is written in {homes}"

@@ -91,8 +91,8 @@ def test_remote_code_is_never_run(model_folder, deit_model_path):
 
 def test_weights_that_do_not_match_the_config(tiny_vit, tmp_path):
     """transformers would fill the missing tensors with random values and only log a warning."""
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     tiny_vit.model.save_pretrained(tmp_path)
     tiny_vit.processor.save_pretrained(tmp_path)
@@ -105,8 +105,9 @@ def test_other_model_families_name_the_supported_ones(tmp_path, family):
     import transformers
 
     if family == "swin":
-        cfg = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1],
-                                      window_size=2, num_labels=3)
+        cfg = transformers.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=2, num_labels=3
+        )
         model = transformers.SwinForImageClassification(cfg)
     else:
         cfg = transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
@@ -132,8 +133,13 @@ def _zoomvit(shared_dir, tmp_path, model, **env):
     environ = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
     environ.update(HF_HOME=str(tmp_path / "hf-home"), OMP_NUM_THREADS="1", **env)
     start = time.monotonic()
-    done = subprocess.run([str(script), "explain", str(shared_dir / PHOTO), "--model", model],
-                          capture_output=True, text=True, timeout=120, env=environ)
+    done = subprocess.run(
+        [str(script), "explain", str(shared_dir / PHOTO), "--model", model],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environ,
+    )
     return done, time.monotonic() - start
 
 
@@ -154,8 +160,9 @@ def test_cli_corrupt_folder_exits_2_without_traceback(shared_dir, model_folder, 
 def test_cli_uncached_hub_id_offline(shared_dir, tmp_path):
     done, _ = _zoomvit(shared_dir, tmp_path, NOT_CACHED, HF_HUB_OFFLINE="1")
     assert_one_error_line(
-        done, f"Could not load model '{NOT_CACHED}': offline (HF_HUB_OFFLINE is set) and it is not in the local "
-        "cache; pass a local folder with --model PATH or ZOOMVIT_MODEL=PATH"
+        done,
+        f"Could not load model '{NOT_CACHED}': offline (HF_HUB_OFFLINE is set) and it is not in the local "
+        "cache; pass a local folder with --model PATH or ZOOMVIT_MODEL=PATH",
     )
 
 
@@ -163,8 +170,9 @@ def test_cli_uncached_hub_id_with_the_hub_unreachable_fails_fast(shared_dir, tmp
     # Port 9 (discard) has no listener here: the hub's own retries took about 2 minutes on this.
     done, seconds = _zoomvit(shared_dir, tmp_path, NOT_CACHED, HF_ENDPOINT="http://127.0.0.1:9")
     assert_one_error_line(
-        done, f"Could not load model '{NOT_CACHED}': the Hugging Face hub is unreachable and it is not in the local "
-        "cache; pass a local folder with --model PATH or ZOOMVIT_MODEL=PATH"
+        done,
+        f"Could not load model '{NOT_CACHED}': the Hugging Face hub is unreachable and it is not in the local "
+        "cache; pass a local folder with --model PATH or ZOOMVIT_MODEL=PATH",
     )
     assert seconds < 15
 
@@ -185,10 +193,14 @@ def test_a_preprocessor_for_another_kind_of_input_is_refused(model_folder, deit_
 def test_error_text_never_advises_unpickling():
     from zoomvit.models import _first_line
 
-    timm_says = RuntimeError("weights_only=True blocked loading this checkpoint because it requires non-allowlisted "
-                             "pickle globals. If this checkpoint is trusted, retry with weights_only=False.")
-    torch_says = RuntimeError("Weights only load failed. This file can still be loaded, to do so you have two options"
-                              "\n(1) Re-running `torch.load` with `weights_only` set to `False` will likely succeed")
+    timm_says = RuntimeError(
+        "weights_only=True blocked loading this checkpoint because it requires non-allowlisted "
+        "pickle globals. If this checkpoint is trusted, retry with weights_only=False."
+    )
+    torch_says = RuntimeError(
+        "Weights only load failed. This file can still be loaded, to do so you have two options"
+        "\n(1) Re-running `torch.load` with `weights_only` set to `False` will likely succeed"
+    )
     for exc in (timm_says, torch_says):
         line = _first_line(exc)
         assert "weights_only" not in line and "weights only" not in line.lower() and "safetensors only" in line
@@ -200,16 +212,26 @@ def test_cli_inputs_that_ended_in_a_traceback_are_one_line(shared_dir, model_fol
     if case == "whisper preprocessor":
         (model_folder / "model.safetensors").symlink_to(Path(deit_model_path) / "model.safetensors")
         (model_folder / "preprocessor_config.json").write_text('{"feature_extractor_type": "WhisperFeatureExtractor"}')
-        model, expected = str(model_folder), (
-            f"Could not load model '{model_folder}': its preprocessor_config.json describes a "
-            "'WhisperFeatureExtractor', which transformers does not know as an image processor."
+        model, expected = (
+            str(model_folder),
+            (
+                f"Could not load model '{model_folder}': its preprocessor_config.json describes a "
+                "'WhisperFeatureExtractor', which transformers does not know as an image processor."
+            ),
         )
     elif case == "unknown timm tag":
         model = "timm:deit_tiny_patch16_224.no_such_tag"
-        expected = (f"Could not load model '{model}': timm knows no pretrained tag 'no_such_tag' for "
-                    "deit_tiny_patch16_224 (its tags: fb_in1k).")
+        expected = (
+            f"Could not load model '{model}': timm knows no pretrained tag 'no_such_tag' for "
+            "deit_tiny_patch16_224 (its tags: fb_in1k)."
+        )
     else:
-        model, expected = long_name, (f"Model folder not found, and not a valid hub id either: {'a' * 80}... "
-                                      "(300 characters) (file name too long)")
+        model, expected = (
+            long_name,
+            (
+                f"Model folder not found, and not a valid hub id either: {'a' * 80}... "
+                "(300 characters) (file name too long)"
+            ),
+        )
     done, _ = _zoomvit(shared_dir, tmp_path, model, HF_HUB_OFFLINE="1")
     assert_one_error_line(done, expected)

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoomvit.app import ui as app
-from zoomvit import cli
+from zoomvit import cli, models
 from zoomvit.app import model_registry
-from zoomvit import models
-from zoomvit.errors import ModelLoadError, ZoomViTError
+from zoomvit.app import ui as app
 from zoomvit.app.model_chooser import _pinning
 from zoomvit.app.model_registry import ModelRegistry, cached_models
 from zoomvit.app.sessions import ModelChoice, SessionStore, chosen_model
+from zoomvit.errors import ModelLoadError, ZoomViTError
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +71,9 @@ def test_a_model_not_offered_is_refused_in_one_line(tiny_folders, tmp_path):
     registry = registry_of(tiny_folders[:2])
     with pytest.raises(ZoomViTError) as refused:
         registry.get(tiny_folders[2])
-    assert str(refused.value) == (f"This server does not offer the model '{tiny_folders[2]}'; choose one of: "
-                                  "tiny-a, tiny-b.")
+    assert str(refused.value) == (
+        f"This server does not offer the model '{tiny_folders[2]}'; choose one of: tiny-a, tiny-b."
+    )
     assert registry.choices() == [("tiny-a", tiny_folders[0]), ("tiny-b", tiny_folders[1])]
     assert registry.loaded() == []
 
@@ -165,8 +165,11 @@ def test_every_event_that_reads_the_session_pins_its_model(tiny_folders):
     pinned_code = _pinning(lambda: None, registry).__code__
     assert all(fn.fn.__code__ is pinned_code for fn in reading)
     chooser = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "model")
-    assert chooser.visible and chooser.choices == [("tiny-a", tiny_folders[0]), ("tiny-b", tiny_folders[1]),
-                                                   ("tiny-c", tiny_folders[2])]
+    assert chooser.visible and chooser.choices == [
+        ("tiny-a", tiny_folders[0]),
+        ("tiny-b", tiny_folders[1]),
+        ("tiny-c", tiny_folders[2]),
+    ]
 
 
 def test_the_state_says_which_model_a_session_chose(tiny_folders, picture):
@@ -230,8 +233,9 @@ def test_model_repeats_and_the_first_is_the_default(start, tiny_folders, monkeyp
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     served = []
-    monkeypatch.setattr(app, "build_demo", lambda registry: served.append(registry) or SimpleNamespace(
-        launch=lambda **options: None))
+    monkeypatch.setattr(
+        app, "build_demo", lambda registry: served.append(registry) or SimpleNamespace(launch=lambda **options: None)
+    )
     a, b, _ = tiny_folders
     argv = ["--model", b, "--model", a, "--max-models", "1", "--device", "cpu", "--port", str(free_port())]
     assert (app.main(argv) if start == "app" else cli.main(["serve", *argv])) == 0

@@ -35,8 +35,9 @@ def reference_partners(features, keep_idx, drop_idx):
     """Each dropped token's most similar kept token (the first on a tie), as a position in keep_idx."""
     unit = features.float() / features.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
     similarity = unit @ unit.transpose(1, 2)
-    return torch.stack([sim[dropped][:, kept].argmax(dim=1)
-                        for sim, dropped, kept in zip(similarity, drop_idx, keep_idx)])
+    return torch.stack(
+        [sim[dropped][:, kept].argmax(dim=1) for sim, dropped, kept in zip(similarity, drop_idx, keep_idx)]
+    )
 
 
 def features_with_ties(batch, patches, dim=16, seed=0):
@@ -93,12 +94,12 @@ def test_pruned_forward_keeps_the_reference_tokens_on_tiny_models(request, name,
     torch.manual_seed(7)
     pixels = torch.randn(3, 3, *bundle.input_size)
     cut = pruning.run_to_cut(bundle, pixels, 1, with_scores=True)
-    patches = cut.x[:, bundle.num_special:]
+    patches = cut.x[:, bundle.num_special :]
     n_keep = pruning.kept_count(patches.shape[1], keep)
     _, keep_idx = pruning.forward_pruned(bundle, pixels, 1, keep, fusion="merge")
     assert torch.equal(keep_idx, reference_selection(cut.scores, patches, n_keep)[0])
     for i in range(3):  # each image of the batch picks alone what it picks in the batch
-        _, alone = pruning.forward_pruned(bundle, pixels[i:i + 1], 1, keep, fusion="merge")
+        _, alone = pruning.forward_pruned(bundle, pixels[i : i + 1], 1, keep, fusion="merge")
         assert torch.equal(alone[0], keep_idx[i])
 
 
@@ -126,12 +127,12 @@ def test_real_model_keeps_the_reference_tokens(deit_tiny, sample_pixels, keep):
     photo alone (batch 1, what the app times) and in a batch."""
     after = pruning.config.PRUNE_AFTER_BLOCK
     cut = pruning.run_to_cut(deit_tiny, sample_pixels, after, with_scores=True)
-    patches = cut.x[:, deit_tiny.num_special:]
+    patches = cut.x[:, deit_tiny.num_special :]
     expected = reference_selection(cut.scores, patches, pruning.kept_count(patches.shape[1], keep))[0]
     _, batched = pruning.forward_pruned(deit_tiny, sample_pixels, after, keep, fusion="merge")
     assert torch.equal(batched, expected)
     for i in range(len(sample_pixels)):
-        _, alone = pruning.forward_pruned(deit_tiny, sample_pixels[i:i + 1], after, keep, fusion="merge")
+        _, alone = pruning.forward_pruned(deit_tiny, sample_pixels[i : i + 1], after, keep, fusion="merge")
         assert np.array_equal(alone[0].numpy(), expected[i].numpy())
 
 

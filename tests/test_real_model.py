@@ -31,7 +31,7 @@ def test_predict_matches_the_hf_pipeline(deit_tiny, deit_model_path, sample_path
     # `predict` for each photo, in batches: the same preprocessing and forward, 10 images a pass.
     ours = []
     for start in range(0, len(sample_paths), 10):
-        pixels = torch.cat([encode(deit_tiny, load_image(p))[0] for p in sample_paths[start:start + 10]])
+        pixels = torch.cat([encode(deit_tiny, load_image(p))[0] for p in sample_paths[start : start + 10]])
         ours += [deit_tiny.label(probs.argmax()) for probs in predict_pixels(deit_tiny, pixels)]
     mismatches = [(p.name, a, b) for p, a, b in zip(sample_paths, ours, theirs) if a != b]
     assert not mismatches
@@ -41,7 +41,7 @@ def test_analysis_mode_pruning_keeps_decisions(deit_tiny, sample_paths):
     """Only the 30% most intended tokens after block 6: the decision survives on at least 95 of 100 photos."""
     agree = 0
     for start in range(0, len(sample_paths), 10):  # batched passes: each image's result is its own (tested)
-        analyses = analyze_many(deit_tiny, sample_paths[start:start + 10])
+        analyses = analyze_many(deit_tiny, sample_paths[start : start + 10])
         scores = torch.cat([pruning.analysis_scores(analysis, 6, 0.3) for analysis in analyses])
         pixels = torch.cat([analysis.pixel_values for analysis in analyses])
         logits, keep_idx = pruning.forward_pruned(deit_tiny, pixels, 6, 0.3, scores)

@@ -6,9 +6,7 @@ import csv
 import numpy as np
 import pytest
 
-from zoomvit import config
-from zoomvit import intent
-from zoomvit import zoom
+from zoomvit import config, intent, zoom
 from zoomvit.vit_analyzer import analyze, analyze_many
 
 BLUR_ITEMS = 30
@@ -20,7 +18,9 @@ def blur_items(shared_dir):
     with open(folder / "labels.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["background"] == "blur"][:BLUR_ITEMS]
     assert len(rows) == BLUR_ITEMS
-    return [(folder / r["file"], tuple(float(r[k]) for k in ("x0", "y0", "x1", "y1")), int(r["label_index"])) for r in rows]
+    return [
+        (folder / r["file"], tuple(float(r[k]) for k in ("x0", "y0", "x1", "y1")), int(r["label_index"])) for r in rows
+    ]
 
 
 def _covered(box, target):
@@ -33,9 +33,12 @@ def _covered(box, target):
 def test_zoom_box_covers_the_object_on_blur_items(deit_tiny, blur_items):
     covered, gains = [], 0
     # Batched analysis passes: each image's analysis is its own `analyze` (tested in test_engine_unit).
-    analyses = [a for start in range(0, len(blur_items), 10)
-                for a in analyze_many(deit_tiny, [path for path, _, _ in blur_items[start:start + 10]])]
-    for (path, gt, label), analysis in zip(blur_items, analyses):
+    analyses = [
+        a
+        for start in range(0, len(blur_items), 10)
+        for a in analyze_many(deit_tiny, [path for path, _, _ in blur_items[start : start + 10]])
+    ]
+    for (_path, gt, label), analysis in zip(blur_items, analyses):
         result = zoom.zoom(analysis)
         x0, y0, x1, y1 = result.box
         w, h = analysis.loaded.original_size
@@ -100,6 +103,7 @@ def test_a_prediction_that_is_a_guess_is_flagged_whatever_the_kind(deit_tiny, sh
     assert diagnosis.reason.startswith("the prediction itself is a guess")
     assert diagnosis.as_dict()["guess"] is True and "guess" not in diagnosis.metrics
 
-    tench = intent.diagnose(analyze(deit_tiny, shared_dir / "data" / "imagenet-sample" / "n01440764_tench.JPEG",
-                                    keep_graph=False))
+    tench = intent.diagnose(
+        analyze(deit_tiny, shared_dir / "data" / "imagenet-sample" / "n01440764_tench.JPEG", keep_graph=False)
+    )
     assert not tench.guess and "guess" not in tench.reason and tench.as_dict()["guess"] is False

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from zoomvit import backbones
-from zoomvit import pruning
+from zoomvit import backbones, pruning
 from zoomvit.errors import ModelLoadError
 from zoomvit.geometry import encode
 from zoomvit.images import load_image
@@ -104,12 +103,22 @@ def save_timm_folder(model, name, folder, crop_pct=0.875):
     folder.mkdir(parents=True, exist_ok=True)
     model_args = {k: v for k, v in {**TINY, **VARIANTS[name][0]}.items() if k != "num_classes"}
     cfg = {
-        "architecture": name, "num_classes": TINY["num_classes"], "global_pool": model.global_pool,
-        "model_args": model_args, "label_names": [f"thing {i}" for i in range(TINY["num_classes"])],
-        "pretrained_cfg": {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": crop_pct,
-                           "crop_mode": "center", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
-                           "num_classes": TINY["num_classes"], "first_conv": "patch_embed.proj",
-                           "classifier": "head"},
+        "architecture": name,
+        "num_classes": TINY["num_classes"],
+        "global_pool": model.global_pool,
+        "model_args": model_args,
+        "label_names": [f"thing {i}" for i in range(TINY["num_classes"])],
+        "pretrained_cfg": {
+            "input_size": [3, 32, 32],
+            "interpolation": "bicubic",
+            "crop_pct": crop_pct,
+            "crop_mode": "center",
+            "mean": [0.5, 0.4, 0.3],
+            "std": [0.2, 0.25, 0.3],
+            "num_classes": TINY["num_classes"],
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
     }
     (folder / "config.json").write_text(json.dumps(cfg))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
@@ -145,21 +154,40 @@ def test_a_timm_folder_loads_through_timm_and_through_transformers(name, tmp_pat
 def test_timm_preprocessing_geometry_matches_its_pixels(size, tmp_path):
     """The resize and crop the geometry states are the ones timm's transform takes, pixel for pixel (its crop
     offset rounds half to even, unlike Hugging Face's floor)."""
-    processor = backbones.TimmPreprocessor({"input_size": (3, 32, 32), "interpolation": "bicubic",
-                                            "crop_pct": 0.875, "crop_mode": "center", "mean": (0, 0, 0),
-                                            "std": (1, 1, 1)})
+    processor = backbones.TimmPreprocessor(
+        {
+            "input_size": (3, 32, 32),
+            "interpolation": "bicubic",
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "mean": (0, 0, 0),
+            "std": (1, 1, 1),
+        }
+    )
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     resized, (left, top, width, height) = processor.resize_and_crop(*size)
-    expected = np.asarray(image.resize(resized, Image.Resampling.BICUBIC), dtype=np.float32)[
-        top:top + height, left:left + width] / 255
+    expected = (
+        np.asarray(image.resize(resized, Image.Resampling.BICUBIC), dtype=np.float32)[
+            top : top + height, left : left + width
+        ]
+        / 255
+    )
     pixels = processor(images=image)["pixel_values"][0].permute(1, 2, 0).numpy()
     assert pixels.shape == expected.shape and np.abs(pixels - expected).max() < 1e-6
 
 
 def test_timm_refuses_preprocessing_it_cannot_map_back():
     with pytest.raises(ValueError, match="crop mode 'border'"):
-        backbones.TimmPreprocessor({"input_size": (3, 32, 32), "crop_mode": "border", "crop_pct": 1.0,
-                                    "interpolation": "bicubic", "mean": (0, 0, 0), "std": (1, 1, 1)})
+        backbones.TimmPreprocessor(
+            {
+                "input_size": (3, 32, 32),
+                "crop_mode": "border",
+                "crop_pct": 1.0,
+                "interpolation": "bicubic",
+                "mean": (0, 0, 0),
+                "std": (1, 1, 1),
+            }
+        )
 
 
 # ---- the real DeiT-Tiny in timm's layout against its Hugging Face copy ----
@@ -168,15 +196,15 @@ def test_timm_refuses_preprocessing_it_cannot_map_back():
 @pytest.fixture(scope="module")
 def deit_paths(shared_dir, deit_tiny):
     folder = shared_dir / "models" / "deit-tiny-patch16-224-timm"
-    return {"hf": deit_tiny, "timm": load_model(f"timm:{folder}"),
-            "wrapper": load_model(str(folder))}
+    return {"hf": deit_tiny, "timm": load_model(f"timm:{folder}"), "wrapper": load_model(str(folder))}
 
 
 def test_the_real_timm_copy_loads_both_ways(deit_paths):
     for key in ("timm", "wrapper"):
         bundle = deit_paths[key]
-        assert bundle.adapter.describe() == ("timm VisionTransformer: class token, then patches; the head reads the "
-                                             "class token")
+        assert bundle.adapter.describe() == (
+            "timm VisionTransformer: class token, then patches; the head reads the class token"
+        )
         assert (bundle.patch_size, bundle.input_size, bundle.num_layers, bundle.num_heads) == (16, (224, 224), 12, 3)
         assert bundle.processor.data_config["crop_pct"] == 0.875  # the folder's, not timm's registry default 0.9
         assert bundle.label(1) == deit_paths["hf"].label(1)
@@ -194,7 +222,7 @@ def test_the_timm_copy_equals_the_hf_copy_on_every_dev_image(deit_paths, shared_
     hf = deit_paths["hf"]
     others = [dataclasses.replace(deit_paths[k], processor=hf.processor) for k in ("timm", "wrapper")]
     for start in range(0, len(files), 50):
-        pixels = torch.cat([encode(hf, load_image(p))[0] for p in files[start:start + 50]])
+        pixels = torch.cat([encode(hf, load_image(p))[0] for p in files[start : start + 50]])
         reference = predict_pixels(hf, pixels)
         for other in others:
             probs = predict_pixels(other, pixels)
@@ -217,8 +245,12 @@ def test_the_timm_copy_gives_the_hf_copy_maps(deit_paths, shared_dir):
 def test_the_cli_explains_with_a_timm_model(shared_dir):
     folder = shared_dir / "models" / "deit-tiny-patch16-224-timm"
     image = sorted((shared_dir / "data" / "imagenet-sample").glob("*.JPEG"))[0]
-    done = subprocess.run([sys.executable, "-m", "zoomvit", "explain", str(image), "--model", f"timm:{folder}", "--json"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "zoomvit", "explain", str(image), "--model", f"timm:{folder}", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["top"][0]["label"] and report["grid"] == [14, 14]
@@ -280,8 +312,9 @@ def test_hub_timm_ids_load_from_the_cache(shared_dir, tmp_path, monkeypatch, dei
 # ---- issue 17: config.json's model_args must not choose the weights -------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["checkpoint_path", "pretrained_cfg_overlay", "pretrained_cfg", "pretrained",
-                                 "features_only"])
+@pytest.mark.parametrize(
+    "key", ["checkpoint_path", "pretrained_cfg_overlay", "pretrained_cfg", "pretrained", "features_only"]
+)
 @pytest.mark.parametrize("prefix", ["timm:", ""])  # timm itself, and transformers' TimmWrapper, which calls timm too
 def test_model_args_that_could_pick_the_weights_are_refused(tmp_path, key, prefix):
     """checkpoint_path made timm load a pickle (torch.save'd weights loaded silently) instead of model.safetensors."""
@@ -290,8 +323,13 @@ def test_model_args_that_could_pick_the_weights_are_refused(tmp_path, key, prefi
     folder = save_timm_folder(model, name, tmp_path / "tiny-timm")
     pickled = tmp_path / "other.pth"
     torch.save({k: torch.zeros_like(v) for k, v in model.state_dict().items()}, pickled)
-    value = {"checkpoint_path": str(pickled), "pretrained_cfg_overlay": {"file": str(pickled)},
-             "pretrained_cfg": {"file": str(pickled)}, "pretrained": True, "features_only": True}[key]
+    value = {
+        "checkpoint_path": str(pickled),
+        "pretrained_cfg_overlay": {"file": str(pickled)},
+        "pretrained_cfg": {"file": str(pickled)},
+        "pretrained": True,
+        "features_only": True,
+    }[key]
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_args"][key] = value
     (folder / "config.json").write_text(json.dumps(cfg))

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_configs import config_for
+from test_timm import save_timm_folder, tiny_timm
 from transformers import TrainerCallback, ViTForImageClassification, ViTImageProcessorPil
 
 from zoomvit import cli
 from zoomvit.cli import train as train_cli
+from zoomvit.models import load_model
 from zoomvit.training import models as train_models
 from zoomvit.training import trainer as training
-from hub_configs import config_for
-from zoomvit.models import load_model
-from test_timm import save_timm_folder, tiny_timm
 from zoomvit.training.outputs import Interrupted
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,9 @@ def image_folder(shared_dir, tmp_path_factory) -> Path:
         for name in CLASSES:
             folder = root / split / name
             folder.mkdir(parents=True)
-            for file in sorted((shared_dir / "data" / "cifar-10" / source[split] / name).iterdir())[offset:offset + count]:
+            for file in sorted((shared_dir / "data" / "cifar-10" / source[split] / name).iterdir())[
+                offset : offset + count
+            ]:
                 shutil.copy(file, folder / file.name)
     return root
 
@@ -79,15 +81,35 @@ def run_cli(*argv, capsys=None):
 
 
 def test_fine_tuning_a_hf_folder_from_class_folders_writes_a_model_every_command_loads(
-        image_folder, csv_folder, tiny_hf_folder, tmp_path, capsys):
+    image_folder, csv_folder, tiny_hf_folder, tmp_path, capsys
+):
     out = tmp_path / "tuned"
-    code, err = run_cli(image_folder, "--model", tiny_hf_folder, "--out", out, "--epochs", "2", "--batch-size", "6",
-                        "--workers", "0", capsys=capsys)
+    code, err = run_cli(
+        image_folder,
+        "--model",
+        tiny_hf_folder,
+        "--out",
+        out,
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--workers",
+        "0",
+        capsys=capsys,
+    )
     assert code == 0, err
     assert "5-class head is replaced by a new 3-class one" in err
     assert "epoch 2/2: train loss" in err and "test top-1" in err
-    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "train_log.csv", "train_log.json",
-                 "train_curves.png", "README.md"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "train_log.csv",
+        "train_log.json",
+        "train_curves.png",
+        "README.md",
+    ):
         assert (out / name).is_file(), name
     bundle = load_model(str(out), device="cpu", dtype="float32")
     assert bundle.id2label == dict(enumerate(CLASSES))
@@ -103,8 +125,27 @@ def test_fine_tuning_a_hf_folder_from_class_folders_writes_a_model_every_command
     assert cli.main(["explain", str(image), "--model", str(out), "--json"]) == 0
     explained = json.loads(capsys.readouterr().out)
     assert explained["top"][0]["label"] in CLASSES
-    assert cli.main(["eval", "--data", str(csv_folder / "val"), "--model", str(out), "--out", str(tmp_path / "ev"),
-                     "--tasks", "intent", "--after-block", "1", "--workers", "0", "--json"]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--data",
+                str(csv_folder / "val"),
+                "--model",
+                str(out),
+                "--out",
+                str(tmp_path / "ev"),
+                "--tasks",
+                "intent",
+                "--after-block",
+                "1",
+                "--workers",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["n"] == 3 * PER_CLASS["val"]
     assert abs(evaluated["top1"] - best) < 1e-9  # eval's preprocessing is the one val used
@@ -124,8 +165,10 @@ def test_fine_tuning_from_labels_csv_takes_its_names_and_a_timm_folder_stays_tim
 
 def test_a_small_vit_from_scratch_trains_and_loads(image_folder, tmp_path):
     out = tmp_path / "scratch"
-    training.train(options(out, data=str(image_folder), init="random", arch="vit-micro", image_size=32,
-                           patch_size=4, epochs=2), progress=False)
+    training.train(
+        options(out, data=str(image_folder), init="random", arch="vit-micro", image_size=32, patch_size=4, epochs=2),
+        progress=False,
+    )
     bundle = load_model(str(out), device="cpu", dtype="float32")
     assert (bundle.patch_size, bundle.input_size, bundle.num_layers) == (4, (32, 32), 2)
     assert len(bundle.id2label) == 3
@@ -167,13 +210,40 @@ def test_resume_after_an_interruption_ends_where_an_uninterrupted_run_ends(image
 def test_two_torchrun_processes_train_and_rank_0_alone_writes(image_folder, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "zoomvit", "train", str(image_folder), "--init", "random", "--arch", "vit-micro",
-               "--image-size", "32", "--patch-size", "4", "--epochs", "1", "--batch-size", "3", "--workers", "0",
-               "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "zoomvit",
+        "train",
+        str(image_folder),
+        "--init",
+        "random",
+        "--arch",
+        "vit-micro",
+        "--image-size",
+        "32",
+        "--patch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "3",
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("Saved to") == 1 and done.stderr.count("epoch 1/1:") == 1
-    state = json.loads(sorted((out / "checkpoints").glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text())
+    state = json.loads(
+        sorted((out / "checkpoints").glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text()
+    )
     assert state["global_step"] == 3  # 18 images over 2 processes x 3 per batch
     assert load_model(str(out), device="cpu", dtype="float32").id2label == dict(enumerate(CLASSES))
 
@@ -187,13 +257,16 @@ def broken_copy(image_folder, tmp_path, change) -> Path:
 
 BAD_DATA = {
     "empty class": (lambda r: (r / "train" / "3_cat").mkdir(), "1 empty class folder(s): 3_cat"),
-    "one class": (lambda r: [shutil.rmtree(r / "train" / c) for c in CLASSES[1:]],
-                  "has one class only (0_airplane)"),
-    "val class train lacks": (lambda r: shutil.copytree(r / "val" / CLASSES[0], r / "val" / "3_cat"),
-                              "val folder has 1 class(es) that train lacks: 3_cat"),
+    "one class": (lambda r: [shutil.rmtree(r / "train" / c) for c in CLASSES[1:]], "has one class only (0_airplane)"),
+    "val class train lacks": (
+        lambda r: shutil.copytree(r / "val" / CLASSES[0], r / "val" / "3_cat"),
+        "val folder has 1 class(es) that train lacks: 3_cat",
+    ),
     "no val": (lambda r: shutil.rmtree(r / "val"), "has no val/ folder"),
-    "renamed class": (lambda r: (r / "val" / CLASSES[2]).rename(r / "val" / "2_birds"),
-                      "Class 2 is '2_bird' in train but '2_birds' in val"),
+    "renamed class": (
+        lambda r: (r / "val" / CLASSES[2]).rename(r / "val" / "2_birds"),
+        "Class 2 is '2_bird' in train but '2_birds' in val",
+    ),
 }
 
 
@@ -201,8 +274,20 @@ BAD_DATA = {
 def test_bad_data_is_one_line_before_training(case, image_folder, tmp_path, capsys):
     change, message = BAD_DATA[case]
     data = broken_copy(image_folder, tmp_path, change)
-    code, err = run_cli(data, "--init", "random", "--arch", "vit-micro", "--image-size", "32", "--patch-size", "4",
-                        "--out", tmp_path / "out", capsys=capsys)
+    code, err = run_cli(
+        data,
+        "--init",
+        "random",
+        "--arch",
+        "vit-micro",
+        "--image-size",
+        "32",
+        "--patch-size",
+        "4",
+        "--out",
+        tmp_path / "out",
+        capsys=capsys,
+    )
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()  # nothing written before the checks pass
 
@@ -213,8 +298,24 @@ def test_files_that_are_not_images_are_skipped_and_counted(image_folder, tmp_pat
         (root / "train" / CLASSES[1] / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
 
     data = broken_copy(image_folder, tmp_path, add_junk)
-    code, err = run_cli(data, "--init", "random", "--arch", "vit-micro", "--image-size", "32", "--patch-size", "4",
-                        "--epochs", "1", "--workers", "0", "--out", tmp_path / "out", capsys=capsys)
+    code, err = run_cli(
+        data,
+        "--init",
+        "random",
+        "--arch",
+        "vit-micro",
+        "--image-size",
+        "32",
+        "--patch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--out",
+        tmp_path / "out",
+        capsys=capsys,
+    )
     assert code == 0, err
     assert "train: skipped 2 file(s) that are not readable images: notes.txt (not an image), broken.jpg" in err
     settings = json.loads((tmp_path / "out" / "train_settings.json").read_text())
@@ -227,8 +328,10 @@ BAD_OPTIONS = {
     "nan lr": (["--lr", "nan"], "--lr must be in (0, 1), got nan."),
     "warmup": (["--warmup", "1.5"], "--warmup is a share of the steps in [0, 1), got 1.5."),
     "patch": (["--patch-size", "5"], "A 32-px image does not split into 5-px patches"),
-    "size for a pretrained model": (["--init", "pretrained", "--model", "x"], "--image-size and --patch-size apply "
-                                    "to --init random"),
+    "size for a pretrained model": (
+        ["--init", "pretrained", "--model", "x"],
+        "--image-size and --patch-size apply to --init random",
+    ),
     "fp16 on the cpu": (["--precision", "fp16", "--device", "cpu"], "fp16 trains on a GPU only"),
     "both data and --train": (["--train", "a", "--val", "b"], "not both"),
 }
@@ -237,8 +340,23 @@ BAD_OPTIONS = {
 @pytest.mark.parametrize("case", BAD_OPTIONS)
 def test_bad_options_are_one_line(case, image_folder, tmp_path, capsys):
     extra, message = BAD_OPTIONS[case]
-    argv = [image_folder, "--init", "random", "--arch", "vit-micro", "--image-size", "32", "--patch-size", "4",
-            "--epochs", "1", "--workers", "0", "--out", tmp_path / "out"]
+    argv = [
+        image_folder,
+        "--init",
+        "random",
+        "--arch",
+        "vit-micro",
+        "--image-size",
+        "32",
+        "--patch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--out",
+        tmp_path / "out",
+    ]
     code, err = run_cli(*argv, *extra, capsys=capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
@@ -247,8 +365,19 @@ def test_an_output_folder_that_is_not_a_run_is_never_emptied(image_folder, tmp_p
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("precious")
-    argv = [image_folder, "--init", "random", "--arch", "vit-micro", "--image-size", "32", "--patch-size", "4",
-            "--out", out]
+    argv = [
+        image_folder,
+        "--init",
+        "random",
+        "--arch",
+        "vit-micro",
+        "--image-size",
+        "32",
+        "--patch-size",
+        "4",
+        "--out",
+        out,
+    ]
     code, err = run_cli(*argv, capsys=capsys)
     assert code == 2 and "is not empty: give --resume" in err
     code, err = run_cli(*argv, "--overwrite", capsys=capsys)
@@ -259,9 +388,28 @@ def test_an_output_folder_that_is_not_a_run_is_never_emptied(image_folder, tmp_p
 
 def test_train_and_val_together_without_validation_save_the_last_epoch(image_folder, tmp_path, capsys):
     out = tmp_path / "final"
-    code, err = run_cli("--train", image_folder / "train", image_folder / "val", "--test", image_folder / "test",
-                        "--init", "random", "--arch", "vit-micro", "--image-size", "32", "--patch-size", "4",
-                        "--epochs", "2", "--workers", "0", "--out", out, capsys=capsys)
+    code, err = run_cli(
+        "--train",
+        image_folder / "train",
+        image_folder / "val",
+        "--test",
+        image_folder / "test",
+        "--init",
+        "random",
+        "--arch",
+        "vit-micro",
+        "--image-size",
+        "32",
+        "--patch-size",
+        "4",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+        "--out",
+        out,
+        capsys=capsys,
+    )
     assert code == 0, err
     assert "No validation folder" in err and "(last epoch), test top-1" in err
     settings = json.loads((out / "train_settings.json").read_text())
@@ -276,8 +424,24 @@ def test_freeze_keeps_the_stem_and_first_blocks_as_they_were(image_folder, tiny_
     from safetensors.torch import load_file
 
     out = tmp_path / "frozen"
-    code, err = run_cli(image_folder, "--model", tiny_hf_folder, "--freeze", "1", "--epochs", "1", "--warmup", "0",
-                        "--batch-size", "6", "--workers", "0", "--out", out, capsys=capsys)
+    code, err = run_cli(
+        image_folder,
+        "--model",
+        tiny_hf_folder,
+        "--freeze",
+        "1",
+        "--epochs",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "6",
+        "--workers",
+        "0",
+        "--out",
+        out,
+        capsys=capsys,
+    )
     assert code == 0, err
     assert "Frozen: the stem and blocks 1..1" in err
     before = ViTForImageClassification.from_pretrained(tiny_hf_folder).state_dict()
@@ -287,6 +451,7 @@ def test_freeze_keeps_the_stem_and_first_blocks_as_they_were(image_folder, tiny_
         stem_or_first = "embeddings" in name or ".layers.0." in name
         if "classifier" not in name:
             assert torch.equal(value, before[name]) == stem_or_first, name
-    code, err = run_cli(image_folder, "--model", tiny_hf_folder, "--freeze", "2", "--out", tmp_path / "x",
-                        capsys=capsys)
+    code, err = run_cli(
+        image_folder, "--model", tiny_hf_folder, "--freeze", "2", "--out", tmp_path / "x", capsys=capsys
+    )
     assert code == 2 and "--freeze must be in 1..1" in err

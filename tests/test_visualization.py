@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoomvit import compare
-from zoomvit import visualization
+from zoomvit import compare, visualization
 from zoomvit.geometry import Geometry
 
 GREEN = (0, 160, 0)
@@ -91,5 +90,3 @@ def test_the_tiles_of_a_very_wide_image_are_readable_strips():
     # Usual shapes keep their layout: 3 square heads in a row, as large as the sheet allows up to 256.
     square = compare.tile_layout((224, 224), 3, compare.HEAD_SIDES, width=720)
     assert square.columns == 3 and square.picture == (232, 232)
-
-

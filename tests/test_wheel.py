@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from app_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +24,12 @@ TIMEOUT = 300
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(REPO)], check=True, capture_output=True, timeout=TIMEOUT)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
     (built,) = dist.glob("zoomvit-*.whl")
     return built
 
@@ -40,10 +43,20 @@ def user(wheel, tmp_path_factory):
     env = root / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=TIMEOUT)
     python = env / "bin" / "python"
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               check=True, capture_output=True, text=True).stdout.strip())
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(site),
-                    str(wheel)], check=True, capture_output=True, timeout=TIMEOUT)
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
     (site / "test-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     project = root / "project"
     project.mkdir()
@@ -64,11 +77,18 @@ def test_the_wheel_holds_the_package_alone_with_its_files(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"zoomvit", wheel.name.split("-py")[0] + ".dist-info"}
     examples = (REPO / "zoomvit" / "assets" / "examples.csv").read_text().splitlines()[1:]
-    needed = {"zoomvit/assets/examples.csv", "zoomvit/assets/README.md", "zoomvit/__main__.py",
-              *(f"zoomvit/assets/{line.split(',')[0]}" for line in examples)}
+    needed = {
+        "zoomvit/assets/examples.csv",
+        "zoomvit/assets/README.md",
+        "zoomvit/__main__.py",
+        *(f"zoomvit/assets/{line.split(',')[0]}" for line in examples),
+    }
     assert needed <= set(names)
-    sources = {str(path.relative_to(REPO)) for path in (REPO / "zoomvit").rglob("*.py")
-               if (path.parent / "__init__.py").is_file()}
+    sources = {
+        str(path.relative_to(REPO))
+        for path in (REPO / "zoomvit").rglob("*.py")
+        if (path.parent / "__init__.py").is_file()
+    }
     assert sources <= set(names)  # every module of every subpackage
 
 
@@ -98,13 +118,27 @@ def test_every_command_runs_outside_the_source_tree(user, shared_dir, deit_model
     assert re.fullmatch(r"zoomvit \d+\.\d+\.\d+", version)
     image = str(sorted((shared_dir / "data" / "imagenet-sample").glob("*.JPEG"))[0])
     model = ["--model", deit_model_path]
-    explained = json.loads(run(user, "-m", "zoomvit", "explain", image, *model, "--json", "--out",
-                               str(tmp_path / "map.png")).stdout)
+    explained = json.loads(
+        run(user, "-m", "zoomvit", "explain", image, *model, "--json", "--out", str(tmp_path / "map.png")).stdout
+    )
     assert explained["top"] and (tmp_path / "map.png").stat().st_size > 0
     assert json.loads(run(user, "-m", "zoomvit", "zoom", image, *model, "--json").stdout)["box"]
     assert json.loads(run(user, "-m", "zoomvit", "prune", image, *model, "--json").stdout)["tokens_after"] > 0
-    run(user, "-m", "zoomvit", "eval", "--data", str(shared_dir / "data" / "imagenet-sample"), *model, "--limit", "2",
-        "--tasks", "zoom", "--out", str(tmp_path / "eval"))
+    run(
+        user,
+        "-m",
+        "zoomvit",
+        "eval",
+        "--data",
+        str(shared_dir / "data" / "imagenet-sample"),
+        *model,
+        "--limit",
+        "2",
+        "--tasks",
+        "zoom",
+        "--out",
+        str(tmp_path / "eval"),
+    )
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["n"] == 2
     data = tmp_path / "folder"
     for split in ("train", "val"):
@@ -112,16 +146,42 @@ def test_every_command_runs_outside_the_source_tree(user, shared_dir, deit_model
             (data / split / name).mkdir(parents=True)
             for file in sorted((shared_dir / "data" / "cifar-10" / "test" / name).iterdir())[:2]:
                 shutil.copy(file, data / split / name / file.name)
-    run(user, "-m", "zoomvit", "train", str(data), "--init", "random", "--arch", "vit-micro", "--image-size", "32",
-        "--patch-size", "4", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--out", str(tmp_path / "run"))
+    run(
+        user,
+        "-m",
+        "zoomvit",
+        "train",
+        str(data),
+        "--init",
+        "random",
+        "--arch",
+        "vit-micro",
+        "--image-size",
+        "32",
+        "--patch-size",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert (tmp_path / "run" / "README.md").is_file()
 
 
 def test_serve_starts_the_app_outside_the_source_tree(user, deit_model_path):
     python, project, site = user
     port = free_port()
-    server = subprocess.Popen([str(python), "-m", "zoomvit", "serve", "--model", deit_model_path, "--port", str(port)],
-                              cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [str(python), "-m", "zoomvit", "serve", "--model", deit_model_path, "--port", str(port)],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + TIMEOUT
         while time.time() < deadline and server.poll() is None:

@@ -10,16 +10,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules, wherever torchrun starts
 
-from zoomvit.evaluation import work as eval_work  # noqa: E402
 from zoomvit.evaluation import pruning_pass  # noqa: E402
 from zoomvit.evaluation import runner as evaluation  # noqa: E402
+from zoomvit.evaluation import work as eval_work  # noqa: E402
 from zoomvit.models import load_model  # noqa: E402
 
 model, data, work_dir, limit, batch, tasks = sys.argv[1:]
 pruning_pass.PRUNE_BATCH = int(batch)
 bundle = load_model(model, "cpu")
 with eval_work.distributed(bundle.device):
-    result = evaluation.evaluate(bundle, data, int(limit), keeps=(0.5,), tasks=tasks.split(","), progress=False,
-                                 work_dir=work_dir)
+    result = evaluation.evaluate(
+        bundle, data, int(limit), keeps=(0.5,), tasks=tasks.split(","), progress=False, work_dir=work_dir
+    )
 if result is not None:
     print(json.dumps({"rows": result.rows, "summary": result.summary}))

@@ -4,8 +4,7 @@ cached pass (`Analysis.token_norms`, no model run), outlined on the Explore over
 import numpy as np
 from PIL import Image
 
-from zoomvit import config
-from zoomvit import visualization
+from zoomvit import config, visualization
 
 COLOR = (255, 0, 255)  # magenta: apart from the clicked patch's white outline
 SHOWN = 6  # patches named in the note; the rest are counted
@@ -35,6 +34,8 @@ def note(patches) -> str:
     named = "; ".join(f"row {row}, column {col} ({ratio:.1f}×)" for row, col, ratio in patches[:SHOWN])
     more = f"; and {len(patches) - SHOWN} more" if len(patches) > SHOWN else ""
     count = "1 patch leaves" if len(patches) == 1 else f"{len(patches)} patches leave"
-    return (f"**High-norm tokens** (magenta squares): {count} the last block with an outlier norm, times the "
-            f"median: {named}{more}. Many ViTs use such tokens as scratch space (Darcet et al. 2024): they soak up "
-            "attention, so attention maps can peak there without that patch mattering for the image.")
+    return (
+        f"**High-norm tokens** (magenta squares): {count} the last block with an outlier norm, times the "
+        f"median: {named}{more}. Many ViTs use such tokens as scratch space (Darcet et al. 2024): they soak up "
+        "attention, so attention maps can peak there without that patch mattering for the image."
+    )

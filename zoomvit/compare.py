@@ -19,8 +19,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from zoomvit import config
-from zoomvit import visualization
+from zoomvit import config, visualization
 from zoomvit.images import fit_size
 
 MAP_NAMES = {
@@ -64,8 +63,10 @@ class Layout:
     @property
     def size(self) -> tuple[int, int]:
         pw, ph = self.picture
-        return (2 * MARGIN + self.columns * pw + (self.columns - 1) * GAP,
-                2 * MARGIN + self.rows * (ph + NAME_HEIGHT) + (self.rows - 1) * GAP)
+        return (
+            2 * MARGIN + self.columns * pw + (self.columns - 1) * GAP,
+            2 * MARGIN + self.rows * (ph + NAME_HEIGHT) + (self.rows - 1) * GAP,
+        )
 
     def origin(self, index: int) -> tuple[int, int]:
         """The top left corner of tile `index`'s picture, in the sheet's pixels."""
@@ -128,8 +129,18 @@ def tile_layout(image_size, count: int, sides=MAP_SIDES, width: int = SHEET_WIDT
     return Layout(count, 1, _picture_size(image_size, least))
 
 
-def draw_sheet(image: Image.Image, geometry, grid_maps, names, sides=MAP_SIDES, cmap: str = "jet",
-               alpha: float = 0.5, patch=None, selected: int | None = None, width: int = SHEET_WIDTH) -> Sheet:
+def draw_sheet(
+    image: Image.Image,
+    geometry,
+    grid_maps,
+    names,
+    sides=MAP_SIDES,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    patch=None,
+    selected: int | None = None,
+    width: int = SHEET_WIDTH,
+) -> Sheet:
     """One overlay per patch-grid map (values in [0, 1]) on `image` (drawn through `geometry`, made for its
     size), each with its name under it; `patch` (row, col) outlined on every tile, tile `selected` framed."""
     names = tuple(str(name) for name in names)
@@ -151,10 +162,16 @@ def draw_sheet(image: Image.Image, geometry, grid_maps, names, sides=MAP_SIDES, 
         sheet.paste(picture, (x, y))
         colour = SELECTED if index == selected else (40, 40, 40)
         if index == selected:
-            draw.rectangle((x - FRAME, y - FRAME, x + pw + FRAME - 1, y + ph + FRAME - 1), outline=SELECTED,
-                           width=FRAME)
-        draw.text((x + pw / 2, y + ph + NAME_HEIGHT / 2 + 1), _fitted(draw, name, font, pw), fill=colour, font=font,
-                  anchor="mm")
+            draw.rectangle(
+                (x - FRAME, y - FRAME, x + pw + FRAME - 1, y + ph + FRAME - 1), outline=SELECTED, width=FRAME
+            )
+        draw.text(
+            (x + pw / 2, y + ph + NAME_HEIGHT / 2 + 1),
+            _fitted(draw, name, font, pw),
+            fill=colour,
+            font=font,
+            anchor="mm",
+        )
     return Sheet(sheet, names, layout)
 
 
@@ -178,9 +195,21 @@ def _picture(analysis, image, geometry):
 # ---- every map -------------------------------------------------------------------------------------------
 
 
-def map_tiles(analysis, views=config.MAP_METHODS, names=None, block: int = -1, head="mean",
-              discard_ratio: float = config.ROLLOUT_DISCARD_RATIO, cmap: str = "jet", alpha: float = 0.5,
-              patch=None, selected: str | None = None, image=None, geometry=None, width: int = SHEET_WIDTH) -> Sheet:
+def map_tiles(
+    analysis,
+    views=config.MAP_METHODS,
+    names=None,
+    block: int = -1,
+    head="mean",
+    discard_ratio: float = config.ROLLOUT_DISCARD_RATIO,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    patch=None,
+    selected: str | None = None,
+    image=None,
+    geometry=None,
+    width: int = SHEET_WIDTH,
+) -> Sheet:
     """Every map of `views` (rollout, grad_rollout, intent, cls, attention) side by side, named by `names`
     (default MAP_NAMES). block/head: for the one-block maps (CLS, attention), the head for rollout too.
     patch: outlined on each; selected: the view whose tile is framed. image/geometry: the picture to draw on
@@ -204,12 +233,23 @@ def through_block(analysis, blocks: int):
         raise ValueError(f"blocks must be in 1..{total}, got {blocks}")
     if blocks == total:
         return analysis
-    return dataclasses.replace(analysis, attentions=analysis.attentions[:blocks],
-                               attention_grads=analysis.attention_grads[:blocks], _graph=None, _cache={})
+    return dataclasses.replace(
+        analysis,
+        attentions=analysis.attentions[:blocks],
+        attention_grads=analysis.attention_grads[:blocks],
+        _graph=None,
+        _cache={},
+    )
 
 
-def block_maps(analysis, view: str, head="mean", discard_ratio: float = config.ROLLOUT_DISCARD_RATIO, patch=None,
-               direction: str = "attends_to") -> list[np.ndarray]:
+def block_maps(
+    analysis,
+    view: str,
+    head="mean",
+    discard_ratio: float = config.ROLLOUT_DISCARD_RATIO,
+    patch=None,
+    direction: str = "attends_to",
+) -> list[np.ndarray]:
     """One patch-grid map per block, 1..L. With `patch`: what that patch attends to in each block (direction
     "attends_to") or what attends to it ("attended_by"), whatever the view, as the app's click shows. Otherwise
     the view: rollout, grad_rollout and intent accumulated through blocks 1..b, cls and attention block b's own."""
@@ -228,16 +268,28 @@ def block_names(count: int, view: str, patch=None) -> list[str]:
     return [f"block {b}" for b in range(1, count + 1)]
 
 
-def block_strip(analysis, view: str, head="mean", discard_ratio: float = config.ROLLOUT_DISCARD_RATIO,
-                patch=None, direction: str = "attends_to", cmap: str = "jet", alpha: float = 0.5,
-                selected: int | None = None, image=None, geometry=None, width: int = SHEET_WIDTH) -> Sheet:
+def block_strip(
+    analysis,
+    view: str,
+    head="mean",
+    discard_ratio: float = config.ROLLOUT_DISCARD_RATIO,
+    patch=None,
+    direction: str = "attends_to",
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    selected: int | None = None,
+    image=None,
+    geometry=None,
+    width: int = SHEET_WIDTH,
+) -> Sheet:
     """`block_maps` as a sheet, block 1 first, each tile named by its block(s); `selected` (a layer index, -1 the
     last) is framed. Arguments as in `block_maps` and `map_tiles`."""
     maps = block_maps(analysis, view, head, discard_ratio, patch, direction)
     image, geometry = _picture(analysis, image, geometry)
     chosen = None if selected is None else int(selected) % len(maps)
-    return draw_sheet(image, geometry, maps, block_names(len(maps), view, patch), STRIP_SIDES, cmap, alpha, patch,
-                      chosen, width)
+    return draw_sheet(
+        image, geometry, maps, block_names(len(maps), view, patch), STRIP_SIDES, cmap, alpha, patch, chosen, width
+    )
 
 
 # ---- every head of a block ----------------------------------------------------------------------------------
@@ -253,9 +305,18 @@ def head_maps(analysis, block: int = -1, patch=None, direction: str = "attends_t
     return [pick(*patch, block, h) for h in heads]
 
 
-def heads_grid(analysis, block: int = -1, patch=None, direction: str = "attends_to", cmap: str = "jet",
-               alpha: float = 0.5, selected: int | None = None, image=None, geometry=None,
-               width: int = SHEET_WIDTH) -> Sheet:
+def heads_grid(
+    analysis,
+    block: int = -1,
+    patch=None,
+    direction: str = "attends_to",
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    selected: int | None = None,
+    image=None,
+    geometry=None,
+    width: int = SHEET_WIDTH,
+) -> Sheet:
     """`head_maps` as a sheet of tiles named "head 1".."head H"; `selected` (a head index) framed."""
     maps = head_maps(analysis, block, patch, direction)
     image, geometry = _picture(analysis, image, geometry)

@@ -89,6 +89,7 @@ def resolve_dtype_name(explicit=None) -> str:
     """--dtype beats ZOOMVIT_DTYPE beats float32."""
     return explicit or os.environ.get(DTYPE_ENV_VAR) or "float32"
 
+
 # The web app serves several models (chosen per browser session) and keeps at most this many in memory, the least
 # recently used leaving first: --max-models beats ZOOMVIT_MAX_MODELS beats DEFAULT_MAX_MODELS.
 MAX_MODELS_ENV_VAR = "ZOOMVIT_MAX_MODELS"
@@ -102,6 +103,7 @@ def resolve_max_models(explicit=None) -> tuple[object, str]:
     if os.environ.get(MAX_MODELS_ENV_VAR):
         return os.environ[MAX_MODELS_ENV_VAR], f"${MAX_MODELS_ENV_VAR}"
     return DEFAULT_MAX_MODELS, "--max-models"
+
 
 # The choices of the library's options, here so that the CLI lists them in --help without importing the library
 # (importing torch would make --help slow); the library's MAP_METHODS, POLICIES, MODES, ... are these.

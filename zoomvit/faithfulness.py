@@ -36,7 +36,9 @@ def pixel_order(analysis: Analysis, grid_map: np.ndarray) -> torch.Tensor:
     """Input pixels sorted from most to least important (the grid map upsampled bilinearly to the input)."""
     h, w = analysis.pixel_values.shape[-2:]
     heat = F.interpolate(
-        torch.as_tensor(np.asarray(grid_map, dtype=np.float32))[None, None], size=(h, w), mode="bilinear",
+        torch.as_tensor(np.asarray(grid_map, dtype=np.float32))[None, None],
+        size=(h, w),
+        mode="bilinear",
         align_corners=False,
     )
     return heat.flatten().argsort(descending=True, stable=True)
@@ -55,8 +57,9 @@ def perturbation_curves_many(analysis: Analysis, maps: dict, steps: int = STEPS,
     return perturbation_curves_group([analysis], [maps], [seed], steps)[0]
 
 
-def perturbation_curves_group(analyses: list, maps: list, seeds: list, steps: int = STEPS,
-                              batch: int = BATCH) -> list[dict]:
+def perturbation_curves_group(
+    analyses: list, maps: list, seeds: list, steps: int = STEPS, batch: int = BATCH
+) -> list[dict]:
     """`perturbation_curves_many` for several images at once: their perturbed images run together, in forwards
     of `batch` images (evaluation's groups fill every batch)."""
     inputs = [_perturbed_inputs(a, m, seed, steps) for a, m, seed in zip(analyses, maps, seeds)]

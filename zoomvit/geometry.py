@@ -17,6 +17,7 @@ from zoomvit.images import LoadedImage
 if TYPE_CHECKING:
     from zoomvit.models import ViTBundle
 
+
 @dataclass(frozen=True)
 class Geometry:
     """The processor resizes the image to `resized` then takes `crop` (left, top, width, height) of it.
@@ -176,4 +177,3 @@ def encode(bundle: ViTBundle, loaded: LoadedImage) -> tuple[torch.Tensor, Geomet
             f"{(geometry.crop[3], geometry.crop[2])}."
         )
     return bundle.place(pixel_values), geometry
-

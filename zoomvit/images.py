@@ -218,4 +218,3 @@ def load_image(source, max_side: int = config.MAX_IMAGE_SIDE) -> LoadedImage:
         if cost > _TRIM_ABOVE:
             release_memory()
     return LoadedImage(img, tuple(original_size))
-

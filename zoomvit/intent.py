@@ -57,8 +57,12 @@ class Diagnosis:
     guess: bool = False  # the prediction itself is a guess (not in metrics: the evaluation's columns stay the same)
 
     def as_dict(self):
-        return {"kind": self.kind, "reason": self.reason, "guess": self.guess,
-                **{k: round(v, 4) for k, v in self.metrics.items()}}
+        return {
+            "kind": self.kind,
+            "reason": self.reason,
+            "guess": self.guess,
+            **{k: round(v, 4) for k, v in self.metrics.items()},
+        }
 
 
 def is_a_guess(analysis: Analysis) -> bool:
@@ -114,9 +118,7 @@ def _diagnose(analysis: Analysis, box=None, zoom_result=None) -> Diagnosis:
                 f"only {metrics['mass_inside_box']:.0%} of the importance lies on the object; the rest is background",
                 metrics,
             )
-        return Diagnosis(
-            "good", f"{metrics['mass_inside_box']:.0%} of the importance lies on the object", metrics
-        )
+        return Diagnosis("good", f"{metrics['mass_inside_box']:.0%} of the importance lies on the object", metrics)
     if zoom_result is None:
         zoom_result = zoom(analysis, policy="always")
     predicted = analysis.predicted

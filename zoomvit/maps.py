@@ -11,7 +11,6 @@ from zoomvit.errors import ZoomViTError
 HEAD_FUSIONS = config.HEAD_FUSIONS
 
 
-
 def normalize_map(values: np.ndarray) -> np.ndarray:
     """Min-max to [0, 1]; a constant map becomes all zeros (there is nothing to point at)."""
     values = np.nan_to_num(np.asarray(values, dtype=np.float32))

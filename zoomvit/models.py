@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from zoomvit import backbones
-from zoomvit import config
+from zoomvit import backbones, config
 from zoomvit.devices import resolve_device, resolve_dtype
 from zoomvit.errors import ModelLoadError, ZoomViTError
+
 
 @dataclass
 class ViTBundle:
@@ -147,8 +147,10 @@ def _local_folder(name: str) -> Path | None:
         exists = local.exists()
     except OSError as exc:  # a name too long for a path (and a hub id is at most 96 characters)
         shown = name if len(name) <= 80 else f"{name[:80]}... ({len(name)} characters)"
-        raise ModelLoadError(f"Model folder not found, and not a valid hub id either: {shown} "
-                             f"({(exc.strerror or type(exc).__name__).lower()})") from None
+        raise ModelLoadError(
+            f"Model folder not found, and not a valid hub id either: {shown} "
+            f"({(exc.strerror or type(exc).__name__).lower()})"
+        ) from None
     if exists:
         raise ModelLoadError(f"Model path is a file, not a folder: {name}")
     if name.startswith((".", "/", "~")):
@@ -200,13 +202,44 @@ def _model_type(cfg: dict) -> str | None:
 # config.json's model_args go to timm.create_model as they are: only these architecture settings pass. Others make
 # timm read weights from elsewhere (checkpoint_path loads a pickle; pretrained, pretrained_cfg and its overlay pick
 # the weights' source) or build something else (features_only), so they are refused.
-TIMM_MODEL_ARGS = frozenset({
-    "img_size", "patch_size", "in_chans", "global_pool", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
-    "qk_norm", "scale_attn_norm", "scale_mlp_norm", "proj_bias", "init_values", "class_token", "pos_embed",
-    "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm", "pool_include_prefix", "dynamic_img_size",
-    "dynamic_img_pad", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
-    "drop_path_rate", "weight_init", "fix_init", "norm_layer", "act_layer",
-})
+TIMM_MODEL_ARGS = frozenset(
+    {
+        "img_size",
+        "patch_size",
+        "in_chans",
+        "global_pool",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "qkv_bias",
+        "qk_norm",
+        "scale_attn_norm",
+        "scale_mlp_norm",
+        "proj_bias",
+        "init_values",
+        "class_token",
+        "pos_embed",
+        "no_embed_class",
+        "reg_tokens",
+        "pre_norm",
+        "final_norm",
+        "fc_norm",
+        "pool_include_prefix",
+        "dynamic_img_size",
+        "dynamic_img_pad",
+        "drop_rate",
+        "pos_drop_rate",
+        "patch_drop_rate",
+        "proj_drop_rate",
+        "attn_drop_rate",
+        "drop_path_rate",
+        "weight_init",
+        "fix_init",
+        "norm_layer",
+        "act_layer",
+    }
+)
 
 
 def _timm_model_args(name: str, cfg: dict) -> dict:
@@ -292,7 +325,9 @@ def load_model(name: str | None = None, device=None, dtype=None) -> ViTBundle:
         local_only = _hub_offline() or not _hub_reachable()
         if local_only and cfg is None:
             why = "offline (HF_HUB_OFFLINE is set)" if _hub_offline() else "the Hugging Face hub is unreachable"
-            raise ModelLoadError(f"Could not load model '{name}': {why} and it is not in the local cache; {_LOCAL_HINT}")
+            raise ModelLoadError(
+                f"Could not load model '{name}': {why} and it is not in the local cache; {_LOCAL_HINT}"
+            )
         source = name
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
@@ -308,7 +343,10 @@ def load_model(name: str | None = None, device=None, dtype=None) -> ViTBundle:
             timm_layout = _model_type(cfg) == "timm_wrapper"
         processor = _image_processor(name, source, local_only, timm_layout)
         model, info = AutoModelForImageClassification.from_pretrained(
-            source, attn_implementation="eager", use_safetensors=True, local_files_only=local_only,
+            source,
+            attn_implementation="eager",
+            use_safetensors=True,
+            local_files_only=local_only,
             output_loading_info=True,
         )
     except ModelLoadError:
@@ -351,8 +389,11 @@ def _image_processor(name: str, source: str, local_only: bool, timm_layout: bool
             kind = declared.get("image_processor_type") or declared.get("feature_extractor_type")
         except (OSError, ValueError, AttributeError):  # a hub id, unreadable JSON, not an object
             kind = None
-        what = (f"a '{kind}', which transformers does not know as an image processor" if kind
-                else "no image processor that transformers knows")
+        what = (
+            f"a '{kind}', which transformers does not know as an image processor"
+            if kind
+            else "no image processor that transformers knows"
+        )
     raise ModelLoadError(f"Could not load model '{name}': its preprocessor_config.json describes {what}.")
 
 
@@ -383,8 +424,10 @@ def _timm_files(name: str, target: str) -> tuple[Path, Path]:
     if folder is not None:
         _check_local_weights(name, folder, needs_preprocessor=False)
         if not (folder / "config.json").is_file():
-            raise ModelLoadError(f"Could not load model '{name}': the folder has no config.json (timm's hub layout "
-                                 "holds config.json with 'architecture' and model.safetensors).")
+            raise ModelLoadError(
+                f"Could not load model '{name}': the folder has no config.json (timm's hub layout "
+                "holds config.json with 'architecture' and model.safetensors)."
+            )
         return folder / "config.json", folder / "model.safetensors"
     import timm
 
@@ -392,8 +435,10 @@ def _timm_files(name: str, target: str) -> tuple[Path, Path]:
     architecture = target.split(".")[0]
     if architecture not in vit_names:
         known = "an unknown timm model" if not timm.is_model(architecture) else f"timm's '{architecture}'"
-        raise ModelLoadError(f"Could not load model '{name}': it is {known}; ZoomViT supports timm's "
-                             "VisionTransformer family (vit_*, deit_*, deit3_*, ...).")
+        raise ModelLoadError(
+            f"Could not load model '{name}': it is {known}; ZoomViT supports timm's "
+            "VisionTransformer family (vit_*, deit_*, deit3_*, ...)."
+        )
     try:
         pretrained = timm.models.get_pretrained_cfg(target)
     except RuntimeError:  # "Invalid pretrained tag (...)": an architecture.tag timm has no weights under
@@ -409,8 +454,10 @@ def _timm_files(name: str, target: str) -> tuple[Path, Path]:
 
     local_only = _hub_offline() or not _hub_reachable()
     try:
-        return tuple(Path(hf_hub_download(repo, file, local_files_only=local_only))
-                     for file in ("config.json", "model.safetensors"))
+        return tuple(
+            Path(hf_hub_download(repo, file, local_files_only=local_only))
+            for file in ("config.json", "model.safetensors")
+        )
     except Exception as exc:
         why = "offline and not in the local cache" if local_only else _first_line(exc)
         raise ModelLoadError(f"Could not load model '{name}' ({repo}): {why}; {_LOCAL_HINT}") from None
@@ -422,19 +469,24 @@ def _load_with_timm(name: str, device: torch.device, dtype: torch.dtype) -> ViTB
         import timm
     except ImportError as exc:
         raise ModelLoadError(f"Could not load model '{name}': timm is not installed ({exc}).") from None
-    config_path, weights = _timm_files(name, name[len(TIMM_PREFIX):])
+    config_path, weights = _timm_files(name, name[len(TIMM_PREFIX) :])
     try:
         cfg = json.loads(config_path.read_text(encoding="utf-8"))
         architecture, pretrained_cfg = cfg["architecture"], dict(cfg.get("pretrained_cfg") or {})
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"Could not load model '{name}': its config.json is not timm's ({_first_line(exc)}).")
+        raise ModelLoadError(
+            f"Could not load model '{name}': its config.json is not timm's ({_first_line(exc)})."
+        ) from None
     model_args = _timm_model_args(name, cfg)
     # The weights come from `weights` alone: no hub source, url, state dict or custom loader from config.json.
     file_only = {"file": str(weights), "source": "", "state_dict": None, "custom_load": False}
     try:
         model = timm.create_model(
-            architecture, pretrained=True, num_classes=cfg.get("num_classes", pretrained_cfg.get("num_classes")),
-            pretrained_cfg_overlay={**pretrained_cfg, **file_only}, **model_args,
+            architecture,
+            pretrained=True,
+            num_classes=cfg.get("num_classes", pretrained_cfg.get("num_classes")),
+            pretrained_cfg_overlay={**pretrained_cfg, **file_only},
+            **model_args,
         )
         processor = backbones.TimmPreprocessor(timm.data.resolve_data_config(model=model))
     except Exception as exc:  # unknown architecture, weights that do not fit it, unsupported preprocessing

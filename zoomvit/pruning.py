@@ -100,8 +100,12 @@ def _cover_torch(scores, similarity, n_important, n_keep):
     chosen = torch.zeros(b, p, dtype=torch.bool, device=similarity.device)
     chosen.scatter_(1, torch.cat([important, picks], dim=1), True)
     keep_idx, drop_idx = chosen.nonzero()[:, 1].view(b, n_keep), (~chosen).nonzero()[:, 1].view(b, p - n_keep)
-    partner = torch.stack([rows.index_select(0, dropped).index_select(1, kept)
-                           for rows, dropped, kept in zip(similarity, drop_idx, keep_idx)]).argmax(dim=-1)
+    partner = torch.stack(
+        [
+            rows.index_select(0, dropped).index_select(1, kept)
+            for rows, dropped, kept in zip(similarity, drop_idx, keep_idx)
+        ]
+    ).argmax(dim=-1)
     return keep_idx, drop_idx, partner
 
 
@@ -174,8 +178,9 @@ def run_to_cut(bundle: ViTBundle, pixel_values: torch.Tensor, after_block: int, 
 
 
 @torch.inference_mode()
-def finish_pruned(bundle: ViTBundle, cut: Cut, keep: float = 1.0, patch_scores: torch.Tensor | None = None,
-                  fusion: str = "drop"):
+def finish_pruned(
+    bundle: ViTBundle, cut: Cut, keep: float = 1.0, patch_scores: torch.Tensor | None = None, fusion: str = "drop"
+):
     """`forward_pruned` from a `Cut` (which must carry scores when patch_scores is None and tokens are pruned)."""
     if fusion not in FUSIONS:
         raise ZoomViTError(f"Unknown fusion '{fusion}': use one of {FUSIONS}.")
@@ -216,8 +221,12 @@ def finish_pruned(bundle: ViTBundle, cut: Cut, keep: float = 1.0, patch_scores: 
         # Made for every family (a few microseconds): it is also the record that the prefix stays first.
         fused = x.shape[1] - ns - n_keep
         positions = torch.cat(
-            [torch.arange(ns, device=device).expand(b, -1), ns + keep_idx,
-             torch.full((b, fused), -1, dtype=torch.long, device=device)], dim=1
+            [
+                torch.arange(ns, device=device).expand(b, -1),
+                ns + keep_idx,
+                torch.full((b, fused), -1, dtype=torch.long, device=device),
+            ],
+            dim=1,
         )
     for i in range(cut.after_block, bundle.num_layers):
         x, _ = bundle.adapter.block(i, x, attn_bias=bias, positions=positions)
@@ -356,8 +365,10 @@ class PruneResult:
     def latency_text(self, which: str) -> str:
         """'12.3 ms (11.9–14.0)': the median and the range of the "before" or "after" runs, as the CLI and the
         app show them (a median alone hides how noisy a shared CPU's timings are)."""
-        median, runs = {"before": (self.latency_before_ms, self.latency_before_runs),
-                        "after": (self.latency_after_ms, self.latency_after_runs)}[which]
+        median, runs = {
+            "before": (self.latency_before_ms, self.latency_before_runs),
+            "after": (self.latency_after_ms, self.latency_after_runs),
+        }[which]
         return f"{median:.1f} ms ({min(runs):.1f}–{max(runs):.1f})" if runs else "not measured"
 
     @property
@@ -467,9 +478,21 @@ def prune(
     latency_before = float(np.median(runs_before)) if runs_before else float("nan")
     latency_after = float(np.median(runs_after)) if runs_after else float("nan")
     return PruneResult(
-        mode, float(keep), after_block,
-        top_predictions(bundle, probs_before), top_predictions(bundle, probs_after),
-        probs_before, probs_after, mask.reshape(gh, gw),
-        tokens_before, tokens_after, macs_before, macs_after, latency_before, latency_after, runs_before, runs_after,
+        mode,
+        float(keep),
+        after_block,
+        top_predictions(bundle, probs_before),
+        top_predictions(bundle, probs_after),
+        probs_before,
+        probs_after,
+        mask.reshape(gh, gw),
+        tokens_before,
+        tokens_after,
+        macs_before,
+        macs_after,
+        latency_before,
+        latency_after,
+        runs_before,
+        runs_after,
         fusion if mode == "efficiency" else None,
     )

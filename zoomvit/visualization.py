@@ -183,7 +183,7 @@ def figure_with_legend(image: Image.Image, cmap: str | None = "jet", caption: st
 def colormap_stops(cmap: str = "jet", count: int = 9) -> list[str]:
     """`count` evenly spaced colours of the colormap, low to high, as '#rrggbb' (for a legend)."""
     table = _colour_table(cmap)
-    return ["#%02x%02x%02x" % tuple(int(c) for c in table[i]) for i in np.linspace(0, 255, count).round().astype(int)]
+    return ["#" + "".join(f"{int(c):02x}" for c in table[i]) for i in np.linspace(0, 255, count).round().astype(int)]
 
 
 # ---- evaluation plots -------------------------------------------------------------------------------------
@@ -218,7 +218,8 @@ def plot_zoom(summary: dict) -> Figure:
     z = summary["zoom"]
     blocks = [("all", z)] + [
         (v if column == "background" else f"{column} {v}", b)
-        for column, groups in z.get("groups", {}).items() for v, b in groups.items()
+        for column, groups in z.get("groups", {}).items()
+        for v, b in groups.items()
     ]
     # wide enough for the legend's one row (it sits below the axes, where it covers no bar and no value)
     fig = Figure(figsize=(max(3.8, 1.6 + 1.3 * len(blocks)), 4.1), layout="constrained")

@@ -25,6 +25,7 @@ from zoomvit.maps import (
 )
 from zoomvit.models import ViTBundle
 
+
 @dataclass
 class Prediction:
     index: int
@@ -160,7 +161,7 @@ class Analysis:
         return self._cache["token_norms"]
 
     # ---- another target ----------------------------------------------------------------------------------
-    def for_target(self, target: int) -> "Analysis":
+    def for_target(self, target: int) -> Analysis:
         """The same analysis for another class: reuses the forward pass and re-runs only the backward."""
         target = int(target)
         if not 0 <= target < self.probs.shape[0]:
@@ -228,8 +229,9 @@ def analyze_many(bundle: ViTBundle, images) -> list[Analysis]:
     return analyze_encoded(bundle, loaded, [pixels for pixels, _ in encoded], [geometry for _, geometry in encoded])
 
 
-def analyze_encoded(bundle: ViTBundle, loaded: list, pixel_values: list, geometries: list, targets=None,
-                    keep_graph: bool = False) -> list[Analysis]:
+def analyze_encoded(
+    bundle: ViTBundle, loaded: list, pixel_values: list, geometries: list, targets=None, keep_graph: bool = False
+) -> list[Analysis]:
     """The batched analysis pass over images already `encode`d (each (1, C, H, W), all one size)."""
     shapes = {tuple(pixels.shape) for pixels in pixel_values}
     if len(shapes) > 1:
@@ -258,8 +260,15 @@ def analyze_encoded(bundle: ViTBundle, loaded: list, pixel_values: list, geometr
     return [
         Analysis(
             # Copies: one image's results should not hold on to its batch's arrays.
-            bundle, loaded[i], geometries[i], pixel_values[i : i + 1].clone(), probs[i].copy(),
-            attentions[:, i].copy(), targets[i], attention_grads[:, i].copy(), hidden_states[:, i].copy(),
+            bundle,
+            loaded[i],
+            geometries[i],
+            pixel_values[i : i + 1].clone(),
+            probs[i].copy(),
+            attentions[:, i].copy(),
+            targets[i],
+            attention_grads[:, i].copy(),
+            hidden_states[:, i].copy(),
             _graph=graph if keep_graph else None,
         )
         for i in range(len(loaded))

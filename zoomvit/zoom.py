@@ -86,9 +86,7 @@ def box_from_map(
     x0, y0, x1, y1 = max(x0, vx0), max(y0, vy0), min(x1, vx1), min(y1, vy1)
     pad_x, pad_y = (x1 - x0) * padding, (y1 - y0) * padding
     width, height = geo.image_size
-    return _square_inside(
-        x0 - pad_x, y0 - pad_y, x1 + pad_x, y1 + pad_y, width, height, min_side * min(width, height)
-    )
+    return _square_inside(x0 - pad_x, y0 - pad_y, x1 + pad_x, y1 + pad_y, width, height, min_side * min(width, height))
 
 
 @dataclass
@@ -169,9 +167,12 @@ def zoom(
     elif spread > config.DIFFUSE_SPREAD:
         zoomed, reason = False, f"attention is scattered ({spread:.0%} of patches hold 60% of it)"
     else:
-        zoomed, reason = True, (
-            f"attention is concentrated in a box covering {area:.0%} of the image: "
-            f"whole image and crop combined ({config.ZOOM_WHOLE_WEIGHT:.0%} / {1 - config.ZOOM_WHOLE_WEIGHT:.0%})"
+        zoomed, reason = (
+            True,
+            (
+                f"attention is concentrated in a box covering {area:.0%} of the image: "
+                f"whole image and crop combined ({config.ZOOM_WHOLE_WEIGHT:.0%} / {1 - config.ZOOM_WHOLE_WEIGHT:.0%})"
+            ),
         )
     if policy == "always":
         probs_after = probs_crop
@@ -180,7 +181,15 @@ def zoom(
     else:
         probs_after = probs_before
     return ZoomResult(
-        analysis.geometry.to_original(box), crop,
-        top_predictions(bundle, probs_before), top_predictions(bundle, probs_after),
-        probs_before, probs_after, probs_crop, zoomed, reason, float(area), chosen,
+        analysis.geometry.to_original(box),
+        crop,
+        top_predictions(bundle, probs_before),
+        top_predictions(bundle, probs_after),
+        probs_before,
+        probs_after,
+        probs_crop,
+        zoomed,
+        reason,
+        float(area),
+        chosen,
     )

@@ -69,14 +69,21 @@ def preprocessing_text(bundle: ViTBundle) -> str:
     geometry = geometry_for(bundle, (1000, 750))
     (rw, rh), (_, _, cw, ch) = geometry.resized, geometry.crop
     if (rw, rh) == (cw, ch):
-        return (f"**Preprocessing**: every image is resized to {cw}×{ch} pixels, whatever its shape (squeezed, not "
-                "cropped): the model sees all of it.")
-    resize = (f"its short side resized to {min(rw, rh)}" if abs(rw / rh - 1000 / 750) < 0.01
-              else f"resized to {rw}×{rh}")
-    return (f"**The dark band**: the model sees only its centre crop (the image {resize}, then the centre "
-            f"{cw}×{ch} taken). Pixels outside the crop never reach the model, so every map is zero there.")
+        return (
+            f"**Preprocessing**: every image is resized to {cw}×{ch} pixels, whatever its shape (squeezed, not "
+            "cropped): the model sees all of it."
+        )
+    resize = f"its short side resized to {min(rw, rh)}" if abs(rw / rh - 1000 / 750) < 0.01 else f"resized to {rw}×{rh}"
+    return (
+        f"**The dark band**: the model sees only its centre crop (the image {resize}, then the centre "
+        f"{cw}×{ch} taken). Pixels outside the crop never reach the model, so every map is zero there."
+    )
 
 
 def about_text(bundle: ViTBundle) -> str:
-    return ABOUT.format(layers=bundle.num_layers, preprocessing=preprocessing_text(bundle), device=device_text(bundle),
-                        artifact_ratio=config.ARTIFACT_NORM_RATIO)
+    return ABOUT.format(
+        layers=bundle.num_layers,
+        preprocessing=preprocessing_text(bundle),
+        device=device_text(bundle),
+        artifact_ratio=config.ARTIFACT_NORM_RATIO,
+    )

@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import gradio as gr
 
 from zoomvit import compare
-from zoomvit.errors import ZoomViTError
 from zoomvit.app.feedback import finite_number, keeps_view
 from zoomvit.app.sessions import Session, SessionStore
 from zoomvit.app.views import VIEWS, ViewRenderer, ViewSettings, head_name, legend_html
+from zoomvit.errors import ZoomViTError
 
 SHEETS = ("maps", "strip", "heads")  # the three clickable pictures, top to bottom
 STRIPS_KEPT = 4  # block strips (view, head, target, discard ratio) a session keeps: redrawing them is free
@@ -45,11 +45,26 @@ def layout() -> SimpleNamespace:
     c.cmp_legend = gr.HTML(legend_html("jet"), elem_id="cmp_legend")
     for name, label in zip(SHEETS, ("Every map", "Block by block", "Every head of the block")):
         # Each picture's title above it (a label badge would cover its first tile).
-        setattr(c, f"cmp_{name}_text", gr.Markdown(NO_IMAGE if name == "maps" else "", elem_id=f"cmp_{name}_text",
-                                                   label=f"{label}: what it shows"))
-        setattr(c, f"cmp_{name}", gr.Image(label=label, show_label=False, type="pil", format="jpeg",
-                                           interactive=False, elem_id=f"cmp_{name}",
-                                           buttons=["download", "fullscreen"]))
+        setattr(
+            c,
+            f"cmp_{name}_text",
+            gr.Markdown(
+                NO_IMAGE if name == "maps" else "", elem_id=f"cmp_{name}_text", label=f"{label}: what it shows"
+            ),
+        )
+        setattr(
+            c,
+            f"cmp_{name}",
+            gr.Image(
+                label=label,
+                show_label=False,
+                type="pil",
+                format="jpeg",
+                interactive=False,
+                elem_id=f"cmp_{name}",
+                buttons=["download", "fullscreen"],
+            ),
+        )
     c.cmp_clear = gr.Button("Clear patch selection", size="sm", elem_id="cmp_clear")
     return c
 
@@ -64,16 +79,22 @@ def sheet_titles(session: Session, s: ViewSettings, layer: int, head, target: in
     label, prob = session.bundle.label(target), float(session.analysis.probs[target])
     name = dict((v, text) for text, v in VIEWS).get(s.view, s.view)
     last = session.num_layers
-    lines = [f"**Every map**: gradient-weighted and intent explain *{label}* ({prob:.1%}); rollout runs through "
-             f"all {last} blocks; CLS and attention are block {layer + 1}'s ({head_name(head)})."]
+    lines = [
+        f"**Every map**: gradient-weighted and intent explain *{label}* ({prob:.1%}); rollout runs through "
+        f"all {last} blocks; CLS and attention are block {layer + 1}'s ({head_name(head)})."
+    ]
     if patch is not None:
         row, col = patch
         what = "what attends to it" if s.direction == "attended_by" else "what it attends to"
-        lines.append(f"**Block by block**: patch **row {row}, column {col}**, {what}, in each of the {last} "
-                     f"blocks ({head_name(head)}).")
+        lines.append(
+            f"**Block by block**: patch **row {row}, column {col}**, {what}, in each of the {last} "
+            f"blocks ({head_name(head)})."
+        )
     elif s.view in compare.ACCUMULATED:
-        lines.append(f"**Block by block: {name}** through blocks 1 to b (the model cut after block b): where "
-                     f"the map takes shape. The last tile is the map itself.")
+        lines.append(
+            f"**Block by block: {name}** through blocks 1 to b (the model cut after block b): where "
+            f"the map takes shape. The last tile is the map itself."
+        )
     else:
         lines.append(f"**Block by block: {name}**, each block's own ({head_name(head)}).")
     whose = "the clicked patch's attention" if patch is not None else "what the class token reads"
@@ -105,15 +126,38 @@ class CompareHandlers:
         picture = dict(image=session.display, geometry=session.geometry)
         colours = dict(cmap=s.colormap, alpha=alpha)
         maps = compare.map_tiles(
-            source, [v for _, v in VIEWS], [label for label, _ in VIEWS], layer, head, discard_ratio, patch=patch,
-            selected=s.view, **colours, **picture)
+            source,
+            [v for _, v in VIEWS],
+            [label for label, _ in VIEWS],
+            layer,
+            head,
+            discard_ratio,
+            patch=patch,
+            selected=s.view,
+            **colours,
+            **picture,
+        )
         strip_maps = self._block_maps(session, source, s, head, discard_ratio, patch)
         accumulated = patch is None and s.view in compare.ACCUMULATED
         strip = compare.draw_sheet(
-            session.display, session.geometry, strip_maps, compare.block_names(len(strip_maps), s.view, patch),
-            compare.STRIP_SIDES, patch=patch, selected=len(strip_maps) - 1 if accumulated else layer, **colours)
-        heads = compare.heads_grid(session.analysis, layer, patch, s.direction,
-                                   selected=None if isinstance(head, str) else head, **colours, **picture)
+            session.display,
+            session.geometry,
+            strip_maps,
+            compare.block_names(len(strip_maps), s.view, patch),
+            compare.STRIP_SIDES,
+            patch=patch,
+            selected=len(strip_maps) - 1 if accumulated else layer,
+            **colours,
+        )
+        heads = compare.heads_grid(
+            session.analysis,
+            layer,
+            patch,
+            s.direction,
+            selected=None if isinstance(head, str) else head,
+            **colours,
+            **picture,
+        )
         return (maps.image, strip.image, heads.image, *sheet_titles(session, s, layer, head, target, patch))
 
     def _block_maps(self, session, source, s: ViewSettings, head, discard_ratio, patch):
@@ -217,11 +261,20 @@ def wire(ex, ui: SimpleNamespace, view_event, model_run: dict):
     explore = [ui.view, ui.block, ui.head, ui.overlay, ui.caption, ui.heads_img, ui.x_in, ui.y_in]
     for sheet in SHEETS:
         fn, inputs = view_event(_clicks(handlers, sheet), [ui.session], ui)
-        getattr(ui, f"cmp_{sheet}").select(keeps_view(14)(fn), inputs, [*explore, *pictures],
-                                           trigger_mode="always_last", show_progress="hidden", **model_run, **private)
+        getattr(ui, f"cmp_{sheet}").select(
+            keeps_view(14)(fn),
+            inputs,
+            [*explore, *pictures],
+            trigger_mode="always_last",
+            show_progress="hidden",
+            **model_run,
+            **private,
+        )
     clear, inputs = view_event(handlers.clear, [ui.session], ui)
-    ui.cmp_clear.click(keeps_view(9)(clear), inputs, [ui.overlay, ui.caption, ui.heads_img, *pictures],
-                       **model_run, **private)
+    ui.cmp_clear.click(
+        keeps_view(9)(clear), inputs, [ui.overlay, ui.caption, ui.heads_img, *pictures], **model_run, **private
+    )
     # A new image: nothing of the old one stays here (the tab redraws when it is opened).
-    ui.image.change(lambda: (None, None, None, NO_IMAGE, "", ""), None, pictures, queue=False, show_progress="hidden",
-                    **private)
+    ui.image.change(
+        lambda: (None, None, None, NO_IMAGE, "", ""), None, pictures, queue=False, show_progress="hidden", **private
+    )

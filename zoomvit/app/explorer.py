@@ -10,10 +10,7 @@ from dataclasses import replace
 
 import gradio as gr
 
-from zoomvit import models
-from zoomvit import visualization
-from zoomvit.checks import check_choice, check_number
-from zoomvit.errors import ZoomViTError
+from zoomvit import models, visualization
 from zoomvit.app.compare_tab import CompareHandlers
 from zoomvit.app.exports import Exports
 from zoomvit.app.faithfulness_panel import FaithfulnessPanel
@@ -22,6 +19,8 @@ from zoomvit.app.model_registry import ModelRegistry
 from zoomvit.app.sessions import FailedImage, Session, SessionStore, chosen_model, forget_image
 from zoomvit.app.views import COLORMAPS, TARGET_VIEWS, ViewRenderer, ViewSettings
 from zoomvit.app.zoom_prune import ZoomPruneHandlers
+from zoomvit.checks import check_choice, check_number
+from zoomvit.errors import ZoomViTError
 
 OUTSIDE = "That point is outside what the model sees (the white box); showing the map instead."
 
@@ -30,8 +29,11 @@ def checked_settings(settings: ViewSettings) -> ViewSettings:
     """The view values as an API caller may send them (any JSON), checked for what the drawing cannot check
     itself: a number for the discard ratio, a listed colormap. Ranges are checked where the values are used (the
     browser's sliders bring a typed value into range first); block and head by the session's model."""
-    return replace(settings, discard_ratio=check_number(settings.discard_ratio, "Discard ratio"),
-                   colormap=check_choice(settings.colormap, COLORMAPS, "Colormap"))
+    return replace(
+        settings,
+        discard_ratio=check_number(settings.discard_ratio, "Discard ratio"),
+        colormap=check_choice(settings.colormap, COLORMAPS, "Colormap"),
+    )
 
 
 def target_back(session, *args, **kwargs):
@@ -55,8 +57,7 @@ def target_choices(session):
 
 def reset_outputs():
     """Before a new analysis: predicted-class target, no zoom, and no output of the old image left."""
-    return ("", False, gr.update(visible=False), None, None, None, "", None, None,
-            None, None, "", "", None, None, None)
+    return ("", False, gr.update(visible=False), None, None, None, "", None, None, None, None, "", "", None, None, None)
 
 
 class ExploreHandlers:
@@ -88,8 +89,14 @@ class ExploreHandlers:
         except Exception as exc:  # noqa: BLE001 - shown to the user
             message = message_of(exc, "on_image")
             gr.Warning(message, title="Could not analyse this file")
-            return (None, None, f"**Could not analyse this file**: {message}", "", None,
-                    FailedImage(str(image), message, chosen_model(session)))
+            return (
+                None,
+                None,
+                f"**Could not analyse this file**: {message}",
+                "",
+                None,
+                FailedImage(str(image), message, chosen_model(session)),
+            )
         outputs[-1].zoom_result = outputs[-1].prune_result = None  # the new image's reset cleared them on screen
         return outputs
 
@@ -175,7 +182,6 @@ class ExploreHandlers:
         overlay, caption, grid = self.views.render(session, settings, skip_same_grid=True)
         session.target_text = str(index)
         return str(index), view, overlay, caption, grid
-
 
 
 class Explorer:

@@ -12,10 +12,10 @@ from PIL import Image
 
 from zoomvit import visualization
 from zoomvit.app.about import device_text
-from zoomvit.errors import ZoomViTError
 from zoomvit.app.serving import get_upload_folder
 from zoomvit.app.sessions import Session, SessionStore
 from zoomvit.app.zoom_prune import prune_text, zoom_text
+from zoomvit.errors import ZoomViTError
 
 
 def plain_text(markdown: str) -> str:
@@ -41,10 +41,16 @@ class Exports:
         a = session.analysis
         return {
             "model": session.bundle.name,
-            "image": {"file": Path(session.path).name, "width": a.loaded.original_size[0],
-                      "height": a.loaded.original_size[1]},
-            "conventions": {"blocks": f"numbered 1..{session.num_layers}", "keep": "share of patch tokens, 0..1",
-                            "boxes": "x0, y0, x1, y1 in the image's own pixels"},
+            "image": {
+                "file": Path(session.path).name,
+                "width": a.loaded.original_size[0],
+                "height": a.loaded.original_size[1],
+            },
+            "conventions": {
+                "blocks": f"numbered 1..{session.num_layers}",
+                "keep": "share of patch tokens, 0..1",
+                "boxes": "x0, y0, x1, y1 in the image's own pixels",
+            },
             "top": [p.as_dict() for p in a.top()],
             "diagnosis": session.diagnosis.as_dict(),
         }
@@ -63,7 +69,9 @@ class Exports:
         picture = visualization.figure_with_legend(image, shown.colormap, caption)
         result = self.result_header(session)
         result.update(
-            caption=plain_text(shown.caption), settings=shown.settings, grid=list(analysis.grid),
+            caption=plain_text(shown.caption),
+            settings=shown.settings,
+            grid=list(analysis.grid),
             patch=None if shown.patch is None else {"row": shown.patch[0], "column": shown.patch[1]},
             map=np.round(shown.grid_map.astype(np.float64), 4).tolist(),
         )
@@ -79,7 +87,11 @@ class Exports:
         lines, result = [], self.result_header(session)
         if session.prune_result is not None:
             image = visualization.token_mask_overlay(image, analysis.geometry, session.prune_result.kept_mask)
-            lines.append(plain_text(prune_text(session.prune_result, session.num_layers, device_text(session.bundle)).split("\n\n")[0]))
+            lines.append(
+                plain_text(
+                    prune_text(session.prune_result, session.num_layers, device_text(session.bundle)).split("\n\n")[0]
+                )
+            )
             lines.append(f"Grey: the patch tokens dropped after block {session.prune_result.after_block}.")
             result["prune"] = session.prune_result.as_dict()
         if zoom_result is not None:

@@ -22,17 +22,19 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from zoomvit import faithfulness
-from zoomvit.errors import ZoomViTError
 from zoomvit.app.feedback import keeps_view
 from zoomvit.app.sessions import Session, SessionStore
 from zoomvit.app.views import VIEW_NAMES
+from zoomvit.errors import ZoomViTError
 
 KEPT = 32  # results kept per session (a few hundred bytes each), oldest dropped first
 QUOTED_STEP = 2  # the text quotes the probabilities after this many steps (20% of the pixels)
 PERTURBED = 2 + 2 * (faithfulness.STEPS - 1)  # images per map: the inner steps of both curves, and both ends
 BUTTON = "Faithfulness of this map"
-HINT = (f"Press **{BUTTON}** to measure whether the map on screen explains the prediction: its deletion and "
-        f"insertion curves on this image ({PERTURBED} perturbed images through the model).")
+HINT = (
+    f"Press **{BUTTON}** to measure whether the map on screen explains the prediction: its deletion and "
+    f"insertion curves on this image ({PERTURBED} perturbed images through the model)."
+)
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,20 @@ def curves_plot(result: MapFaithfulness) -> Image.Image:
     fig.subplots_adjust(left=0.11, right=0.98, top=0.96, bottom=0.17)  # fixed margins: constrained layout costs 2x
     ax = fig.subplots()
     x = np.linspace(0, 100, len(result.deletion))
-    ax.plot(x, result.deletion, marker="o", color="tab:red",
-            label=f"deletion: AUC {result.deletion_auc:.3f} (lower is better)")
-    ax.plot(x, result.insertion, marker="o", color="tab:blue",
-            label=f"insertion: AUC {result.insertion_auc:.3f} (higher is better)")
+    ax.plot(
+        x,
+        result.deletion,
+        marker="o",
+        color="tab:red",
+        label=f"deletion: AUC {result.deletion_auc:.3f} (lower is better)",
+    )
+    ax.plot(
+        x,
+        result.insertion,
+        marker="o",
+        color="tab:blue",
+        label=f"insertion: AUC {result.insertion_auc:.3f} (higher is better)",
+    )
     ax.set_xlabel("% of pixels removed / restored, most important first", fontsize=8)
     ax.set_ylabel(f"p({result.label[:24]})", fontsize=8)
     ax.set_ylim(0, max(1e-3, float(max(result.deletion.max(), result.insertion.max()))) * 1.08)
@@ -113,8 +125,11 @@ class FaithfulnessPanel:
         digest = hashlib.blake2b(grid_map.tobytes(), digest_size=16).hexdigest()
         key = (session.analysis.bundle.name, int(target), grid_map.shape, digest)
         view = shown.settings.get("view")
-        name = (f"The attention of patch row {shown.patch[0]}, column {shown.patch[1]}" if shown.patch is not None
-                else VIEW_NAMES.get(view, str(view)))
+        name = (
+            f"The attention of patch row {shown.patch[0]}, column {shown.patch[1]}"
+            if shown.patch is not None
+            else VIEW_NAMES.get(view, str(view))
+        )
         return key, int(target), name, grid_map
 
     def cached(self, session) -> MapFaithfulness | None:
@@ -138,8 +153,15 @@ class FaithfulnessPanel:
             deletion, insertion = faithfulness.perturbation_curves(source, grid_map)
             seconds = time.perf_counter() - start
         probs = session.analysis.probs
-        result = MapFaithfulness(name, target, source.bundle.label(target), float(probs[target]),
-                                 np.asarray(deletion), np.asarray(insertion), seconds)
+        result = MapFaithfulness(
+            name,
+            target,
+            source.bundle.label(target),
+            float(probs[target]),
+            np.asarray(deletion),
+            np.asarray(insertion),
+            seconds,
+        )
         with self._lock:
             kept = self._results.setdefault(session, OrderedDict())
             kept[key] = result
@@ -177,8 +199,16 @@ def build_panel() -> SimpleNamespace:
     c = SimpleNamespace()
     with gr.Accordion("Faithfulness: does this map explain this prediction?", open=True, elem_id="faithfulness"):
         c.faith_btn = gr.Button(BUTTON, size="sm", elem_id="faith_btn")
-        c.faith_plot = gr.Image(label="Deletion and insertion curves", show_label=False, type="pil", format="png",
-                                interactive=False, elem_id="faith_plot", height=280, buttons=["download"])
+        c.faith_plot = gr.Image(
+            label="Deletion and insertion curves",
+            show_label=False,
+            type="pil",
+            format="png",
+            interactive=False,
+            elem_id="faith_plot",
+            height=280,
+            buttons=["download"],
+        )
         c.faith_text = gr.Markdown(elem_id="faith_text")
     return c
 

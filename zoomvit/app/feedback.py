@@ -79,8 +79,9 @@ def answer_refusals(blocks: gr.Blocks) -> gr.Blocks:
         except gr.Error as exc:
             name = getattr(block_fn, "api_name", None) or getattr(block_fn, "name", block_fn)
             log.warning("refused %s: %s", name, _one_line(exc.message))
-            raise gr.Error(exc.message, duration=exc.duration, visible=exc.visible, title=exc.title,
-                           print_exception=False) from None
+            raise gr.Error(
+                exc.message, duration=exc.duration, visible=exc.visible, title=exc.title, print_exception=False
+            ) from None
 
     blocks.preprocess_data, blocks.process_api = preprocess_data, process_api
     return blocks
@@ -177,10 +178,15 @@ def view_inputs_checked_by_us(ui, num_layers: int, num_heads: int):
     choice checks), and view_api lists them so: block and head both as numbers from 1 (-1: the last; digits as text
     too), the head also as mean, max or min. Gradio listed the block as text and refused text, and the head the
     other way round. The counts are the default model's; a session's chosen model has its own."""
-    checked_by_us(ui.block, {"type": "integer",
-                             "additional_description": f"block number 1..{num_layers}; -1: the last"})
-    checked_by_us(ui.head, {"anyOf": [{"type": "integer"}, {"type": "string", "enum": list(config.HEAD_FUSIONS)}],
-                            "additional_description": f"head number 1..{num_heads}; -1: the last; or mean, max or "
-                                                      "min over the heads"})
+    checked_by_us(
+        ui.block, {"type": "integer", "additional_description": f"block number 1..{num_layers}; -1: the last"}
+    )
+    checked_by_us(
+        ui.head,
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string", "enum": list(config.HEAD_FUSIONS)}],
+            "additional_description": f"head number 1..{num_heads}; -1: the last; or mean, max or min over the heads",
+        },
+    )
     for component in (ui.colormap, ui.x_in, ui.y_in):
         checked_by_us(component)

@@ -19,9 +19,9 @@ import gradio as gr
 
 from zoomvit.app.about import about_text
 from zoomvit.app.feedback import message_of
+from zoomvit.app.sessions import SESSION_STATES, ModelChoice, SessionStore, chosen_model, prune_after_default
 from zoomvit.geometry import geometry_for
 from zoomvit.models import ViTBundle
-from zoomvit.app.sessions import SESSION_STATES, ModelChoice, SessionStore, chosen_model, prune_after_default
 
 CONTROLS = ("block", "head", "target", "after_block")  # the controls whose choices depend on the model
 
@@ -47,12 +47,18 @@ def model_controls(bundle: ViTBundle) -> dict[str, dict]:
     heads += [(f"head {h}", str(h)) for h in range(1, bundle.num_heads + 1)]  # numbered from 1, as blocks are
     targets = [("predicted class", "")] + [(f"{bundle.label(i)} [{i}]", str(i)) for i in range(len(bundle.id2label))]
     return {
-        "block": dict(choices=[(f"{b} (last)" if b == last else str(b), b) for b in range(1, last + 1)], value=last,
-                      info=f"1 to {last}: CLS, attention, clicked patch"),
+        "block": dict(
+            choices=[(f"{b} (last)" if b == last else str(b), b) for b in range(1, last + 1)],
+            value=last,
+            info=f"1 to {last}: CLS, attention, clicked patch",
+        ),
         "head": dict(choices=heads, value="mean"),
         "target": dict(choices=targets, value=""),
-        "after_block": dict(choices=list(range(1, last)), value=prune_after_default(last),
-                            info=f"blocks after it (up to {last}) see only the kept tokens"),
+        "after_block": dict(
+            choices=list(range(1, last)),
+            value=prune_after_default(last),
+            info=f"blocks after it (up to {last}) see only the kept tokens",
+        ),
     }
 
 
@@ -64,8 +70,13 @@ def model_header(store: SessionStore) -> SimpleNamespace:
     with gr.Row(equal_height=False):
         c.header = gr.Markdown(header_text(bundle), elem_id="header")
         c.model = gr.Dropdown(
-            registry.choices(), value=registry.offer(None).name, label="Model", elem_id="model", scale=0,
-            min_width=260, visible=len(registry.choices()) > 1,
+            registry.choices(),
+            value=registry.offer(None).name,
+            label="Model",
+            elem_id="model",
+            scale=0,
+            min_width=260,
+            visible=len(registry.choices()) > 1,
             info=f"for this browser tab; {registry.max_models} kept in memory at most",
         )
     with gr.Accordion("About: what the maps, the diagnosis, zoom and pruning mean", open=False, elem_id="about"):
@@ -125,11 +136,21 @@ def wire(store: SessionStore, ui: SimpleNamespace, model_run: dict, analyse_anew
     more. Components by name in `ui`: model, switched, session, header, about and the CONTROLS."""
     switch = ModelSwitch(store)
     private = dict(api_visibility="private")
-    loaded = ui.model.input(switch.load, [ui.model, ui.session], [ui.session, ui.model, ui.switched],
-                            show_progress_on=[ui.header], **model_run, **private)
+    loaded = ui.model.input(
+        switch.load,
+        [ui.model, ui.session],
+        [ui.session, ui.model, ui.switched],
+        show_progress_on=[ui.header],
+        **model_run,
+        **private,
+    )
     shown = loaded.then(switch.go_on, [ui.switched], None, queue=False, **private).success(
-        switch.show, [ui.session], [ui.header, ui.about, *(getattr(ui, n) for n in CONTROLS)],
-        show_progress="hidden", **private)
+        switch.show,
+        [ui.session],
+        [ui.header, ui.about, *(getattr(ui, n) for n in CONTROLS)],
+        show_progress="hidden",
+        **private,
+    )
     analyse_anew(shown.then)
 
 
@@ -139,8 +160,12 @@ def pin_models(demo: gr.Blocks, session_state: gr.State, store: SessionStore):
     wired."""
     for block_fn in demo.fns.values():
         fn = block_fn.fn
-        if (fn is not None and any(c is session_state for c in block_fn.inputs)
-                and not inspect.isgeneratorfunction(fn) and not inspect.iscoroutinefunction(fn)):
+        if (
+            fn is not None
+            and any(c is session_state for c in block_fn.inputs)
+            and not inspect.isgeneratorfunction(fn)
+            and not inspect.iscoroutinefunction(fn)
+        ):
             block_fn.fn = _pinning(fn, store.registry)
 
 

@@ -39,7 +39,7 @@ def resolved_id(name: str) -> str:
     """The model a name points at: a local folder by its absolute path (two spellings of one folder are one
     model), a hub id as it is; `timm:` names keep their prefix."""
     if name.startswith(TIMM_PREFIX):
-        return TIMM_PREFIX + resolved_id(name[len(TIMM_PREFIX):])
+        return TIMM_PREFIX + resolved_id(name[len(TIMM_PREFIX) :])
     try:
         local = Path(name).expanduser()
         return str(local.resolve()) if local.is_dir() else name
@@ -50,7 +50,7 @@ def resolved_id(name: str) -> str:
 def _label(name: str) -> str:
     """How the chooser names a model: a folder by its own name, a hub id as it is."""
     prefix = TIMM_PREFIX if name.startswith(TIMM_PREFIX) else ""
-    rest = name[len(prefix):]
+    rest = name[len(prefix) :]
     try:
         folder = Path(rest).expanduser().is_dir()
     except OSError:
@@ -68,15 +68,18 @@ def _is_classifier(cfg: dict) -> bool:
 
         vits = set(timm.list_models(module="vision_transformer")) | set(timm.list_models(module="deit"))
         return str(cfg["architecture"]).split(".")[0] in vits
-    return any(str(a).endswith(("ForImageClassification", "ForImageClassificationWithTeacher"))
-               for a in cfg.get("architectures") or [])
+    return any(
+        str(a).endswith(("ForImageClassification", "ForImageClassificationWithTeacher"))
+        for a in cfg.get("architectures") or []
+    )
 
 
 def cached_models() -> list[str]:
     """Hub ids of the models in the local Hugging Face cache that this project can load: a supported family's
     image classifier, with its safetensors weights (and, but in timm's layout, its preprocessing) cached."""
-    from zoomvit import models
     from huggingface_hub import constants, scan_cache_dir, try_to_load_from_cache
+
+    from zoomvit import models
 
     try:
         repos = scan_cache_dir(constants.HF_HUB_CACHE).repos
@@ -97,8 +100,9 @@ def cached_models() -> list[str]:
             return isinstance(try_to_load_from_cache(repo_id, file), str)
 
         timm_layout = "architecture" in cfg and "model_type" not in cfg
-        if ((cached("model.safetensors") or cached("model.safetensors.index.json"))
-                and (timm_layout or cached("preprocessor_config.json"))):
+        if (cached("model.safetensors") or cached("model.safetensors.index.json")) and (
+            timm_layout or cached("preprocessor_config.json")
+        ):
             found.append(repo.repo_id)
     return found
 
@@ -115,8 +119,7 @@ class ModelRegistry:
     """The offered models, and the loaded ones (at most `max_models`, least recently used first out), keyed by
     (resolved model id, device, dtype). Thread-safe: one load at a time, under a lock."""
 
-    def __init__(self, names=None, device=None, dtype=None, max_models=None, include_cache: bool = True,
-                 loader=None):
+    def __init__(self, names=None, device=None, dtype=None, max_models=None, include_cache: bool = True, loader=None):
         """names: as --model gives them (None or []: $ZOOMVIT_MODEL, else the built-in default); each is checked
         now from its config.json (a broken folder or an unsupported model fails before anything loads), unless a
         `loader` of the caller's own serves them."""

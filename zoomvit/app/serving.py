@@ -26,27 +26,34 @@ TEMP_MAX_BYTES = 512 * 1024 * 1024
 TEMP_MAX_AGE_S = 3600
 SWEEP_PERIOD_S = 60
 NOT_UPLOADED = "This file did not come through this app's upload; upload it again."
-NOT_A_FILE = ('An image is sent as {"path": ...}, with the path that this server\'s upload route '
-              '(/gradio_api/upload) answered.')
+NOT_A_FILE = (
+    'An image is sent as {"path": ...}, with the path that this server\'s upload route (/gradio_api/upload) answered.'
+)
 
 
 def add_serve_options(parser):
     """The web app's options, one definition for `python app.py` and `zoomvit serve`."""
     parser.add_argument(
-        "--model", action="append", metavar="MODEL",
+        "--model",
+        action="append",
+        metavar="MODEL",
         help="hub id or local model folder; repeat it to offer several, chosen per browser tab (the first is the "
-             "default; supported classifiers in the local Hugging Face cache are offered too) "
-             f"(default: ${config.MODEL_ENV_VAR}, else {config.DEFAULT_MODEL})",
+        "default; supported classifiers in the local Hugging Face cache are offered too) "
+        f"(default: ${config.MODEL_ENV_VAR}, else {config.DEFAULT_MODEL})",
     )
     parser.add_argument(
-        "--max-models", metavar="N",
+        "--max-models",
+        metavar="N",
         help="models held in memory at once, the least recently used dropped first "
-             f"(default: ${config.MAX_MODELS_ENV_VAR}, else {config.DEFAULT_MAX_MODELS})",
+        f"(default: ${config.MAX_MODELS_ENV_VAR}, else {config.DEFAULT_MAX_MODELS})",
     )
     parser.add_argument("--device", help=f"{config.DEVICE_HELP} (default: ${config.DEVICE_ENV_VAR}, else auto)")
     parser.add_argument("--dtype", help=f"{config.DTYPE_HELP} (default: ${config.DTYPE_ENV_VAR}, else float32)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 serves every network "
-                        "this machine is on (default: %(default)s)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 serves every network this machine is on (default: %(default)s)",
+    )
     parser.add_argument("--port", type=int, default=7860, help="port to listen on, 1..65535 (default: %(default)s)")
     return parser
 
@@ -224,6 +231,7 @@ class TempJanitor:
 
     def start(self, period_s: float = SWEEP_PERIOD_S):
         if self._thread is None:
+
             def loop():
                 while True:
                     time.sleep(period_s)
@@ -341,8 +349,12 @@ def one_blas_thread() -> bool:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
+        for name in (
+            "scipy_openblas_set_num_threads64_",
+            "scipy_openblas_set_num_threads",
+            "openblas_set_num_threads64_",
+            "openblas_set_num_threads",
+        ):
             setter = getattr(lib, name, None)
             if setter is not None:
                 setter(1)

@@ -20,17 +20,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from zoomvit import config
-from zoomvit import intent
-from zoomvit import models
-from zoomvit import pruning
-from zoomvit import visualization
+from zoomvit import config, intent, models, pruning, visualization
 from zoomvit import zoom as zoom_lib
+from zoomvit.app.model_registry import ModelRegistry
 from zoomvit.checks import check_after_block, head_index, layer_index
 from zoomvit.errors import ZoomViTError
 from zoomvit.geometry import Geometry
 from zoomvit.images import load_image, release_memory
-from zoomvit.app.model_registry import ModelRegistry
 from zoomvit.vit_analyzer import Analysis, analyze
 
 DISPLAY_SIDE = 768  # images are drawn at most this many pixels on their longest side

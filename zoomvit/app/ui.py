@@ -43,20 +43,29 @@ from types import SimpleNamespace  # noqa: E402
 import gradio as gr  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
-from zoomvit.app import compare_tab, layout  # noqa: E402
-from zoomvit.app import model_chooser  # noqa: E402
 from zoomvit import devices, models  # noqa: E402
-from zoomvit.checks import check_port  # noqa: E402
-from zoomvit.errors import ZoomViTError  # noqa: E402
+from zoomvit.app import (  # noqa: E402
+    compare_tab,
+    layout,
+    model_chooser,  # noqa: E402
+)
 from zoomvit.app.explorer import Explorer, checked_settings, reset_outputs, target_back, target_choices  # noqa: E402
-from zoomvit.app.model_registry import ModelRegistry, resolve_max_models  # noqa: E402
 from zoomvit.app.faithfulness_panel import wire_panel  # noqa: E402
 from zoomvit.app.feedback import answer_refusals, keeps_view, user_errors, view_inputs_checked_by_us  # noqa: E402
+from zoomvit.app.model_registry import ModelRegistry, resolve_max_models  # noqa: E402
 from zoomvit.app.serving import (  # noqa: E402
-    JANITOR, TEMP_MAX_AGE_S, OwnStreamPerCall, SweepAfterUploads, add_serve_options, one_blas_thread, port_free,
+    JANITOR,
+    TEMP_MAX_AGE_S,
+    OwnStreamPerCall,
+    SweepAfterUploads,
+    add_serve_options,
+    one_blas_thread,
+    port_free,
 )
 from zoomvit.app.sessions import MAX_SESSIONS, SESSION_TTL_S, release_session  # noqa: E402
 from zoomvit.app.views import PAGE_CSS, PAGE_JS, ViewSettings, legend_html  # noqa: E402
+from zoomvit.checks import check_port  # noqa: E402
+from zoomvit.errors import ZoomViTError  # noqa: E402
 
 MAX_UPLOAD = "25mb"  # Gradio refuses larger uploads; images.load_image also bounds the decoded pixels
 MODEL_QUEUE = "model"  # the concurrency id of every event that may run the model (one at a time)
@@ -88,15 +97,19 @@ def view_event(handler, before: list, ui: SimpleNamespace, after: list = (), wit
     if at != len(before):
         raise TypeError(f"{handler.__name__} takes its settings after {at} values, not {len(before)}")
     defaults = parameters[at].default  # a ViewSettings where the handler has one (the API), else none
-    spelled = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                 default=getattr(defaults, name, inspect.Parameter.empty)) for name in names]
+    spelled = [
+        inspect.Parameter(
+            name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=getattr(defaults, name, inspect.Parameter.empty)
+        )
+        for name in names
+    ]
 
     @functools.wraps(handler)
     def fn(*args):
-        settings = checked_settings(ViewSettings(**dict(zip(names, args[at:at + len(names)]))))  # any JSON
-        return handler(*args[:at], settings, *args[at + len(names):])
+        settings = checked_settings(ViewSettings(**dict(zip(names, args[at : at + len(names)]))))  # any JSON
+        return handler(*args[:at], settings, *args[at + len(names) :])
 
-    fn.__signature__ = inspect.Signature([*parameters[:at], *spelled, *parameters[at + 1:]])
+    fn.__signature__ = inspect.Signature([*parameters[:at], *spelled, *parameters[at + 1 :]])
     fn.__annotations__ = {k: v for k, v in handler.__annotations__.items() if k != "settings"}
     return fn, [*before, *(getattr(ui, name) for name in names), *after]
 
@@ -106,17 +119,28 @@ def _endpoints(ex: Explorer, ui: SimpleNamespace) -> dict:
     events reuse the inputs and outputs."""
     view_inputs_checked_by_us(ui, ex.store.num_layers, ex.store.num_heads)
     explain, explain_inputs = view_event(ex.explore.explain, [ui.image], ui, [ui.session], without=["direction"])
-    inspect_patch, inspect_inputs = view_event(ex.explore.inspect_patch, [ui.image, ui.x_in, ui.y_in], ui,
-                                               [ui.session])
+    inspect_patch, inspect_inputs = view_event(ex.explore.inspect_patch, [ui.image, ui.x_in, ui.y_in], ui, [ui.session])
     return {
-        "explain": (explain, explain_inputs,
-                    [ui.overlay, ui.label, ui.diagnosis, ui.caption, ui.heads_img, ui.session]),
-        "inspect_patch": (inspect_patch, inspect_inputs,
-                          [ui.overlay, ui.caption, ui.heads_img, ui.x_in, ui.y_in, ui.session]),
-        "zoom": (ex.zoom_prune.zoom, [ui.image, ui.policy, ui.session],
-                 [ui.zoom_box, ui.zoom_crop, ui.zoom_before, ui.zoom_after, ui.zoom_info, ui.session]),
-        "prune": (ex.zoom_prune.prune, [ui.image, ui.keep, ui.after_block, ui.mode, ui.fusion, ui.session],
-                  [ui.kept_img, ui.prune_before, ui.prune_after, ui.prune_stats, ui.session]),
+        "explain": (
+            explain,
+            explain_inputs,
+            [ui.overlay, ui.label, ui.diagnosis, ui.caption, ui.heads_img, ui.session],
+        ),
+        "inspect_patch": (
+            inspect_patch,
+            inspect_inputs,
+            [ui.overlay, ui.caption, ui.heads_img, ui.x_in, ui.y_in, ui.session],
+        ),
+        "zoom": (
+            ex.zoom_prune.zoom,
+            [ui.image, ui.policy, ui.session],
+            [ui.zoom_box, ui.zoom_crop, ui.zoom_before, ui.zoom_after, ui.zoom_info, ui.session],
+        ),
+        "prune": (
+            ex.zoom_prune.prune,
+            [ui.image, ui.keep, ui.after_block, ui.mode, ui.fusion, ui.session],
+            [ui.kept_img, ui.prune_before, ui.prune_after, ui.prune_stats, ui.session],
+        ),
         "compare": compare_tab.endpoint(ex, ui, view_event),
     }
 
@@ -129,42 +153,86 @@ def _wire_explore(ex: Explorer, ui: SimpleNamespace, api: dict):
 
     # A new image, or the same one with the model a session switched to: clear everything of the old one, analyse.
     on_image, explain_inputs = view_event(handlers.on_image, [ui.image], ui, [ui.session], without=["direction"])
-    ui.analyse_anew = lambda trigger: trigger(
-        reset_outputs, None,
-        [ui.target, ui.zoom_on, ui.zoom_group, ui.kept_img, ui.prune_before, ui.prune_after, ui.prune_stats,
-         ui.x_in, ui.y_in, ui.overlay, ui.label, ui.diagnosis, ui.caption, ui.heads_img, ui.export_files,
-         ui.zp_export_files],
-        queue=False, show_progress="hidden", **PRIVATE,
-    ).then(
-        on_image, explain_inputs, api["explain"][2], **MODEL_RUN, **PRIVATE,
-    ).then(target_choices, [ui.session], [ui.target], show_progress="hidden", **PRIVATE)
+    ui.analyse_anew = lambda trigger: (
+        trigger(
+            reset_outputs,
+            None,
+            [
+                ui.target,
+                ui.zoom_on,
+                ui.zoom_group,
+                ui.kept_img,
+                ui.prune_before,
+                ui.prune_after,
+                ui.prune_stats,
+                ui.x_in,
+                ui.y_in,
+                ui.overlay,
+                ui.label,
+                ui.diagnosis,
+                ui.caption,
+                ui.heads_img,
+                ui.export_files,
+                ui.zp_export_files,
+            ],
+            queue=False,
+            show_progress="hidden",
+            **PRIVATE,
+        )
+        .then(
+            on_image,
+            explain_inputs,
+            api["explain"][2],
+            **MODEL_RUN,
+            **PRIVATE,
+        )
+        .then(target_choices, [ui.session], [ui.target], show_progress="hidden", **PRIVATE)
+    )
     ui.analyse_anew(ui.image.change)
 
     change_view, view_inputs = view_event(handlers.change_view, [ui.session], ui)
     rerender = keeps_view(5)(view_event(handlers.rerender, [ui.session], ui)[0])  # one function: one queue slot
     ui.view.input(keeps_view(5)(change_view), view_inputs, slider_outputs, **QUIET)
     # Sliders on .change: a slider's reset button (↺) fires neither .input nor .release.
-    for trigger in (ui.direction.input, ui.block.input, ui.head.input, ui.colormap.input, ui.discard_ratio.change,
-                    ui.opacity.change):
+    for trigger in (
+        ui.direction.input,
+        ui.block.input,
+        ui.head.input,
+        ui.colormap.input,
+        ui.discard_ratio.change,
+        ui.opacity.change,
+    ):
         trigger(rerender, view_inputs, slider_outputs, **QUIET)
     change_target, _ = view_event(handlers.change_target, [ui.session], ui)
     ui.target.input(
-        keeps_view(5, fallback=target_back)(change_target), view_inputs,
-        [ui.target, ui.view, *view_outputs], trigger_mode="always_last", **MODEL_RUN, **PRIVATE,
+        keeps_view(5, fallback=target_back)(change_target),
+        view_inputs,
+        [ui.target, ui.view, *view_outputs],
+        trigger_mode="always_last",
+        **MODEL_RUN,
+        **PRIVATE,
     )
     ui.colormap.input(legend_html, [ui.colormap], [ui.legend], queue=False, show_progress="hidden", **PRIVATE)
     ui.clear.click(keeps_view(5)(change_view), view_inputs, slider_outputs, **QUIET)
     click, _ = view_event(handlers.click, [ui.session], ui)
     ui.overlay.select(
-        keeps_view(5)(click), view_inputs, [*view_outputs, ui.x_in, ui.y_in], show_progress="hidden",
-        trigger_mode="always_last", **PRIVATE,
+        keeps_view(5)(click),
+        view_inputs,
+        [*view_outputs, ui.x_in, ui.y_in],
+        show_progress="hidden",
+        trigger_mode="always_last",
+        **PRIVATE,
     )
     inspect_patch, inspect_inputs, inspect_outputs = api["inspect_patch"]
     ui.inspect_btn.click(keeps_view(6)(inspect_patch), inspect_inputs, inspect_outputs, **MODEL_RUN, **PRIVATE)
     pick_target, pick_inputs = view_event(handlers.pick_target, [ui.session], ui, without=["target"])
     ui.label.select(
-        keeps_view(5)(pick_target), pick_inputs, [ui.target, ui.view, *view_outputs], show_progress="hidden",
-        **MODEL_RUN, **PRIVATE,
+        keeps_view(5)(pick_target),
+        pick_inputs,
+        [ui.target, ui.view, *view_outputs],
+        show_progress="hidden",
+        **MODEL_RUN,
+        **PRIVATE,
     )
     ui.export_btn.click(keeps_view(1)(ex.exports.export_explore), [ui.session], [ui.export_files], **PRIVATE)
 
@@ -173,21 +241,34 @@ def _wire_zoom_prune(ex: Explorer, ui: SimpleNamespace, api: dict):
     """The Zoom & prune tab's browser events."""
     handlers = ex.zoom_prune
     for trigger in (ui.zoom_on.input, ui.policy.input):
-        trigger(keeps_view(8, fallback=handlers.zoom_off)(handlers.toggle_zoom),
-                [ui.zoom_on, ui.image, ui.policy, ui.session], [ui.zoom_on, ui.zoom_group, *api["zoom"][2]],
-                trigger_mode="always_last", **MODEL_RUN, **PRIVATE)
+        trigger(
+            keeps_view(8, fallback=handlers.zoom_off)(handlers.toggle_zoom),
+            [ui.zoom_on, ui.image, ui.policy, ui.session],
+            [ui.zoom_on, ui.zoom_group, *api["zoom"][2]],
+            trigger_mode="always_last",
+            **MODEL_RUN,
+            **PRIVATE,
+        )
 
     # keep on .change: a drag, the arrow keys, a typed value and the reset button (↺, which fires neither .input
     # nor .release) all end up here; prune_ui skips a run for what is already shown (the slider set to a clamp).
     _, prune_inputs, prune_outputs = api["prune"]
     ui.mode.input(handlers.fusion_control, [ui.mode], [ui.fusion], queue=False, show_progress="hidden", **PRIVATE)
     for trigger in (ui.keep.change, ui.after_block.input, ui.mode.input, ui.fusion.input):
-        trigger(keeps_view(6)(handlers.prune_ui), prune_inputs, [ui.keep, *prune_outputs], trigger_mode="always_last",
-                **MODEL_RUN, **PRIVATE)
-    ui.zp_tab.select(keeps_view(6)(handlers.prune_if_stale), prune_inputs, [ui.keep, *prune_outputs], **MODEL_RUN,
-                     **PRIVATE)
-    ui.zp_export_btn.click(keeps_view(1)(ex.exports.export_zoom_prune), [ui.session, ui.zoom_on], [ui.zp_export_files],
-                           **PRIVATE)
+        trigger(
+            keeps_view(6)(handlers.prune_ui),
+            prune_inputs,
+            [ui.keep, *prune_outputs],
+            trigger_mode="always_last",
+            **MODEL_RUN,
+            **PRIVATE,
+        )
+    ui.zp_tab.select(
+        keeps_view(6)(handlers.prune_if_stale), prune_inputs, [ui.keep, *prune_outputs], **MODEL_RUN, **PRIVATE
+    )
+    ui.zp_export_btn.click(
+        keeps_view(1)(ex.exports.export_zoom_prune), [ui.session, ui.zoom_on], [ui.zp_export_files], **PRIVATE
+    )
 
 
 def _wire(ex: Explorer, ui: SimpleNamespace):
@@ -224,8 +305,20 @@ def build_demo(models_: models.ViTBundle | ModelRegistry) -> gr.Blocks:
                 gr.Markdown("Works on the image from the **Explore** tab.")
                 zoom = layout.zoom_panel()
                 prune = layout.prune_panel(ex)
-        _wire(ex, SimpleNamespace(session=session, zp_tab=zp_tab, **vars(head), **vars(left), **vars(right), **vars(zoom),
-                                  **vars(prune), cmp_tab=cmp_tab, **vars(compared)))
+        _wire(
+            ex,
+            SimpleNamespace(
+                session=session,
+                zp_tab=zp_tab,
+                **vars(head),
+                **vars(left),
+                **vars(right),
+                **vars(zoom),
+                **vars(prune),
+                cmp_tab=cmp_tab,
+                **vars(compared),
+            ),
+        )
 
     model_chooser.pin_models(demo, session, ex.store)  # after every event is wired
     del bundle  # the registry alone holds the models: one it lets go of leaves memory
@@ -246,9 +339,18 @@ def launch_options(host: str = "127.0.0.1", port: int = 7860) -> dict:
     """How the app is served: local only, no share link, capped uploads, bounded session memory and temp folder.
     quiet: Gradio's start-up lines would suggest share=True, which this app never offers; main() prints the URL."""
     return dict(
-        server_name=host, server_port=port, share=False, quiet=True, max_file_size=MAX_UPLOAD,
-        state_session_capacity=MAX_SESSIONS, ssr_mode=False, mcp_server=False, pwa=False, show_error=False,
-        footer_links=["api"], theme=gr.themes.Default(primary_hue="orange", secondary_hue="blue"),
+        server_name=host,
+        server_port=port,
+        share=False,
+        quiet=True,
+        max_file_size=MAX_UPLOAD,
+        state_session_capacity=MAX_SESSIONS,
+        ssr_mode=False,
+        mcp_server=False,
+        pwa=False,
+        show_error=False,
+        footer_links=["api"],
+        theme=gr.themes.Default(primary_hue="orange", secondary_hue="blue"),
         css=PAGE_CSS + compare_tab.CSS,
         js=PAGE_JS,
         app_kwargs={"middleware": [Middleware(SweepAfterUploads), Middleware(OwnStreamPerCall)]},

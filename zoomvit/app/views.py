@@ -7,13 +7,10 @@ from dataclasses import dataclass
 import gradio as gr
 import numpy as np
 
-from zoomvit import artifacts
-from zoomvit import compare
-from zoomvit import config
-from zoomvit import visualization
-from zoomvit.errors import ZoomViTError
+from zoomvit import artifacts, compare, config, visualization
 from zoomvit.app.feedback import finite_number
 from zoomvit.app.sessions import Session, SessionStore, Shown
+from zoomvit.errors import ZoomViTError
 from zoomvit.vit_analyzer import Prediction, top_predictions
 
 HEADS_SHEET_WIDTH = 720  # the all-heads grid fills the Explore tab's right column (about 720 px on a 1280-px page)
@@ -102,9 +99,11 @@ PAGE_JS = """
 
 def legend_html(cmap: str) -> str:
     stops = ", ".join(visualization.colormap_stops(cmap))
-    return (f'<div class="zv-legend"><span>less important</span>'
-            f'<span class="bar" style="background: linear-gradient(to right, {stops})"></span>'
-            f'<span>more important</span></div>')
+    return (
+        f'<div class="zv-legend"><span>less important</span>'
+        f'<span class="bar" style="background: linear-gradient(to right, {stops})"></span>'
+        f"<span>more important</span></div>"
+    )
 
 
 def head_name(head) -> str:
@@ -130,9 +129,14 @@ class ViewRenderer:
         alpha = finite_number(s.opacity, "Opacity")
         if alpha is None or not 0.0 <= alpha <= 1.0:
             raise ZoomViTError(f"Opacity must be from 0 to 1, got {s.opacity!r}.")
-        record = {"view": s.view, "block": layer + 1, "head": head if isinstance(head, str) else str(head + 1),
-                  "discard_ratio": float(s.discard_ratio),
-                  "colormap": s.colormap, "opacity": alpha}
+        record = {
+            "view": s.view,
+            "block": layer + 1,
+            "head": head if isinstance(head, str) else str(head + 1),
+            "discard_ratio": float(s.discard_ratio),
+            "colormap": s.colormap,
+            "opacity": alpha,
+        }
         draw = self._patch_map if session.patch is not None else self._view_map
         grid_map, caption = draw(session, s, layer, head, record)
         image = visualization.heat_overlay(session.display, session.geometry, grid_map, s.colormap, alpha)
@@ -145,8 +149,15 @@ class ViewRenderer:
             grid = gr.skip() if skip_same_grid else session.grid_image
         else:
             grid = compare.heads_grid(
-                session.analysis, layer, session.patch, s.direction, s.colormap, alpha,
-                selected=None if isinstance(head, str) else head, image=session.display, geometry=session.geometry,
+                session.analysis,
+                layer,
+                session.patch,
+                s.direction,
+                s.colormap,
+                alpha,
+                selected=None if isinstance(head, str) else head,
+                image=session.display,
+                geometry=session.geometry,
                 width=HEADS_SHEET_WIDTH,
             ).image
             session.grid_key, session.grid_image = grid_key, grid
@@ -184,16 +195,17 @@ class ViewRenderer:
         else:
             target_index, source = analysis.predicted, analysis
         grid_map = source.map(s.view, layer, head, float(s.discard_ratio))
-        caption = (f"**{VIEW_NAMES.get(s.view, s.view)}**"
-                   + self.view_detail(session, s, layer + 1, head, target_index))
+        caption = f"**{VIEW_NAMES.get(s.view, s.view)}**" + self.view_detail(session, s, layer + 1, head, target_index)
         return grid_map, caption
 
     def view_detail(self, session: Session, s: ViewSettings, number: int, head, target_index: int) -> str:
         label = session.bundle.label(target_index)
         prob = float(session.analysis.probs[target_index])
         if s.view == "rollout":
-            return (f": attention rolled out through all {session.num_layers} blocks ({head_name(head)}, "
-                    f"discard ratio {float(s.discard_ratio):.2f}); where it looks, for any class.")
+            return (
+                f": attention rolled out through all {session.num_layers} blocks ({head_name(head)}, "
+                f"discard ratio {float(s.discard_ratio):.2f}); where it looks, for any class."
+            )
         if s.view in TARGET_VIEWS:
             what = "gradient-weighted rollout" if s.view == "grad_rollout" else "what the decision depends on"
             return f" for *{label}* ({prob:.1%}): {what}."

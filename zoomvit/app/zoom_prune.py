@@ -4,16 +4,14 @@ that say what each did. They raise; the wiring wraps them (see `feedback`)."""
 import gradio as gr
 from PIL import Image
 
-from zoomvit import config
-from zoomvit import pruning
-from zoomvit import visualization
+from zoomvit import config, pruning, visualization
 from zoomvit import zoom as zoom_lib
 from zoomvit.app.about import device_text
-from zoomvit.checks import check_keep
-from zoomvit.errors import ZoomViTError
 from zoomvit.app.feedback import clamped
 from zoomvit.app.sessions import Session, SessionStore
 from zoomvit.app.views import ViewRenderer
+from zoomvit.checks import check_keep
+from zoomvit.errors import ZoomViTError
 
 CROP_SIDE = 384  # the zoom crop, shown beside the image
 KEEP_MIN = 0.1  # the smallest keep the app offers (and the API accepts)
@@ -36,9 +34,8 @@ def zoom_text(result) -> str:
     x0, y0, x1, y1 = result.box
     verdict = "**Zoomed in**" if result.zoomed else "**Kept the whole image**"
     source = getattr(result, "source", None)
-    return (
-        f"{verdict}: {result.reason}. Box ({x0:.0f}, {y0:.0f}) – ({x1:.0f}, {y1:.0f}) in image pixels"
-        + (f", from the {source.replace('_', ' ')} map." if source else ".")
+    return f"{verdict}: {result.reason}. Box ({x0:.0f}, {y0:.0f}) – ({x1:.0f}, {y1:.0f}) in image pixels" + (
+        f", from the {source.replace('_', ' ')} map." if source else "."
     )
 
 
@@ -79,8 +76,12 @@ class ZoomPruneHandlers:
         crop = crop_for_panel(result.crop)
         label = self.views.label_value
         return (
-            boxed, crop, label(session, result.probs_before), label(session, result.probs_after),
-            zoom_text(result), session,
+            boxed,
+            crop,
+            label(session, result.probs_before),
+            label(session, result.probs_after),
+            zoom_text(result),
+            session,
         )
 
     def toggle_zoom(self, enabled, image, policy, session):
@@ -101,8 +102,15 @@ class ZoomPruneHandlers:
         return (False, gr.update(visible=False), *(gr.skip(),) * 6)
 
     # ---- prune -------------------------------------------------------------------------------------------
-    def prune(self, image, keep=config.PRUNE_KEEP, after_block=None, mode=config.PRUNE_MODE,
-              fusion=config.PRUNE_FUSION, session=None):
+    def prune(
+        self,
+        image,
+        keep=config.PRUNE_KEEP,
+        after_block=None,
+        mode=config.PRUNE_MODE,
+        fusion=config.PRUNE_FUSION,
+        session=None,
+    ):
         """Drop tokens after a block: kept tokens on the image, predictions before/after, tokens, MACs, ms.
 
         keep: the share of patch tokens kept, from KEEP_MIN to 1; fusion (efficiency mode): what becomes of the
@@ -138,7 +146,11 @@ class ZoomPruneHandlers:
         result = session.prune_result
         fusion = fusion if mode == "efficiency" else None
         return result is not None and (result.keep, result.after_block, result.mode, result.fusion) == (
-            float(keep), self.store.check_after_block(after_block, session), mode, fusion)
+            float(keep),
+            self.store.check_after_block(after_block, session),
+            mode,
+            fusion,
+        )
 
     def prune_if_stale(self, image, keep, after_block, mode, fusion, session):
         """Opening the tab: run prune once for the current image and settings, not again."""

@@ -82,10 +82,16 @@ def wall_clock():
         inner = (cx + r0 * math.sin(a), cy - r0 * math.cos(a))
         outer = (cx + r * 0.9 * math.sin(a), cy - r * 0.9 * math.cos(a))
         d.line([inner, outer], fill=(20, 20, 20), width=4 if k % 3 == 0 else 2)
-    d.line([(cx, cy), (cx + 40 * math.sin(math.radians(300)), cy - 40 * math.cos(math.radians(300)))],
-           fill=(20, 20, 20), width=6)
-    d.line([(cx, cy), (cx + 62 * math.sin(math.radians(60)), cy - 62 * math.cos(math.radians(60)))],
-           fill=(20, 20, 20), width=4)
+    d.line(
+        [(cx, cy), (cx + 40 * math.sin(math.radians(300)), cy - 40 * math.cos(math.radians(300)))],
+        fill=(20, 20, 20),
+        width=6,
+    )
+    d.line(
+        [(cx, cy), (cx + 62 * math.sin(math.radians(60)), cy - 62 * math.cos(math.radians(60)))],
+        fill=(20, 20, 20),
+        width=4,
+    )
     d.ellipse((cx - 5, cy - 5, cx + 5, cy + 5), fill=(180, 20, 20))
     return _noise(img, 30, 3)
 
@@ -116,8 +122,10 @@ def spider_web():
         d.line([(cx, cy), (cx + 260 * math.cos(a), cy + 260 * math.sin(a))], fill=(225, 225, 225), width=1)
     for ring in range(1, 14):
         r = ring * 15
-        pts = [(cx + r * math.cos(2 * math.pi * k / spokes), cy + r * math.sin(2 * math.pi * k / spokes))
-               for k in range(spokes + 1)]
+        pts = [
+            (cx + r * math.cos(2 * math.pi * k / spokes), cy + r * math.sin(2 * math.pi * k / spokes))
+            for k in range(spokes + 1)
+        ]
         d.line(pts, fill=(225, 225, 225), width=1)
     return _noise(img.filter(ImageFilter.SMOOTH), 30, 5)
 
@@ -131,8 +139,10 @@ def honeycomb():
         for col in range(-1, int(SIZE[0] / (1.5 * r)) + 2):
             cx = col * 1.5 * r
             cy = row * h + (h / 2 if col % 2 else 0)
-            pts = [(cx + (r - 2) * math.cos(math.radians(60 * k)), cy + (r - 2) * math.sin(math.radians(60 * k)))
-                   for k in range(6)]
+            pts = [
+                (cx + (r - 2) * math.cos(math.radians(60 * k)), cy + (r - 2) * math.sin(math.radians(60 * k)))
+                for k in range(6)
+            ]
             shade = 200 + ((row * 7 + col * 13) % 5) * 10
             d.polygon(pts, fill=(shade, round(shade * 0.68), 30))
     return _noise(img, 30, 6)

@@ -34,10 +34,18 @@ FAMILIES = {
     "data2vec-vision": HFData2VecVision,
     "timm_wrapper": TimmViT,  # a folder in timm's hub layout or a hub timm/... id, loaded by transformers
 }
-FAMILY_NAMES = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViT-MSN", "dinov2": "DINOv2",
-                "dinov2_with_registers": "DINOv2 with registers", "clip": "CLIP image classifier",
-                "siglip": "SigLIP image classifier", "beit": "BEiT", "data2vec-vision": "Data2Vec-vision",
-                "timm_wrapper": "timm VisionTransformer (class-token, distilled, register, layer-scale and average-pool models)"}
+FAMILY_NAMES = {
+    "vit": "ViT",
+    "deit": "DeiT",
+    "vit_msn": "ViT-MSN",
+    "dinov2": "DINOv2",
+    "dinov2_with_registers": "DINOv2 with registers",
+    "clip": "CLIP image classifier",
+    "siglip": "SigLIP image classifier",
+    "beit": "BEiT",
+    "data2vec-vision": "Data2Vec-vision",
+    "timm_wrapper": "timm VisionTransformer (class-token, distilled, register, layer-scale and average-pool models)",
+}
 
 
 def supported_families() -> str:

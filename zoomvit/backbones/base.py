@@ -28,7 +28,8 @@ attention adds (`attention_bias`).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -107,13 +108,21 @@ class Backbone:
         """Where the block's modules are in this family."""
         raise NotImplementedError
 
-    def attention_bias(self, i: int, num_tokens: int, attn_bias: torch.Tensor | None,
-                       positions: torch.Tensor | None) -> torch.Tensor | None:
+    def attention_bias(
+        self, i: int, num_tokens: int, attn_bias: torch.Tensor | None, positions: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """The additive bias block i's attention takes: the caller's, plus a family's position term."""
         return attn_bias
 
-    def block(self, i: int, x: torch.Tensor, attn_bias: torch.Tensor | None = None, attention_rows: int = 0,
-              full_attention: bool = False, positions: torch.Tensor | None = None):
+    def block(
+        self,
+        i: int,
+        x: torch.Tensor,
+        attn_bias: torch.Tensor | None = None,
+        attention_rows: int = 0,
+        full_attention: bool = False,
+        positions: torch.Tensor | None = None,
+    ):
         part = self.parts(self.layers[i])
         bias = self.attention_bias(i, x.shape[1], attn_bias, positions)
         q, k, v = part.qkv(part.norm1(x))
@@ -154,7 +163,7 @@ class Backbone:
         share = 1.0 / self.head_inputs
         weights = torch.zeros(num_tokens)
         if self.pooled_from is not None:
-            weights[self.pooled_from:] = 1.0 / (num_tokens - self.pooled_from)
+            weights[self.pooled_from :] = 1.0 / (num_tokens - self.pooled_from)
             weights *= share
         weights[list(self.decision_tokens)] = share
         return weights
@@ -195,8 +204,12 @@ def stacked_projection(projections, holder: torch.nn.Module):
             weight = torch.cat([proj.weight for proj in projections])
             bias = None
             if any(proj.bias is not None for proj in projections):
-                bias = torch.cat([proj.bias if proj.bias is not None else proj.weight.new_zeros(proj.out_features)
-                                  for proj in projections])
+                bias = torch.cat(
+                    [
+                        proj.bias if proj.bias is not None else proj.weight.new_zeros(proj.out_features)
+                        for proj in projections
+                    ]
+                )
         kept = holder.__dict__[_STACKED] = (key, weight, bias)
     return kept[1], kept[2]
 

@@ -51,9 +51,16 @@ class HFBeit(Backbone):
 
     def parts(self, layer):
         att = layer.attention
-        return BlockParts(layer.layernorm_before, partial(split_heads, att), att.scaling, att.o_proj,
-                          partial(layer_scaled, layer.lambda_1), layer.layernorm_after, (layer.mlp,),
-                          partial(layer_scaled, layer.lambda_2))
+        return BlockParts(
+            layer.layernorm_before,
+            partial(split_heads, att),
+            att.scaling,
+            att.o_proj,
+            partial(layer_scaled, layer.lambda_1),
+            layer.layernorm_after,
+            (layer.mlp,),
+            partial(layer_scaled, layer.lambda_2),
+        )
 
     def embed(self, pixel_values):
         grid = (pixel_values.shape[-2] // self.patch_size, pixel_values.shape[-1] // self.patch_size)
@@ -115,6 +122,13 @@ class HFData2VecVision(HFBeit):
     def parts(self, layer):
         att = layer.attention.attention
         qkv = partial(project_heads, (att.query, att.key, att.value), att.attention_head_size, holder=att)
-        return BlockParts(layer.layernorm_before, qkv, att.attention_head_size**-0.5, layer.attention.output.dense,
-                          partial(layer_scaled, layer.lambda_1), layer.layernorm_after,
-                          (layer.intermediate, layer.output), partial(layer_scaled, layer.lambda_2))
+        return BlockParts(
+            layer.layernorm_before,
+            qkv,
+            att.attention_head_size**-0.5,
+            layer.attention.output.dense,
+            partial(layer_scaled, layer.lambda_1),
+            layer.layernorm_after,
+            (layer.intermediate, layer.output),
+            partial(layer_scaled, layer.lambda_2),
+        )

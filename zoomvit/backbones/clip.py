@@ -28,8 +28,16 @@ class HFCLIP(Backbone):
 
     def parts(self, layer):
         att = layer.self_attn
-        return BlockParts(layer.layer_norm1, partial(split_heads, att), att.scale, att.out_proj, unscaled,
-                          layer.layer_norm2, (layer.mlp,), unscaled)
+        return BlockParts(
+            layer.layer_norm1,
+            partial(split_heads, att),
+            att.scale,
+            att.out_proj,
+            unscaled,
+            layer.layer_norm2,
+            (layer.mlp,),
+            unscaled,
+        )
 
     def head(self, x, sizes=None):
         return self.model.classifier(pooled_mean(x, self.pooled_from, sizes))

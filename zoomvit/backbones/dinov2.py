@@ -30,8 +30,16 @@ class HFDinov2(Backbone):
 
     def parts(self, layer):
         att = layer.attention
-        return BlockParts(layer.norm1, partial(split_heads, att), att.scaling, att.o_proj, layer.layer_scale1,
-                          layer.norm2, (layer.mlp,), layer.layer_scale2)
+        return BlockParts(
+            layer.norm1,
+            partial(split_heads, att),
+            att.scaling,
+            att.o_proj,
+            layer.layer_scale1,
+            layer.norm2,
+            (layer.mlp,),
+            layer.layer_scale2,
+        )
 
     def head(self, x, sizes=None):
         seq = self.backbone.layernorm(x)

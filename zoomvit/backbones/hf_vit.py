@@ -25,8 +25,16 @@ class HFViT(Backbone):
 
     def parts(self, layer):
         att = layer.attention
-        return BlockParts(layer.layernorm_before, partial(split_heads, att), att.scaling, att.o_proj, unscaled,
-                          layer.layernorm_after, (layer.mlp,), unscaled)
+        return BlockParts(
+            layer.layernorm_before,
+            partial(split_heads, att),
+            att.scaling,
+            att.o_proj,
+            unscaled,
+            layer.layernorm_after,
+            (layer.mlp,),
+            unscaled,
+        )
 
     def head(self, x, sizes=None):
         seq = self.backbone.layernorm(x)

@@ -20,8 +20,10 @@ class TimmPreprocessor:
         _, height, width = self.data_config["input_size"]
         self.crop_mode = self.data_config.get("crop_mode") or "center"
         if height != width or self.crop_mode not in ("center", "squash"):
-            raise ValueError(f"timm preprocessing with input size {height}x{width} and crop mode '{self.crop_mode}'; "
-                             "square inputs with 'center' or 'squash' crops only")
+            raise ValueError(
+                f"timm preprocessing with input size {height}x{width} and crop mode '{self.crop_mode}'; "
+                "square inputs with 'center' or 'squash' crops only"
+            )
         self.crop = height
         self.scale = math.floor(height / (self.data_config.get("crop_pct") or 0.875))
         self.transform = create_transform(**self.data_config, is_training=False)

@@ -72,8 +72,10 @@ class TimmViT(Backbone):
         prefix = ["class token"] if m.cls_token is not None else []
         prefix += ["distillation token"] if self.distilled else []
         prefix += [f"{m.num_reg_tokens} registers"] if m.num_reg_tokens else []
-        read = {"token": "both special tokens, averaged" if self.distilled else "the class token",
-                "avg": "the mean of all tokens" if m.pool_include_prefix else "the mean of the patches"}
+        read = {
+            "token": "both special tokens, averaged" if self.distilled else "the class token",
+            "avg": "the mean of all tokens" if m.pool_include_prefix else "the mean of the patches",
+        }
         return f"{' + '.join(prefix) or 'no prefix token'}, then patches; the head reads {read[self.pool]}"
 
     @property
@@ -89,11 +91,18 @@ class TimmViT(Backbone):
         if grid != tuple(m.patch_embed.grid_size):  # timm's own resampling (bicubic, antialiased), as timm does it
             from timm.layers import resample_abs_pos_embed
 
-            positions = resample_abs_pos_embed(positions, new_size=grid, old_size=m.patch_embed.grid_size,
-                                               num_prefix_tokens=0 if m.no_embed_class else self.num_prefix)
+            positions = resample_abs_pos_embed(
+                positions,
+                new_size=grid,
+                old_size=m.patch_embed.grid_size,
+                num_prefix_tokens=0 if m.no_embed_class else self.num_prefix,
+            )
         b = patches.shape[0]
-        prefix = [token.expand(b, -1, -1) for token in (m.cls_token, getattr(m, "dist_token", None), m.reg_token)
-                  if token is not None]
+        prefix = [
+            token.expand(b, -1, -1)
+            for token in (m.cls_token, getattr(m, "dist_token", None), m.reg_token)
+            if token is not None
+        ]
         if m.no_embed_class:  # DeiT-III, register models: the prefix tokens carry no position
             x = torch.cat(prefix + [patches + positions], dim=1)
         else:
@@ -102,8 +111,16 @@ class TimmViT(Backbone):
 
     def parts(self, layer):
         att = layer.attn
-        return BlockParts(layer.norm1, lambda h: fused_qkv(att, h), att.scale, lambda out: att.proj(att.norm(out)),
-                          layer.ls1, layer.norm2, (layer.mlp,), layer.ls2)
+        return BlockParts(
+            layer.norm1,
+            lambda h: fused_qkv(att, h),
+            att.scale,
+            lambda out: att.proj(att.norm(out)),
+            layer.ls1,
+            layer.norm2,
+            (layer.mlp,),
+            layer.ls2,
+        )
 
     def head(self, x, sizes=None):
         m = self.timm_model

@@ -44,15 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--model", default=config.resolve_model_name(),
+        "--model",
+        default=config.resolve_model_name(),
         help=f"hub id or local model folder (default: %(default)s, from ${config.MODEL_ENV_VAR} or built in)",
     )
     common.add_argument(
-        "--device", default=config.resolve_device_name(),
+        "--device",
+        default=config.resolve_device_name(),
         help=f"{config.DEVICE_HELP} (default: %(default)s, from ${config.DEVICE_ENV_VAR} or built in)",
     )
     common.add_argument(
-        "--dtype", default=config.resolve_dtype_name(),
+        "--dtype",
+        default=config.resolve_dtype_name(),
         help=f"{config.DTYPE_HELP} (default: %(default)s, from ${config.DTYPE_ENV_VAR} or built in)",
     )
     explain.add_parsers(commands, common)

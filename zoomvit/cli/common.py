@@ -75,10 +75,16 @@ def note_ignored(options, where: str) -> None:
     """One line on stderr naming the options given that `where` does not read: the command still runs."""
     if options:
         listed = " and ".join([", ".join(options[:-1]), options[-1]] if len(options) > 1 else options)
-        print(f"zoomvit: note: {listed} {'does' if len(options) == 1 else 'do'} not apply to {where}; ignored.",
-              file=sys.stderr)
+        print(
+            f"zoomvit: note: {listed} {'does' if len(options) == 1 else 'do'} not apply to {where}; ignored.",
+            file=sys.stderr,
+        )
 
 
 def model_json(bundle) -> dict:
-    return {"name": bundle.name, "family": bundle.adapter.describe(), "device": str(bundle.device),
-            "dtype": bundle.dtype_name}
+    return {
+        "name": bundle.name,
+        "family": bundle.adapter.describe(),
+        "device": str(bundle.device),
+        "dtype": bundle.dtype_name,
+    }

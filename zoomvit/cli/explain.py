@@ -6,9 +6,13 @@ import argparse
 
 from zoomvit import checks, config
 from zoomvit.cli.common import (
-    UsageError, analyze_image, model_json, note_ignored, print_predictions, save_image,
+    UsageError,
+    analyze_image,
+    model_json,
+    note_ignored,
+    print_predictions,
+    save_image,
 )
-
 
 # rollout, cls and attention maps come from the forward attentions alone: the same whatever the class.
 CLASS_AGNOSTIC = ("rollout", "cls", "attention")
@@ -28,8 +32,7 @@ def _where(analysis, heat) -> str:
     zoom uses), with that part's box in original image pixels."""
     import numpy as np
 
-    from zoomvit import intent
-    from zoomvit import zoom
+    from zoomvit import intent, zoom
     from zoomvit.maps import top_mass_patches
 
     selected = top_mass_patches(heat)
@@ -50,9 +53,9 @@ def cmd_explain(args):
     discard_ratio = config.ROLLOUT_DISCARD_RATIO if args.discard_ratio is None else args.discard_ratio
     if not 0.0 <= discard_ratio < 1.0:
         raise UsageError(f"--discard-ratio must be in [0, 1), got {discard_ratio:g}.")
-    given = {"--block": args.block, "--head": args.head, "--discard-ratio": args.discard_ratio,
-             "--target": args.target}
+    given = {"--block": args.block, "--head": args.head, "--discard-ratio": args.discard_ratio, "--target": args.target}
     reads = MAP_OPTIONS[args.method]
+
     def check(num_layers, num_heads, id2label):
         from zoomvit import models
 
@@ -64,8 +67,7 @@ def cmd_explain(args):
     analysis, (layer, head, target) = analyze_image(args, check)
     import numpy as np
 
-    from zoomvit import intent
-    from zoomvit import visualization
+    from zoomvit import intent, visualization
     from zoomvit.vit_analyzer import Prediction
 
     bundle = analysis.bundle
@@ -125,30 +127,34 @@ def _sheets(args, analysis, layer: int, head, discard_ratio: float, caption: str
     from zoomvit import compare
 
     if args.compare:
-        sheet = compare.map_tiles(analysis, block=layer, head=head, discard_ratio=discard_ratio,
-                                  selected=args.method)
+        sheet = compare.map_tiles(analysis, block=layer, head=head, discard_ratio=discard_ratio, selected=args.method)
         _picture(sheet.image, f"Every map. {_top_line(analysis.top())}", args.compare)
     if args.strip:
         sheet = compare.block_strip(analysis, args.method, head=head, discard_ratio=discard_ratio, selected=layer)
         _picture(sheet.image, f"The {args.method} map over the blocks. {caption}", args.strip)
     if args.heads:
         sheet = compare.heads_grid(analysis, block=layer)
-        _picture(sheet.image, f"What the class token reads in each head of block {layer % analysis.attentions.shape[0] + 1}."
-                 f" {_top_line(analysis.top())}", args.heads)
+        _picture(
+            sheet.image,
+            f"What the class token reads in each head of block {layer % analysis.attentions.shape[0] + 1}."
+            f" {_top_line(analysis.top())}",
+            args.heads,
+        )
 
 
 def cmd_zoom(args):
     analysis, _ = analyze_image(args)
-    from zoomvit import visualization
-    from zoomvit import zoom
+    from zoomvit import visualization, zoom
 
     result = zoom.zoom(analysis, policy=args.policy)
     if args.out:
         working_box = [c * analysis.geometry.scale for c in result.box]
         x0, y0, x1, y1 = result.box
-        caption = (f"{'Zoomed in' if result.zoomed else 'Kept the whole image'}: {result.reason}. Box ({x0:.0f}, "
-                   f"{y0:.0f}) - ({x1:.0f}, {y1:.0f}) in image pixels. Before: {_top_line(result.before)} "
-                   f"After: {_top_line(result.after)}")
+        caption = (
+            f"{'Zoomed in' if result.zoomed else 'Kept the whole image'}: {result.reason}. Box ({x0:.0f}, "
+            f"{y0:.0f}) - ({x1:.0f}, {y1:.0f}) in image pixels. Before: {_top_line(result.before)} "
+            f"After: {_top_line(result.after)}"
+        )
         _picture(visualization.draw_box(analysis.loaded.image, working_box), caption, args.out, cmap=None)
     if args.json:
         return {**result.as_dict(), "policy": args.policy, "model": model_json(analysis.bundle)}
@@ -162,27 +168,37 @@ def cmd_zoom(args):
 def cmd_prune(args):
     checks.check_keep(args.keep, "--keep")
     fusion = args.fusion or PRUNE_FUSION
-    analysis, _ = analyze_image(args, lambda num_layers, *_: checks.check_after_block(args.after_block, num_layers,
-                                                                                "--after-block"))
-    from zoomvit import pruning
-    from zoomvit import visualization
+    analysis, _ = analyze_image(
+        args, lambda num_layers, *_: checks.check_after_block(args.after_block, num_layers, "--after-block")
+    )
+    from zoomvit import pruning, visualization
 
     result = pruning.prune(analysis, args.keep, args.after_block, args.mode, fusion)
     if args.out:
-        caption = (f"Tokens kept ({result.tokens_after} of {result.tokens_before}) by {args.mode} pruning after block "
-                   f"{result.after_block}{f' ({result.fusion})' if result.fusion else ''}. Before: "
-                   f"{_top_line(result.before)} After: {_top_line(result.after)}")
-        _picture(visualization.token_mask_overlay(analysis.loaded.image, analysis.geometry, result.kept_mask), caption,
-                 args.out, cmap=None)
+        caption = (
+            f"Tokens kept ({result.tokens_after} of {result.tokens_before}) by {args.mode} pruning after block "
+            f"{result.after_block}{f' ({result.fusion})' if result.fusion else ''}. Before: "
+            f"{_top_line(result.before)} After: {_top_line(result.after)}"
+        )
+        _picture(
+            visualization.token_mask_overlay(analysis.loaded.image, analysis.geometry, result.kept_mask),
+            caption,
+            args.out,
+            cmap=None,
+        )
     if args.mode != "efficiency":  # analysis mode keeps its top-ranked tokens and drops the rest
         note_ignored(["--fusion"] if args.fusion is not None else [], f"--mode {args.mode}")
     if args.json:
         return {**result.as_dict(), "model": model_json(analysis.bundle)}
-    print(f"{args.mode} pruning after block {result.after_block}"
-          f"{f' ({result.fusion})' if result.fusion else ''}: {result.tokens_before} -> {result.tokens_after} tokens, "
-          f"{result.macs_after / result.macs_before:.0%} of the MACs")
-    print(f"time: {result.latency_text('before')} -> {result.latency_text('after')}, median (range) of "
-          f"{len(result.latency_before_runs)} interleaved runs each; {result.latency_verdict()}")
+    print(
+        f"{args.mode} pruning after block {result.after_block}"
+        f"{f' ({result.fusion})' if result.fusion else ''}: {result.tokens_before} -> {result.tokens_after} tokens, "
+        f"{result.macs_after / result.macs_before:.0%} of the MACs"
+    )
+    print(
+        f"time: {result.latency_text('before')} -> {result.latency_text('after')}, median (range) of "
+        f"{len(result.latency_before_runs)} interleaved runs each; {result.latency_verdict()}"
+    )
     print(f"decision {'kept' if result.decision_kept else 'changed'}")
     print_predictions("before:", result.before)
     print_predictions("after:", result.after)
@@ -195,18 +211,30 @@ def add_parsers(commands, common) -> None:
     image.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
 
     p = commands.add_parser("explain", parents=[image], help="importance map and intent diagnosis")
-    p.add_argument("--method", choices=config.MAP_METHODS, default=config.DEFAULT_VIEW,
-                   help="the map: rollout, cls and attention come from the attentions alone (the same for every "
-                   "class); grad_rollout and intent explain one class; the default is the app's, the map the eval "
-                   "measures most faithful (default: %(default)s)")
+    p.add_argument(
+        "--method",
+        choices=config.MAP_METHODS,
+        default=config.DEFAULT_VIEW,
+        help="the map: rollout, cls and attention come from the attentions alone (the same for every "
+        "class); grad_rollout and intent explain one class; the default is the app's, the map the eval "
+        "measures most faithful (default: %(default)s)",
+    )
     p.add_argument("--block", type=int, help="block 1..L for cls/attention maps (default and -1: the last, L)")
     # No default value here (None): an option given to a map that does not read it is noted, and only then.
-    p.add_argument("--head", help="head 1..H (numbered as blocks are; -1: the last), or mean|max|min across heads; "
-                   "rollout, cls and attention maps (default: mean)")
-    p.add_argument("--target", help="class index or label text, for grad_rollout and intent maps (default: the "
-                   "predicted class)")
-    p.add_argument("--discard-ratio", type=float, help="rollout only: the share of each layer's weakest attention "
-                   f"weights dropped, in [0, 1) (default: {config.ROLLOUT_DISCARD_RATIO:g})")
+    p.add_argument(
+        "--head",
+        help="head 1..H (numbered as blocks are; -1: the last), or mean|max|min across heads; "
+        "rollout, cls and attention maps (default: mean)",
+    )
+    p.add_argument(
+        "--target", help="class index or label text, for grad_rollout and intent maps (default: the predicted class)"
+    )
+    p.add_argument(
+        "--discard-ratio",
+        type=float,
+        help="rollout only: the share of each layer's weakest attention "
+        f"weights dropped, in [0, 1) (default: {config.ROLLOUT_DISCARD_RATIO:g})",
+    )
     p.add_argument("--out", metavar="PNG", help="write the heatmap overlay here, with its colour bar and a caption")
     p.add_argument("--compare", metavar="PNG", help="write every map side by side here (the app's Compare tab)")
     p.add_argument("--strip", metavar="PNG", help="write the map over all blocks here (block 1 first)")
@@ -214,20 +242,35 @@ def add_parsers(commands, common) -> None:
     p.set_defaults(run=cmd_explain)
 
     p = commands.add_parser("zoom", parents=[image], help="crop where the model looks and classify again")
-    p.add_argument("--policy", choices=config.ZOOM_POLICIES, default="adaptive",
-                   help="adaptive: zoom only when the attention sits in a small, concentrated box, then combine "
-                   "whole image and crop; always: classify the crop alone (default: %(default)s)")
+    p.add_argument(
+        "--policy",
+        choices=config.ZOOM_POLICIES,
+        default="adaptive",
+        help="adaptive: zoom only when the attention sits in a small, concentrated box, then combine "
+        "whole image and crop; always: classify the crop alone (default: %(default)s)",
+    )
     p.add_argument("--out", metavar="PNG", help="write the image with the zoom box drawn here")
     p.set_defaults(run=cmd_zoom)
 
     p = commands.add_parser("prune", parents=[image], help="drop tokens after a block and compare")
-    p.add_argument("--keep", type=float, default=config.PRUNE_KEEP,
-                   help="fraction of patch tokens kept, in (0, 1] (default: %(default)s)")
+    p.add_argument(
+        "--keep",
+        type=float,
+        default=config.PRUNE_KEEP,
+        help="fraction of patch tokens kept, in (0, 1] (default: %(default)s)",
+    )
     p.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK, help="1..L-1 (default: %(default)s)")
-    p.add_argument("--mode", choices=config.PRUNE_MODES, default=config.PRUNE_MODE,
-                   help="analysis: keep the tokens the decision relies on, seen with look-ahead (saves no time); "
-                   "efficiency: choose at the cut from what the model has computed so far (default: %(default)s)")
-    p.add_argument("--fusion", choices=config.PRUNE_FUSIONS, help="efficiency mode only: what becomes of the "
-                   f"tokens not kept (default: {PRUNE_FUSION})")
+    p.add_argument(
+        "--mode",
+        choices=config.PRUNE_MODES,
+        default=config.PRUNE_MODE,
+        help="analysis: keep the tokens the decision relies on, seen with look-ahead (saves no time); "
+        "efficiency: choose at the cut from what the model has computed so far (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fusion",
+        choices=config.PRUNE_FUSIONS,
+        help=f"efficiency mode only: what becomes of the tokens not kept (default: {PRUNE_FUSION})",
+    )
     p.add_argument("--out", metavar="PNG", help="write the image with dropped patches greyed out here")
     p.set_defaults(run=cmd_prune)

@@ -103,8 +103,9 @@ def _box(row: dict, where: str) -> tuple[float, float, float, float]:
         box.append(number)
     for low, high in (("x0", "x1"), ("y0", "y1")):
         if box[BOX_COLUMNS.index(high)] <= box[BOX_COLUMNS.index(low)]:
-            raise ZoomViTError(f"{where}: {high} must be greater than {low}, got {low} = {row[low]!r} and "
-                               f"{high} = {row[high]!r}.")
+            raise ZoomViTError(
+                f"{where}: {high} must be greater than {low}, got {low} = {row[low]!r} and {high} = {row[high]!r}."
+            )
     return tuple(box)
 
 
@@ -159,5 +160,10 @@ def _alive(pid: int) -> bool:
 def decode_ahead(images: Images, batches, workers: int) -> DataLoader:
     """The batches' images, decoded ahead in `workers` processes that die with this one (see
     `die_with_parent`)."""
-    return DataLoader(images, batch_sampler=batches, num_workers=workers, collate_fn=list,
-                      worker_init_fn=functools.partial(die_with_parent, os.getpid()))
+    return DataLoader(
+        images,
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=list,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()),
+    )

@@ -37,14 +37,20 @@ GROUP_FOLDERS = dict(zip(KINDS, ("1_good_alignment", "2_inverted_intent", "3_dif
 GROUP_NAMES = dict(zip(KINDS, ("good alignment", "inverted intent", "diffuse intent")))
 # How a second look changed a prediction (results.json's keys: how it is written); a page lists the predictions that
 # flipped in this order: what a second look broke comes first.
-CHANGES = {"right_to_wrong": "right → wrong", "wrong_to_right": "wrong → right",
-           "wrong_to_wrong": "wrong → another wrong"}
+CHANGES = {
+    "right_to_wrong": "right → wrong",
+    "wrong_to_right": "wrong → right",
+    "wrong_to_wrong": "wrong → another wrong",
+}
 THUMB_SIDE = 112  # each half of a thumbnail: small enough that a page of many loads at once
 PANEL_SIDE = 224  # each panel of an example sheet
 PAGE_NAME = re.compile(r"(accuracy|zoom|prune_[a-z_]+_[0-9.]+)\.md")
 _PICTURE = r"\d{6}_[A-Za-z0-9_-]*\."  # see `_stem`
-OWN_FILES = {GALLERY: PAGE_NAME, THUMBS: re.compile(_PICTURE + "jpg"),
-             **{f"{EXAMPLES}/{folder}": re.compile(_PICTURE + "png") for folder in GROUP_FOLDERS.values()}}
+OWN_FILES = {
+    GALLERY: PAGE_NAME,
+    THUMBS: re.compile(_PICTURE + "jpg"),
+    **{f"{EXAMPLES}/{folder}": re.compile(_PICTURE + "png") for folder in GROUP_FOLDERS.values()},
+}
 
 
 def check_requests(tasks, gallery, examples) -> None:
@@ -53,16 +59,22 @@ def check_requests(tasks, gallery, examples) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ZoomViTError(f"{name} must be a whole number of images, 0 or more, got {value!r}.")
     if examples and "intent" not in tasks:
-        raise ZoomViTError("--examples needs the intent task (its groups are the intent diagnosis's): add intent to "
-                           "--tasks.")
+        raise ZoomViTError(
+            "--examples needs the intent task (its groups are the intent diagnosis's): add intent to --tasks."
+        )
 
 
 # ---- the files ---------------------------------------------------------------------------------------------
 
 
 def _own_files(out: Path) -> list[Path]:
-    return [path for folder, name in OWN_FILES.items() if (out / folder).is_dir()
-            for path in sorted((out / folder).iterdir()) if name.fullmatch(path.name) and path.is_file()]
+    return [
+        path
+        for folder, name in OWN_FILES.items()
+        if (out / folder).is_dir()
+        for path in sorted((out / folder).iterdir())
+        if name.fullmatch(path.name) and path.is_file()
+    ]
 
 
 def earlier_pictures(out) -> list[Path]:
@@ -159,21 +171,36 @@ def _lists(rows, records, kept, pruned, tasks, keeps) -> list[dict]:
         for mode, criterion, _ in INTENT_CONFIGS:  # each mode's own ranking
             for keep in keeps:
                 run = pruned[mode, criterion, keep]
-                pages.append({"name": f"prune_{mode}_{criterion}_{keep:g}", "task": "prune", "mode": mode,
-                              "criterion": criterion, "keep": keep,
-                              "title": f"pruning, {mode} mode ({criterion}), keep {keep:g}: predictions changed",
-                              "afters": list(zip(run.predicted.tolist(), run.confidence.tolist()))})
+                pages.append(
+                    {
+                        "name": f"prune_{mode}_{criterion}_{keep:g}",
+                        "task": "prune",
+                        "mode": mode,
+                        "criterion": criterion,
+                        "keep": keep,
+                        "title": f"pruning, {mode} mode ({criterion}), keep {keep:g}: predictions changed",
+                        "afters": list(zip(run.predicted.tolist(), run.confidence.tolist())),
+                    }
+                )
     if "zoom" in tasks:
         looks = [records[i]["look"] for i in kept]
-        pages.append({"name": "zoom", "task": "zoom", "title": "adaptive zoom: predictions changed",
-                      "afters": [(look["predicted"], look["confidence"]) for look in looks]})
+        pages.append(
+            {
+                "name": "zoom",
+                "task": "zoom",
+                "title": "adaptive zoom: predictions changed",
+                "afters": [(look["predicted"], look["confidence"]) for look in looks],
+            }
+        )
     for page in pages:
         if page["afters"] is None:
             page["entries"] = [j for j, row in enumerate(rows) if not row["correct"]]
         else:
             changed = [j for j, row in enumerate(rows) if page["afters"][j][0] != row["predicted"]]
-            page["changes"] = {c: [j for j in changed if _change(rows[j]["label"], rows[j]["predicted"],
-                                                                 page["afters"][j][0]) == c] for c in CHANGES}
+            page["changes"] = {
+                c: [j for j in changed if _change(rows[j]["label"], rows[j]["predicted"], page["afters"][j][0]) == c]
+                for c in CHANGES
+            }
             page["entries"] = [j for c in CHANGES for j in page["changes"][c]]
     return pages
 
@@ -196,23 +223,34 @@ def _page_markdown(page, rows, thumbs, per_page, data_name, name) -> str:
         what = f"{len(entries)} of {n} images predicted wrong"
     shown = f"; the first {min(per_page, len(entries))} are shown" if entries else ""
     order = f" ({', then '.join(CHANGES.values())})" if shown and "changes" in page else ""
-    lines = [f"# {_cell(data_name)}: {page['title']}", "",
-             f"{what}{shown}{order}. Thumbnails: the image and the intent map of its prediction (red: more "
-             "important). Back to the [report](../report.md).", ""]
+    lines = [
+        f"# {_cell(data_name)}: {page['title']}",
+        "",
+        f"{what}{shown}{order}. Thumbnails: the image and the intent map of its prediction (red: more "
+        "important). Back to the [report](../report.md).",
+        "",
+    ]
     if entries and page["afters"] is None:
         lines += ["| | image | label | prediction (confidence) | probability of the label |", "|---|---|---|---|---|"]
-        lines += [f"| ![]({thumbs[j]}) | {_cell(rows[j]['file'])} | {_cell(name(rows[j]['label']))} | "
-                  f"{_cell(name(rows[j]['predicted']))} ({rows[j]['confidence']:.1%}) | "
-                  f"{rows[j]['label_prob']:.1%} |" for j in entries[:per_page]]
+        lines += [
+            f"| ![]({thumbs[j]}) | {_cell(rows[j]['file'])} | {_cell(name(rows[j]['label']))} | "
+            f"{_cell(name(rows[j]['predicted']))} ({rows[j]['confidence']:.1%}) | "
+            f"{rows[j]['label_prob']:.1%} |"
+            for j in entries[:per_page]
+        ]
     elif entries:
-        lines += ["| | image | label | before (confidence) | after (confidence) | change |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "| | image | label | before (confidence) | after (confidence) | change |",
+            "|---|---|---|---|---|---|",
+        ]
         for j in entries[:per_page]:
             after, confidence = page["afters"][j]
-            lines.append(f"| ![]({thumbs[j]}) | {_cell(rows[j]['file'])} | {_cell(name(rows[j]['label']))} | "
-                         f"{_cell(name(rows[j]['predicted']))} ({rows[j]['confidence']:.1%}) | "
-                         f"{_cell(name(after))} ({confidence:.1%}) | "
-                         f"{CHANGES[_change(rows[j]['label'], rows[j]['predicted'], after)]} |")
+            lines.append(
+                f"| ![]({thumbs[j]}) | {_cell(rows[j]['file'])} | {_cell(name(rows[j]['label']))} | "
+                f"{_cell(name(rows[j]['predicted']))} ({rows[j]['confidence']:.1%}) | "
+                f"{_cell(name(after))} ({confidence:.1%}) | "
+                f"{CHANGES[_change(rows[j]['label'], rows[j]['predicted'], after)]} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -241,14 +279,22 @@ def collect(bundle, data, items, kept, records, summary, rows, pruned, gallery: 
             files[f"{GALLERY}/{thumbs[j]}"] = _encoded(thumbnail(*image(j), grid_map(j)), "JPEG")
         data_name = Path(summary["data"]).name
         for page in pages:
-            files[f"{GALLERY}/{page['name']}.md"] = _page_markdown(page, rows, thumbs, gallery, data_name,
-                                                                   name).encode()
-        parts["gallery"] = {"per_page": gallery, "pages": [
-            {**{k: v for k, v in page.items() if k not in ("afters", "entries", "changes", "name")},
-             "page": f"{GALLERY}/{page['name']}.md", "images": len(page["entries"]),
-             "shown": min(gallery, len(page["entries"])),
-             **({"changes": {c: len(js) for c, js in page["changes"].items()}} if "changes" in page else {})}
-            for page in pages]}
+            files[f"{GALLERY}/{page['name']}.md"] = _page_markdown(
+                page, rows, thumbs, gallery, data_name, name
+            ).encode()
+        parts["gallery"] = {
+            "per_page": gallery,
+            "pages": [
+                {
+                    **{k: v for k, v in page.items() if k not in ("afters", "entries", "changes", "name")},
+                    "page": f"{GALLERY}/{page['name']}.md",
+                    "images": len(page["entries"]),
+                    "shown": min(gallery, len(page["entries"])),
+                    **({"changes": {c: len(js) for c, js in page["changes"].items()}} if "changes" in page else {}),
+                }
+                for page in pages
+            ],
+        }
     if examples:
         groups = {}
         for kind in KINDS:
@@ -256,11 +302,26 @@ def collect(bundle, data, items, kept, records, summary, rows, pruned, gallery: 
             sheets = []
             for j in chosen:
                 path = f"{EXAMPLES}/{GROUP_FOLDERS[kind]}/{_stem(kept[j], items[kept[j]].file)}.png"
-                files[path] = _encoded(_sheet(j, image(j), grid_map(j), rows, records[kept[j]]["look"], pruned,
-                                              items[kept[j]].box, settings["after_block"], name), "PNG")
+                files[path] = _encoded(
+                    _sheet(
+                        j,
+                        image(j),
+                        grid_map(j),
+                        rows,
+                        records[kept[j]]["look"],
+                        pruned,
+                        items[kept[j]].box,
+                        settings["after_block"],
+                        name,
+                    ),
+                    "PNG",
+                )
                 sheets.append(path)
-            groups[kind] = {"folder": f"{EXAMPLES}/{GROUP_FOLDERS[kind]}", "n": sum(r["intent"] == kind for r in rows),
-                            "sheets": sheets}
+            groups[kind] = {
+                "folder": f"{EXAMPLES}/{GROUP_FOLDERS[kind]}",
+                "n": sum(r["intent"] == kind for r in rows),
+                "sheets": sheets,
+            }
         parts["examples"] = {"per_group": examples, "groups": groups}
     return parts, files
 
@@ -287,7 +348,8 @@ def _sheet(j, picture, grid_map, rows, look, pruned, object_box, after_block, na
         f"Prediction {said(row['predicted'], row['confidence'])}. Zoom "
         f"({'zoomed in' if look['zoomed'] else 'kept the whole image'}): {said(look['predicted'], look['confidence'])}."
         f" Pruning at keep {INTENT_CONFIGS[0][2]:g} after block {after_block}: {'; '.join(looks)}.\n"
-        "Panels: the image (red: zoom box" + (", green: object box" if object_box is not None else "")
+        "Panels: the image (red: zoom box"
+        + (", green: object box" if object_box is not None else "")
         + ") · the intent map of the prediction (colour bar) · the zoom crop · the tokens kept in analysis mode · "
         "in efficiency mode (grey: dropped)."
     )

@@ -38,7 +38,7 @@ def _patch_scores(criterion, keep, scores, random_scores):
 def rank_batches(kept, rank, world):
     """This rank's pruning batches, (start, image indices): every world-th batch of PRUNE_BATCH readable images.
     The batches are a single process's: a batch's logits depend on which images share it."""
-    return [(start, kept[start:start + PRUNE_BATCH]) for start in range(0, len(kept), PRUNE_BATCH)[rank::world]]
+    return [(start, kept[start : start + PRUNE_BATCH]) for start in range(0, len(kept), PRUNE_BATCH)[rank::world]]
 
 
 def _pixels(bundle, images, entry):
@@ -66,13 +66,14 @@ def prune_pass(bundle, images, kept, records, configs, after_block, workers, pro
         random_scores = torch.rand(n, num_patches, generator=torch.Generator().manual_seed(0))
     loader = decode_ahead(images, [indices for _, indices in batches], workers)
     results, first_pixels = {}, None
-    with tqdm(total=len(batches) * len(configs), desc="pruning", unit="run", file=sys.stderr,
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(batches) * len(configs), desc="pruning", unit="run", file=sys.stderr, disable=not progress
+    ) as bar:
         for (start, indices), entries in zip(batches, loader):
             pixels = torch.cat([_pixels(bundle, images, entry) for entry in entries])
             scores = [records[i]["scores"] for i in indices]
             before = torch.tensor([[records[i]["row"]["predicted"]] for i in indices])
-            batch_random = random_scores[start:start + len(indices)]
+            batch_random = random_scores[start : start + len(indices)]
             results[start] = {}
             cuts = {}  # the blocks before the cut run once per batch (twice when some configurations need scores)
             for mode, criterion, keep in configs:
@@ -80,12 +81,16 @@ def prune_pass(bundle, images, kept, records, configs, after_block, workers, pro
                 with_scores = pruning.needs_own_scores(bundle, pixels, keep, patch_scores)
                 if with_scores not in cuts:
                     cuts[with_scores] = pruning.run_to_cut(bundle, pixels, after_block, with_scores)
-                logits, keep_idx = pruning.finish_pruned(bundle, cuts[with_scores], keep, patch_scores,
-                                                         fusion(mode, criterion))
+                logits, keep_idx = pruning.finish_pruned(
+                    bundle, cuts[with_scores], keep, patch_scores, fusion(mode, criterion)
+                )
                 probs = logits.softmax(-1)
                 results[start][mode, criterion, keep] = (
-                    logits.argmax(-1).numpy(), probs.gather(1, before)[:, 0].numpy(), probs.max(-1).values.numpy(),
-                    keep_idx.numpy().astype(np.int32) if (mode, criterion, keep) in record_kept else None)
+                    logits.argmax(-1).numpy(),
+                    probs.gather(1, before)[:, 0].numpy(),
+                    probs.max(-1).values.numpy(),
+                    keep_idx.numpy().astype(np.int32) if (mode, criterion, keep) in record_kept else None,
+                )
                 bar.update()
             if start == 0:
                 first_pixels = pixels
@@ -102,7 +107,7 @@ def prune_pass(bundle, images, kept, records, configs, after_block, workers, pro
                 out[cfg][3] = np.zeros((n, values[3].shape[1]), dtype=np.int32)
             for column, value in zip(out[cfg], values):
                 if value is not None:
-                    column[start:start + len(value)] = value
+                    column[start : start + len(value)] = value
     latency_started = time.perf_counter()
     latency = _latency_ratios(bundle, first_pixels, random_scores[:PRUNE_BATCH], configs, after_block, progress)
     timings["latency_seconds"] = time.perf_counter() - latency_started
@@ -123,8 +128,9 @@ def _latency_ratios(bundle, pixels, some_scores, configs, after_block, progress)
 
     full = lambda: pruning.forward_pruned(bundle, pixels, after_block, 1.0)
     bar = tqdm(total=LATENCY_ROUNDS, desc="timing", unit="round", file=sys.stderr, disable=not progress)
-    full_ms, *path_ms = pruning.interleaved_ms([full, *map(run, distinct)], LATENCY_ROUNDS, bundle.device,
-                                               on_round=bar.update)
+    full_ms, *path_ms = pruning.interleaved_ms(
+        [full, *map(run, distinct)], LATENCY_ROUNDS, bundle.device, on_round=bar.update
+    )
     bar.close()
     median_full, medians = float(np.median(full_ms)), dict(zip(distinct, map(np.median, path_ms)))
     return {cfg: float(medians[path]) / median_full for cfg, path in paths.items()}

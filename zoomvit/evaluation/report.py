@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 
-from zoomvit.evaluation import gallery as eval_gallery
 from zoomvit import visualization
 from zoomvit.errors import ZoomViTError
+from zoomvit.evaluation import gallery as eval_gallery
 from zoomvit.evaluation.tasks import INTENT_KEEP
 
 
@@ -59,8 +59,11 @@ def write_outputs(result: Evaluation, out_dir) -> list[Path]:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(result.rows)
-    figures = {"prune": visualization.plot_pruning, "zoom": visualization.plot_zoom,
-               "faithfulness": visualization.plot_faithfulness}
+    figures = {
+        "prune": visualization.plot_pruning,
+        "zoom": visualization.plot_zoom,
+        "faithfulness": visualization.plot_faithfulness,
+    }
     for task, name in PLOTS.items():
         if task in summary:
             figures[task](summary).savefig(out / name, dpi=110)
@@ -74,8 +77,10 @@ def write_outputs(result: Evaluation, out_dir) -> list[Path]:
 
 # The engine and evaluation issues' goals on DeiT-Tiny (points are top-1 percentage points).
 GOALS = {
-    ("analysis", 0.3): 1.0, ("analysis", 0.1): 5.0,  # max drop, intent criterion
-    ("efficiency", 0.5): 1.5, ("efficiency", 0.3): 5.0,  # max drop, merge criterion
+    ("analysis", 0.3): 1.0,
+    ("analysis", 0.1): 5.0,  # max drop, intent criterion
+    ("efficiency", 0.5): 1.5,
+    ("efficiency", 0.3): 5.0,  # max drop, merge criterion
 }
 LATENCY_SLACK = 0.05
 ZOOM_GOALS = {"overall": 0.55, "blur": 0.65, "pointing_game": 0.85}
@@ -98,35 +103,55 @@ def goal_checks(summary: dict) -> list[tuple[str, str, bool]]:
         if entry["criterion"] != ours or limit is None:
             continue
         change, shown_change = _shown(100 * (entry["top1"] - summary["top1"]), "+.1f")
-        checks.append((f"{entry['mode']} pruning, keep {entry['keep']:g}: top-1 drop <= {limit:g} points",
-                       f"{change} points", -shown_change <= Decimal(f"{limit:g}")))
+        checks.append(
+            (
+                f"{entry['mode']} pruning, keep {entry['keep']:g}: top-1 drop <= {limit:g} points",
+                f"{change} points",
+                -shown_change <= Decimal(f"{limit:g}"),
+            )
+        )
         if entry["mode"] == "efficiency":
             latency, macs = _shown(entry["latency_ratio"], ".2f"), _shown(entry["macs_ratio"], ".2f")
-            checks.append((f"efficiency keep {entry['keep']:g}: latency ratio <= MACs ratio + {LATENCY_SLACK}",
-                           f"{latency[0]} vs {macs[0]}", latency[1] <= macs[1] + Decimal(f"{LATENCY_SLACK}")))
+            checks.append(
+                (
+                    f"efficiency keep {entry['keep']:g}: latency ratio <= MACs ratio + {LATENCY_SLACK}",
+                    f"{latency[0]} vs {macs[0]}",
+                    latency[1] <= macs[1] + Decimal(f"{LATENCY_SLACK}"),
+                )
+            )
     z = summary.get("zoom")
     if z and "pointing_game" in z:
         goals = [(f"top-1 after adaptive zoom >= {ZOOM_GOALS['overall']:.0%}", z["top1_after"], "overall")]
         blur = z.get("groups", {}).get("background", {}).get("blur")
         if blur:
             goals.append((f"blur items: top-1 after zoom >= {ZOOM_GOALS['blur']:.0%}", blur["top1_after"], "blur"))
-        goals.append((f"map peak inside the object box >= {ZOOM_GOALS['pointing_game']:.0%}", z["pointing_game"],
-                      "pointing_game"))
+        goals.append(
+            (
+                f"map peak inside the object box >= {ZOOM_GOALS['pointing_game']:.0%}",
+                z["pointing_game"],
+                "pointing_game",
+            )
+        )
         for goal, value, key in goals:
             measured, shown = _shown(value, ".1%")
             checks.append((goal, measured, shown >= _shown(ZOOM_GOALS[key], ".0%")[1]))
     elif z:
         before, after = _shown(z["top1_before"], ".1%"), _shown(z["top1_after"], ".1%")
-        checks.append(("top-1 with adaptive zoom not lower than without", f"{before[0]} -> {after[0]}",
-                       after[1] >= before[1]))
+        checks.append(
+            ("top-1 with adaptive zoom not lower than without", f"{before[0]} -> {after[0]}", after[1] >= before[1])
+        )
     faith = {e["method"]: e for e in summary.get("faithfulness", [])}
     if "rollout" in faith:
         best = min((e for m, e in faith.items() if m != "random"), key=lambda e: e["deletion_auc"])
         gap, shown_gap = _shown(100 * (faith["rollout"]["deletion_auc"] - best["deletion_auc"]), ".2f")
-        checks.append((f"best map's deletion AUC <= rollout's - {FAITHFULNESS_MARGIN:g} points",
-                       f"{best['method']} {100 * best['deletion_auc']:.2f} vs rollout "
-                       f"{100 * faith['rollout']['deletion_auc']:.2f} ({gap} points better)",
-                       shown_gap >= Decimal(f"{FAITHFULNESS_MARGIN:g}")))
+        checks.append(
+            (
+                f"best map's deletion AUC <= rollout's - {FAITHFULNESS_MARGIN:g} points",
+                f"{best['method']} {100 * best['deletion_auc']:.2f} vs rollout "
+                f"{100 * faith['rollout']['deletion_auc']:.2f} ({gap} points better)",
+                shown_gap >= Decimal(f"{FAITHFULNESS_MARGIN:g}"),
+            )
+        )
     return checks
 
 
@@ -146,52 +171,73 @@ def markdown_report(summary: dict, link_base: str = "") -> str:
     if s["skipped"]:
         lines += [f"Skipped (unreadable): {len(s['skipped'])} files.", ""]
     if "prune" in s:
-        lines += [f"Pruning after block {s['settings']['after_block']} (top-1 change in points; latency at batch "
-                  f"{s['settings']['prune_batch']}):", "",
-                  "| mode | criterion | keep | top-1 | change | agreement | MACs ratio | latency ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Pruning after block {s['settings']['after_block']} (top-1 change in points; latency at batch "
+            f"{s['settings']['prune_batch']}):",
+            "",
+            "| mode | criterion | keep | top-1 | change | agreement | MACs ratio | latency ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for e in s["prune"]:
-            lines.append(f"| {e['mode']} | {e['criterion']} | {e['keep']:g} | {_pct(e['top1'])} | "
-                         f"{_signed(e['top1'] - s['top1'])} | {_pct(e['agreement'])} | {e['macs_ratio']:.2f} | "
-                         f"{e['latency_ratio']:.2f} |")
+            lines.append(
+                f"| {e['mode']} | {e['criterion']} | {e['keep']:g} | {_pct(e['top1'])} | "
+                f"{_signed(e['top1'] - s['top1'])} | {_pct(e['agreement'])} | {e['macs_ratio']:.2f} | "
+                f"{e['latency_ratio']:.2f} |"
+            )
         lines.append("")
     if "zoom" in s:
         z = s["zoom"]
         boxes = "pointing_game" in z
-        lines += ["Adaptive zoom (crop: the crop's own prediction, for comparison):", "",
-                  "| items | n | top-1 before | top-1 after | crop only | zoomed |"
-                  + (" pointing game | box IoU |" if boxes else ""),
-                  "|---|---|---|---|---|---|" + ("---|---|" if boxes else "")]
+        lines += [
+            "Adaptive zoom (crop: the crop's own prediction, for comparison):",
+            "",
+            "| items | n | top-1 before | top-1 after | crop only | zoomed |"
+            + (" pointing game | box IoU |" if boxes else ""),
+            "|---|---|---|---|---|---|" + ("---|---|" if boxes else ""),
+        ]
         blocks = [("all", z)] + [(f"{col} = {v}", b) for col, g in z.get("groups", {}).items() for v, b in g.items()]
         for name, b in blocks:
-            lines.append(f"| {name} | {b['n']} | {_pct(b['top1_before'])} | {_pct(b['top1_after'])} | "
-                         f"{_pct(b['top1_crop'])} | {_pct(b['zoomed_fraction'])} |"
-                         + (f" {_pct(b['pointing_game'])} | {b['box_iou']:.3f} |" if boxes else ""))
+            lines.append(
+                f"| {name} | {b['n']} | {_pct(b['top1_before'])} | {_pct(b['top1_after'])} | "
+                f"{_pct(b['top1_crop'])} | {_pct(b['zoomed_fraction'])} |"
+                + (f" {_pct(b['pointing_game'])} | {b['box_iou']:.3f} |" if boxes else "")
+            )
         lines.append("")
     if "faithfulness" in s:
         boxes = any("pointing_game" in e for e in s["faithfulness"])
-        lines += ["Faithfulness (AUC × 100 of the predicted class's probability; deletion lower is better, insertion "
-                  "higher):", "", "| map | deletion AUC | insertion AUC |" + (" pointing game |" if boxes else ""),
-                  "|---|---|---|" + ("---|" if boxes else "")]
+        lines += [
+            "Faithfulness (AUC × 100 of the predicted class's probability; deletion lower is better, insertion "
+            "higher):",
+            "",
+            "| map | deletion AUC | insertion AUC |" + (" pointing game |" if boxes else ""),
+            "|---|---|---|" + ("---|" if boxes else ""),
+        ]
         for e in s["faithfulness"]:
-            lines.append(f"| {e['method']} | {100 * e['deletion_auc']:.2f} | {100 * e['insertion_auc']:.2f} |"
-                         + (f" {_pct(e.get('pointing_game'))} |" if boxes else ""))
+            lines.append(
+                f"| {e['method']} | {100 * e['deletion_auc']:.2f} | {100 * e['insertion_auc']:.2f} |"
+                + (f" {_pct(e.get('pointing_game'))} |" if boxes else "")
+            )
         lines.append("")
     if "intent" in s:
-        lines += [f"Intent groups: what pruning at keep {INTENT_KEEP:g} and adaptive zoom do (confidence = "
-                  "probability of the unpruned prediction; changes in points):", "",
-                  "| intent | n | top-1 | confidence | second look | top-1 after | agreement | confidence change "
-                  "(right / wrong) | errors kept | errors fixed |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Intent groups: what pruning at keep {INTENT_KEEP:g} and adaptive zoom do (confidence = "
+            "probability of the unpruned prediction; changes in points):",
+            "",
+            "| intent | n | top-1 | confidence | second look | top-1 after | agreement | confidence change "
+            "(right / wrong) | errors kept | errors fixed |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for kind, g in s["intent"].items():
             looks = [(f"prune {m}", g[f"prune_{m}"]) for m in ("analysis", "efficiency")]
             looks += [("zoom", g["zoom"])] if "zoom" in g else []
             for i, (name, c) in enumerate(looks):
                 head = f"| {kind} | {g['n']} | {_pct(g['top1'])} | {_pct(g['confidence'])} |" if i == 0 else "| | | | |"
-                lines.append(f"{head} {name} | {_pct(c['top1'])} | {_pct(c['agreement'])} | "
-                             f"{_signed(c['confidence_change'])} ({_signed(c['confidence_change_correct'])} / "
-                             f"{_signed(c['confidence_change_wrong'])}) | {_pct(c['errors_kept'])} | "
-                             f"{_pct(c['errors_fixed'])} |")
+                lines.append(
+                    f"{head} {name} | {_pct(c['top1'])} | {_pct(c['agreement'])} | "
+                    f"{_signed(c['confidence_change'])} ({_signed(c['confidence_change_correct'])} / "
+                    f"{_signed(c['confidence_change_wrong'])}) | {_pct(c['errors_kept'])} | "
+                    f"{_pct(c['errors_fixed'])} |"
+                )
         lines.append("")
     lines += _pictures_report(s, link_base)
     checks = goal_checks(s)
@@ -200,9 +246,11 @@ def markdown_report(summary: dict, link_base: str = "") -> str:
         lines += [f"| {goal} | {measured} | {'met' if met else 'MISSED'} |" for goal, measured, met in checks]
         lines.append("")
     sp = s["speed"]
-    lines.append(f"Analysis pass {sp['analysis_ms_median']:.1f} ms per image (median); whole run "
-                 f"{sp['total_seconds'] / 60:.1f} min on {s['machine']['threads']} threads "
-                 f"({s['machine']['processor']}, torch {s['machine']['torch']}).")
+    lines.append(
+        f"Analysis pass {sp['analysis_ms_median']:.1f} ms per image (median); whole run "
+        f"{sp['total_seconds'] / 60:.1f} min on {s['machine']['threads']} threads "
+        f"({s['machine']['processor']}, torch {s['machine']['torch']})."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -210,29 +258,41 @@ def _pictures_report(s: dict, base: str = "") -> list[str]:
     """The links to the gallery's pages and the example sheets, with what each intent group's second looks did."""
     lines = []
     if "gallery" in s:
-        lines += [f"Gallery: the first {s['gallery']['per_page']} images of each list, with the image and the intent "
-                  "map of its prediction:", ""]
+        lines += [
+            f"Gallery: the first {s['gallery']['per_page']} images of each list, with the image and the intent "
+            "map of its prediction:",
+            "",
+        ]
         for page in s["gallery"]["pages"]:
             counts = eval_gallery.change_counts(page.get("changes", {}))
             what = "predicted wrong" if page["task"] == "accuracy" else "changed"
-            lines.append(f"- [{page['title']}]({base}{page['page']}): {page['images']} {what}"
-                         + (f" ({counts})" if counts else ""))
+            lines.append(
+                f"- [{page['title']}]({base}{page['page']}): {page['images']} {what}"
+                + (f" ({counts})" if counts else "")
+            )
         lines.append("")
     if "examples" in s:
         groups = s["examples"]["groups"]
         looks = [("prune analysis", "prune_analysis"), ("prune efficiency", "prune_efficiency")]
         looks += [("zoom", "zoom")] if any("zoom" in g for g in s["intent"].values()) else []
-        lines += [f"Example sheets (the first {s['examples']['per_group']} images of each intent group): what pruning "
-                  f"at keep {INTENT_KEEP:g} and adaptive zoom did to each group on average (top-1 change / confidence "
-                  "change, in points):", "",
-                  "| intent group | images | sheets | " + " | ".join(name for name, _ in looks) + " |",
-                  "|---|---|---|" + "---|" * len(looks)]
+        lines += [
+            f"Example sheets (the first {s['examples']['per_group']} images of each intent group): what pruning "
+            f"at keep {INTENT_KEEP:g} and adaptive zoom did to each group on average (top-1 change / confidence "
+            "change, in points):",
+            "",
+            "| intent group | images | sheets | " + " | ".join(name for name, _ in looks) + " |",
+            "|---|---|---|" + "---|" * len(looks),
+        ]
         for kind, group in groups.items():
             g = s["intent"][kind]
-            changes = [(g[key]["top1"] - g["top1"] if g["n"] else None, g[key]["confidence_change"])
-                       for _, key in looks]
+            changes = [
+                (g[key]["top1"] - g["top1"] if g["n"] else None, g[key]["confidence_change"]) for _, key in looks
+            ]
             sheets = f"[{len(group['sheets'])}]({base}{group['folder']}/)" if group["sheets"] else "0"
-            lines.append(f"| {eval_gallery.GROUP_NAMES[kind]} | {group['n']} ({_pct(g['fraction'])}) | {sheets} | "
-                         + " | ".join(f"{_signed(top1)} / {_signed(conf)}" for top1, conf in changes) + " |")
+            lines.append(
+                f"| {eval_gallery.GROUP_NAMES[kind]} | {group['n']} ({_pct(g['fraction'])}) | {sheets} | "
+                + " | ".join(f"{_signed(top1)} / {_signed(conf)}" for top1, conf in changes)
+                + " |"
+            )
         lines.append("")
     return lines

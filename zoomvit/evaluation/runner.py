@@ -28,26 +28,30 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from zoomvit import config
+from zoomvit import config, faithfulness, intent, pruning, zoom
+from zoomvit.checks import check_after_block
+from zoomvit.errors import ImageLoadError, ZoomViTError
 from zoomvit.evaluation import gallery as eval_gallery
 from zoomvit.evaluation import pruning_pass
 from zoomvit.evaluation import summary as eval_summary
-from zoomvit import faithfulness
-from zoomvit import intent
-from zoomvit import pruning
-from zoomvit import zoom
-from zoomvit.checks import check_after_block
-from zoomvit.errors import ImageLoadError, ZoomViTError
 from zoomvit.evaluation.data import BOX_COLUMNS, Images, decode_ahead, default_workers, read_labels
 from zoomvit.evaluation.report import Evaluation
-from zoomvit.evaluation.tasks import (DEFAULT_KEEPS, FAITHFULNESS_METHODS, INTENT_CONFIGS, TASKS, prune_configs)
-from zoomvit.evaluation.work import (Stamps, barrier, finished_images, fingerprint, from_rank0, groups_to_do, load_record,
-                       open_work, rank_world, save_record)
+from zoomvit.evaluation.tasks import DEFAULT_KEEPS, FAITHFULNESS_METHODS, INTENT_CONFIGS, TASKS, prune_configs
+from zoomvit.evaluation.work import (
+    Stamps,
+    barrier,
+    fingerprint,
+    finished_images,
+    from_rank0,
+    groups_to_do,
+    load_record,
+    open_work,
+    rank_world,
+    save_record,
+)
 from zoomvit.geometry import encode
 from zoomvit.models import ViTBundle
 from zoomvit.vit_analyzer import Analysis, analyze_encoded
-
-
 
 # ---- box metrics ------------------------------------------------------------------------------------------
 
@@ -95,10 +99,16 @@ def _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, need_s
         analysis_ms = (time.perf_counter() - start) * 1000 / len(group)
         for (index, *_), analysis in zip(group, analyses):
             row, scores, look = _image_results(analysis, items[index], tasks, intent_keeps, after_block, need_scores)
-            records[index] = {"row": row, "scores": scores, "analysis_ms": analysis_ms, "curves": None,
-                              "num_tokens": analysis.attentions.shape[-1], "look": look,
-                              # what the gallery and the example sheets draw (see eval_gallery)
-                              "intent_map": torch.from_numpy(analysis.intent().astype(np.float32))}
+            records[index] = {
+                "row": row,
+                "scores": scores,
+                "analysis_ms": analysis_ms,
+                "curves": None,
+                "num_tokens": analysis.attentions.shape[-1],
+                "look": look,
+                # what the gallery and the example sheets draw (see eval_gallery)
+                "intent_map": torch.from_numpy(analysis.intent().astype(np.float32)),
+            }
             done.append((index, analysis))
     if "faithfulness" in tasks and done:
         maps = [{m: None if m == "random" else a.map(m) for m in FAITHFULNESS_METHODS} for _, a in done]
@@ -119,8 +129,12 @@ def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores
     zoom (None where no task zooms) as the example sheets show it."""
     predicted = analysis.predicted
     row = {
-        "file": item.file, **item.groups, "label": item.label, "predicted": predicted,
-        "correct": int(predicted == item.label), "confidence": float(analysis.probs[predicted]),
+        "file": item.file,
+        **item.groups,
+        "label": item.label,
+        "predicted": predicted,
+        "correct": int(predicted == item.label),
+        "confidence": float(analysis.probs[predicted]),
         "label_prob": float(analysis.probs[item.label]),
     }
     scores = None
@@ -133,14 +147,20 @@ def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores
             "grad_rollout": torch.from_numpy(analysis.grad_rollout().ravel().copy()),
         }
     zoom_result = zoom.zoom(analysis) if {"zoom", "intent"} & set(tasks) else None
-    look = zoom_result and {"box": [float(c) for c in zoom_result.box], "zoomed": bool(zoom_result.zoomed),
-                            "predicted": int(np.argmax(zoom_result.probs_after)),
-                            "confidence": float(np.max(zoom_result.probs_after))}
+    look = zoom_result and {
+        "box": [float(c) for c in zoom_result.box],
+        "zoomed": bool(zoom_result.zoomed),
+        "predicted": int(np.argmax(zoom_result.probs_after)),
+        "confidence": float(np.max(zoom_result.probs_after)),
+    }
     if "zoom" in tasks:
         after, crop = int(np.argmax(zoom_result.probs_after)), int(np.argmax(zoom_result.probs_crop))
         row.update(
-            zoomed=int(zoom_result.zoomed), zoom_predicted=after, zoom_correct=int(after == item.label),
-            crop_correct=int(crop == item.label), zoom_confidence=float(zoom_result.probs_after[predicted]),
+            zoomed=int(zoom_result.zoomed),
+            zoom_predicted=after,
+            zoom_correct=int(after == item.label),
+            crop_correct=int(crop == item.label),
+            zoom_confidence=float(zoom_result.probs_after[predicted]),
             zoom_source=zoom_result.source,
             **{f"zoom_{k}": round(v, 1) for k, v in zip(BOX_COLUMNS, zoom_result.box)},
         )
@@ -159,8 +179,13 @@ def _first_pass(bundle, images: Images, todo, workers: int, settings, work: Path
     `_group_pass`'s (tasks, intent_keeps, after_block, need_scores)."""
     loader = decode_ahead(images, todo, workers)
     # closed on a Ctrl-C too, so that the CLI's one line about it starts a line of its own
-    with tqdm(total=sum(map(len, todo)), desc=f"images ({images.folder.name})", unit="img", file=sys.stderr,
-              disable=not progress) as bar:
+    with tqdm(
+        total=sum(map(len, todo)),
+        desc=f"images ({images.folder.name})",
+        unit="img",
+        file=sys.stderr,
+        disable=not progress,
+    ) as bar:
         for entries in loader:
             records = _group_pass(bundle, entries, images.items, *settings)
             for index, record in records.items():
@@ -204,8 +229,22 @@ def evaluate(
         if rank_world()[1] > 1:
             raise ZoomViTError("A distributed evaluation needs a work folder that every process shares (work_dir).")
         with tempfile.TemporaryDirectory(prefix="zoomvit-eval-") as work_dir:
-            return evaluate(bundle, data, limit, keeps, after_block, tasks, progress, work_dir, resume, workers,
-                            batch, gallery, examples, every)
+            return evaluate(
+                bundle,
+                data,
+                limit,
+                keeps,
+                after_block,
+                tasks,
+                progress,
+                work_dir,
+                resume,
+                workers,
+                batch,
+                gallery,
+                examples,
+                every,
+            )
     started = time.perf_counter()
     data = Path(data)
     items = read_labels(data, limit, every)
@@ -231,14 +270,17 @@ def evaluate(
     finished = from_rank0(lambda: open_work(work, settings, resume, stamps))
     images = Images(data, items)
     todo = groups_to_do(len(items), finished, batch)[rank::world]  # even shares of what is left
-    _first_pass(bundle, images, todo, workers, (tasks, intent_keeps, after_block, bool(configs)), work, stamps,
-                progress)
+    _first_pass(
+        bundle, images, todo, workers, (tasks, intent_keeps, after_block, bool(configs)), work, stamps, progress
+    )
     barrier()  # every image has its file now
     images_seconds = time.perf_counter() - started
     finished = finished_images(work)
     if len(finished) < len(items):  # each machine of a multi-machine run wrote to a disk of its own
-        raise ZoomViTError(f"{work} lacks {len(items) - len(finished)} images' results: every process of a run must "
-                           "write to the same folder (a shared file system across machines).")
+        raise ZoomViTError(
+            f"{work} lacks {len(items) - len(finished)} images' results: every process of a run must "
+            "write to the same folder (a shared file system across machines)."
+        )
     kept = sorted(i for i, skipped in finished.items() if not skipped)
     if not kept:
         raise ZoomViTError(f"No image in {data} could be read ({load_record(work, min(finished), True)['error']}).")
@@ -250,8 +292,18 @@ def evaluate(
 
     pruned, timings = {}, {}
     if configs:
-        pruned = pruning_pass.prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings,
-                             INTENT_CONFIGS if examples else ())
+        pruned = pruning_pass.prune_pass(
+            bundle,
+            images,
+            kept,
+            records,
+            configs,
+            after_block,
+            workers,
+            progress,
+            timings,
+            INTENT_CONFIGS if examples else (),
+        )
     if rank != 0:
         return None
     rows = [records[i]["row"] for i in kept]
@@ -259,14 +311,30 @@ def evaluate(
         if keep in keeps and "prune" in tasks:
             for row, p in zip(rows, run.predicted):
                 row[f"prune_{mode}_{criterion}_{keep:g}"] = int(p)
-    skipped = [{"file": items[i].file, "error": load_record(work, i, True)["error"]}
-               for i in sorted(finished) if finished[i]]
-    summary = _summary(bundle, data, limit, every, keeps, after_block, tasks, batch, records, kept, rows, pruned,
-                       skipped, items[0].box is not None)
+    skipped = [
+        {"file": items[i].file, "error": load_record(work, i, True)["error"]} for i in sorted(finished) if finished[i]
+    ]
+    summary = _summary(
+        bundle,
+        data,
+        limit,
+        every,
+        keeps,
+        after_block,
+        tasks,
+        batch,
+        records,
+        kept,
+        rows,
+        pruned,
+        skipped,
+        items[0].box is not None,
+    )
     files = {}
     if gallery or examples:  # drawn from what the run has computed: no model call
-        parts, files = eval_gallery.collect(bundle, data, items, kept, records, summary, rows, pruned, gallery,
-                                            examples)
+        parts, files = eval_gallery.collect(
+            bundle, data, items, kept, records, summary, rows, pruned, gallery, examples
+        )
         summary.update(parts)
     summary.update(_speed_and_machine([records[i]["analysis_ms"] for i in kept], images_seconds, timings, started))
     return Evaluation(summary, rows, files)
@@ -282,23 +350,34 @@ def _speed_and_machine(analysis_ms: list, images_seconds: float, timings: dict, 
             "total_seconds": round(time.perf_counter() - started, 1),
         },
         "machine": {
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
         },
     }
 
 
-def _summary(bundle, data, limit, every, keeps, after_block, tasks, batch, records, kept, rows, pruned, skipped,
-             has_boxes) -> dict:
+def _summary(
+    bundle, data, limit, every, keeps, after_block, tasks, batch, records, kept, rows, pruned, skipped, has_boxes
+) -> dict:
     """results.json's figures (all but the speed and machine, which the run adds last)."""
     summary = {
         "model": bundle.name,
         "data": str(data),
         "n": len(rows),
         "top1": eval_summary.mean([r["correct"] for r in rows]),
-        "settings": {"tasks": list(tasks), "keep": list(keeps), "after_block": after_block, "limit": limit,
-                     "every": every, "batch": batch, "prune_batch": pruning_pass.PRUNE_BATCH, "latency_rounds": pruning_pass.LATENCY_ROUNDS,
-                     "faithfulness_steps": faithfulness.STEPS},
+        "settings": {
+            "tasks": list(tasks),
+            "keep": list(keeps),
+            "after_block": after_block,
+            "limit": limit,
+            "every": every,
+            "batch": batch,
+            "prune_batch": pruning_pass.PRUNE_BATCH,
+            "latency_rounds": pruning_pass.LATENCY_ROUNDS,
+            "faithfulness_steps": faithfulness.STEPS,
+        },
     }
     if "prune" in tasks:
         num_tokens = records[kept[0]]["num_tokens"]

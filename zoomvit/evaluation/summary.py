@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from zoomvit import intent
-from zoomvit import pruning
+from zoomvit import intent, pruning
 from zoomvit.evaluation.data import GROUP_COLUMNS
 from zoomvit.evaluation.tasks import FAITHFULNESS_METHODS, INTENT_CONFIGS, fusion
 
@@ -67,12 +66,17 @@ def intent_summary(rows, pruned):
     summary = {}
     for kind in intent.KINDS:
         sel = kinds == kind
-        group = {"n": int(sel.sum()), "fraction": float(sel.mean()), "top1": mean(before[sel] == labels[sel]),
-                 "confidence": mean(confidence[sel])}
+        group = {
+            "n": int(sel.sum()),
+            "fraction": float(sel.mean()),
+            "top1": mean(before[sel] == labels[sel]),
+            "confidence": mean(confidence[sel]),
+        }
         for mode, criterion, keep in INTENT_CONFIGS:
             run = pruned[(mode, criterion, keep)]
             group[f"prune_{mode}"] = {
-                "criterion": criterion, "keep": keep,
+                "criterion": criterion,
+                "keep": keep,
                 **_change_summary(labels[sel], before[sel], confidence[sel], run.predicted[sel], run.kept_prob[sel]),
             }
         if "zoom_predicted" in rows[0]:
@@ -94,12 +98,18 @@ def prune_summary(bundle, rows, pruned, keeps, after_block, num_tokens):
         _, tokens_after, macs_before, macs_after = pruning.pruned_macs(
             bundle, num_tokens, keep, after_block, mode, fusion(mode, criterion)
         )
-        entries.append({
-            "mode": mode, "criterion": criterion, "keep": keep,
-            "top1": mean(predicted == labels), "agreement": mean(predicted == before),
-            "macs_ratio": macs_after / macs_before, "latency_ratio": run.latency_ratio,
-            "tokens_after": tokens_after,
-        })
+        entries.append(
+            {
+                "mode": mode,
+                "criterion": criterion,
+                "keep": keep,
+                "top1": mean(predicted == labels),
+                "agreement": mean(predicted == before),
+                "macs_ratio": macs_after / macs_before,
+                "latency_ratio": run.latency_ratio,
+                "tokens_after": tokens_after,
+            }
+        )
     return entries
 
 

@@ -32,9 +32,17 @@ def fingerprint(bundle, data: Path, items, limit, keeps, tasks, after_block, bat
     too: which images share a batch moves results in the last float digits), and what the files hold."""
     listing = json.dumps([[i.file, i.label, i.box, i.groups] for i in items])
     return {
-        "model": bundle.name, "device": bundle.device.type, "dtype": bundle.dtype_name, "data": str(data.resolve()),
-        "limit": limit, "keep": list(keeps), "tasks": list(tasks), "after_block": after_block, "batch": batch,
-        "faithfulness_steps": faithfulness.STEPS, "images": hashlib.sha256(listing.encode()).hexdigest(),
+        "model": bundle.name,
+        "device": bundle.device.type,
+        "dtype": bundle.dtype_name,
+        "data": str(data.resolve()),
+        "limit": limit,
+        "keep": list(keeps),
+        "tasks": list(tasks),
+        "after_block": after_block,
+        "batch": batch,
+        "faithfulness_steps": faithfulness.STEPS,
+        "images": hashlib.sha256(listing.encode()).hexdigest(),
         "format": RECORD_FORMAT,
     }
 
@@ -181,8 +189,9 @@ def refuse_interrupted(work: Path, resume: bool) -> None:
     """An interrupted run in `work` is continued only with `resume`: its hours are not overwritten by a repeated
     command."""
     if holds_run(work) and not resume:
-        raise ZoomViTError(f"{work} holds an interrupted run: add --resume to continue it, or delete that folder "
-                           "to start afresh.")
+        raise ZoomViTError(
+            f"{work} holds an interrupted run: add --resume to continue it, or delete that folder to start afresh."
+        )
 
 
 def open_work(work: Path, settings_now: dict, resume: bool, stamps: Stamps | None = None) -> dict[int, bool]:
@@ -202,8 +211,10 @@ def open_work(work: Path, settings_now: dict, resume: bool, stamps: Stamps | Non
             _write_atomic(settings, write_settings)
             changed = []
         if changed:
-            raise ZoomViTError(f"Cannot resume the run in {work}: it was started with other settings "
-                               f"({', '.join(changed)}); use those, or delete that folder to start afresh.")
+            raise ZoomViTError(
+                f"Cannot resume the run in {work}: it was started with other settings "
+                f"({', '.join(changed)}); use those, or delete that folder to start afresh."
+            )
         return finished_images(work, stamps)
     if work.is_dir() and any(work.iterdir()):
         raise ZoomViTError(f"{work} is not empty and holds no evaluation run: use another output folder.")

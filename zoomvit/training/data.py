@@ -45,11 +45,16 @@ def find_splits(data: str | None, train: list | None, val: str | None, test: str
         found = {name: [root / name] for name in ("train", "val", "test") if (root / name).is_dir()}
         missing = [name for name in ("train", "val") if name not in found]
         if missing:
-            raise ZoomViTError(f"{root} has no {' or '.join(m + '/' for m in missing)} folder: it needs train/ and "
-                               "val/ (and optionally test/), or give --train DIR [DIR ...] (and --val DIR).")
+            raise ZoomViTError(
+                f"{root} has no {' or '.join(m + '/' for m in missing)} folder: it needs train/ and "
+                "val/ (and optionally test/), or give --train DIR [DIR ...] (and --val DIR)."
+            )
     elif train:
-        found = {"train": [Path(t) for t in train], **({"val": [Path(val)]} if val else {}),
-                 **({"test": [Path(test)]} if test else {})}
+        found = {
+            "train": [Path(t) for t in train],
+            **({"val": [Path(val)]} if val else {}),
+            **({"test": [Path(test)]} if test else {}),
+        }
     else:
         raise ZoomViTError("Training needs a data folder (with train/ and val/) or --train DIR [DIR ...].")
     for name, folders in found.items():
@@ -66,14 +71,24 @@ def read_splits(found: dict) -> dict:
         parts = [read_split(name, folder) for folder in folders]
         first = parts[0]
         for part in parts[1:]:
-            clash = [i for i in set(part.class_names) & set(first.class_names) if part.class_names[i] != first.class_names[i]]
+            clash = [
+                i for i in set(part.class_names) & set(first.class_names) if part.class_names[i] != first.class_names[i]
+            ]
             if clash:
                 i = clash[0]
-                raise ZoomViTError(f"Class {i} is '{first.class_names[i]}' in {first.folder} but '{part.class_names[i]}' "
-                                   f"in {part.folder}: folders trained on together must list the same classes.")
-            first = Split(name, first.folder, first.files + part.files, first.labels + part.labels,
-                          {**part.class_names, **first.class_names}, first.skipped + part.skipped,
-                          first.folders + part.folders)
+                raise ZoomViTError(
+                    f"Class {i} is '{first.class_names[i]}' in {first.folder} but '{part.class_names[i]}' "
+                    f"in {part.folder}: folders trained on together must list the same classes."
+                )
+            first = Split(
+                name,
+                first.folder,
+                first.files + part.files,
+                first.labels + part.labels,
+                {**part.class_names, **first.class_names},
+                first.skipped + part.skipped,
+                first.folders + part.folders,
+            )
         splits[name] = first
     return splits
 
@@ -93,16 +108,19 @@ def read_split(name: str, folder: Path) -> Split:
             kept_files.append(file)
             kept_labels.append(label)
     if not kept_files:
-        raise ZoomViTError(f"The {name} folder {folder} holds no readable image"
-                           + (f" ({len(skipped)} files skipped: {_named(skipped)})." if skipped else "."))
+        raise ZoomViTError(
+            f"The {name} folder {folder} holds no readable image"
+            + (f" ({len(skipped)} files skipped: {_named(skipped)})." if skipped else ".")
+        )
     return Split(name, folder, kept_files, kept_labels, names, skipped, [folder])
 
 
 def _from_class_folders(name: str, folder: Path):
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ZoomViTError(f"The {name} folder {folder} has no class folders (SPLIT/CLASS_NAME/image.jpg) and no "
-                           "labels.csv.")
+        raise ZoomViTError(
+            f"The {name} folder {folder} has no class folders (SPLIT/CLASS_NAME/image.jpg) and no labels.csv."
+        )
     files, labels = [], []
     empty = []
     for index, class_folder in enumerate(classes):
@@ -112,9 +130,11 @@ def _from_class_folders(name: str, folder: Path):
         files += members
         labels += [index] * len(members)
     if empty:
-        raise ZoomViTError(f"The {name} folder {folder} has {len(empty)} empty class folder(s): "
-                           f"{', '.join(empty[:SHOWN_NAMES])}{' ...' if len(empty) > SHOWN_NAMES else ''}: "
-                           "remove them or add images.")
+        raise ZoomViTError(
+            f"The {name} folder {folder} has {len(empty)} empty class folder(s): "
+            f"{', '.join(empty[:SHOWN_NAMES])}{' ...' if len(empty) > SHOWN_NAMES else ''}: "
+            "remove them or add images."
+        )
     return files, labels, {i: c.name for i, c in enumerate(classes)}
 
 
@@ -156,21 +176,30 @@ def check_splits(splits: dict[str, Split]) -> tuple[dict[int, str], list[str]]:
     train = splits["train"]
     classes = sorted(set(train.labels))
     if len(classes) < 2:
-        raise ZoomViTError(f"The train folder {train.folder} has one class only ({train.class_names[classes[0]]}): "
-                           "a classifier needs at least two.")
-    notes = [f"{split.name}: skipped {len(split.skipped)} file(s) that are not readable images: "
-             f"{_named(split.skipped)}" for split in splits.values() if split.skipped]
+        raise ZoomViTError(
+            f"The train folder {train.folder} has one class only ({train.class_names[classes[0]]}): "
+            "a classifier needs at least two."
+        )
+    notes = [
+        f"{split.name}: skipped {len(split.skipped)} file(s) that are not readable images: {_named(split.skipped)}"
+        for split in splits.values()
+        if split.skipped
+    ]
     for split in (s for s in splits.values() if s.name != "train"):
         unknown = sorted(set(split.labels) - set(classes))
         if unknown:
             shown = ", ".join(split.class_names[i] for i in unknown[:SHOWN_NAMES])
-            raise ZoomViTError(f"The {split.name} folder has {len(unknown)} class(es) that train lacks: {shown}"
-                               f"{' ...' if len(unknown) > SHOWN_NAMES else ''}.")
+            raise ZoomViTError(
+                f"The {split.name} folder has {len(unknown)} class(es) that train lacks: {shown}"
+                f"{' ...' if len(unknown) > SHOWN_NAMES else ''}."
+            )
         renamed = [i for i in set(split.labels) if split.class_names[i] != train.class_names[i]]
         if renamed:
             i = renamed[0]
-            raise ZoomViTError(f"Class {i} is '{train.class_names[i]}' in train but '{split.class_names[i]}' in "
-                               f"{split.name}: the splits must list the same classes.")
+            raise ZoomViTError(
+                f"Class {i} is '{train.class_names[i]}' in train but '{split.class_names[i]}' in "
+                f"{split.name}: the splits must list the same classes."
+            )
     num_labels = max(classes) + 1
     id2label = {i: train.class_names.get(i, f"class {i}") for i in range(num_labels)}
     return id2label, notes

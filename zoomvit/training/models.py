@@ -45,11 +45,14 @@ def check_scratch(arch: str, image_size: int | None, patch_size: int | None) -> 
     if image_size is None or patch_size is None:
         raise ZoomViTError("--init random needs --image-size and --patch-size (e.g. 32 and 4 for CIFAR-10).")
     if not 1 <= patch_size <= image_size or image_size > 1024:
-        raise ZoomViTError(f"--patch-size must be in 1..--image-size and --image-size at most 1024, got "
-                           f"{patch_size} and {image_size}.")
+        raise ZoomViTError(
+            f"--patch-size must be in 1..--image-size and --image-size at most 1024, got {patch_size} and {image_size}."
+        )
     if image_size % patch_size:
-        raise ZoomViTError(f"A {image_size}-px image does not split into {patch_size}-px patches: "
-                           "--image-size must be a multiple of --patch-size.")
+        raise ZoomViTError(
+            f"A {image_size}-px image does not split into {patch_size}-px patches: "
+            "--image-size must be a multiple of --patch-size."
+        )
 
 
 def build(o, id2label: dict) -> Built:
@@ -67,17 +70,31 @@ def _scratch(o, id2label: dict) -> Built:
 
     hidden, depth, heads = PRESETS[o.arch]
     config = ViTConfig(
-        hidden_size=hidden, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * hidden,
-        image_size=o.image_size, patch_size=o.patch_size, num_labels=len(id2label), id2label=id2label,
+        hidden_size=hidden,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        image_size=o.image_size,
+        patch_size=o.patch_size,
+        num_labels=len(id2label),
+        id2label=id2label,
         label2id={name: i for i, name in id2label.items()},
     )
     torch.manual_seed(o.seed)
     model = ViTForImageClassification(config)
     mean, std = SCRATCH_MEAN_STD
-    processor = ViTImageProcessor(do_resize=True, size={"height": o.image_size, "width": o.image_size},
-                                  image_mean=mean, image_std=std)
-    return Built(LogitsOnly(model), processor, "hf", (o.image_size, o.image_size), mean, std,
-                 f"{o.arch} from scratch ({depth} blocks, width {hidden}, {heads} heads, patch {o.patch_size})")
+    processor = ViTImageProcessor(
+        do_resize=True, size={"height": o.image_size, "width": o.image_size}, image_mean=mean, image_std=std
+    )
+    return Built(
+        LogitsOnly(model),
+        processor,
+        "hf",
+        (o.image_size, o.image_size),
+        mean,
+        std,
+        f"{o.arch} from scratch ({depth} blocks, width {hidden}, {heads} heads, patch {o.patch_size})",
+    )
 
 
 def _fine_tune(o, id2label: dict) -> Built:
@@ -85,13 +102,23 @@ def _fine_tune(o, id2label: dict) -> Built:
 
     bundle = models.load_model(o.model, device="cpu", dtype="float32")  # every check of a model to explain
     old = len(bundle.id2label)
-    note = f"The model's {old}-class head is replaced by a new {len(id2label)}-class one; the backbone keeps its weights."
+    note = (
+        f"The model's {old}-class head is replaced by a new {len(id2label)}-class one; the backbone keeps its weights."
+    )
     if bundle.name.startswith(models.TIMM_PREFIX):
         model = bundle.model
         model.reset_classifier(len(id2label))
         data = bundle.processor.data_config
-        return Built(LogitsOnly(model), bundle.processor, "timm", bundle.input_size, list(data["mean"]),
-                     list(data["std"]), o.model, notes=[note])
+        return Built(
+            LogitsOnly(model),
+            bundle.processor,
+            "timm",
+            bundle.input_size,
+            list(data["mean"]),
+            list(data["std"]),
+            o.model,
+            notes=[note],
+        )
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging
 
@@ -100,14 +127,28 @@ def _fine_tune(o, id2label: dict) -> Built:
     hf_logging.set_verbosity_error()  # the replaced head is said once, above, not as a table of mismatched sizes
     try:
         model = AutoModelForImageClassification.from_pretrained(
-            source, num_labels=len(id2label), id2label=id2label, label2id={n: i for i, n in id2label.items()},
-            ignore_mismatched_sizes=True, use_safetensors=True, attn_implementation="sdpa", local_files_only=local_only,
+            source,
+            num_labels=len(id2label),
+            id2label=id2label,
+            label2id={n: i for i, n in id2label.items()},
+            ignore_mismatched_sizes=True,
+            use_safetensors=True,
+            attn_implementation="sdpa",
+            local_files_only=local_only,
         )
     finally:
         hf_logging.set_verbosity(verbosity)
     processor = bundle.processor
-    return Built(LogitsOnly(model), processor, "hf", bundle.input_size, list(processor.image_mean),
-                 list(processor.image_std), o.model, notes=[note])
+    return Built(
+        LogitsOnly(model),
+        processor,
+        "hf",
+        bundle.input_size,
+        list(processor.image_mean),
+        list(processor.image_std),
+        o.model,
+        notes=[note],
+    )
 
 
 STEM_NAMES = ("embeddings.", "patch_embed", "cls_token", "pos_embed", "reg_token", "dist_token", "norm_pre")
@@ -120,8 +161,9 @@ def freeze(model: torch.nn.Module, blocks: int) -> str:
 
     layers = backbones.adapter_for(model).layers
     if not 1 <= blocks < len(layers):
-        raise ZoomViTError(f"--freeze must be in 1..{len(layers) - 1} (blocks to freeze; the model has {len(layers)}), "
-                           f"got {blocks}.")
+        raise ZoomViTError(
+            f"--freeze must be in 1..{len(layers) - 1} (blocks to freeze; the model has {len(layers)}), got {blocks}."
+        )
     frozen = {id(p) for layer in layers[:blocks] for p in layer.parameters()}
     count = 0
     for name, param in model.named_parameters():
@@ -152,8 +194,11 @@ def train_transform(built: Built, randaugment: bool):
     model's own mean and std."""
     from torchvision.transforms import v2
 
-    steps = [v2.PILToTensor(), v2.RandomResizedCrop(built.input_size, scale=CROP_SCALE, antialias=True),
-             v2.RandomHorizontalFlip()]
+    steps = [
+        v2.PILToTensor(),
+        v2.RandomResizedCrop(built.input_size, scale=CROP_SCALE, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
     if randaugment:
         steps.append(v2.RandAugment(**RANDAUGMENT))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(built.mean, built.std)]
@@ -162,6 +207,7 @@ def train_transform(built: Built, randaugment: bool):
 
 def _eval_transform(processor):
     """The model's own evaluation preprocessing: the pixels `zoomvit eval` and the app give it."""
+
     def transform(image):
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
 

@@ -65,17 +65,22 @@ def prepare_folder(o) -> Path:
         changed = [k for k, v in o.settings().items() if saved.get(k) != v]
         if changed:
             k = changed[0]
-            raise ZoomViTError(f"--resume needs the run's own settings: {k} was {saved.get(k)!r}, now {getattr(o, k)!r}.")
+            raise ZoomViTError(
+                f"--resume needs the run's own settings: {k} was {saved.get(k)!r}, now {getattr(o, k)!r}."
+            )
         if not last_checkpoint(out):
-            raise ZoomViTError(f"Nothing to resume in {out}: no epoch had finished (no checkpoint); start again with "
-                               "--overwrite.")
+            raise ZoomViTError(
+                f"Nothing to resume in {out}: no epoch had finished (no checkpoint); start again with --overwrite."
+            )
         return out
     if held and not o.overwrite:
-        raise ZoomViTError(f"{out} is not empty: give --resume to continue its run, --overwrite to replace it, or "
-                           "another --out.")
+        raise ZoomViTError(
+            f"{out} is not empty: give --resume to continue its run, --overwrite to replace it, or another --out."
+        )
     if held and not ours:
-        raise ZoomViTError(f"--overwrite empties only a folder that `zoomvit train` wrote ({SETTINGS} in it); {out} "
-                           "is not one.")
+        raise ZoomViTError(
+            f"--overwrite empties only a folder that `zoomvit train` wrote ({SETTINGS} in it); {out} is not one."
+        )
     if held:
         shutil.rmtree(out)
     return out
@@ -136,16 +141,27 @@ class EpochLog(TrainerCallback):
         if not state.is_world_process_zero:
             return
         epoch = int(round(state.epoch or 0))
-        row = {"epoch": epoch, **{k: None for k in LOG_COLUMNS[1:]}, **self.train, "train_accuracy": train_accuracy,
-               "val_loss": metrics.get("eval_loss"), "val_accuracy": metrics.get("eval_accuracy"),
-               "seconds": round(time.perf_counter() - self.started, 1)}
+        row = {
+            "epoch": epoch,
+            **{k: None for k in LOG_COLUMNS[1:]},
+            **self.train,
+            "train_accuracy": train_accuracy,
+            "val_loss": metrics.get("eval_loss"),
+            "val_accuracy": metrics.get("eval_accuracy"),
+            "seconds": round(time.perf_counter() - self.started, 1),
+        }
         self.rows = [r for r in self.rows if r["epoch"] < epoch] + [row]
         write_log(self.out, self.rows)
         shown = f"{100 * train_accuracy:.1f}%" if train_accuracy is not None else "-"
-        val = (f"; val loss {row['val_loss']:.3f}, acc {100 * row['val_accuracy']:.1f}%"
-               if row["val_accuracy"] is not None else "")
-        say(f"epoch {epoch}/{self.epochs}: train loss {row['train_loss']:.3f}, acc {shown}{val}; "
-            f"lr {row['learning_rate'] or 0:.2e}; {row['seconds']:.0f} s")
+        val = (
+            f"; val loss {row['val_loss']:.3f}, acc {100 * row['val_accuracy']:.1f}%"
+            if row["val_accuracy"] is not None
+            else ""
+        )
+        say(
+            f"epoch {epoch}/{self.epochs}: train loss {row['train_loss']:.3f}, acc {shown}{val}; "
+            f"lr {row['learning_rate'] or 0:.2e}; {row['seconds']:.0f} s"
+        )
 
 
 def write_log(out: Path, rows: list) -> None:
@@ -187,20 +203,36 @@ def finish(out: Path, o, built, splits, summary: dict, rows: list) -> None:
     plot_curves(out, rows)
     best = summary["best_val_accuracy"]
     lines = [
-        f"# {Path(out).name}", "",
-        f"Image classifier trained with `zoomvit train` (ZoomViT Explorer) from {built.base}.", "",
+        f"# {Path(out).name}",
+        "",
+        f"Image classifier trained with `zoomvit train` (ZoomViT Explorer) from {built.base}.",
+        "",
         f"- **Data**: {', '.join(f'{name} {len(s.files)} images ({_folders(s)})' for name, s in splits.items())}; "
         f"{len(built.id2label)} classes.",
         f"- **Settings**: {', '.join(f'{k}={v}' for k, v in o.settings().items() if v not in (None, ''))}.",
-        f"- **Best val top-1**: {100 * best:.2f}% (the saved weights are that epoch's)." if best is not None
+        f"- **Best val top-1**: {100 * best:.2f}% (the saved weights are that epoch's)."
+        if best is not None
         else "- **No validation split**: the saved weights are the last epoch's.",
     ]
     if "test_accuracy" in summary:
         lines.append(f"- **Test top-1**: {100 * summary['test_accuracy']:.2f}% ({len(splits['test'].files)} images).")
-    lines += [f"- **Training time**: {summary['train_seconds'] / 60:.1f} min for {summary['steps']} steps "
-              "(this run; a resumed run counts its last part only).", "",
-              "Made by:", "", "```", o.command or "zoomvit train ...", "```", "",
-              "Per-epoch figures: `train_log.csv`; curves: `train_curves.png`.", ""]
+    lines += [
+        f"- **Training time**: {summary['train_seconds'] / 60:.1f} min for {summary['steps']} steps "
+        "(this run; a resumed run counts its last part only).",
+        "",
+        "Made by:",
+        "",
+        "```",
+        o.command or "zoomvit train ...",
+        "```",
+        "",
+        "Per-epoch figures: `train_log.csv`; curves: `train_curves.png`.",
+        "",
+    ]
     (out / "README.md").write_text("\n".join(line for line in lines if line is not None), encoding="utf-8")
-    say(f"Saved to {out}" + (f": best val top-1 {100 * best:.1f}%" if best is not None else " (last epoch)")
-        + (f", test top-1 {100 * summary['test_accuracy']:.1f}%" if "test_accuracy" in summary else "") + ".")
+    say(
+        f"Saved to {out}"
+        + (f": best val top-1 {100 * best:.1f}%" if best is not None else " (last epoch)")
+        + (f", test top-1 {100 * summary['test_accuracy']:.1f}%" if "test_accuracy" in summary else "")
+        + "."
+    )

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from zoomvit.errors import ZoomViTError
 from zoomvit.training import data as train_data
 from zoomvit.training import models as train_models
 from zoomvit.training import outputs as train_outputs
-from zoomvit.errors import ZoomViTError
 
 CHECKPOINTS = "checkpoints"
 
@@ -62,23 +62,34 @@ class TrainOptions:
 
 def check_options(o: TrainOptions) -> None:
     """Ranges, before anything is read or loaded."""
+
     def need(ok, message):
         if not ok:
             raise ZoomViTError(message)
 
     need(o.init in ("pretrained", "random"), f"--init must be pretrained or random, got '{o.init}'.")
-    need(o.init == "random" or o.model, "Fine-tuning needs --model (a hub id, folder or timm:NAME), or use --init random.")
+    need(
+        o.init == "random" or o.model,
+        "Fine-tuning needs --model (a hub id, folder or timm:NAME), or use --init random.",
+    )
     need(o.init == "pretrained" or not o.model, "--init random trains --arch from scratch: leave --model out.")
-    need(o.init == "random" or (o.image_size is None and o.patch_size is None),
-         "--image-size and --patch-size apply to --init random; a pretrained model trains at its own size.")
+    need(
+        o.init == "random" or (o.image_size is None and o.patch_size is None),
+        "--image-size and --patch-size apply to --init random; a pretrained model trains at its own size.",
+    )
     need(o.epochs >= 1, f"--epochs must be at least 1, got {o.epochs}.")
     need(o.batch_size >= 1, f"--batch-size must be at least 1, got {o.batch_size}.")
     need(o.grad_accum >= 1, f"--grad-accum must be at least 1, got {o.grad_accum}.")
     need(math.isfinite(o.lr) and 0 < o.lr < 1, f"--lr must be in (0, 1), got {o.lr}.")
-    need(math.isfinite(o.weight_decay) and 0 <= o.weight_decay < 1, f"--weight-decay must be in [0, 1), got {o.weight_decay}.")
+    need(
+        math.isfinite(o.weight_decay) and 0 <= o.weight_decay < 1,
+        f"--weight-decay must be in [0, 1), got {o.weight_decay}.",
+    )
     need(math.isfinite(o.warmup) and 0 <= o.warmup < 1, f"--warmup is a share of the steps in [0, 1), got {o.warmup}.")
-    need(math.isfinite(o.label_smoothing) and 0 <= o.label_smoothing < 1,
-         f"--label-smoothing must be in [0, 1), got {o.label_smoothing}.")
+    need(
+        math.isfinite(o.label_smoothing) and 0 <= o.label_smoothing < 1,
+        f"--label-smoothing must be in [0, 1), got {o.label_smoothing}.",
+    )
     need(math.isfinite(o.mixup) and 0 <= o.mixup <= 10, f"--mixup (alpha) must be in [0, 10], got {o.mixup}.")
     need(o.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got '{o.precision}'.")
     need(o.freeze >= 0, f"--freeze must be 0 or more, got {o.freeze}.")
@@ -119,6 +130,7 @@ def _trainer_class():
 def soft_cross_entropy(label_smoothing: float):
     """The loss for hard labels and for MixUp's soft ones alike (the models' own loss would take soft labels for
     multi-label targets)."""
+
     def loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
         return torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
@@ -147,15 +159,22 @@ def train(o: TrainOptions, callbacks=(), progress: bool = True) -> dict:
         notes.append("No validation folder: no val accuracy per epoch, and the last epoch is the one saved.")
     for line in [*notes, *built.notes]:
         train_outputs.say(line)
-    datasets = {name: train_data.ImageDataset(split, built.eval_transform if name != "train" else built.train_transform)
-                for name, split in splits.items()}
+    datasets = {
+        name: train_data.ImageDataset(split, built.eval_transform if name != "train" else built.train_transform)
+        for name, split in splits.items()
+    }
     args = _training_arguments(o, out, has_val="val" in splits)
     trainer_class = _trainer_class()
     log = train_outputs.EpochLog(out, o, has_val="val" in splits)
     trainer = trainer_class(
-        model=built.model, args=args, train_dataset=datasets["train"], eval_dataset=datasets.get("val"),
-        data_collator=train_models.collator(o, len(id2label)), compute_metrics=_accuracy,
-        compute_loss_func=soft_cross_entropy(o.label_smoothing), callbacks=[log, *callbacks],
+        model=built.model,
+        args=args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets.get("val"),
+        data_collator=train_models.collator(o, len(id2label)),
+        compute_metrics=_accuracy,
+        compute_loss_func=soft_cross_entropy(o.label_smoothing),
+        callbacks=[log, *callbacks],
     )
     log.trainer = trainer
     train_outputs.quiet_progress(trainer, progress)
@@ -168,8 +187,12 @@ def train(o: TrainOptions, callbacks=(), progress: bool = True) -> dict:
     except KeyboardInterrupt:
         raise train_outputs.Interrupted(out) from None
     seconds = time.perf_counter() - started
-    summary = {"best_val_accuracy": trainer.state.best_metric, "epochs": o.epochs, "train_seconds": seconds,
-               "steps": trainer.state.global_step}
+    summary = {
+        "best_val_accuracy": trainer.state.best_metric,
+        "epochs": o.epochs,
+        "train_seconds": seconds,
+        "steps": trainer.state.global_step,
+    }
     if "test" in datasets:
         summary["test_accuracy"] = trainer.evaluate(datasets["test"], metric_key_prefix="test")["test_accuracy"]
     if main:
@@ -188,15 +211,31 @@ def _training_arguments(o: TrainOptions, out, has_val: bool):
         raise ZoomViTError("fp16 trains on a GPU only; on the CPU use bf16 or fp32.")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return TrainingArguments(
-        output_dir=str(out / CHECKPOINTS), num_train_epochs=o.epochs, per_device_train_batch_size=o.batch_size,
-        per_device_eval_batch_size=o.batch_size, gradient_accumulation_steps=o.grad_accum, learning_rate=o.lr,
-        weight_decay=o.weight_decay, lr_scheduler_type="cosine", warmup_steps=o.warmup,
+        output_dir=str(out / CHECKPOINTS),
+        num_train_epochs=o.epochs,
+        per_device_train_batch_size=o.batch_size,
+        per_device_eval_batch_size=o.batch_size,
+        gradient_accumulation_steps=o.grad_accum,
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=o.warmup,
         optim="adamw_torch_fused",  # one kernel for all weights: on a busy CPU the per-tensor loop stalls for seconds
-        eval_strategy="epoch" if has_val else "no", save_strategy="epoch", logging_strategy="epoch",
-        save_total_limit=2 if has_val else 1, load_best_model_at_end=has_val,
-        metric_for_best_model="accuracy" if has_val else None, greater_is_better=True if has_val else None,
-        bf16=o.precision == "bf16", fp16=o.precision == "fp16", use_cpu=device.type == "cpu",
+        eval_strategy="epoch" if has_val else "no",
+        save_strategy="epoch",
+        logging_strategy="epoch",
+        save_total_limit=2 if has_val else 1,
+        load_best_model_at_end=has_val,
+        metric_for_best_model="accuracy" if has_val else None,
+        greater_is_better=True if has_val else None,
+        bf16=o.precision == "bf16",
+        fp16=o.precision == "fp16",
+        use_cpu=device.type == "cpu",
         ddp_backend=("gloo" if device.type == "cpu" else "nccl") if distributed else None,
-        dataloader_num_workers=o.workers, dataloader_persistent_workers=o.workers > 0, report_to="none",
-        seed=o.seed, remove_unused_columns=False, disable_tqdm=False,
+        dataloader_num_workers=o.workers,
+        dataloader_persistent_workers=o.workers > 0,
+        report_to="none",
+        seed=o.seed,
+        remove_unused_columns=False,
+        disable_tqdm=False,
     )
