@@ -124,21 +124,8 @@ def test_every_command_runs_outside_the_source_tree(user, shared_dir, deit_model
     assert explained["top"] and (tmp_path / "map.png").stat().st_size > 0
     assert json.loads(run(user, "-m", "zoomvit", "zoom", image, *model, "--json").stdout)["box"]
     assert json.loads(run(user, "-m", "zoomvit", "prune", image, *model, "--json").stdout)["tokens_after"] > 0
-    run(
-        user,
-        "-m",
-        "zoomvit",
-        "eval",
-        "--data",
-        str(shared_dir / "data" / "imagenet-sample"),
-        *model,
-        "--limit",
-        "2",
-        "--tasks",
-        "zoom",
-        "--out",
-        str(tmp_path / "eval"),
-    )
+    evaluated = ["--data", str(shared_dir / "data" / "imagenet-sample"), "--limit", "2", "--tasks", "zoom"]
+    run(user, "-m", "zoomvit", "eval", *evaluated, *model, "--out", str(tmp_path / "eval"))
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["n"] == 2
     data = tmp_path / "folder"
     for split in ("train", "val"):
@@ -146,29 +133,8 @@ def test_every_command_runs_outside_the_source_tree(user, shared_dir, deit_model
             (data / split / name).mkdir(parents=True)
             for file in sorted((shared_dir / "data" / "cifar-10" / "test" / name).iterdir())[:2]:
                 shutil.copy(file, data / split / name / file.name)
-    run(
-        user,
-        "-m",
-        "zoomvit",
-        "train",
-        str(data),
-        "--init",
-        "random",
-        "--arch",
-        "vit-micro",
-        "--image-size",
-        "32",
-        "--patch-size",
-        "4",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--workers",
-        "0",
-        "--out",
-        str(tmp_path / "run"),
-    )
+    scratch = "--init random --arch vit-micro --image-size 32 --patch-size 4 --epochs 1 --batch-size 4 --workers 0"
+    run(user, "-m", "zoomvit", "train", str(data), *scratch.split(), "--out", str(tmp_path / "run"))
     assert (tmp_path / "run" / "README.md").is_file()
 
 
