@@ -533,7 +533,7 @@ def test_prune_result_says_whether_the_timings_differ(tiny_vit, before, after, w
     "command, option, default",
     [
         ("explain", "--method", config.DEFAULT_VIEW),
-        ("zoom", "--policy", "adaptive"),
+        ("zoom", "--policy", config.ZOOM_POLICY),
         ("prune", "--mode", "analysis"),
         ("prune", "--keep", "0.5"),
         ("serve", "--host", "127.0.0.1"),

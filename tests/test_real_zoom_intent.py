@@ -57,7 +57,7 @@ def test_adaptive_zoom_leaves_a_full_frame_object_alone(deit_tiny, blur_items):
 
     path, gt, _ = blur_items[0]
     photo = Image.open(path).crop(tuple(int(c) for c in gt)).resize((448, 448))
-    result = zoom.zoom(analyze(deit_tiny, photo, keep_graph=False))
+    result = zoom.zoom(analyze(deit_tiny, photo, keep_graph=False), "adaptive")
     if result.box_area > 0.5:
         assert not result.zoomed and np.allclose(result.probs_after, result.probs_before)
     else:

@@ -58,6 +58,12 @@ DIFFUSE_FOCUS = 0.3
 # After an adaptive zoom the prediction mixes both looks; 0.7 on the whole image keeps ImageNet-sample top-1
 # from dropping (measured on DeiT-Tiny), while an unsure whole image still defers to a confident crop.
 ZOOM_WHOLE_WEIGHT = 0.7
+# The confident zoom (benchmarks/zoom_study.py, docs/zoom.md): tight boxes (no padding) from these maps and masses,
+# the most confident crop, used only when its top probability beats the whole image's by ZOOM_MARGIN. Chosen on
+# the dev sets (zoom-bench and imagenet-sample) with DeiT-Tiny; "keys" is the key-similarity map (LOST).
+ZOOM_CANDIDATES = (("focus", 0.6), ("keys", 0.4), ("keys", 0.6))
+ZOOM_MARGIN = 0.1
+ZOOM_KEY_SEEDS = 10  # the key-similarity map's seed set: the lowest-degree patches that correlate with the seed
 # The diagnosis flags a prediction that is itself a guess: top-1 below GUESS_PROB (DeiT-Tiny's top-1 was at least
 # 21% on 60 ImageNet-sample photos, 1-4% on noise), or below GUESS_OVER_CHANCE x chance for models with few classes
 # (a 10-class model at 25% is still close to chance).
@@ -108,7 +114,9 @@ def resolve_max_models(explicit=None) -> tuple[object, str]:
 # The choices of the library's options, here so that the CLI lists them in --help without importing the library
 # (importing torch would make --help slow); the library's MAP_METHODS, POLICIES, MODES, ... are these.
 MAP_METHODS = ("rollout", "grad_rollout", "intent", "cls", "attention")
-ZOOM_POLICIES = ("adaptive", "always")
+ZOOM_POLICIES = ("confident", "adaptive", "always")
+# The zoom without --zoom-policy / --policy (and the app's first choice); "adaptive" is the earlier default.
+ZOOM_POLICY = "confident"
 PRUNE_MODES = ("analysis", "efficiency")
 PRUNE_FUSIONS = ("drop", "fuse", "merge")
 EVAL_TASKS = ("prune", "zoom", "faithfulness", "intent")

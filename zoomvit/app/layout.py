@@ -164,10 +164,11 @@ def zoom_panel() -> SimpleNamespace:
         c.zoom_on = gr.Checkbox(False, label="Zoom in on where the model looks", elem_id="zoom_on")
         c.policy = gr.Radio(
             POLICIES,
-            value="adaptive",
+            value=config.ZOOM_POLICY,
             label="Zoom policy",
             elem_id="policy",
-            info="adaptive: only when the box is small, and then 70% whole image + 30% crop",
+            info="confident: the crop decides when its top probability beats the whole image's by "
+            f"{config.ZOOM_MARGIN:.2f}; adaptive: only when the box is small, then 70% whole image + 30% crop",
         )
     with gr.Group(visible=False) as c.zoom_group:
         with gr.Row():

@@ -15,7 +15,11 @@ from zoomvit.errors import ZoomViTError
 
 CROP_SIDE = 384  # the zoom crop, shown beside the image
 KEEP_MIN = 0.1  # the smallest keep the app offers (and the API accepts)
-POLICIES = [("adaptive: zoom only if it helps", "adaptive"), ("always zoom", "always")]
+POLICIES = [
+    ("confident: the crop when it makes the model surer", "confident"),
+    ("adaptive: zoom only if the box is small", "adaptive"),
+    ("always zoom", "always"),
+]
 MODES = [("analysis (intent ranking, look-ahead)", "analysis"), ("efficiency (no look-ahead)", "efficiency")]
 # Efficiency mode: what becomes of the tokens not kept (the CLI's --fusion).
 FUSIONS = [("drop", "drop"), ("fuse into one token (EViT)", "fuse"), ("merge into the nearest kept", "merge")]
@@ -31,11 +35,25 @@ def crop_for_panel(crop: Image.Image) -> Image.Image:
 
 
 def zoom_text(result) -> str:
+    """What the zoom did and why, in the numbers it compared: the winning box, every candidate (most confident
+    first), the whole image's and the crop's top classes, and what it cost."""
     x0, y0, x1, y1 = result.box
     verdict = "**Zoomed in**" if result.zoomed else "**Kept the whole image**"
     source = getattr(result, "source", None)
-    return f"{verdict}: {result.reason}. Box ({x0:.0f}, {y0:.0f}) – ({x1:.0f}, {y1:.0f}) in image pixels" + (
+    text = f"{verdict}: {result.reason}. Box ({x0:.0f}, {y0:.0f}) – ({x1:.0f}, {y1:.0f}) in image pixels" + (
         f", from the {source.replace('_', ' ')} map." if source else "."
+    )
+    candidates = getattr(result, "candidates", None)
+    if not candidates:
+        return text
+    ranked = sorted(candidates, key=lambda c: -c.confidence)
+    listed = ", ".join(f"{c.source.replace('_', ' ')} {c.confidence:.2f}" for c in ranked)
+    whole, crop = result.before[0], result.crop_top
+    return (
+        f"{text}\n\nCandidates (each crop's top probability; the winner framed in red): {listed}. "
+        f"Whole image: {whole.label} {whole.prob:.2f}; crop: {crop.label} {crop.prob:.2f}. "
+        f"Zoom time {1000 * result.seconds:.0f} ms ({result.forward_units:.2f} forward units, the analysis pass "
+        f"counted as 1)."
     )
 
 
@@ -64,15 +82,18 @@ class ZoomPruneHandlers:
         self.store, self.views = store, views
 
     # ---- zoom --------------------------------------------------------------------------------------------
-    def zoom(self, image, policy="adaptive", session=None):
+    def zoom(self, image, policy=config.ZOOM_POLICY, session=None):
         """Crop where the model looks and classify again: box, crop, before/after predictions, reason."""
         session = self.store.session_for(image, session)
         with self.store.model_lock:
             result = zoom_lib.zoom(session.analysis, policy=policy)
         session.zoom_result = result
-        x0, y0, x1, y1 = result.box  # in the image's own pixels
-        box = (*session.original_to_display(x0, y0), *session.original_to_display(x1, y1))
-        boxed = visualization.draw_box(session.display, box, color=(255, 40, 40), width=3)
+        shown = lambda b: (*session.original_to_display(b[0], b[1]), *session.original_to_display(b[2], b[3]))
+        boxed = session.display
+        for candidate in result.candidates:  # in the image's own pixels; the winner last, on top
+            if candidate.box != result.box:
+                boxed = visualization.draw_box(boxed, shown(candidate.box), color=(255, 255, 255), width=1)
+        boxed = visualization.draw_box(boxed, shown(result.box), color=(255, 40, 40), width=3)
         crop = crop_for_panel(result.crop)
         label = self.views.label_value
         return (

@@ -66,6 +66,7 @@ def cmd_eval(args):
                 gallery=args.gallery,
                 examples=args.examples,
                 every=args.every,
+                zoom_policy=args.zoom_policy,
             )
         if result is None:  # another process of a torchrun launch: rank 0 writes the outputs
             return None
@@ -122,6 +123,15 @@ def add_parser(commands, common) -> None:
     )
     p.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK, help="1..L-1 (default: %(default)s)")
     p.add_argument("--tasks", default=",".join(config.EVAL_TASKS), help="default: %(default)s")
+    p.add_argument(
+        "--zoom-policy",
+        choices=config.ZOOM_POLICIES,
+        default=config.ZOOM_POLICY,
+        help="confident: the most confident of tight crops (the focus and key-similarity maps), used when it beats the "
+        "whole image's top probability by a margin; adaptive (the earlier rule): zoom only when the attention sits "
+        "in a small, concentrated box, then combine whole image and crop; always: classify the crop alone "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--resume",
         action="store_true",

@@ -157,7 +157,7 @@ def cmd_zoom(args):
         )
         _picture(visualization.draw_box(analysis.loaded.image, working_box), caption, args.out, cmap=None)
     if args.json:
-        return {**result.as_dict(), "policy": args.policy, "model": model_json(analysis.bundle)}
+        return {**result.as_dict(), "model": model_json(analysis.bundle)}
     x0, y0, x1, y1 = result.box
     print(f"box (original pixels): ({x0:.0f}, {y0:.0f}) - ({x1:.0f}, {y1:.0f})")
     print(f"{'zoomed' if result.zoomed else 'not zoomed'}: {result.reason}")
@@ -245,9 +245,11 @@ def add_parsers(commands, common) -> None:
     p.add_argument(
         "--policy",
         choices=config.ZOOM_POLICIES,
-        default="adaptive",
-        help="adaptive: zoom only when the attention sits in a small, concentrated box, then combine "
-        "whole image and crop; always: classify the crop alone (default: %(default)s)",
+        default=config.ZOOM_POLICY,
+        help="confident: the most confident of tight crops (the focus and key-similarity maps), used when it beats the "
+        "whole image's top probability by a margin; adaptive (the earlier rule): zoom only when the attention sits "
+        "in a small, concentrated box, then combine whole image and crop; always: classify the crop alone "
+        "(default: %(default)s)",
     )
     p.add_argument("--out", metavar="PNG", help="write the image with the zoom box drawn here")
     p.set_defaults(run=cmd_zoom)

@@ -83,6 +83,13 @@ GOALS = {
     ("efficiency", 0.3): 5.0,  # max drop, merge criterion
 }
 LATENCY_SLACK = 0.05
+
+
+def _zoom_policy(summary) -> str:
+    """The zoom policy a run used; runs from before the choice existed used the adaptive one."""
+    return summary["settings"].get("zoom_policy", "adaptive")
+
+
 ZOOM_GOALS = {"overall": 0.55, "blur": 0.65, "pointing_game": 0.85}
 FAITHFULNESS_MARGIN = 3.0  # best map's deletion AUC (points) at least this far below rollout's
 
@@ -121,7 +128,9 @@ def goal_checks(summary: dict) -> list[tuple[str, str, bool]]:
             )
     z = summary.get("zoom")
     if z and "pointing_game" in z:
-        goals = [(f"top-1 after adaptive zoom >= {ZOOM_GOALS['overall']:.0%}", z["top1_after"], "overall")]
+        goals = [
+            (f"top-1 after {_zoom_policy(summary)} zoom >= {ZOOM_GOALS['overall']:.0%}", z["top1_after"], "overall"),
+        ]
         blur = z.get("groups", {}).get("background", {}).get("blur")
         if blur:
             goals.append((f"blur items: top-1 after zoom >= {ZOOM_GOALS['blur']:.0%}", blur["top1_after"], "blur"))
@@ -138,7 +147,11 @@ def goal_checks(summary: dict) -> list[tuple[str, str, bool]]:
     elif z:
         before, after = _shown(z["top1_before"], ".1%"), _shown(z["top1_after"], ".1%")
         checks.append(
-            ("top-1 with adaptive zoom not lower than without", f"{before[0]} -> {after[0]}", after[1] >= before[1])
+            (
+                f"top-1 with {_zoom_policy(summary)} zoom not lower than without",
+                f"{before[0]} -> {after[0]}",
+                after[1] >= before[1],
+            )
         )
     faith = {e["method"]: e for e in summary.get("faithfulness", [])}
     if "rollout" in faith:
@@ -188,12 +201,21 @@ def markdown_report(summary: dict, link_base: str = "") -> str:
     if "zoom" in s:
         z = s["zoom"]
         boxes = "pointing_game" in z
+        units = z.get("forward_units") is not None  # runs before the cost was counted have none
         lines += [
-            "Adaptive zoom (crop: the crop's own prediction, for comparison):",
+            f"{_zoom_policy(s).capitalize()} zoom (crop: the crop's own prediction, for comparison"
+            + (
+                "; forward units: the zoom's block multiply-adds per image, one full-size forward = 1, the analysis "
+                "pass included"
+                if units
+                else ""
+            )
+            + "):",
             "",
             "| items | n | top-1 before | top-1 after | crop only | zoomed |"
-            + (" pointing game | box IoU |" if boxes else ""),
-            "|---|---|---|---|---|---|" + ("---|---|" if boxes else ""),
+            + (" pointing game | box IoU |" if boxes else "")
+            + (" forward units |" if units else ""),
+            "|---|---|---|---|---|---|" + ("---|---|" if boxes else "") + ("---|" if units else ""),
         ]
         blocks = [("all", z)] + [(f"{col} = {v}", b) for col, g in z.get("groups", {}).items() for v, b in g.items()]
         for name, b in blocks:
@@ -201,6 +223,7 @@ def markdown_report(summary: dict, link_base: str = "") -> str:
                 f"| {name} | {b['n']} | {_pct(b['top1_before'])} | {_pct(b['top1_after'])} | "
                 f"{_pct(b['top1_crop'])} | {_pct(b['zoomed_fraction'])} |"
                 + (f" {_pct(b['pointing_game'])} | {b['box_iou']:.3f} |" if boxes else "")
+                + (f" {b['forward_units']:.2f} |" if units else "")
             )
         lines.append("")
     if "faithfulness" in s:
@@ -220,7 +243,7 @@ def markdown_report(summary: dict, link_base: str = "") -> str:
         lines.append("")
     if "intent" in s:
         lines += [
-            f"Intent groups: what pruning at keep {INTENT_KEEP:g} and adaptive zoom do (confidence = "
+            f"Intent groups: what pruning at keep {INTENT_KEEP:g} and {_zoom_policy(s)} zoom do (confidence = "
             "probability of the unpruned prediction; changes in points):",
             "",
             "| intent | n | top-1 | confidence | second look | top-1 after | agreement | confidence change "
@@ -277,8 +300,8 @@ def _pictures_report(s: dict, base: str = "") -> list[str]:
         looks += [("zoom", "zoom")] if any("zoom" in g for g in s["intent"].values()) else []
         lines += [
             f"Example sheets (the first {s['examples']['per_group']} images of each intent group): what pruning "
-            f"at keep {INTENT_KEEP:g} and adaptive zoom did to each group on average (top-1 change / confidence "
-            "change, in points):",
+            f"at keep {INTENT_KEEP:g} and {_zoom_policy(s)} zoom did to each group on average (top-1 change / "
+            "confidence change, in points):",
             "",
             "| intent group | images | sheets | " + " | ".join(name for name, _ in looks) + " |",
             "|---|---|---|" + "---|" * len(looks),

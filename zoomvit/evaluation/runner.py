@@ -75,7 +75,9 @@ def peak_in_box(analysis: Analysis, grid_map: np.ndarray, box) -> bool:
 # ---- pass 1: per image ------------------------------------------------------------------------------------
 
 
-def _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, need_scores) -> dict:
+def _group_pass(
+    bundle, entries, items, tasks, intent_keeps, after_block, need_scores, zoom_policy=config.ZOOM_POLICY
+) -> dict:
     """Pass 1 for one group of images, [(index, LoadedImage, None) or (index, None, error)]: {index: record}, where
     a record holds the image's CSV row, its analysis-mode pruning scores (None unless `need_scores`), its
     perturbation curves and its share of the batched analysis pass's time, or the error that skips it. The group's
@@ -98,7 +100,9 @@ def _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, need_s
         analyses = analyze_encoded(bundle, loaded, pixels, geometries)
         analysis_ms = (time.perf_counter() - start) * 1000 / len(group)
         for (index, *_), analysis in zip(group, analyses):
-            row, scores, look = _image_results(analysis, items[index], tasks, intent_keeps, after_block, need_scores)
+            row, scores, look = _image_results(
+                analysis, items[index], tasks, intent_keeps, after_block, need_scores, zoom_policy
+            )
             records[index] = {
                 "row": row,
                 "scores": scores,
@@ -124,7 +128,7 @@ def _group_pass(bundle, entries, items, tasks, intent_keeps, after_block, need_s
     return records
 
 
-def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores):
+def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores, zoom_policy):
     """One analysed image's CSV row (without the faithfulness columns), its analysis-mode pruning scores, and its
     zoom (None where no task zooms) as the example sheets show it."""
     predicted = analysis.predicted
@@ -146,7 +150,7 @@ def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores
             "intent": {k: pruning.scores_from_order(order[:count], num_patches)[0] for k, count in counts.items()},
             "grad_rollout": torch.from_numpy(analysis.grad_rollout().ravel().copy()),
         }
-    zoom_result = zoom.zoom(analysis) if {"zoom", "intent"} & set(tasks) else None
+    zoom_result = zoom.zoom(analysis, zoom_policy) if {"zoom", "intent"} & set(tasks) else None
     look = zoom_result and {
         "box": [float(c) for c in zoom_result.box],
         "zoomed": bool(zoom_result.zoomed),
@@ -162,6 +166,7 @@ def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores
             crop_correct=int(crop == item.label),
             zoom_confidence=float(zoom_result.probs_after[predicted]),
             zoom_source=zoom_result.source,
+            zoom_units=round(zoom_result.forward_units, 3),
             **{f"zoom_{k}": round(v, 1) for k, v in zip(BOX_COLUMNS, zoom_result.box)},
         )
         if item.box is not None:
@@ -176,7 +181,7 @@ def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores
 
 def _first_pass(bundle, images: Images, todo, workers: int, settings, work: Path, stamps: Stamps, progress: bool):
     """Pass 1 over this process's groups `todo`: each image's record saved in `work` as it is done. `settings`:
-    `_group_pass`'s (tasks, intent_keeps, after_block, need_scores)."""
+    `_group_pass`'s (tasks, intent_keeps, after_block, need_scores, zoom_policy)."""
     loader = decode_ahead(images, todo, workers)
     # closed on a Ctrl-C too, so that the CLI's one line about it starts a line of its own
     with tqdm(
@@ -213,6 +218,7 @@ def evaluate(
     gallery: int = 0,
     examples: int = 0,
     every: int = 1,
+    zoom_policy: str = config.ZOOM_POLICY,
 ) -> Evaluation | None:
     """Run the evaluation tasks over a labelled folder (see the module docstring).
 
@@ -228,23 +234,9 @@ def evaluate(
     if work_dir is None:
         if rank_world()[1] > 1:
             raise ZoomViTError("A distributed evaluation needs a work folder that every process shares (work_dir).")
+        options = {name: value for name, value in locals().items() if name != "work_dir"}  # the parameters
         with tempfile.TemporaryDirectory(prefix="zoomvit-eval-") as work_dir:
-            return evaluate(
-                bundle,
-                data,
-                limit,
-                keeps,
-                after_block,
-                tasks,
-                progress,
-                work_dir,
-                resume,
-                workers,
-                batch,
-                gallery,
-                examples,
-                every,
-            )
+            return evaluate(work_dir=work_dir, **options)
     started = time.perf_counter()
     data = Path(data)
     items = read_labels(data, limit, every)
@@ -265,13 +257,20 @@ def evaluate(
     work = Path(work_dir)
     if not isinstance(batch, int) or batch < 1:
         raise ZoomViTError(f"--batch must be a whole number of images, at least 1, got {batch!r}.")
-    settings = fingerprint(bundle, data, items, limit, keeps, tasks, after_block, batch)
+    settings = fingerprint(bundle, data, items, limit, keeps, tasks, after_block, batch, zoom_policy)
     stamps = Stamps(data, items, settings)  # what each image's work file must say about itself
     finished = from_rank0(lambda: open_work(work, settings, resume, stamps))
     images = Images(data, items)
     todo = groups_to_do(len(items), finished, batch)[rank::world]  # even shares of what is left
     _first_pass(
-        bundle, images, todo, workers, (tasks, intent_keeps, after_block, bool(configs)), work, stamps, progress
+        bundle,
+        images,
+        todo,
+        workers,
+        (tasks, intent_keeps, after_block, bool(configs), zoom_policy),
+        work,
+        stamps,
+        progress,
     )
     barrier()  # every image has its file now
     images_seconds = time.perf_counter() - started
@@ -314,22 +313,8 @@ def evaluate(
     skipped = [
         {"file": items[i].file, "error": load_record(work, i, True)["error"]} for i in sorted(finished) if finished[i]
     ]
-    summary = _summary(
-        bundle,
-        data,
-        limit,
-        every,
-        keeps,
-        after_block,
-        tasks,
-        batch,
-        records,
-        kept,
-        rows,
-        pruned,
-        skipped,
-        items[0].box is not None,
-    )
+    run = {"tasks": list(tasks), "keep": list(keeps), "after_block": after_block, "limit": limit, "every": every}
+    summary = _summary(bundle, data, run, batch, zoom_policy, records, kept, rows, pruned, skipped, items[0].box)
     files = {}
     if gallery or examples:  # drawn from what the run has computed: no model call
         parts, files = eval_gallery.collect(
@@ -358,25 +343,22 @@ def _speed_and_machine(analysis_ms: list, images_seconds: float, timings: dict, 
     }
 
 
-def _summary(
-    bundle, data, limit, every, keeps, after_block, tasks, batch, records, kept, rows, pruned, skipped, has_boxes
-) -> dict:
-    """results.json's figures (all but the speed and machine, which the run adds last)."""
+def _summary(bundle, data, run, batch, zoom_policy, records, kept, rows, pruned, skipped, first_box) -> dict:
+    """results.json's figures (all but the speed and machine, which the run adds last). `run`: the settings
+    evaluate was called with (tasks, keep, after_block, limit, every)."""
+    tasks, keeps, after_block, has_boxes = run["tasks"], run["keep"], run["after_block"], first_box is not None
     summary = {
         "model": bundle.name,
         "data": str(data),
         "n": len(rows),
         "top1": eval_summary.mean([r["correct"] for r in rows]),
         "settings": {
-            "tasks": list(tasks),
-            "keep": list(keeps),
-            "after_block": after_block,
-            "limit": limit,
-            "every": every,
+            **run,
             "batch": batch,
             "prune_batch": pruning_pass.PRUNE_BATCH,
             "latency_rounds": pruning_pass.LATENCY_ROUNDS,
             "faithfulness_steps": faithfulness.STEPS,
+            "zoom_policy": zoom_policy,
         },
     }
     if "prune" in tasks:

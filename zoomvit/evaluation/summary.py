@@ -41,6 +41,7 @@ def zoom_summary(rows, has_boxes):
             "top1_after": mean([r["zoom_correct"] for r in rs]),
             "top1_crop": mean([r["crop_correct"] for r in rs]),
             "zoomed_fraction": mean([r["zoomed"] for r in rs]),
+            "forward_units": mean([r["zoom_units"] for r in rs if "zoom_units" in r]),
         }
         if has_boxes:
             out["pointing_game"] = mean([r["pointing_hit"] for r in rs])

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from zoomvit import faithfulness
+from zoomvit import config, faithfulness
 from zoomvit.errors import ZoomViTError
 
 WORK_DIR = ".work"  # the CLI's work folder, inside --out; removed once the outputs are written
@@ -27,7 +27,9 @@ _RECORD = re.compile(r"(\d+)(\.skipped)?\.pt")  # pass 1's file of the image wit
 RECORD_FORMAT = 2
 
 
-def fingerprint(bundle, data: Path, items, limit, keeps, tasks, after_block, batch) -> dict:
+def fingerprint(
+    bundle, data: Path, items, limit, keeps, tasks, after_block, batch, zoom_policy=config.ZOOM_POLICY
+) -> dict:
     """The settings pass 1's files depend on: resuming under others would mix two runs in one result (the batch
     too: which images share a batch moves results in the last float digits), and what the files hold."""
     listing = json.dumps([[i.file, i.label, i.box, i.groups] for i in items])
@@ -41,6 +43,7 @@ def fingerprint(bundle, data: Path, items, limit, keeps, tasks, after_block, bat
         "tasks": list(tasks),
         "after_block": after_block,
         "batch": batch,
+        "zoom_policy": zoom_policy,
         "faithfulness_steps": faithfulness.STEPS,
         "images": hashlib.sha256(listing.encode()).hexdigest(),
         "format": RECORD_FORMAT,
