@@ -5,6 +5,7 @@ again on next use; and the options that start the app with several models."""
 import json
 import shutil
 import socket
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,12 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoomvit import cli, models
+from zoomvit import cli, config, models
 from zoomvit.app import model_registry
 from zoomvit.app import ui as app
+from zoomvit.app.explorer import Explorer
 from zoomvit.app.model_chooser import _pinning
 from zoomvit.app.model_registry import ModelRegistry, cached_models
 from zoomvit.app.sessions import ModelChoice, SessionStore, chosen_model
+from zoomvit.app.views import ViewSettings
 from zoomvit.errors import ModelLoadError, ZoomViTError
 
 
@@ -256,3 +259,30 @@ def test_max_models_is_checked_before_anything_loads(value, capsys, monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         app.main(["--max-models", value, "--port", str(free_port())])
     assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [expected]
+
+
+EVICTED_PATHS = {  # every handler that may analyse a session again, called on a session whose model left memory
+    "zoom": lambda ex, image, session: ex.zoom_prune.zoom(image, config.ZOOM_POLICY, session),
+    "prune": lambda ex, image, session: ex.zoom_prune.prune(image, 0.5, None, "analysis", "drop", session),
+    "compare": lambda ex, image, session: ex.compare.compare(image, None, None, ViewSettings(), session),
+    "faithfulness": lambda ex, image, session: ex.faithfulness.compute(session),
+    "export": lambda ex, image, session: ex.exports.export_explore(session),
+    "target change": lambda ex, image, session: ex.explore.change_target(session, ViewSettings(target="1")),
+}
+
+
+@pytest.mark.parametrize("path", sorted(EVICTED_PATHS))
+def test_every_path_analyses_an_evicted_session_again_without_hanging(path, tiny_folders, picture):
+    """Tab X explains with model a; tab Y picks model b (a leaves memory: --max-models 1); X's next event must
+    analyse its image again and answer, not wait forever on the lock its own event holds."""
+    a, b, _ = tiny_folders
+    ex = Explorer(registry_of(tiny_folders, max_models=1))
+    *_, session = ex.explore.explain(picture, ViewSettings(), None)
+    ex.store.session_for(picture, ModelChoice(b))  # another tab, another model: a leaves memory
+    assert session._analysis is None and ex.store.registry.loaded() == [b]
+    answered = []
+    worker = threading.Thread(target=lambda: answered.append(EVICTED_PATHS[path](ex, picture, session)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), f"{path} never answered after its model left memory"
+    assert answered and session._analysis is not None and session.model == a

@@ -188,7 +188,9 @@ class SessionStore:
 
     def __init__(self, models_: "models.ViTBundle | ModelRegistry"):
         self.registry = models_ if isinstance(models_, ModelRegistry) else ModelRegistry.holding(models_)
-        self.model_lock = threading.Lock()  # one model run (and one image decode) at a time
+        # One model run (and one image decode) at a time. Reentrant: a handler that holds it may find its session's
+        # analysis gone with its model (another tab's choice evicted it) and analyse the image again under it.
+        self.model_lock = threading.RLock()
         self.graphs = GraphBudget(GRAPHS_KEPT)
         self._sessions = weakref.WeakSet()  # every live Session: a model that leaves memory takes their analyses
         self._sessions_lock = threading.Lock()  # sessions are added while a model leaves (other threads)
