@@ -120,7 +120,9 @@ def _diagnose(analysis: Analysis, box=None, zoom_result=None) -> Diagnosis:
             )
         return Diagnosis("good", f"{metrics['mass_inside_box']:.0%} of the importance lies on the object", metrics)
     if zoom_result is None:
-        zoom_result = zoom(analysis)  # the crop the default zoom would show: the app, the CLI and eval agree
+        # The adaptive rule's crop, whatever the zoom policy: the diagnosis judges where the model looks (padded
+        # boxes of the attention maps), not the zoom's tighter search for a small object.
+        zoom_result = zoom(analysis, policy="always")
     predicted = analysis.predicted
     p_whole = float(analysis.probs[predicted])
     p_crop = float(zoom_result.probs_crop[predicted])

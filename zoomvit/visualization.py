@@ -56,6 +56,16 @@ def draw_box(image: Image.Image, box, color="red", width: int = 3) -> Image.Imag
     return out
 
 
+def draw_zoom_boxes(image: Image.Image, result, to_pixels) -> Image.Image:
+    """The zoom as the app and the CLI show it: every candidate box thin and white, the winner (the zoom's box) red
+    and thick on top. `to_pixels` maps a box in original image pixels to this image's pixels."""
+    out = image
+    for candidate in result.candidates:
+        if candidate.box != result.box:
+            out = draw_box(out, to_pixels(candidate.box), color=(255, 255, 255), width=max(1, image.width // 400))
+    return draw_box(out, to_pixels(result.box), color=(255, 40, 40), width=max(3, image.width // 200))
+
+
 def patch_outline(image: Image.Image, geometry, row: int, col: int, color="yellow", width: int = 2) -> Image.Image:
     """Outline the part of the image that patch (row, col) sees."""
     return draw_box(image, geometry.patch_box(row, col), color, width)

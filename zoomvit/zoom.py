@@ -258,9 +258,7 @@ def zoom(
         zoomed, reason = _confident(probs_before, probs_crop, margin)
         probs_after = probs_crop if zoomed else probs_before
     else:
-        zoomed, reason, probs_after = _adaptive(
-            policy, probs_before, probs_crop, area, max_area, boxes, chosen, analysis
-        )
+        zoomed, reason, probs_after = _adaptive(policy, probs_before, probs_crop, area, max_area, chosen, analysis)
     geometry = analysis.geometry
     return ZoomResult(
         geometry.to_original(box),
@@ -293,7 +291,7 @@ def _confident(probs_whole: np.ndarray, probs_crop: np.ndarray, margin: float) -
     return False, f"{compared}, not over the {margin:.2f} margin: the whole image stands"
 
 
-def _adaptive(policy, probs_before, probs_crop, area, max_area, boxes, chosen, analysis):
+def _adaptive(policy, probs_before, probs_crop, area, max_area, chosen, analysis):
     """The adaptive and always policies' decision: (zoomed, reason, probabilities after)."""
     if policy == "always":
         return True, "zoom forced", probs_crop

@@ -228,7 +228,7 @@ class SessionStore:
         model = self.registry.offer(chosen_model(session)).name
         loaded, analysis = self._analyse(path, model)
         with self.model_lock:
-            probe = zoom_lib.zoom(analysis)  # the default zoom's crop, as eval and the CLI diagnose with
+            probe = zoom_lib.zoom(analysis, policy="always")  # the diagnosis's own probe (intent.diagnose)
             diagnosis = intent.diagnose(analysis, zoom_result=probe)  # computes the intent map on the way
         release_memory()  # the decode's and the pass's freed memory back to the OS, not held by malloc
         display, geometry = visualization.resized_view(

@@ -89,11 +89,7 @@ class ZoomPruneHandlers:
             result = zoom_lib.zoom(session.analysis, policy=policy)
         session.zoom_result = result
         shown = lambda b: (*session.original_to_display(b[0], b[1]), *session.original_to_display(b[2], b[3]))
-        boxed = session.display
-        for candidate in result.candidates:  # in the image's own pixels; the winner last, on top
-            if candidate.box != result.box:
-                boxed = visualization.draw_box(boxed, shown(candidate.box), color=(255, 255, 255), width=1)
-        boxed = visualization.draw_box(boxed, shown(result.box), color=(255, 40, 40), width=3)
+        boxed = visualization.draw_zoom_boxes(session.display, result, shown)
         crop = crop_for_panel(result.crop)
         label = self.views.label_value
         return (

@@ -147,20 +147,26 @@ def cmd_zoom(args):
     from zoomvit import visualization, zoom
 
     result = zoom.zoom(analysis, policy=args.policy)
+    candidates = ", ".join(f"{c.source} {c.confidence:.2f}" for c in result.candidates)
     if args.out:
-        working_box = [c * analysis.geometry.scale for c in result.box]
+        working = lambda box: [c * analysis.geometry.scale for c in box]
         x0, y0, x1, y1 = result.box
         caption = (
             f"{'Zoomed in' if result.zoomed else 'Kept the whole image'}: {result.reason}. Box ({x0:.0f}, "
-            f"{y0:.0f}) - ({x1:.0f}, {y1:.0f}) in image pixels. Before: {_top_line(result.before)} "
-            f"After: {_top_line(result.after)}"
+            f"{y0:.0f}) - ({x1:.0f}, {y1:.0f}) in image pixels, from the {result.source} map (red; candidates, white: "
+            f"{candidates}). Before: {_top_line(result.before)} After: {_top_line(result.after)}"
         )
-        _picture(visualization.draw_box(analysis.loaded.image, working_box), caption, args.out, cmap=None)
+        picture = visualization.draw_zoom_boxes(analysis.loaded.image, result, working)
+        _picture(picture, caption, args.out, cmap=None)
     if args.json:
         return {**result.as_dict(), "model": model_json(analysis.bundle)}
     x0, y0, x1, y1 = result.box
-    print(f"box (original pixels): ({x0:.0f}, {y0:.0f}) - ({x1:.0f}, {y1:.0f})")
+    print(f"box (original pixels): ({x0:.0f}, {y0:.0f}) - ({x1:.0f}, {y1:.0f}), from the {result.source} map")
     print(f"{'zoomed' if result.zoomed else 'not zoomed'}: {result.reason}")
+    print(f"candidates (each crop's top probability): {candidates}")
+    whole, crop = result.before[0], result.crop_top
+    print(f"whole image: {whole.label} {whole.prob:.2f}; crop: {crop.label} {crop.prob:.2f}")
+    print(f"cost: {result.forward_units:.2f} forward units (analysis pass included), {1000 * result.seconds:.0f} ms")
     print_predictions("before:", result.before)
     print_predictions("after:", result.after)
 

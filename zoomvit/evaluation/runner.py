@@ -173,7 +173,7 @@ def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores
             row["pointing_hit"] = int(peak_in_box(analysis, zoom.focus_map(analysis), item.box))
             row["box_iou"] = box_iou(zoom_result.box, item.box)
     if "intent" in tasks:
-        diagnosis = intent.diagnose(analysis, box=item.box, zoom_result=zoom_result)
+        diagnosis = intent.diagnose(analysis, box=item.box)  # its own probe, as in the app and the CLI
         row["intent"] = diagnosis.kind
         row.update({f"intent_{k}": v for k, v in diagnosis.metrics.items()})
     return row, scores, look
