@@ -46,8 +46,11 @@ says so first: the map then explains a guess, not a decision.
 **Numbering**: blocks are numbered 1 to {layers}; *prune after block 6* means blocks 7 to {layers} see only the
 kept tokens. *Keep* is the share of patch tokens kept (0.1 to 1.0); the class token is always kept.
 
-**Zoom**: a box around where the model looks, the crop classified again. Adaptive zoom only uses the crop when
-the box is small, and then mixes both predictions (70% whole image, 30% crop).
+**Zoom**: boxes around where the model looks (the focus map) and around the patches whose keys agree (the
+key-similarity map), each crop classified again; the most confident crop wins. The confident policy (the default)
+uses its prediction only when it is surer than the whole image by {margin:.2f} in top probability, and says so in
+numbers; adaptive zoom only uses the crop when the box is small, and then mixes both predictions (70% whole image,
+30% crop). Forward units count the zoom's cost: one full-size forward is 1, the analysis pass included.
 
 **Pruning**: *analysis* mode ranks tokens by intent (it looks ahead at the whole model: an explanation tool, not a
 speed-up); *efficiency* mode ranks them without look-ahead, and its *fusion* says what becomes of the tokens not
@@ -86,4 +89,5 @@ def about_text(bundle: ViTBundle) -> str:
         preprocessing=preprocessing_text(bundle),
         device=device_text(bundle),
         artifact_ratio=config.ARTIFACT_NORM_RATIO,
+        margin=config.ZOOM_MARGIN,
     )
