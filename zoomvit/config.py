@@ -117,6 +117,11 @@ MAP_METHODS = ("rollout", "grad_rollout", "intent", "cls", "attention")
 ZOOM_POLICIES = ("confident", "adaptive", "always")
 # The zoom without --zoom-policy / --policy (and the app's first choice); "adaptive" is the earlier default.
 ZOOM_POLICY = "confident"
+ZOOM_POLICY_HELP = (  # zoom --policy and eval --zoom-policy
+    "confident: the most confident of tight crops (the focus and key-similarity maps), used when it beats the whole "
+    "image's top probability by a margin; adaptive (the earlier rule): zoom only when the attention sits in a small, "
+    "concentrated box, then combine whole image and crop; always: classify the crop alone"
+)
 PRUNE_MODES = ("analysis", "efficiency")
 PRUNE_FUSIONS = ("drop", "fuse", "merge")
 EVAL_TASKS = ("prune", "zoom", "faithfulness", "intent")

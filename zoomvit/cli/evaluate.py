@@ -127,10 +127,7 @@ def add_parser(commands, common) -> None:
         "--zoom-policy",
         choices=config.ZOOM_POLICIES,
         default=config.ZOOM_POLICY,
-        help="confident: the most confident of tight crops (the focus and key-similarity maps), used when it beats the "
-        "whole image's top probability by a margin; adaptive (the earlier rule): zoom only when the attention sits "
-        "in a small, concentrated box, then combine whole image and crop; always: classify the crop alone "
-        "(default: %(default)s)",
+        help=f"{config.ZOOM_POLICY_HELP} (default: %(default)s)",
     )
     p.add_argument(
         "--resume",

@@ -252,12 +252,9 @@ def add_parsers(commands, common) -> None:
         "--policy",
         choices=config.ZOOM_POLICIES,
         default=config.ZOOM_POLICY,
-        help="confident: the most confident of tight crops (the focus and key-similarity maps), used when it beats the "
-        "whole image's top probability by a margin; adaptive (the earlier rule): zoom only when the attention sits "
-        "in a small, concentrated box, then combine whole image and crop; always: classify the crop alone "
-        "(default: %(default)s)",
+        help=f"{config.ZOOM_POLICY_HELP} (default: %(default)s)",
     )
-    p.add_argument("--out", metavar="PNG", help="write the image with the zoom box drawn here")
+    p.add_argument("--out", metavar="PNG", help="write the image with the zoom boxes drawn here (the winner red)")
     p.set_defaults(run=cmd_zoom)
 
     p = commands.add_parser("prune", parents=[image], help="drop tokens after a block and compare")
