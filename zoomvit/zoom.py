@@ -5,6 +5,10 @@ Box recipe (all on the patch grid, then mapped to image pixels through the proce
 `mass` of what is left, 3. take the 8-connected region holding most of that mass, 4. its bounding box,
 padded, grown to a square (the processor would squash or cut a long crop), at least `min_side`, inside
 the image.
+
+Policies (see `zoom`): confident (the default) classifies tight boxes (no padding) of the focus and key-similarity
+maps and uses the most confident crop only when it beats the whole image by a margin; adaptive (the earlier rule)
+and always use padded boxes of three attention maps. docs/zoom.md has how the default was chosen.
 """
 
 from __future__ import annotations
@@ -170,9 +174,9 @@ def key_similarity_map(analysis: Analysis, seeds: int = config.ZOOM_KEY_SEEDS) -
     adapter = analysis.bundle.adapter
     parts = adapter.parts(adapter.layers[-1])
     with torch.no_grad():
-        hidden = torch.from_numpy(analysis.hidden_states[-2][None]).to(analysis.bundle.dtype)
+        hidden = analysis.bundle.place(torch.from_numpy(analysis.hidden_states[-2][None]))  # the model's device
         _, keys, _ = parts.qkv(parts.norm1(hidden))  # (1, heads, N, head_dim)
-    keys = keys[0].permute(1, 0, 2).reshape(keys.shape[2], -1)[analysis.num_special :].float()
+    keys = keys[0].permute(1, 0, 2).reshape(keys.shape[2], -1)[analysis.num_special :].float().cpu()
     keys = torch.nn.functional.normalize(keys, dim=-1)
     similarity = keys @ keys.T
     degree = (similarity > 0).sum(-1)
