@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -286,3 +287,52 @@ def test_every_path_analyses_an_evicted_session_again_without_hanging(path, tiny
     worker.join(timeout=60)
     assert not worker.is_alive(), f"{path} never answered after its model left memory"
     assert answered and session._analysis is not None and session.model == a
+
+
+def test_faithfulness_right_after_a_model_switch_measures_the_new_models_map(tiny_folders, picture):
+    """The button pressed while the page is still analysing the image with the model just chosen (the session
+    holds only that choice): the image is analysed with it and its map measured, not "Upload an image first."."""
+    a, b, _ = tiny_folders
+    ex = Explorer(registry_of(tiny_folders, max_models=1))
+    *_, session = ex.explore.explain(picture, ViewSettings(), None)
+    switched = ex.store.registry.offer(b).name
+    plot, text, session = ex.measure_faithfulness(picture, ViewSettings(), ModelChoice(switched))
+    assert plot is not None and "deletion AUC" in text and session.model == b
+    assert ex.faithfulness.cached(session) is not None  # what the page then shows finds this result
+    with pytest.raises(ZoomViTError, match="Upload an image first"):
+        ex.measure_faithfulness(None, ViewSettings(), ModelChoice(switched))
+
+
+def test_a_soak_of_tabs_switching_models_with_fewer_kept_than_offered_ends_without_errors(tiny_folders, picture):
+    """Four tabs, three models offered, one kept in memory: each tab switches models and runs every path that may
+    analyse its image again, each event pinning its model as the server does. Every call answers, none fails."""
+    ex = Explorer(registry_of(tiny_folders, max_models=1))
+    handlers = {**EVICTED_PATHS, "measure": lambda ex, image, s: ex.measure_faithfulness(image, ViewSettings(), s)}
+    errors, done = [], []
+
+    def tab(seed):
+        rng = np.random.default_rng(seed)
+        state = ex.explore.explain(picture, ViewSettings(), None)[-1]
+        for step in range(12):
+            name = tiny_folders[rng.integers(3)]
+            with ex.store.registry.pinned(chosen_model(state)):
+                try:
+                    if step % 3 == 0:  # a switch: the chooser's load, then the new image chain
+                        state = ModelChoice(ex.store.registry.offer(name).name)
+                        state = ex.explore.explain(picture, ViewSettings(), state)[-1]
+                    else:
+                        path = sorted(handlers)[rng.integers(len(handlers))]
+                        answer = handlers[path](ex, picture, state)
+                        state = answer[-1] if path == "measure" else state
+                except Exception as exc:  # noqa: BLE001 - counted
+                    errors.append(f"{type(exc).__name__}: {exc}")
+        done.append(seed)
+
+    tabs = [threading.Thread(target=tab, args=(seed,), daemon=True) for seed in range(4)]
+    for t in tabs:
+        t.start()
+    deadline = time.monotonic() + 180
+    for t in tabs:
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert sorted(done) == [0, 1, 2, 3], "a tab never finished: the server hangs"
+    assert errors == []

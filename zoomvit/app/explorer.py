@@ -196,3 +196,13 @@ class Explorer:
         self.exports = Exports(self.store)
         self.compare = CompareHandlers(self.store, self.views, self.explore)  # the Compare tab
         self.faithfulness = FaithfulnessPanel(self.store)  # the Explore tab's deletion / insertion panel
+
+    def measure_faithfulness(self, image, settings: ViewSettings, session):
+        """The faithfulness panel's button: (plot, text, session). Right after a model switch the page is still
+        analysing its image with the new model (the session holds only its choice): the image is analysed now, and
+        the map of the view's settings measured, the map the page is about to show."""
+        current = isinstance(session, Session) and session.shown is not None and session.path == str(image)
+        if image is not None and not current:
+            session = self.explore.explain(image, settings, session)[-1]
+        plot, text = self.faithfulness.compute(session)
+        return plot, text, session

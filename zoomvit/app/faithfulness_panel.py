@@ -213,8 +213,11 @@ def build_panel() -> SimpleNamespace:
     return c
 
 
-def wire_panel(panel: FaithfulnessPanel, ui, model_run: dict, quiet: dict):
-    """The button runs the model (in the model queue); a new overlay shows its map's kept result or the hint."""
+def wire_panel(panel: FaithfulnessPanel, ui, model_run: dict, quiet: dict, measure, measure_inputs: list):
+    """The button runs `measure` (in the model queue: (plot, text, session)); a new overlay shows its map's kept
+    result or the hint."""
     outputs = [ui.faith_plot, ui.faith_text]
-    ui.faith_btn.click(keeps_view(2)(panel.compute), [ui.session], outputs, api_visibility="private", **model_run)
+    ui.faith_btn.click(
+        keeps_view(3)(measure), measure_inputs, [*outputs, ui.session], api_visibility="private", **model_run
+    )
     ui.overlay.change(panel.refresh, [ui.session], outputs, **quiet)

@@ -281,7 +281,8 @@ def _wire(ex: Explorer, ui: SimpleNamespace):
     _wire_zoom_prune(ex, ui, api)
     model_chooser.wire(ex.store, ui, MODEL_RUN, ui.analyse_anew)
     compare_tab.wire(ex, ui, view_event, MODEL_RUN)
-    wire_panel(ex.faithfulness, ui, MODEL_RUN, QUIET)
+    measure, measure_inputs = view_event(ex.measure_faithfulness, [ui.image], ui, [ui.session])
+    wire_panel(ex.faithfulness, ui, MODEL_RUN, QUIET, measure, measure_inputs)
 
 
 def build_demo(models_: models.ViTBundle | ModelRegistry) -> gr.Blocks:
