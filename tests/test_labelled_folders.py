@@ -1,0 +1,130 @@
+"""The labelled folders train and eval share (zoomvit.labelled_folders): both layouts, the class folders matched to
+the model's labels."""
+
+import csv
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zoomvit import cli
+from zoomvit.cli import evaluate as cli_evaluate
+from zoomvit.errors import ZoomViTError
+from zoomvit.evaluation import runner as evaluation
+from zoomvit.labelled_folders import labels_for_model, read_folder
+from zoomvit.training import trainer as training
+
+CLASSES = ("apple", "mango", "zebra")  # sorted folder order
+PER_CLASS = 2
+
+
+def make_class_folders(root: Path, seed: int = 0) -> Path:
+    """A few random images in CLASS_NAME/ folders, different sizes so every image is told apart."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            pixels = rng.integers(0, 255, (32 + 8 * i, 48 + 8 * c, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def as_labels_csv(class_folders: Path, root: Path, index_of: dict) -> Path:
+    """The same images flat in `root` with a labels.csv giving each class the index `index_of` says."""
+    root.mkdir()
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label_index"])
+        for name in CLASSES:
+            for image in sorted((class_folders / name).iterdir()):
+                (root / f"{name}_{image.name}").write_bytes(image.read_bytes())
+                writer.writerow([f"{name}_{image.name}", index_of[name]])
+    return root
+
+
+def write_csv(folder: Path, *lines: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "labels.csv").write_text("\n".join(["file,label_index", *lines]) + "\n")
+    return folder
+
+
+def per_image(result) -> list[tuple[str, int, int]]:
+    """(class, label, prediction) per image, the class read off either layout's file name."""
+    return [(re.split(r"[/_]", row["file"])[0], row["label"], row["predicted"]) for row in result.rows]
+
+
+# ---- item 2: eval reads the ImageFolder layout -----------------------------------------------------------
+
+
+def test_eval_reads_class_folders_as_their_labels_csv_form(tiny_vit, tmp_path):
+    """A model with only generic LABEL_i names: classes in sorted folder order, as train numbers them."""
+    folders = make_class_folders(tmp_path / "folders")
+    flat = as_labels_csv(folders, tmp_path / "flat", {name: i for i, name in enumerate(CLASSES)})
+    runs = [
+        evaluation.evaluate(tiny_vit, d, tasks=("zoom",), after_block=1, workers=0, progress=False)
+        for d in (folders, flat)
+    ]
+    assert per_image(runs[0]) == per_image(runs[1])
+    assert [label for _, label, _ in per_image(runs[0])] == [0, 0, 1, 1, 2, 2]
+    assert runs[0].summary["top1"] == runs[1].summary["top1"] and runs[0].summary["n"] == 6
+
+
+def test_eval_matches_class_folders_to_the_models_labels_by_name(tiny_vit, tmp_path):
+    """The model's label order is not the folders' sorted order: each folder gets its name's index."""
+    names = {i: f"other {i}" for i in range(len(tiny_vit.id2label))} | {2: "zebra", 5: "apple", 7: "mango"}
+    named = dataclasses.replace(tiny_vit, id2label=names)
+    folders = make_class_folders(tmp_path / "folders")
+    flat = as_labels_csv(folders, tmp_path / "flat", {"zebra": 2, "apple": 5, "mango": 7})
+    runs = [
+        evaluation.evaluate(named, d, tasks=("zoom",), after_block=1, workers=0, progress=False)
+        for d in (folders, flat)
+    ]
+    assert per_image(runs[0]) == per_image(runs[1])
+    assert [label for _, label, _ in per_image(runs[0])] == [5, 5, 7, 7, 2, 2]
+
+
+def test_class_folders_the_model_does_not_name_are_refused_in_one_line(tiny_vit, tmp_path):
+    folders = make_class_folders(tmp_path / "folders")
+    data = read_folder(folders)
+    named = {i: f"class name {i}" for i in range(10)} | {0: "apple", 1: "mango"}
+    with pytest.raises(ZoomViTError, match="the class folder 'zebra' is none of this model's labels") as refused:
+        labels_for_model(data, named)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ZoomViTError, match=r"'apple' names 2 of this model's classes \(0, 3\)"):
+        labels_for_model(data, {**named, 2: "zebra", 3: "apple"})
+    with pytest.raises(ZoomViTError, match="more class folders than this model has classes \\(2\\).*zebra"):
+        labels_for_model(data, {0: "LABEL_0", 1: "LABEL_1"})
+
+
+def test_cli_eval_refuses_an_unknown_class_folder_before_the_model_loads(
+    deit_model_path, tmp_path, monkeypatch, capsys
+):
+    folders = make_class_folders(tmp_path / "folders")
+    monkeypatch.setattr(cli_evaluate, "load_bundle", lambda *args: pytest.fail("the model was loaded"))
+    argv = ["eval", "--data", str(folders), "--model", deit_model_path, "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the class folder 'apple' is none of this model's labels" in err and err.count("\n") == 1, err
+
+
+def test_a_model_trained_on_class_folders_is_evaluated_on_class_folders(tmp_path, capsys):
+    """The loop closed: what `zoomvit train` takes, `zoomvit eval` takes, with the same classes in the same order."""
+    train, val = make_class_folders(tmp_path / "train", seed=1), make_class_folders(tmp_path / "val", seed=2)
+    model = tmp_path / "model"
+    settings = dict(init="random", arch="vit-micro", image_size=32, patch_size=4, epochs=1, batch_size=6, workers=0)
+    training.train(training.TrainOptions(train=[str(train)], val=str(val), out=str(model), **settings), progress=False)
+    out = tmp_path / "eval"
+    argv = ["eval", "--data", str(val), "--model", str(model), "--out", str(out), "--tasks", "intent"]
+    assert cli.main([*argv, "--after-block", "1", "--workers", "0", "--json"]) == 0, capsys.readouterr().err
+    evaluated = json.loads(capsys.readouterr().out)
+    with open(out / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["file"], int(row["label"])) for row in rows] == [
+        (f"{name}/{i}.png", c) for c, name in enumerate(CLASSES) for i in range(PER_CLASS)
+    ]
+    val_accuracy = json.loads((model / "train_log.json").read_text())[-1]["val_accuracy"]
+    assert evaluated["n"] == len(rows) and abs(evaluated["top1"] - val_accuracy) < 1e-9  # the same preprocessing
