@@ -1,9 +1,10 @@
 """The labelled folders train and eval share (zoomvit.labelled_folders): both layouts, the class folders matched to
-the model's labels."""
+the model's labels, rows that leave the folder."""
 
 import csv
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from zoomvit import cli
 from zoomvit.cli import evaluate as cli_evaluate
 from zoomvit.errors import ZoomViTError
 from zoomvit.evaluation import runner as evaluation
-from zoomvit.labelled_folders import labels_for_model, read_folder
+from zoomvit.labelled_folders import labels_for_model, read_folder, read_labels
+from zoomvit.training import data as train_data
 from zoomvit.training import trainer as training
 
 CLASSES = ("apple", "mango", "zebra")  # sorted folder order
@@ -128,3 +130,24 @@ def test_a_model_trained_on_class_folders_is_evaluated_on_class_folders(tmp_path
     ]
     val_accuracy = json.loads((model / "train_log.json").read_text())[-1]["val_accuracy"]
     assert evaluated["n"] == len(rows) and abs(evaluated["top1"] - val_accuracy) < 1e-9  # the same preprocessing
+
+
+# ---- item 9: rows that leave the folder --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file", ["../secret.jpg", "/proc/self/environ", "sub/../../secret.jpg", "./a/../.."])
+def test_a_row_naming_a_file_outside_the_folder_is_refused(tmp_path, file):
+    folder = write_csv(tmp_path / "data", "inside.jpg,0", f"{file},1")
+    expected = f"{folder / 'labels.csv'}, line 3: file {file!r} is not inside the data folder"
+    with pytest.raises(ZoomViTError, match=re.escape(expected)):
+        read_labels(folder)
+    with pytest.raises(ZoomViTError, match=re.escape(expected)):  # train reads it with the same reader
+        train_data.read_split("train", folder)
+
+
+def test_symlinks_inside_the_folder_are_followed_as_torchvision_follows_them(tmp_path):
+    store = make_class_folders(tmp_path / "store")
+    folder = write_csv(tmp_path / "data", "linked.png,1")
+    os.symlink(store / "mango" / "0.png", folder / "linked.png")
+    split = train_data.read_split("train", folder)
+    assert split.files == [folder / "linked.png"] and split.skipped == []

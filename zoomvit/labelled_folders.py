@@ -16,7 +16,7 @@ import csv
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from zoomvit.errors import ZoomViTError
 
@@ -123,12 +123,23 @@ def _csv_rows(folder: Path) -> tuple[list[Item], list[str]]:
             raise ZoomViTError(f"{where}: label_index must be 0 or more, got {label}.")
         box = _box(row, where) if box_columns else None
         groups = {k: row[k] for k in GROUP_COLUMNS if k in columns}
-        if not row["file"]:
-            raise ZoomViTError(f"{where}: empty file name.")
-        items.append(Item(row["file"], label, box, groups, (row.get("label_name") or "").strip()))
+        items.append(Item(_inside(row["file"], where), label, box, groups, (row.get("label_name") or "").strip()))
     if not items:
         raise ZoomViTError(f"{path} lists no images.")
     return items, []
+
+
+def _inside(file, where: str) -> str:
+    """A row's file as a path below the folder: refused when empty, absolute or holding a `..` (with a symlinked
+    folder on the way, `a/../b` may leave the folder even where its text stays inside)."""
+    if not file:
+        raise ZoomViTError(f"{where}: empty file name.")
+    parts = PurePosixPath(file).parts
+    if PurePosixPath(file).is_absolute() or ".." in parts:
+        raise ZoomViTError(
+            f"{where}: file {file!r} is not inside the data folder: name files relative to the folder, without '..'."
+        )
+    return file
 
 
 def labels_for_model(data: LabelledFolder, id2label: dict) -> list[Item]:
