@@ -1,5 +1,5 @@
 """The labelled folders train and eval share (zoomvit.labelled_folders): both layouts, the class folders matched to
-the model's labels, rows that leave the folder."""
+the model's labels, rows that leave the folder, duplicated rows and label indices far beyond the classes."""
 
 import csv
 import dataclasses
@@ -151,3 +151,72 @@ def test_symlinks_inside_the_folder_are_followed_as_torchvision_follows_them(tmp
     os.symlink(store / "mango" / "0.png", folder / "linked.png")
     split = train_data.read_split("train", folder)
     assert split.files == [folder / "linked.png"] and split.skipped == []
+
+
+# ---- item 6: duplicated rows, label indices far beyond the classes -----------------------------------------
+
+
+def test_duplicated_rows_are_a_warning_not_an_error(tmp_path):
+    folder = write_csv(tmp_path / "data", "a.jpg,0", "b.jpg,1", "./a.jpg,0", "c.jpg,1", "b.jpg,1")
+    data = read_folder(folder)
+    assert len(data.items) == 5
+    assert data.notes == [
+        f"{folder / 'labels.csv'} lists 2 file(s) more than once, each row counted as an image of its own: "
+        "a.jpg (lines 2, 4), b.jpg (lines 3, 6)."
+    ]
+    assert read_folder(write_csv(tmp_path / "once", "a.jpg,0", "b.jpg,1")).notes == []
+
+
+def test_cli_eval_warns_of_duplicated_rows_and_refuses_labels_the_model_lacks_before_it_loads(
+    deit_model_path, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(cli_evaluate, "load_bundle", lambda *args: pytest.fail("the model was loaded"))
+    folder = write_csv(tmp_path / "data", "a.jpg,1", "a.jpg,1", "b.jpg,1000")  # DeiT-Tiny has classes 0..999
+    assert cli.main(["eval", "--data", str(folder), "--model", deit_model_path, "--out", str(tmp_path / "out")]) == 2
+    warning, error = capsys.readouterr().err.splitlines()
+    assert warning.startswith("zoomvit: warning: ") and "lists 1 file(s) more than once" in warning
+    assert error == "zoomvit: error: b.jpg: label_index 1000 is outside this model's 0..999: labels.csv's " + (
+        "label_index is the model's class index."
+    )
+
+
+def labelled_split(tmp_path, name: str, labels: list[int]) -> train_data.Split:
+    folder = tmp_path / name
+    make_class_folders(folder / "images")
+    files = sorted((folder / "images").rglob("*.png"))
+    write_csv(folder, *(f"{f.relative_to(folder).as_posix()},{label}" for f, label in zip(files, labels)))
+    return train_data.read_split("train", folder)
+
+
+def test_train_refuses_label_indices_far_beyond_its_classes(tmp_path):
+    sparse = {"train": labelled_split(tmp_path, "sparse", [0, 0, 2, 2, 5, 5])}  # a 6-class head for 3: allowed
+    assert len(train_data.check_splits(sparse)[0]) == 6
+    typo = {"train": labelled_split(tmp_path, "typo", [0, 0, 1, 1, 100000, 100000])}
+    with pytest.raises(ZoomViTError, match=r"run to 100000 for 3 classes: a 100001-class head") as refused:
+        train_data.check_splits(typo)
+    assert "renumber them 0..2" in str(refused.value) and "\n" not in str(refused.value)
+    with pytest.raises(ZoomViTError, match="line 2: label_index must be 0 or more, got -1"):
+        read_folder(write_csv(tmp_path / "negative", "a.jpg,-1"))
+
+
+def test_train_refuses_a_huge_label_index_in_one_line_before_anything_is_built(tmp_path, capsys):
+    folder = tmp_path / "data"
+    for split in ("train", "val"):
+        make_class_folders(folder / split / "images")
+        files = sorted((folder / split / "images").rglob("*.png"))
+        labels = [0, 0, 1, 1, 2000000000, 2000000000]  # in val too: the unfixed check of val's classes passed
+        write_csv(folder / split, *(f"images/{f.parent.name}/{f.name},{n}" for f, n in zip(files, labels)))
+    argv = ["train", str(folder), "--init", "random", "--arch", "vit-micro", "--image-size", "32"]
+    assert cli.main([*argv, "--patch-size", "4", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "label_index values run to 2000000000 for 3 classes" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_tells_of_duplicated_rows(tmp_path):
+    split = labelled_split(tmp_path, "twice", [0, 0, 1, 1, 2, 2])
+    (split.folder / "labels.csv").write_text(
+        (split.folder / "labels.csv").read_text() + f"{split.files[0].relative_to(split.folder).as_posix()},0\n"
+    )
+    _, notes = train_data.check_splits({"train": train_data.read_split("train", split.folder)})
+    assert any("lists 1 file(s) more than once" in note for note in notes)

@@ -22,7 +22,7 @@ from zoomvit.errors import ZoomViTError
 
 GROUP_COLUMNS = ("background", "scale")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
-SHOWN_NAMES = 3  # how many names (empty folders) a message shows
+SHOWN_NAMES = 3  # how many names (empty folders, duplicated files) a message shows
 LABELS_CSV = "labels.csv"
 CLASS_FOLDERS = "class folders"
 # The names transformers ("LABEL_3") and a timm folder without label names ("class 3") give a class they do not
@@ -44,7 +44,7 @@ class LabelledFolder:
     folder: Path
     layout: str  # LABELS_CSV or CLASS_FOLDERS
     items: list[Item]
-    notes: list[str] = field(default_factory=list)  # lines to tell the user, not errors
+    notes: list[str] = field(default_factory=list)  # lines to tell the user (duplicated rows), not errors
 
 
 def read_folder(folder, limit: int | None = None, every: int = 1) -> LabelledFolder:
@@ -115,7 +115,7 @@ def _csv_rows(folder: Path) -> tuple[list[Item], list[str]]:
     box_columns = columns & set(BOX_COLUMNS)
     if box_columns and box_columns != set(BOX_COLUMNS):
         raise ZoomViTError(f"{path} has only some of the box columns x0,y0,x1,y1: give all four or none.")
-    items = []
+    items, lines = [], []
     for line, row in rows:
         where = f"{path}, line {line}"
         label = _whole_number(row["label_index"], f"{where}: label_index")
@@ -124,9 +124,10 @@ def _csv_rows(folder: Path) -> tuple[list[Item], list[str]]:
         box = _box(row, where) if box_columns else None
         groups = {k: row[k] for k in GROUP_COLUMNS if k in columns}
         items.append(Item(_inside(row["file"], where), label, box, groups, (row.get("label_name") or "").strip()))
+        lines.append(line)
     if not items:
         raise ZoomViTError(f"{path} lists no images.")
-    return items, []
+    return items, _duplicates(path, items, lines)
 
 
 def _inside(file, where: str) -> str:
@@ -140,6 +141,22 @@ def _inside(file, where: str) -> str:
             f"{where}: file {file!r} is not inside the data folder: name files relative to the folder, without '..'."
         )
     return file
+
+
+def _duplicates(path: Path, items: list[Item], lines: list[int]) -> list[str]:
+    """A note (not an error) when labels.csv lists a file more than once: each row counts as an image of its own
+    (trained on twice, counted twice in eval's figures), which is seldom meant."""
+    seen: dict[str, list[int]] = {}
+    for item, line in zip(items, lines):
+        seen.setdefault(PurePosixPath(item.file).as_posix().removeprefix("./"), []).append(line)
+    repeated = {file: at for file, at in seen.items() if len(at) > 1}
+    if not repeated:
+        return []
+    shown = [f"{file} (lines {', '.join(map(str, at))})" for file, at in repeated.items()]
+    return [
+        f"{path} lists {len(repeated)} file(s) more than once, each row counted as an image of its own: "
+        f"{_listed(shown)}."
+    ]
 
 
 def labels_for_model(data: LabelledFolder, id2label: dict) -> list[Item]:

@@ -32,6 +32,9 @@ def cmd_eval(args):
         raise UsageError("--overwrite starts afresh and --resume continues the run in --out: give one of them.")
     device, dtype = device_and_dtype(args)
     data = eval_data.read_folder(args.data, args.limit, args.every)  # a bad folder fails before the slow model load
+    if os.environ.get("RANK", "0") == "0":  # one process of a torchrun launch tells
+        for line in data.notes:
+            print(f"zoomvit: warning: {line}", file=sys.stderr)
     out = Path(args.out or f"zoomvit-eval/{Path(args.data).resolve().name}")
     work = out / eval_work.WORK_DIR
     earlier = eval_report.earlier_outputs(out)

@@ -19,6 +19,10 @@ from zoomvit.errors import ZoomViTError
 from zoomvit.labelled_folders import read_folder
 
 SHOWN_NAMES = 3  # how many skipped files a message names
+# A head may have classes no training image shows (a labels.csv keeping another dataset's indices for a subset of
+# its classes), but not more of them than classes it learns: label_index 100000 on 3 classes is a typo, not a
+# 100,001-class model (and 2000000000 would not fit in memory).
+MAX_HEAD_PER_CLASS = 2
 
 
 @dataclass
@@ -30,7 +34,7 @@ class Split:
     class_names: dict[int, str]  # label index -> name, as the folder or labels.csv names them
     skipped: list[tuple[Path, str]]  # (file, why) of files that are not readable images
     folders: list = field(default_factory=list)  # every folder it was read from
-    notes: list = field(default_factory=list)  # lines to tell the user about the folder
+    notes: list = field(default_factory=list)  # lines to tell the user (labels.csv's duplicated rows)
 
 
 def find_splits(data: str | None, train: list | None, val: str | None, test: str | None = None) -> dict:
@@ -148,6 +152,14 @@ def check_splits(splits: dict[str, Split]) -> tuple[dict[int, str], list[str]]:
             f"The train folder {train.folder} has one class only ({train.class_names[classes[0]]}): "
             "a classifier needs at least two."
         )
+    num_labels = max(classes) + 1
+    if num_labels > MAX_HEAD_PER_CLASS * len(classes):
+        raise ZoomViTError(
+            f"The train folder's label_index values run to {max(classes)} for {len(classes)} classes: a "
+            f"{num_labels}-class head would have more classes without a training image than with one; label "
+            f"indices number the classes (at most {MAX_HEAD_PER_CLASS * len(classes) - 1} here): renumber them "
+            f"0..{len(classes) - 1}."
+        )
     notes = [note for split in splits.values() for note in split.notes] + [
         f"{split.name}: skipped {len(split.skipped)} file(s) that are not readable images: {_named(split.skipped)}"
         for split in splits.values()
@@ -168,7 +180,6 @@ def check_splits(splits: dict[str, Split]) -> tuple[dict[int, str], list[str]]:
                 f"Class {i} is '{train.class_names[i]}' in train but '{split.class_names[i]}' in "
                 f"{split.name}: the splits must list the same classes."
             )
-    num_labels = max(classes) + 1
     id2label = {i: train.class_names.get(i, f"class {i}") for i in range(num_labels)}
     return id2label, notes
 
