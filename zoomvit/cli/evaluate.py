@@ -8,13 +8,12 @@ from pathlib import Path
 
 from zoomvit import checks, config
 from zoomvit.cli.common import UsageError, device_and_dtype, load_bundle, model_facts
-from zoomvit.labelled_folders import labels_for_model
+from zoomvit.labelled_folders import labels_for_model, read_folder
 
 
 def cmd_eval(args):
     import os
 
-    from zoomvit.evaluation import data as eval_data
     from zoomvit.evaluation import gallery as eval_gallery
     from zoomvit.evaluation import report as eval_report
     from zoomvit.evaluation import runner as evaluation
@@ -31,7 +30,7 @@ def cmd_eval(args):
     if args.overwrite and args.resume:
         raise UsageError("--overwrite starts afresh and --resume continues the run in --out: give one of them.")
     device, dtype = device_and_dtype(args)
-    data = eval_data.read_folder(args.data, args.limit, args.every)  # a bad folder fails before the slow model load
+    data = read_folder(args.data, args.limit, args.every)  # a bad folder fails before the slow model load
     if os.environ.get("RANK", "0") == "0":  # one process of a torchrun launch tells
         for line in data.notes:
             print(f"zoomvit: warning: {line}", file=sys.stderr)

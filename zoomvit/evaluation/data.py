@@ -22,7 +22,7 @@ from zoomvit.errors import ImageLoadError
 from zoomvit.images import load_image
 
 # Re-exported: the folder's reader was born here, and eval's callers and tests name it by this module.
-from zoomvit.labelled_folders import BOX_COLUMNS, GROUP_COLUMNS, Item, read_folder, read_labels  # noqa: F401
+from zoomvit.labelled_folders import BOX_COLUMNS, GROUP_COLUMNS, Item, read_labels  # noqa: F401
 
 
 class Images(Dataset):
