@@ -8,12 +8,12 @@ from pathlib import Path
 
 from zoomvit import checks, config
 from zoomvit.cli.common import UsageError, device_and_dtype, load_bundle, model_facts
+from zoomvit.labelled_folders import labels_for_model, read_folder
 
 
 def cmd_eval(args):
     import os
 
-    from zoomvit.evaluation import data as eval_data
     from zoomvit.evaluation import gallery as eval_gallery
     from zoomvit.evaluation import report as eval_report
     from zoomvit.evaluation import runner as evaluation
@@ -30,7 +30,10 @@ def cmd_eval(args):
     if args.overwrite and args.resume:
         raise UsageError("--overwrite starts afresh and --resume continues the run in --out: give one of them.")
     device, dtype = device_and_dtype(args)
-    eval_data.read_labels(args.data, args.limit, args.every)  # a bad folder fails before the slow model load
+    data = read_folder(args.data, args.limit, args.every)  # a bad folder fails before the slow model load
+    if os.environ.get("RANK", "0") == "0":  # one process of a torchrun launch tells
+        for line in data.notes:
+            print(f"zoomvit: warning: {line}", file=sys.stderr)
     out = Path(args.out or f"zoomvit-eval/{Path(args.data).resolve().name}")
     work = out / eval_work.WORK_DIR
     earlier = eval_report.earlier_outputs(out)
@@ -45,6 +48,7 @@ def cmd_eval(args):
     facts = model_facts(args.model)
     if facts:
         checks.check_after_block(args.after_block, facts[0], "--after-block")
+        labels_for_model(data, facts[2])  # class folders the model does not name, labels it lacks: before the load
     try:
         bundle = load_bundle(args.model, (eval_work.rank_device(device), dtype))  # under torchrun: a GPU per process
         checks.check_after_block(args.after_block, bundle.num_layers, "--after-block")
@@ -101,7 +105,8 @@ def add_parser(commands, common) -> None:
         "--data",
         required=True,
         metavar="DIR",
-        help="folder with images and labels.csv (file,label_index[,x0,y0,x1,y1])",
+        help="folder of class folders (CLASS_NAME/image.jpg, matched to the model's labels by name) or with "
+        "labels.csv (file,label_index[,x0,y0,x1,y1])",
     )
     p.add_argument(
         "--out",
@@ -114,7 +119,7 @@ def add_parser(commands, common) -> None:
         type=int,
         default=1,
         metavar="K",
-        help="every K-th image of labels.csv: a spread sample of a class-sorted list (default: %(default)s)",
+        help="every K-th image of the folder: a spread sample of a class-sorted list (default: %(default)s)",
     )
     p.add_argument(
         "--keep",

@@ -2,7 +2,7 @@
 all in one run, written out as results.json, a per-image CSV, PNG plots and a Markdown report (see `eval_report`),
 with, when asked for, a gallery of what each task got wrong and example sheets per intent group (see `eval_gallery`).
 
-The folder holds images and labels.csv (see `eval_data`). Two passes:
+The folder holds images in class folders or with a labels.csv (see `labelled_folders`). Two passes:
 1. per group of `batch` images (8 by default): one batched analysis pass, then per image its maps, the zoom and
    the intent diagnosis, and the deletion/insertion curves of every map of every image of the group in one run of
    batched forwards (see `faithfulness`);
@@ -34,7 +34,7 @@ from zoomvit.errors import ImageLoadError, ZoomViTError
 from zoomvit.evaluation import gallery as eval_gallery
 from zoomvit.evaluation import pruning_pass
 from zoomvit.evaluation import summary as eval_summary
-from zoomvit.evaluation.data import BOX_COLUMNS, Images, decode_ahead, default_workers, read_labels
+from zoomvit.evaluation.data import BOX_COLUMNS, Images, decode_ahead, default_workers
 from zoomvit.evaluation.report import Evaluation
 from zoomvit.evaluation.tasks import DEFAULT_KEEPS, FAITHFULNESS_METHODS, INTENT_CONFIGS, TASKS, prune_configs
 from zoomvit.evaluation.work import (
@@ -50,6 +50,7 @@ from zoomvit.evaluation.work import (
     save_record,
 )
 from zoomvit.geometry import encode
+from zoomvit.labelled_folders import labels_for_model, read_folder
 from zoomvit.models import ViTBundle
 from zoomvit.vit_analyzer import Analysis, analyze_encoded
 
@@ -230,7 +231,7 @@ def evaluate(
     the one shared `work_dir`: rank 0 returns the Evaluation, the others None. `gallery` > 0 adds, per task, the
     first `gallery` images it got wrong or changed its mind on; `examples` > 0 that many example sheets per intent
     group (see `eval_gallery`; neither changes pass 1's files, so a resumed run may ask for them or not). `every` K
-    evaluates every K-th image of labels.csv (before `limit`)."""
+    evaluates every K-th image of the folder (before `limit`)."""
     if work_dir is None:
         if rank_world()[1] > 1:
             raise ZoomViTError("A distributed evaluation needs a work folder that every process shares (work_dir).")
@@ -239,15 +240,11 @@ def evaluate(
             return evaluate(work_dir=work_dir, **options)
     started = time.perf_counter()
     data = Path(data)
-    items = read_labels(data, limit, every)
+    items = labels_for_model(read_folder(data, limit, every), bundle.id2label)  # labels as the model's indices
     keeps = tuple(float(k) for k in keeps)
     tasks = tuple(t for t in TASKS if t in tasks)
     check_after_block(after_block, bundle.num_layers)
     eval_gallery.check_requests(tasks, gallery, examples)
-    num_labels = len(bundle.id2label)
-    for item in items:
-        if not 0 <= item.label < num_labels:
-            raise ZoomViTError(f"{item.file}: label_index {item.label} is outside this model's 0..{num_labels - 1}.")
     configs = prune_configs(tasks, keeps)
     intent_keeps = sorted({k for m, c, k in configs if c == "intent"})
 

@@ -1,9 +1,9 @@
 """The labelled folders `zoomvit train` reads, checked before any training starts, and their datasets.
 
-A split is either the ImageFolder layout (`SPLIT/CLASS_NAME/image.jpg`, classes in sorted folder order, what
-torchvision and the Hugging Face `imagefolder` loader read) or a folder with a labels.csv (`file,label_index`
-and optionally `label_name`, the folders `zoomvit eval` reads). labels.csv wins when a folder has both, so a
-model's label indices are the ones `zoomvit eval` checks it against.
+A split is read by `zoomvit.labelled_folders`, as `zoomvit eval` reads its folder: the ImageFolder layout
+(`SPLIT/CLASS_NAME/image.jpg`, classes in sorted folder order, what torchvision and the Hugging Face `imagefolder`
+loader read) or a folder with a labels.csv (`file,label_index` and optionally `label_name`). labels.csv wins when a
+folder has both, so a model's label indices are the ones `zoomvit eval` checks it against.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from zoomvit.errors import ZoomViTError
-from zoomvit.evaluation.data import read_labels
+from zoomvit.labelled_folders import read_folder
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SHOWN_NAMES = 3  # how many skipped files a message names
+# A head may have classes no training image shows (a labels.csv keeping another dataset's indices for a subset of
+# its classes), but not more of them than classes it learns: label_index 100000 on 3 classes is a typo, not a
+# 100,001-class model (and 2000000000 would not fit in memory).
+MAX_HEAD_PER_CLASS = 2
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Split:
     class_names: dict[int, str]  # label index -> name, as the folder or labels.csv names them
     skipped: list[tuple[Path, str]]  # (file, why) of files that are not readable images
     folders: list = field(default_factory=list)  # every folder it was read from
+    notes: list = field(default_factory=list)  # lines to tell the user (labels.csv's duplicated rows)
 
 
 def find_splits(data: str | None, train: list | None, val: str | None, test: str | None = None) -> dict:
@@ -88,6 +92,7 @@ def read_splits(found: dict) -> dict:
                 {**part.class_names, **first.class_names},
                 first.skipped + part.skipped,
                 first.folders + part.folders,
+                first.notes + part.notes,
             )
         splits[name] = first
     return splits
@@ -95,10 +100,14 @@ def read_splits(found: dict) -> dict:
 
 def read_split(name: str, folder: Path) -> Split:
     """The images and labels of one split, each image's header read (unreadable files are skipped and counted)."""
-    if (folder / "labels.csv").is_file():
-        files, labels, names = _from_labels_csv(folder)
-    else:
-        files, labels, names = _from_class_folders(name, folder)
+    data = read_folder(folder)
+    files, labels = [folder / item.file for item in data.items], [item.label for item in data.items]
+    names = {}
+    for item in data.items:  # labels.csv may name a class on some of its rows only
+        if item.name:
+            names.setdefault(item.label, item.name)
+    for label in labels:
+        names.setdefault(label, f"class {label}")
     kept_files, kept_labels, skipped = [], [], []
     for file, label in zip(files, labels):
         why = _not_an_image(file)
@@ -112,44 +121,7 @@ def read_split(name: str, folder: Path) -> Split:
             f"The {name} folder {folder} holds no readable image"
             + (f" ({len(skipped)} files skipped: {_named(skipped)})." if skipped else ".")
         )
-    return Split(name, folder, kept_files, kept_labels, names, skipped, [folder])
-
-
-def _from_class_folders(name: str, folder: Path):
-    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ZoomViTError(
-            f"The {name} folder {folder} has no class folders (SPLIT/CLASS_NAME/image.jpg) and no labels.csv."
-        )
-    files, labels = [], []
-    empty = []
-    for index, class_folder in enumerate(classes):
-        members = sorted(p for p in class_folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        if not members:
-            empty.append(class_folder.name)
-        files += members
-        labels += [index] * len(members)
-    if empty:
-        raise ZoomViTError(
-            f"The {name} folder {folder} has {len(empty)} empty class folder(s): "
-            f"{', '.join(empty[:SHOWN_NAMES])}{' ...' if len(empty) > SHOWN_NAMES else ''}: "
-            "remove them or add images."
-        )
-    return files, labels, {i: c.name for i, c in enumerate(classes)}
-
-
-def _from_labels_csv(folder: Path):
-    items = read_labels(folder)  # the eval's own checks: file and line of any bad row
-    names = {}
-    for item in items:
-        if item.name:
-            names.setdefault(item.label, item.name)
-    labels = [item.label for item in items]
-    if min(labels) < 0:
-        raise ZoomViTError(f"{folder / 'labels.csv'}: label_index must be 0 or more, found {min(labels)}.")
-    for label in labels:
-        names.setdefault(label, f"class {label}")
-    return [folder / item.file for item in items], labels, names
+    return Split(name, folder, kept_files, kept_labels, names, skipped, [folder], data.notes)
 
 
 def _not_an_image(file: Path) -> str:
@@ -180,7 +152,15 @@ def check_splits(splits: dict[str, Split]) -> tuple[dict[int, str], list[str]]:
             f"The train folder {train.folder} has one class only ({train.class_names[classes[0]]}): "
             "a classifier needs at least two."
         )
-    notes = [
+    num_labels = max(classes) + 1
+    if num_labels > MAX_HEAD_PER_CLASS * len(classes):
+        raise ZoomViTError(
+            f"The train folder's label_index values run to {max(classes)} for {len(classes)} classes: a "
+            f"{num_labels}-class head would have more classes without a training image than with one; label "
+            f"indices number the classes (at most {MAX_HEAD_PER_CLASS * len(classes) - 1} here): renumber them "
+            f"0..{len(classes) - 1}."
+        )
+    notes = [note for split in splits.values() for note in split.notes] + [
         f"{split.name}: skipped {len(split.skipped)} file(s) that are not readable images: {_named(split.skipped)}"
         for split in splits.values()
         if split.skipped
@@ -200,7 +180,6 @@ def check_splits(splits: dict[str, Split]) -> tuple[dict[int, str], list[str]]:
                 f"Class {i} is '{train.class_names[i]}' in train but '{split.class_names[i]}' in "
                 f"{split.name}: the splits must list the same classes."
             )
-    num_labels = max(classes) + 1
     id2label = {i: train.class_names.get(i, f"class {i}") for i in range(num_labels)}
     return id2label, notes
 
