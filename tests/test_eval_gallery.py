@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoomvit import cli, pruning
+from zoomvit import cli, intent, pruning
 from zoomvit.cli import evaluate as cli_evaluate
 from zoomvit.errors import ZoomViTError
 from zoomvit.evaluation import data as eval_data
@@ -152,8 +152,11 @@ def test_example_sheets_are_the_first_of_each_group_with_the_prune_pass_tokens(p
     by_file = {r["file"]: r for r in rows}
     data, after_block = picture_run["data"], result.summary["settings"]["after_block"]
     boxes = {item.file: item.box for item in eval_data.read_labels(data, LIMIT)}
-    for file, (_loaded, _geometry, grid_map, zoom_box, masks, object_box, caption) in zip(drawn_files, drawn):
+    for file, (_loaded, _geometry, grid_map, zoom_box, masks, object_box, caption, region) in zip(drawn_files, drawn):
         row = by_file[file]
+        judged = intent.diagnose(analyze(deit_tiny, data / file, keep_graph=False), box=boxes[file])
+        # the white box on the intent map is the region the diagnosis judged (none for a diffuse map)
+        assert region == (None if judged.region is None else pytest.approx(judged.region, abs=0.051))
         assert caption.startswith(f"{file}: label '{deit_tiny.label(int(row['label'])).split(',')[0]}'")
         np.testing.assert_allclose(zoom_box, [float(row[f"zoom_{k}"]) for k in eval_data.BOX_COLUMNS], atol=0.051)
         assert object_box == boxes[file]

@@ -82,12 +82,23 @@ def test_inverted_means_most_mass_outside_the_box(deit_tiny, blur_items):
         assert outside.kind == "inverted"
 
 
-def test_diagnosis_without_a_box_uses_the_crop(deit_tiny, shared_dir):
+def test_diagnosis_without_a_box_judges_the_intent_maps_own_box(deit_tiny, shared_dir):
+    """The region cropped is the box of the intent map it diagnoses (not the zoom's candidates'), the ratio is that
+    crop's, and the sentence names that box."""
     path = shared_dir / "data" / "imagenet-sample" / "n01440764_tench.JPEG"
-    diagnosis = intent.diagnose(analyze(deit_tiny, path, keep_graph=False))
-    assert diagnosis.kind in intent.KINDS and diagnosis.reason
-    if diagnosis.kind != "diffuse":
-        assert "crop_confidence_ratio" in diagnosis.metrics
+    analysis = analyze(deit_tiny, path, keep_graph=False)
+    diagnosis = intent.diagnose(analysis)
+    assert diagnosis.kind in ("good", "inverted") and diagnosis.reason
+    intent_box = analysis.geometry.to_original(zoom.box_from_map(analysis, analysis.intent()))
+    assert diagnosis.region == pytest.approx(intent_box) and diagnosis.region_name == "the intent map's box"
+    x0, y0, x1, y1 = (int(round(c * analysis.geometry.scale)) for c in diagnosis.region)
+    crop = analyze(deit_tiny, analysis.loaded.image.crop((x0, y0, x1, y1)), keep_graph=False)
+    p = analysis.predicted
+    assert diagnosis.metrics["crop_confidence_ratio"] == pytest.approx(crop.probs[p] / analysis.probs[p], rel=1e-3)
+    assert intent.region_text(diagnosis.region) in diagnosis.reason
+    assert diagnosis.as_dict()["region"] == [round(c, 1) for c in intent_box]
+    with_box = intent.diagnose(analysis, box=(10, 20, 110, 120))
+    assert with_box.region == (10, 20, 110, 120) and with_box.region_name == "the object box"
 
 
 def test_a_prediction_that_is_a_guess_is_flagged_whatever_the_kind(deit_tiny, shared_dir):

@@ -7,8 +7,10 @@ Measured on the intent map of the predicted class (floored at its median, treate
   importance is split over several separate places, none of them holding much of it).
 - inverted: with a ground-truth object box, the share of mass inside the box is below one half (most of the
   importance sits outside the object). Without a box, the place the model looks does not support its own
-  decision: the crop of the intent box, classified alone, gives the predicted class less than half its
-  whole-image probability and predicts something else.
+  decision: the crop of the intent map's own box (`zoom.box_from_map` of that map, padded like the zoom's),
+  classified alone, gives the predicted class less than half its whole-image probability and predicts something
+  else. The region judged (the object box, or the intent map's box) is kept in `Diagnosis.region`, so a view draws
+  the region the sentence names.
 - good: neither.
 Diffuse is checked first: a scattered map has no place to be "inside" or "outside" of.
 
@@ -55,14 +57,23 @@ class Diagnosis:
     reason: str
     metrics: dict = field(default_factory=dict)
     guess: bool = False  # the prediction itself is a guess (not in metrics: the evaluation's columns stay the same)
+    region: tuple | None = None  # ORIGINAL pixels: the region judged (none for a diffuse map: no one region)
+    region_name: str = ""  # what that region is: "the object box" or "the intent map's box"
 
     def as_dict(self):
         return {
             "kind": self.kind,
             "reason": self.reason,
             "guess": self.guess,
+            "region": None if self.region is None else [round(c, 1) for c in self.region],
+            "region_name": self.region_name,
             **{k: round(v, 4) for k, v in self.metrics.items()},
         }
+
+
+def region_text(box) -> str:
+    x0, y0, x1, y1 = (round(c) for c in box)
+    return f"x {x0}-{x1}, y {y0}-{y1} px"
 
 
 def is_a_guess(analysis: Analysis) -> bool:
@@ -85,16 +96,16 @@ def flag_a_guess(analysis: Analysis, diagnosis: Diagnosis) -> Diagnosis:
     return diagnosis
 
 
-def diagnose(analysis: Analysis, box=None, zoom_result=None) -> Diagnosis:
+def diagnose(analysis: Analysis, box=None) -> Diagnosis:
     """Classify the intent of `analysis` (see the module docstring for the criteria), flagging a guess.
 
-    box: optional ground-truth object box in original pixels. zoom_result: a `zoom.zoom` result to reuse
-    (without a box, one crop is classified otherwise).
+    box: optional ground-truth object box in original pixels (without one, the intent map's box is cropped and
+    classified: one forward of one crop).
     """
-    return flag_a_guess(analysis, _diagnose(analysis, box, zoom_result))
+    return flag_a_guess(analysis, _diagnose(analysis, box))
 
 
-def _diagnose(analysis: Analysis, box=None, zoom_result=None) -> Diagnosis:
+def _diagnose(analysis: Analysis, box=None) -> Diagnosis:
     analysis = analysis.for_target(analysis.predicted)  # the diagnosis is about the model's own decision
     grid_map = analysis.intent()
     metrics = {"spread": map_spread(grid_map), "focus": focus_share(grid_map)}
@@ -112,32 +123,37 @@ def _diagnose(analysis: Analysis, box=None, zoom_result=None) -> Diagnosis:
         )
     if box is not None:
         metrics["mass_inside_box"] = mass_inside(analysis, grid_map, box)
+        where = dict(region=tuple(float(c) for c in box), region_name="the object box")
         if metrics["mass_inside_box"] < INVERTED_INSIDE:
             return Diagnosis(
                 "inverted",
                 f"only {metrics['mass_inside_box']:.0%} of the importance lies on the object; the rest is background",
                 metrics,
+                **where,
             )
-        return Diagnosis("good", f"{metrics['mass_inside_box']:.0%} of the importance lies on the object", metrics)
-    if zoom_result is None:
-        # The adaptive rule's crop, whatever the zoom policy: the diagnosis judges where the model looks (padded
-        # boxes of the attention maps), not the zoom's tighter search for a small object.
-        zoom_result = zoom(analysis, policy="always")
+        return Diagnosis(
+            "good", f"{metrics['mass_inside_box']:.0%} of the importance lies on the object", metrics, **where
+        )
+    probe = zoom(analysis, policy="always", method="intent")  # the intent map's own box, cropped and classified
+    where = dict(region=probe.box, region_name="the intent map's box")
     predicted = analysis.predicted
     p_whole = float(analysis.probs[predicted])
-    p_crop = float(zoom_result.probs_crop[predicted])
+    p_crop = float(probe.probs_crop[predicted])
     metrics["crop_confidence_ratio"] = p_crop / max(p_whole, 1e-9)
     label = analysis.bundle.label(predicted).split(",")[0]
-    if metrics["crop_confidence_ratio"] < 0.5 and int(np.argmax(zoom_result.probs_crop)) != predicted:
+    region = f"the intent map's box ({region_text(probe.box)})"
+    if metrics["crop_confidence_ratio"] < 0.5 and int(np.argmax(probe.probs_crop)) != predicted:
         return Diagnosis(
             "inverted",
-            f"the region it looks at, cropped, is not classified as '{label}' "
+            f"{region}, cropped, is not classified as '{label}' "
             f"({p_crop:.0%} on the crop vs {p_whole:.0%} on the whole image)",
             metrics,
+            **where,
         )
     return Diagnosis(
         "good",
-        f"concentrated ({metrics['spread']:.0%} of patches hold 60% of the importance) and the region alone "
+        f"concentrated ({metrics['spread']:.0%} of patches hold 60% of the importance) and {region}, cropped, "
         f"supports '{label}' ({p_crop:.0%})",
         metrics,
+        **where,
     )

@@ -227,9 +227,8 @@ class SessionStore:
             return session
         model = self.registry.offer(chosen_model(session)).name
         loaded, analysis = self._analyse(path, model)
-        with self.model_lock:
-            probe = zoom_lib.zoom(analysis, policy="always")  # the diagnosis's own probe (intent.diagnose)
-            diagnosis = intent.diagnose(analysis, zoom_result=probe)  # computes the intent map on the way
+        with self.model_lock:  # the diagnosis classifies the intent map's box (and computes that map on the way)
+            diagnosis = intent.diagnose(analysis)
         release_memory()  # the decode's and the pass's freed memory back to the OS, not held by malloc
         display, geometry = visualization.resized_view(
             loaded.image, analysis.geometry, display_side(loaded.image.size), MIN_DISPLAY_SIDE

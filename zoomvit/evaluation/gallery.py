@@ -25,6 +25,7 @@ from PIL import Image
 
 from zoomvit import visualization
 from zoomvit.errors import ZoomViTError
+from zoomvit.evaluation.data import BOX_COLUMNS
 from zoomvit.evaluation.tasks import INTENT_CONFIGS
 from zoomvit.geometry import geometry_for
 from zoomvit.images import load_image
@@ -128,10 +129,13 @@ def thumbnail(loaded, geometry, grid_map: np.ndarray) -> Image.Image:
     return _side_by_side([small, visualization.heat_overlay(small, view, grid_map)], 2)
 
 
-def example_sheet(loaded, geometry, grid_map: np.ndarray, zoom_box, masks, object_box, caption: str) -> Image.Image:
-    """One image's sheet: the image (red: the zoom box; green: the object box, when known), the intent map, the zoom
-    crop, and the tokens each pruning kept (`masks`: grid-shaped, True = kept), with a colour bar and `caption`.
-    Boxes are in the file's own pixels."""
+def example_sheet(
+    loaded, geometry, grid_map: np.ndarray, zoom_box, masks, object_box, caption: str, region=None
+) -> Image.Image:
+    """One image's sheet: the image (red: the zoom box; green: the object box, when known), the intent map (white:
+    `region`, the region the intent diagnosis judged, when it judged one), the zoom crop, and the tokens each
+    pruning kept (`masks`: grid-shaped, True = kept), with a colour bar and `caption`. Boxes are in the file's own
+    pixels."""
     base, view = visualization.resized_view(loaded.image, geometry, PANEL_SIDE, PANEL_SIDE)
     line = max(2, base.width // 90)
     framed = base
@@ -141,7 +145,10 @@ def example_sheet(loaded, geometry, grid_map: np.ndarray, zoom_box, masks, objec
     crop = loaded.image.crop(tuple(int(round(c * geometry.scale)) for c in zoom_box))
     size = (max(1, round(crop.width * base.height / max(1, crop.height))), base.height)
     resample = Image.Resampling.NEAREST if size[1] > crop.height else Image.Resampling.BILINEAR
-    panels = [framed, visualization.heat_overlay(base, view, grid_map), crop.resize(size, resample)]
+    heat = visualization.heat_overlay(base, view, grid_map)
+    if region is not None:
+        heat = visualization.draw_box(heat, [c * view.scale for c in region], color="white", width=line)
+    panels = [framed, heat, crop.resize(size, resample)]
     panels += [visualization.token_mask_overlay(base, view, mask) for mask in masks]
     return visualization.figure_with_legend(_side_by_side(panels, max(4, base.width // 40)), "jet", caption)
 
@@ -335,7 +342,9 @@ def _sheet(j, picture, grid_map, rows, look, pruned, object_box, after_block, na
     if "intent_mass_inside_box" in row:
         metrics.append(f"{row['intent_mass_inside_box']:.0%} of the importance inside the object box")
     if "intent_crop_confidence_ratio" in row:
-        metrics.append(f"crop confidence ratio {row['intent_crop_confidence_ratio']:.2f}")
+        metrics.append(f"crop confidence ratio {row['intent_crop_confidence_ratio']:.2f} of the white box")
+    region = tuple(row.get(f"intent_region_{k}", np.nan) for k in BOX_COLUMNS)
+    region = None if np.isnan(region).any() else region  # none judged (diffuse); a CSV's empty cell reads as NaN
     masks, looks = [], []
     for mode, criterion, keep in INTENT_CONFIGS:
         run = pruned[mode, criterion, keep]
@@ -350,7 +359,8 @@ def _sheet(j, picture, grid_map, rows, look, pruned, object_box, after_block, na
         f" Pruning at keep {INTENT_CONFIGS[0][2]:g} after block {after_block}: {'; '.join(looks)}.\n"
         "Panels: the image (red: zoom box"
         + (", green: object box" if object_box is not None else "")
-        + ") · the intent map of the prediction (colour bar) · the zoom crop · the tokens kept in analysis mode · "
-        "in efficiency mode (grey: dropped)."
+        + ") · the intent map of the prediction (colour bar"
+        + ("; white: the region the diagnosis judged" if region is not None else "")
+        + ") · the zoom crop · the tokens kept in analysis mode · in efficiency mode (grey: dropped)."
     )
-    return example_sheet(*picture, grid_map, look["box"], masks, object_box, caption)
+    return example_sheet(*picture, grid_map, look["box"], masks, object_box, caption, region)

@@ -177,6 +177,8 @@ def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores
         diagnosis = intent.diagnose(analysis, box=item.box)  # its own probe, as in the app and the CLI
         row["intent"] = diagnosis.kind
         row.update({f"intent_{k}": v for k, v in diagnosis.metrics.items()})
+        if diagnosis.region is not None:  # the region it judged: the example sheets draw it on the intent map
+            row.update({f"intent_region_{k}": round(v, 1) for k, v in zip(BOX_COLUMNS, diagnosis.region)})
     return row, scores, look
 
 
