@@ -797,3 +797,17 @@ def test_heads_are_numbered_from_one_as_blocks_are(client, tench):
     for bad in ("0", "4"):
         with pytest.raises(AppError, match=r"Head must be in 1\.\.3 \(or -1 for the last\), or mean, max or min"):
             call(client, handle_file(path), "cls", 6, bad, api_name="/explain")
+
+
+def test_a_tiny_image_is_said_to_be_tiny_and_its_exports_are_readable(deit_tiny, tmp_path, monkeypatch):
+    """16x12 pixels: the caption says it is far below the model's input; both exports are figures wide enough
+    for their legend and caption (they were a ValueError and a 1-px-wide picture)."""
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(tiny)
+    explorer = Explorer(deit_tiny)
+    *_, caption, _, session = explorer.explore.explain(str(tiny), ViewSettings(), None)
+    assert "only 16×12 pixels, far below the model's 224×224 input" in caption
+    explorer.zoom_prune.prune(str(tiny), 0.5, 6, "analysis", session=session)
+    for png, _ in (explorer.exports.export_explore(session), explorer.exports.export_zoom_prune(session)):
+        assert open_image(png).width >= visualization.FIGURE_MIN_WIDTH

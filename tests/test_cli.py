@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zoomvit import cli, config, images, intent, models, zoom
+from zoomvit import cli, config, images, intent, models, visualization, zoom
 from zoomvit.errors import ZoomViTError
 from zoomvit.maps import top_mass_patches
 from zoomvit.models import match_label
@@ -564,3 +564,19 @@ def test_heads_are_numbered_from_one_in_the_cli_as_blocks_are(capsys, deit_model
     assert capsys.readouterr().err == (
         "zoomvit: error: --head must be in 1..3 (or -1 for the last), or mean, max or min; got 0.\n"
     )
+
+
+def test_a_tiny_image_is_explained_with_a_warning_and_a_readable_picture(capsys, deit_model_path, tmp_path):
+    """16x12 pixels: one warning line (far below the model's input), the picture enlarged so its colour bar and
+    caption fit, and the zoom never crops less than one patch's pixels (here: the image's whole height)."""
+    tiny = tmp_path / "tiny.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(tiny)
+    out_png = tmp_path / "tiny-map.png"
+    assert cli.main(["explain", str(tiny), "--model", deit_model_path, "--out", str(out_png)]) == 0
+    err = capsys.readouterr().err
+    assert "zoomvit: warning: This image is only 16×12 pixels, far below the model's 224×224 input" in err
+    assert Image.open(out_png).width >= visualization.FIGURE_MIN_WIDTH
+    result = run_json(capsys, "zoom", str(tiny), "--model", deit_model_path, "--json")
+    for candidate in result["candidates"]:
+        x0, y0, x1, y1 = candidate["box"]
+        assert min(x1 - x0, y1 - y0) >= 12  # one 16-px patch, capped by the 12-px height

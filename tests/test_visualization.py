@@ -90,3 +90,15 @@ def test_the_tiles_of_a_very_wide_image_are_readable_strips():
     # Usual shapes keep their layout: 3 square heads in a row, as large as the sheet allows up to 256.
     square = compare.tile_layout((224, 224), 3, compare.HEAD_SIDES, width=720)
     assert square.columns == 3 and square.picture == (232, 232)
+
+
+@pytest.mark.parametrize("size", [(16, 12), (20, 200), (3, 4000), (4000, 3)])
+def test_a_figure_of_a_tiny_or_narrow_image_has_room_for_its_legend(size):
+    """Under ~24 px wide the colour bar had a negative width (ValueError) and a caption wrapped into a 1-px
+    column: the image is enlarged (whole factor, nearest) and framed to at least FIGURE_MIN_WIDTH."""
+    image = Image.new("RGB", size, (200, 30, 30))
+    for cmap in ("jet", None):
+        figure = visualization.figure_with_legend(image, cmap, "a caption long enough to be wrapped over lines")
+        assert figure.width >= visualization.FIGURE_MIN_WIDTH
+        assert max(figure.size) <= max(visualization.FIGURE_MAX_SIDE, *size) + 200
+        assert (200, 30, 30) in {figure.getpixel((x, 0)) for x in range(figure.width)}  # the image is on it

@@ -43,11 +43,14 @@ MAX_FILE_PIXELS = 12000 * 12000
 MAX_DECODE_BYTES = 400_000_000
 # Preprocessors that resize the shortest edge would blow a 1x4000 strip up to an enormous image.
 MAX_ASPECT_RATIO = 50.0
+# An image whose shorter side is below this share of the model's input side is enlarged so much before the model
+# sees it (a 16x12 icon: 14x) that its predictions and maps say little: the CLI and the app say so.
+SMALL_IMAGE_SHARE = 0.25
 
 # Zoom box from an importance map.
 ZOOM_MASS = 0.6  # the box must hold this share of the map's mass (after the background floor)
 ZOOM_PADDING = 0.15  # padding added on each side, as a fraction of the box side
-ZOOM_MIN_SIDE = 0.2  # minimum box side as a fraction of the shorter image side
+ZOOM_MIN_SIDE = 0.2  # minimum box side as a fraction of the shorter image side (and never under one patch's pixels)
 ZOOM_MAX_AREA = 0.5  # the adaptive policy only zooms when the box covers at most this share of the image
 # A map is diffuse when 60% of its (median-floored) mass needs more than this share of the patches.
 DIFFUSE_SPREAD = 0.3

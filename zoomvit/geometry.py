@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from zoomvit import config
 from zoomvit.errors import ImageLoadError, ZoomViTError
 from zoomvit.images import LoadedImage
 
@@ -163,6 +164,18 @@ def geometry_for(bundle: ViTBundle, image_size: tuple[int, int], scale: float = 
     else:
         crop = (0, 0, rw, rh)
     return Geometry((w, h), (rw, rh), crop, bundle.patch_size, scale)
+
+
+def small_image_note(bundle: ViTBundle, image_size: tuple[int, int]) -> str:
+    """A sentence when the image is far below the model's input size (config.SMALL_IMAGE_SHARE); else ""."""
+    input_side = min(bundle.input_size)
+    if min(image_size) >= config.SMALL_IMAGE_SHARE * input_side:
+        return ""
+    (w, h), (ih, iw) = image_size, bundle.input_size
+    return (
+        f"This image is only {w}×{h} pixels, far below the model's {iw}×{ih} input: it is enlarged about "
+        f"{input_side / max(1, min(image_size)):.0f}× before the model sees it, so its predictions and maps say little."
+    )
 
 
 def encode(bundle: ViTBundle, loaded: LoadedImage) -> tuple[torch.Tensor, Geometry]:

@@ -159,10 +159,29 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
     return lines
 
 
+FIGURE_MIN_WIDTH = 320  # a saved figure's narrowest width (pixels)
+FIGURE_MAX_SIDE = 4096  # ... and the most an enlargement may make of its longest side
+
+
+def _at_least(image: Image.Image, width: int) -> Image.Image:
+    """The image enlarged by a whole factor (its longest side at most FIGURE_MAX_SIDE) and then, if still
+    narrower than `width`, centred on a white band that wide."""
+    factor = min(math.ceil(width / image.width), max(1, FIGURE_MAX_SIDE // max(image.size)))
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    if image.width < width:
+        band = Image.new("RGB", (width, image.height), (255, 255, 255))
+        band.paste(image, ((width - image.width) // 2, 0))
+        image = band
+    return image
+
+
 def figure_with_legend(image: Image.Image, cmap: str | None = "jet", caption: str = "") -> Image.Image:
     """The image with a colorbar ("less important" to "more important", when cmap is given) and a wrapped
-    caption below it: a picture that still says what it shows once it is saved and shared."""
-    image = image.convert("RGB")
+    caption below it: a picture that still says what it shows once it is saved and shared. A small image is
+    enlarged (nearest neighbour: its pixels stay visible) and, if still narrow, framed in white, to at least
+    FIGURE_MIN_WIDTH: the colour bar and the caption need the room."""
+    image = _at_least(image.convert("RGB"), FIGURE_MIN_WIDTH)
     width = image.width
     unit = max(12, width // 64)
     font = _font(unit)

@@ -82,7 +82,9 @@ def box_from_map(
     padding: float = config.ZOOM_PADDING,
     min_side: float = config.ZOOM_MIN_SIDE,
 ) -> tuple[float, float, float, float]:
-    """Zoom box in WORKING image pixels (x0, y0, x1, y1) from a patch-grid importance map."""
+    """Zoom box in WORKING image pixels (x0, y0, x1, y1) from a patch-grid importance map. Its side is at least
+    `min_side` of the shorter image side and at least one patch's pixels (`patch_size`; the whole image side when
+    the image is smaller): a crop of a few pixels, blown up to the model's input, shows the model nothing."""
     rows, cols = np.nonzero(mass_region(grid_map, mass))
     geo = analysis.geometry
     x0, y0, _, _ = geo.patch_box(rows.min(), cols.min())
@@ -91,7 +93,8 @@ def box_from_map(
     x0, y0, x1, y1 = max(x0, vx0), max(y0, vy0), min(x1, vx1), min(y1, vy1)
     pad_x, pad_y = (x1 - x0) * padding, (y1 - y0) * padding
     width, height = geo.image_size
-    return _square_inside(x0 - pad_x, y0 - pad_y, x1 + pad_x, y1 + pad_y, width, height, min_side * min(width, height))
+    least = max(min_side * min(width, height), geo.patch_size)
+    return _square_inside(x0 - pad_x, y0 - pad_y, x1 + pad_x, y1 + pad_y, width, height, least)
 
 
 @dataclass

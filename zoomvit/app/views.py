@@ -11,6 +11,7 @@ from zoomvit import artifacts, compare, config, visualization
 from zoomvit.app.feedback import finite_number
 from zoomvit.app.sessions import Session, SessionStore, Shown
 from zoomvit.errors import ZoomViTError
+from zoomvit.geometry import small_image_note
 from zoomvit.vit_analyzer import Prediction, top_predictions
 
 HEADS_SHEET_WIDTH = 720  # the all-heads grid fills the Explore tab's right column (about 720 px on a 1280-px page)
@@ -164,6 +165,9 @@ class ViewRenderer:
         session.shown = Shown(np.asarray(grid_map), caption, s.colormap, alpha, record, session.patch)
         if flagged:
             caption = f"{caption}\n\n{artifacts.note(flagged)}"
+        small = small_image_note(session.bundle, session.analysis.loaded.image.size)
+        if small:
+            caption = f"{caption}\n\n*{small}*"
         if note:
             caption = f"{note}\n\n{caption}"
         return image, caption, grid

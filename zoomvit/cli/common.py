@@ -45,6 +45,7 @@ def analyze_image(args, check=None):
     mistake is reported before the slow step after it. `check(num_layers, num_heads, id2label)` validates the
     command's options and returns what they resolve to (on the loaded model when config.json was not at hand)."""
     from zoomvit import images
+    from zoomvit.geometry import small_image_note
     from zoomvit.vit_analyzer import analyze
 
     placement = device_and_dtype(args)
@@ -54,6 +55,9 @@ def analyze_image(args, check=None):
     bundle = load_bundle(args.model, placement)
     if check and not facts:
         resolved = check(bundle.num_layers, bundle.num_heads, bundle.id2label)
+    small = small_image_note(bundle, loaded.image.size)
+    if small:
+        print(f"zoomvit: warning: {small}", file=sys.stderr)
     return analyze(bundle, loaded), resolved
 
 
