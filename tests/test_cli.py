@@ -239,7 +239,8 @@ def test_missing_model_folder_exits_2(capsys, photo, tmp_path):
     [
         (["prune", "--keep", "1.5"], "--keep must be a fraction in (0, 1], got 1.5."),
         (["prune", "--keep", "0"], "--keep must be a fraction in (0, 1], got 0."),
-        (["explain", "--discard-ratio", "1"], "--discard-ratio must be in [0, 1), got 1."),
+        (["explain", "--discard-ratio", "1"], "--discard-ratio must be from 0 to 0.95, got 1."),
+        (["explain", "--discard-ratio", "0.99"], "--discard-ratio must be from 0 to 0.95, got 0.99."),  # the app's cap
     ],
 )
 def test_option_ranges_are_checked_first(capsys, monkeypatch, deit_model_path, photo, argv, message):

@@ -99,10 +99,21 @@ def test_cls_map_reads_special_rows_and_skips_special_columns(request, analyses,
 def test_head_selection(analyses, head):
     analysis = analyses["tiny_vit"]
     index = int(head) if str(head).isdigit() else None
-    fused = analysis.attention(0, head)
+    fused = analysis.attention_matrix(0, head)
     raw = analysis.attentions[0]
     expected = raw[index] if index is not None else getattr(raw, head)(axis=0)
     np.testing.assert_array_equal(fused, expected)
+
+
+def test_attention_is_a_patch_map_like_its_neighbours(analyses):
+    """analysis.attention() returns what each patch receives on the patch grid, as cls_map and rollout return
+    maps; the token matrix is attention_matrix()."""
+    analysis = analyses["tiny_vit"]
+    received = analysis.attention(-1, "max")
+    assert received.shape == analysis.cls_map().shape == analysis.grid
+    column_mean = analysis.attention_matrix(-1, "max").mean(axis=0)[analysis.num_special :]
+    np.testing.assert_allclose(received.ravel(), normalize_map(column_mean), atol=1e-6)
+    np.testing.assert_array_equal(received, analysis.map("attention", -1, "max"))
 
 
 # ---- rollout --------------------------------------------------------------------------------------------
@@ -490,3 +501,15 @@ def test_smaller_budgets_keep_a_prefix_of_the_pick_order(tiny_vit):
         count = pruning.kept_count(patches, keep)
         kept = pruning.analysis_scores(analysis, 1, keep)[0].argsort(descending=True)[:count]
         assert kept.tolist() == order[:count].tolist()
+
+
+def test_printing_a_zoom_or_prune_result_is_one_short_line(analyses):
+    """Their arrays, crops and timing runs would fill a screen (750 lines for a PruneResult)."""
+    from zoomvit import zoom
+
+    analysis = analyses["tiny_vit"]
+    pruned = pruning.prune(analysis, 0.5, 1, "analysis", timing_repeats=0)
+    for result in (pruned, zoom.zoom(analysis)):
+        text = repr(result)
+        assert "\n" not in text and len(text) < 400 and "array" not in text
+    assert "keep=0.5" in repr(pruned) and "after_block=1" in repr(pruned)

@@ -23,6 +23,7 @@ ARTIFACT_NORM_RATIO = 4.0
 ROLLOUT_HEAD_FUSION = "mean"
 HEAD_FUSIONS = ("mean", "max", "min")  # a map over all heads: their mean, max or min
 ROLLOUT_DISCARD_RATIO = 0.9
+MAX_DISCARD_RATIO = 0.95  # the most the app's slider and the CLI accept (at 1 nothing would be left)
 
 # Token pruning.
 PRUNE_AFTER_BLOCK = 6

@@ -343,19 +343,19 @@ class PruneResult:
     mode: str
     keep: float
     after_block: int
-    before: list[Prediction]
-    after: list[Prediction]
-    probs_before: np.ndarray
-    probs_after: np.ndarray
-    kept_mask: np.ndarray  # (grid h, grid w) bool: patches that the later blocks still see
+    before: list[Prediction] = field(repr=False)  # (printing one shows a line, not every array and run)
+    after: list[Prediction] = field(repr=False)
+    probs_before: np.ndarray = field(repr=False)
+    probs_after: np.ndarray = field(repr=False)
+    kept_mask: np.ndarray = field(repr=False)  # (grid h, grid w) bool: patches that the later blocks still see
     tokens_before: int
     tokens_after: int
     macs_before: int
     macs_after: int
     latency_before_ms: float  # medians of the runs below
     latency_after_ms: float
-    latency_before_runs: list[float] = field(default_factory=list)
-    latency_after_runs: list[float] = field(default_factory=list)
+    latency_before_runs: list[float] = field(default_factory=list, repr=False)
+    latency_after_runs: list[float] = field(default_factory=list, repr=False)
     fusion: str | None = None  # what became of the dropped tokens (efficiency mode); None in analysis mode
 
     @property

@@ -86,12 +86,18 @@ class Analysis:
             raise ZoomViTError(f"Layer {layer} is out of range (0..{n - 1}).")
         return int(layer) % n
 
-    def attention(self, layer: int = -1, head="mean") -> np.ndarray:
-        """(N, N) attention of one layer, for one head or fused across heads; rows are queries."""
+    def attention_matrix(self, layer: int = -1, head="mean") -> np.ndarray:
+        """(N, N) attention of one layer between all tokens, for one head or fused across heads; rows are
+        queries. The maps below are read from it."""
         return fuse_heads(self.attentions[self._layer(layer)], head)
 
+    def attention(self, layer: int = -1, head="mean") -> np.ndarray:
+        """The attention each patch receives in one layer (its key column, averaged over all queries), on the
+        patch grid in [0, 1] like the other maps: the app's and the CLI's "attention" map."""
+        return normalize_map(self._to_grid(self.attention_matrix(layer, head).mean(axis=0)))
+
     def cls_map(self, layer: int = -1, head="mean") -> np.ndarray:
-        return normalize_map(self._to_grid(self._special_rows(self.attention(layer, head))))
+        return normalize_map(self._to_grid(self._special_rows(self.attention_matrix(layer, head))))
 
     def patch_index(self, row: int, col: int) -> int:
         gh, gw = self.grid
@@ -101,11 +107,11 @@ class Analysis:
 
     def attended_by_patch(self, row: int, col: int, layer: int = -1, head="mean") -> np.ndarray:
         """What patch (row, col) attends to: its query row, over patches."""
-        return normalize_map(self._to_grid(self.attention(layer, head)[self.patch_index(row, col)]))
+        return normalize_map(self._to_grid(self.attention_matrix(layer, head)[self.patch_index(row, col)]))
 
     def attending_patch(self, row: int, col: int, layer: int = -1, head="mean") -> np.ndarray:
         """What attends to patch (row, col): its key column, over patch queries."""
-        return normalize_map(self._to_grid(self.attention(layer, head)[:, self.patch_index(row, col)]))
+        return normalize_map(self._to_grid(self.attention_matrix(layer, head)[:, self.patch_index(row, col)]))
 
     # ---- relevance maps ----------------------------------------------------------------------------------
     def rollout(self, discard_ratio: float = config.ROLLOUT_DISCARD_RATIO, head=config.ROLLOUT_HEAD_FUSION):
@@ -146,8 +152,7 @@ class Analysis:
         if method == "cls":
             return self.cls_map(layer, head)
         if method == "attention":
-            # Attention received by each patch in this layer (column mean over queries).
-            return normalize_map(self._to_grid(self.attention(layer, head).mean(axis=0)))
+            return self.attention(layer, head)
         raise ZoomViTError(f"Unknown method '{method}': use one of {MAP_METHODS}.")
 
     def upsample(self, grid_map: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from zoomvit import compare
+from zoomvit import compare, config
 from zoomvit.app.feedback import finite_number, keeps_view
 from zoomvit.app.sessions import Session, SessionStore
 from zoomvit.app.views import VIEWS, ViewRenderer, ViewSettings, head_name, legend_html
@@ -120,7 +120,7 @@ class CompareHandlers:
             raise ZoomViTError(f"Opacity must be from 0 to 1, got {s.opacity!r}.")
         discard_ratio = finite_number(s.discard_ratio, "Discard ratio")
         if discard_ratio is None:
-            raise ZoomViTError("Discard ratio is empty: give a number from 0 to 0.95.")
+            raise ZoomViTError(f"Discard ratio is empty: give a number from 0 to {config.MAX_DISCARD_RATIO}.")
         target = self.store.resolve_target(session, s.target)
         source = self.store.for_target(session, target)  # the target's views; the others are the same for any
         picture = dict(image=session.display, geometry=session.geometry)

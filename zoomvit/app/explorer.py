@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import gradio as gr
 
-from zoomvit import models, visualization
+from zoomvit import config, models, visualization
 from zoomvit.app.compare_tab import CompareHandlers
 from zoomvit.app.exports import Exports
 from zoomvit.app.faithfulness_panel import FaithfulnessPanel
@@ -116,7 +116,7 @@ class ExploreHandlers:
         into range, and the slider shows the value used."""
         if not isinstance(session, Session):
             return (gr.skip(),) * 5
-        discard_ratio, fix_discard = clamped(settings.discard_ratio, 0.0, 0.95, "Discard ratio")
+        discard_ratio, fix_discard = clamped(settings.discard_ratio, 0.0, config.MAX_DISCARD_RATIO, "Discard ratio")
         opacity, fix_opacity = clamped(settings.opacity, 0.0, 1.0, "Opacity")
         if clear_patch:
             session.patch = None

@@ -104,7 +104,7 @@ def view_controls(bundle: models.ViTBundle) -> SimpleNamespace:
         c.discard_ratio = clamped_by_us(
             gr.Slider(
                 0.0,
-                0.95,
+                config.MAX_DISCARD_RATIO,
                 value=config.ROLLOUT_DISCARD_RATIO,
                 step=0.05,
                 label="Discard ratio",

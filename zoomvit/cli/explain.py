@@ -51,8 +51,8 @@ def _where(analysis, heat) -> str:
 
 def cmd_explain(args):
     discard_ratio = config.ROLLOUT_DISCARD_RATIO if args.discard_ratio is None else args.discard_ratio
-    if not 0.0 <= discard_ratio < 1.0:
-        raise UsageError(f"--discard-ratio must be in [0, 1), got {discard_ratio:g}.")
+    if not 0.0 <= discard_ratio <= config.MAX_DISCARD_RATIO:  # the app's slider's range
+        raise UsageError(f"--discard-ratio must be from 0 to {config.MAX_DISCARD_RATIO}, got {discard_ratio:g}.")
     given = {"--block": args.block, "--head": args.head, "--discard-ratio": args.discard_ratio, "--target": args.target}
     reads = MAP_OPTIONS[args.method]
 
