@@ -455,3 +455,32 @@ def test_freeze_keeps_the_stem_and_first_blocks_as_they_were(image_folder, tiny_
         image_folder, "--model", tiny_hf_folder, "--freeze", "2", "--out", tmp_path / "x", capsys=capsys
     )
     assert code == 2 and "--freeze must be in 1..1" in err
+
+
+def test_a_trained_model_is_named_by_its_base_and_data_and_its_card_is_in_about(image_folder, tmp_path):
+    """The app names a `zoomvit train` folder by what it is, not by the folder (here the unhelpful "model"), in the
+    chooser, the header and the exports, and shows its model card in About."""
+    from zoomvit import model_cards
+    from zoomvit.app.about import about_text
+    from zoomvit.app.model_chooser import header_text
+    from zoomvit.app.model_registry import ModelRegistry
+
+    data = tmp_path / "cifar-mini"
+    shutil.copytree(image_folder, data)
+    out = tmp_path / "model"
+    training.train(
+        options(out, data=str(data), init="random", arch="vit-micro", image_size=32, patch_size=4, epochs=1),
+        progress=False,
+    )
+    title = "vit-micro trained from scratch on cifar-mini"
+    assert model_cards.display_name(str(out)) == title
+    registry = ModelRegistry([str(out)], "cpu", "float32", 1, include_cache=False)
+    assert registry.choices() == [(title, str(out))]
+    bundle = registry.get()
+    assert f"**{title}**" in header_text(bundle)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    about = about_text(bundle)
+    assert "This model's card" in about and card.splitlines()[2] in about  # its first line of prose
+    assert (
+        model_cards.model_card(str(image_folder)) is None and model_cards.display_name("org/some-vit") == "org/some-vit"
+    )

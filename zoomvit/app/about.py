@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from zoomvit import config
+import re
+
+from zoomvit import config, model_cards
 from zoomvit.geometry import geometry_for
 from zoomvit.models import ViTBundle
 
@@ -84,10 +86,15 @@ def preprocessing_text(bundle: ViTBundle) -> str:
 
 
 def about_text(bundle: ViTBundle) -> str:
-    return ABOUT.format(
+    text = ABOUT.format(
         layers=bundle.num_layers,
         preprocessing=preprocessing_text(bundle),
         device=device_text(bundle),
         artifact_ratio=config.ARTIFACT_NORM_RATIO,
         margin=config.ZOOM_MARGIN,
     )
+    card = model_cards.model_card(bundle.name)
+    if card:  # its headings made smaller than the About text's own
+        card = re.sub(r"^(#{1,3}) ", lambda m: "#" * (len(m.group(1)) + 3) + " ", card, flags=re.M)
+        text += f"\n\n**This model's card** (README.md in its folder, written by `zoomvit train`):\n\n{card}"
+    return text

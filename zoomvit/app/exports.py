@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from zoomvit import visualization
+from zoomvit import model_cards, visualization
 from zoomvit.app.about import device_text
 from zoomvit.app.serving import get_upload_folder
 from zoomvit.app.sessions import Session, SessionStore
@@ -65,7 +65,7 @@ class Exports:
         if shown.patch is not None:
             width = max(2, image.width // 250)
             image = visualization.patch_outline(image, analysis.geometry, *shown.patch, color="white", width=width)
-        caption = f"{Path(session.bundle.name).name}: {plain_text(shown.caption)}"
+        caption = f"{model_cards.display_name(session.bundle.name)}: {plain_text(shown.caption)}"
         picture = visualization.figure_with_legend(image, shown.colormap, caption)
         result = self.result_header(session)
         result.update(
@@ -99,5 +99,5 @@ class Exports:
             image = visualization.draw_box(image, box, color=(255, 40, 40), width=max(3, image.width // 200))
             lines.append("Red: the zoom box. " + plain_text(zoom_text(zoom_result)))
             result["zoom"] = zoom_result.as_dict()
-        caption = f"{Path(session.bundle.name).name}: " + "\n".join(lines)
+        caption = f"{model_cards.display_name(session.bundle.name)}: " + "\n".join(lines)
         return self.write_export(session, "zoom-prune", visualization.figure_with_legend(image, None, caption), result)

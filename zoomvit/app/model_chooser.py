@@ -12,11 +12,11 @@ toast with its one-line error, and the session keeps its model.
 import concurrent.futures
 import functools
 import inspect
-from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
 
+from zoomvit import model_cards
 from zoomvit.app.about import about_text
 from zoomvit.app.feedback import message_of
 from zoomvit.app.sessions import SESSION_STATES, ModelChoice, SessionStore, chosen_model, prune_after_default
@@ -32,7 +32,7 @@ def header_text(bundle: ViTBundle) -> str:
     gh, gw = geometry_for(bundle, (bundle.input_size[1], bundle.input_size[0])).grid
     return (
         f"## ZoomViT Explorer\n"
-        f"See where **{Path(bundle.name).name}** looks ({last} blocks × {bundle.num_heads} heads, "
+        f"See where **{model_cards.display_name(bundle.name)}** looks ({last} blocks × {bundle.num_heads} heads, "
         f"{gh}×{gw} patches of {bundle.patch_size} px), click any patch, zoom in on it and prune what it ignores.\n\n"
         f"<small>Model family: {bundle.adapter.describe()}. Running on {bundle.device} in {bundle.dtype_name}."
         "</small>"

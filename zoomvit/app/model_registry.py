@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from zoomvit import config
+from zoomvit import config, model_cards
 from zoomvit.checks import check_max_models
 from zoomvit.errors import ZoomViTError
 
@@ -48,14 +48,10 @@ def resolved_id(name: str) -> str:
 
 
 def _label(name: str) -> str:
-    """How the chooser names a model: a folder by its own name, a hub id as it is."""
+    """How the chooser names a model: a folder `zoomvit train` wrote by its base and data, another folder by its
+    own name, a hub id as it is."""
     prefix = TIMM_PREFIX if name.startswith(TIMM_PREFIX) else ""
-    rest = name[len(prefix) :]
-    try:
-        folder = Path(rest).expanduser().is_dir()
-    except OSError:
-        folder = False
-    return prefix + (Path(rest).expanduser().resolve().name if folder else rest)
+    return prefix + model_cards.display_name(name[len(prefix) :])
 
 
 def _is_classifier(cfg: dict) -> bool:
