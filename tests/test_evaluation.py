@@ -466,7 +466,7 @@ def test_cli_eval_refuses_an_earlier_runs_folder_before_the_model_loads(
         err = capsys.readouterr().err
         assert err.startswith(
             f"zoomvit: error: {out} holds an earlier run's outputs (results.json, per_image.csv, "
-            "prune.png, zoom.png, faithfulness.png, report.md): add --overwrite"
+            "prune.png, zoom.png, faithfulness.png, sanity.png, report.md): add --overwrite"
         )
         assert err.count("\n") == 1
     assert sorted(p.name for p in out.iterdir()) == sorted(eval_report.OUTPUTS)

@@ -122,7 +122,12 @@ def add_parser(commands, common) -> None:
         help="fractions of patch tokens to keep, each in (0, 1] (default: %(default)s)",
     )
     p.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK, help="1..L-1 (default: %(default)s)")
-    p.add_argument("--tasks", default=",".join(config.EVAL_TASKS), help="default: %(default)s")
+    p.add_argument(
+        "--tasks",
+        default=",".join(config.EVAL_DEFAULT_TASKS),
+        help=f"some of {','.join(config.EVAL_TASKS)}; sanity: the maps' model randomisation test (Adebayo et al. "
+        "2018), about 15 analysis passes per image (default: %(default)s)",
+    )
     p.add_argument(
         "--zoom-policy",
         choices=config.ZOOM_POLICIES,

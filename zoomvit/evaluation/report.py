@@ -13,6 +13,7 @@ from pathlib import Path
 from zoomvit import visualization
 from zoomvit.errors import ZoomViTError
 from zoomvit.evaluation import gallery as eval_gallery
+from zoomvit.evaluation import sanity as eval_sanity
 from zoomvit.evaluation.tasks import INTENT_KEEP
 
 
@@ -23,7 +24,7 @@ class Evaluation:
     files: dict = field(default_factory=dict)  # the gallery's and example sheets' files: {path under OUT: bytes}
 
 
-PLOTS = {"prune": "prune.png", "zoom": "zoom.png", "faithfulness": "faithfulness.png"}
+PLOTS = {"prune": "prune.png", "zoom": "zoom.png", "faithfulness": "faithfulness.png", "sanity": "sanity.png"}
 OUTPUTS = ("results.json", "per_image.csv", *PLOTS.values(), "report.md")  # every file `write_outputs` writes
 
 
@@ -63,6 +64,7 @@ def write_outputs(result: Evaluation, out_dir) -> list[Path]:
         "prune": visualization.plot_pruning,
         "zoom": visualization.plot_zoom,
         "faithfulness": visualization.plot_faithfulness,
+        "sanity": visualization.plot_sanity,
     }
     for task, name in PLOTS.items():
         if task in summary:
@@ -262,6 +264,8 @@ def markdown_report(summary: dict, link_base: str = "") -> str:
                     f"{_pct(c['errors_fixed'])} |"
                 )
         lines.append("")
+    if "sanity" in s:
+        lines += _sanity_report(s["sanity"])
     lines += _pictures_report(s, link_base)
     checks = goal_checks(s)
     if checks:
@@ -275,6 +279,26 @@ def markdown_report(summary: dict, link_base: str = "") -> str:
         f"({s['machine']['processor']}, torch {s['machine']['torch']})."
     )
     return "\n".join(lines) + "\n"
+
+
+def _sanity_report(sanity: dict) -> list[str]:
+    """The sanity checks' table: one row per map, one column per randomisation level, and the verdicts."""
+    levels = sanity["levels"]
+    shown = [name if name in ("none", "head") else name.removeprefix("head") for name in levels]
+    lines = [
+        "Sanity checks (Adebayo et al. 2018, model randomisation): the weights randomised from the top, cumulatively "
+        "(head = the classifier; +10-12: the classifier and blocks 10 to 12), each map computed again for the "
+        "intact model's class. Spearman rank correlation with the intact model's map, mean over the images; "
+        f"rule: {sanity['rule']}.",
+        "",
+        "| map | " + " | ".join(shown) + " | verdict |",
+        "|---|" + "---|" * (len(levels) + 1),
+    ]
+    for e in sanity["maps"]:
+        lines.append(
+            f"| {e['map']} | " + " | ".join(f"{v:.2f}" for v in e["spearman"]) + f" | {eval_sanity.verdict(e)} |"
+        )
+    return lines + [""]
 
 
 def _pictures_report(s: dict, base: str = "") -> list[str]:

@@ -12,6 +12,7 @@ from zoomvit.checks import check_keep
 from zoomvit.errors import ZoomViTError
 
 TASKS = config.EVAL_TASKS
+DEFAULT_TASKS = config.EVAL_DEFAULT_TASKS
 DEFAULT_KEEPS = config.EVAL_KEEPS
 # Ranking criteria per pruning mode; "random" is each mode's baseline (analysis: random tokens dropped;
 # efficiency: random tokens kept and the rest merged into them, so only the choice differs from "merge").
