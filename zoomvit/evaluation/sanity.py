@@ -145,7 +145,7 @@ def sanity_summary(correlations: np.ndarray, num_layers: int) -> dict:
     maps = []
     for j, name in enumerate(MAPS):
         means = correlations[:, :, j].mean(axis=0)
-        below = means < THRESHOLD
+        below = np.array([float(f"{v:.2f}") < THRESHOLD for v in means])  # judged as the report prints them
         # the level from which every deeper randomisation stays below the threshold
         from_level = next((k for k in range(len(levels)) if below[k:].all()), None)
         maps.append(
@@ -163,5 +163,6 @@ def sanity_summary(correlations: np.ndarray, num_layers: int) -> dict:
 def verdict(entry: dict) -> str:
     """One map's verdict in words, with the figure it rests on."""
     if entry["passes"]:
-        return f"passes: below {THRESHOLD:g} once {level_in_words(entry['below_from'])} are random"
+        level = entry["below_from"]
+        return f"passes: below {THRESHOLD:g} once {level_in_words(level)} {'is' if level == 'head' else 'are'} random"
     return f"fails: still {entry['spearman'][-1]:.2f} with the head and every block random"
