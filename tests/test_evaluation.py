@@ -262,6 +262,21 @@ def test_goal_checks_judge_the_printed_figures():
     assert faith_check[1] is True and faith_check[0].endswith("(3.00 points better)")
 
 
+def test_an_untimed_run_says_latency_was_not_measured():
+    """eval --no-timing leaves every latency ratio None: the table and the latency goals say "not measured"."""
+    summary = synthetic_summary()
+    summary["settings"]["timing"] = False
+    for e in summary["prune"]:
+        e["latency_ratio"] = None
+    checks = {goal: (measured, met) for goal, measured, met in eval_report.goal_checks(summary)}
+    assert checks["efficiency keep 0.5: latency ratio <= MACs ratio + 0.05"] == ("not measured", None)
+    assert checks["analysis pruning, keep 0.3: top-1 drop <= 1 points"][1] is True  # the other goals still judged
+    report = eval_report.markdown_report(summary)
+    assert "latency not measured: --no-timing" in report and "latency at batch" not in report
+    assert "| 0.75 | not measured |" in report  # keep 0.5's MACs ratio, then its latency
+    assert "| efficiency keep 0.3: latency ratio <= MACs ratio + 0.05 | not measured | not measured |" in report
+
+
 def test_zoom_plot_legend_covers_no_bar_or_value():
     """Bars near 100% fill the axes: the legend sits outside them, clear of every bar, value, label and the title."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -434,6 +449,20 @@ def test_cli_eval_prints_json_and_shows_progress(deit_model_path, shared_dir, tm
     assert summary["n"] == 2 and [e["keep"] for e in summary["prune"]] == [0.5] * 6
     assert "images (imagenet-sample)" in proc.stderr and "pruning" in proc.stderr  # the progress bars
     assert (out / "prune.png").is_file() and not (out / "zoom.png").exists()
+
+
+def test_cli_eval_no_timing_skips_the_latency_measurement(deit_model_path, shared_dir, tmp_path, monkeypatch):
+    from zoomvit import pruning
+
+    monkeypatch.setattr(pruning, "interleaved_ms", lambda *a, **k: pytest.fail("latency was timed"))
+    out = tmp_path / "out"
+    argv = ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", deit_model_path]
+    argv += ["--device", "cpu", "--limit", "2", "--tasks", "prune", "--keep", "0.5", "--workers", "0"]
+    assert cli.main([*argv, "--out", str(out), "--no-timing"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["settings"]["timing"] is False and len(summary["prune"]) == 6
+    assert all(e["latency_ratio"] is None and 0 < e["macs_ratio"] < 1 for e in summary["prune"])
+    assert "latency not measured: --no-timing" in (out / "report.md").read_text()
 
 
 def earlier_run(out: Path, *extra: str) -> Path:

@@ -67,6 +67,7 @@ def cmd_eval(args):
                 examples=args.examples,
                 every=args.every,
                 zoom_policy=args.zoom_policy,
+                timing=not args.no_timing,
             )
         if result is None:  # another process of a torchrun launch: rank 0 writes the outputs
             return None
@@ -178,6 +179,12 @@ def add_parser(commands, common) -> None:
         "diffuse intent), a PNG sheet for each of its first N images under OUT/examples/: image, intent "
         "map, zoom crop, kept tokens of both pruning modes, every prediction; needs the intent task "
         "(default: %(default)s, none)",
+    )
+    p.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="skip the pruning's latency measurement (most of a small run's time): the report then says latency "
+        "was not measured",
     )
     p.add_argument("--json", action="store_true", help="print results.json instead of the report")
     p.set_defaults(run=cmd_eval)

@@ -238,6 +238,7 @@ def evaluate(
     examples: int = 0,
     every: int = 1,
     zoom_policy: str = config.ZOOM_POLICY,
+    timing: bool = True,
 ) -> Evaluation | None:
     """Run the evaluation tasks over a labelled folder (see the module docstring).
 
@@ -249,7 +250,8 @@ def evaluate(
     the one shared `work_dir`: rank 0 returns the Evaluation, the others None. `gallery` > 0 adds, per task, the
     first `gallery` images it got wrong or changed its mind on; `examples` > 0 that many example sheets per intent
     group (see `eval_gallery`; neither changes pass 1's files, so a resumed run may ask for them or not). `every` K
-    evaluates every K-th image of labels.csv (before `limit`)."""
+    evaluates every K-th image of labels.csv (before `limit`). `timing` False skips the pruning's latency
+    measurement (most of a small run's time): its ratios are then None, and the report says so."""
     if work_dir is None:
         if rank_world()[1] > 1:
             raise ZoomViTError("A distributed evaluation needs a work folder that every process shares (work_dir).")
@@ -323,6 +325,7 @@ def evaluate(
             progress,
             timings,
             INTENT_CONFIGS if examples else (),
+            timing,
         )
     if rank != 0:
         return None
@@ -334,7 +337,14 @@ def evaluate(
     skipped = [
         {"file": items[i].file, "error": load_record(work, i, True)["error"]} for i in sorted(finished) if finished[i]
     ]
-    run = {"tasks": list(tasks), "keep": list(keeps), "after_block": after_block, "limit": limit, "every": every}
+    run = {
+        "tasks": list(tasks),
+        "keep": list(keeps),
+        "after_block": after_block,
+        "limit": limit,
+        "every": every,
+        "timing": timing,
+    }
     summary = _summary(bundle, data, run, batch, zoom_policy, records, kept, rows, pruned, skipped, items[0].box)
     files = {}
     if gallery or examples:  # drawn from what the run has computed: no model call

@@ -30,7 +30,7 @@ class PrunedRun(NamedTuple):
     predicted: np.ndarray  # (N,) the pruned model's class
     kept_prob: np.ndarray  # (N,) its probability of the unpruned prediction
     confidence: np.ndarray  # (N,) its probability of its own prediction
-    latency_ratio: float
+    latency_ratio: float | None  # None: not measured (eval --no-timing)
     kept: np.ndarray | None = None  # (N, kept tokens) patch indices kept, where asked for (example sheets)
 
 
