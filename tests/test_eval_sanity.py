@@ -2,6 +2,7 @@
 of a model copy, and a whole run on a tiny random ViT."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from zoomvit.evaluation import runner as evaluation
 from zoomvit.evaluation import sanity
 from zoomvit.vit_analyzer import analyze_many
 
+REPO = Path(__file__).resolve().parents[1]
 # rollout, cls and attention read the attentions alone: randomising the classifier cannot move them.
 CLASS_AGNOSTIC = ("rollout", "cls", "attention")
 
@@ -99,3 +101,17 @@ def test_sanity_run_writes_its_table_plot_and_verdicts(tiny_vit, tmp_path):
     figures = " | ".join(f"{v:.2f}" for v in rollout["spearman"])
     assert f"| rollout | {figures} | {sanity.verdict(rollout)} |" in report
     assert json.loads((out / "results.json").read_text())["sanity"] == s
+
+
+def test_the_about_text_quotes_the_committed_sanity_run(deit_tiny):
+    """The app's About text says which maps pass, with figures from the run the README shows."""
+    from zoomvit.app.about import about_text
+
+    summary = json.loads((REPO / "docs" / "results" / "sanity-imagenet-sample" / "results.json").read_text())
+    maps = {e["map"]: e for e in summary["sanity"]["maps"]}
+    assert set(maps) == set(sanity.MAPS) and all(e["passes"] for e in maps.values())
+    about = " ".join(about_text(deit_tiny).split())
+    assert "every view above passes" in about and "63 ImageNet photos" in about and summary["n"] == 63
+    assert f"rollout to {maps['rollout']['spearman'][-1]:.2f}" in about
+    head = lambda name: f"{maps[name]['spearman'][1]:.2f}"
+    assert f"alone ({head('grad_rollout')} and {head('intent')})" in about
