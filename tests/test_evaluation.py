@@ -111,6 +111,7 @@ def test_parse_keeps_and_tasks():
         with pytest.raises(ZoomViTError):
             eval_tasks.parse_keeps(bad)
     assert eval_tasks.parse_tasks("zoom,prune") == ("zoom", "prune")
+    assert eval_tasks.parse_tasks("sanity") == ("sanity",) and "sanity" not in eval_tasks.DEFAULT_TASKS
     with pytest.raises(ZoomViTError, match="tasks"):
         eval_tasks.parse_tasks("zoom,speed")
 

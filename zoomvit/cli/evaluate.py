@@ -94,7 +94,8 @@ def add_parser(commands, common) -> None:
         "eval",
         parents=[common],
         help="evaluate pruning, zoom, faithfulness and intent on a folder",
-        description="Evaluate pruning, zoom, faithfulness and intent on a labelled folder. Started by torchrun "
+        description="Evaluate pruning, zoom, faithfulness and intent on a labelled folder, and on request the maps' "
+        "sanity checks (--tasks sanity). Started by torchrun "
         "(torchrun --nproc-per-node N -m zoomvit eval ...), its processes share the work and rank 0 writes the "
         "outputs.",
     )
