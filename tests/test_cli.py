@@ -395,11 +395,14 @@ def test_serve_refuses_a_port_out_of_range_before_anything_loads(capsys, monkeyp
 
 
 def run_json_and_notes(capsys, *argv):
-    """(the JSON object on stdout, the lines on stderr)."""
+    """(the JSON object on stdout, the lines on stderr after the two that say what the command is doing)."""
     assert cli.main(list(argv)) == 0
     captured = capsys.readouterr()
     assert captured.out.count("\n") == 1
-    return json.loads(captured.out), captured.err.splitlines()
+    model, image = argv[argv.index("--model") + 1], argv[1]
+    progress, notes = captured.err.splitlines()[:2], captured.err.splitlines()[2:]
+    assert progress == [f"zoomvit: loading model {model} ...", f"zoomvit: analysing {image} ..."]
+    return json.loads(captured.out), notes
 
 
 @pytest.mark.parametrize(

@@ -111,6 +111,7 @@ def test_parse_keeps_and_tasks():
         with pytest.raises(ZoomViTError):
             eval_tasks.parse_keeps(bad)
     assert eval_tasks.parse_tasks("zoom,prune") == ("zoom", "prune")
+    assert eval_tasks.parse_tasks("sanity") == ("sanity",) and "sanity" not in eval_tasks.DEFAULT_TASKS
     with pytest.raises(ZoomViTError, match="tasks"):
         eval_tasks.parse_tasks("zoom,speed")
 
@@ -260,6 +261,21 @@ def test_goal_checks_judge_the_printed_figures():
     assert checks["efficiency keep 0.3: latency ratio <= MACs ratio + 0.05"] == ("0.12 vs 0.07", True)
     faith_check = checks["best map's deletion AUC <= rollout's - 3 points"]
     assert faith_check[1] is True and faith_check[0].endswith("(3.00 points better)")
+
+
+def test_an_untimed_run_says_latency_was_not_measured():
+    """eval --no-timing leaves every latency ratio None: the table and the latency goals say "not measured"."""
+    summary = synthetic_summary()
+    summary["settings"]["timing"] = False
+    for e in summary["prune"]:
+        e["latency_ratio"] = None
+    checks = {goal: (measured, met) for goal, measured, met in eval_report.goal_checks(summary)}
+    assert checks["efficiency keep 0.5: latency ratio <= MACs ratio + 0.05"] == ("not measured", None)
+    assert checks["analysis pruning, keep 0.3: top-1 drop <= 1 points"][1] is True  # the other goals still judged
+    report = eval_report.markdown_report(summary)
+    assert "latency not measured: --no-timing" in report and "latency at batch" not in report
+    assert "| 0.75 | not measured |" in report  # keep 0.5's MACs ratio, then its latency
+    assert "| efficiency keep 0.3: latency ratio <= MACs ratio + 0.05 | not measured | not measured |" in report
 
 
 def test_zoom_plot_legend_covers_no_bar_or_value():
@@ -436,6 +452,20 @@ def test_cli_eval_prints_json_and_shows_progress(deit_model_path, shared_dir, tm
     assert (out / "prune.png").is_file() and not (out / "zoom.png").exists()
 
 
+def test_cli_eval_no_timing_skips_the_latency_measurement(deit_model_path, shared_dir, tmp_path, monkeypatch):
+    from zoomvit import pruning
+
+    monkeypatch.setattr(pruning, "interleaved_ms", lambda *a, **k: pytest.fail("latency was timed"))
+    out = tmp_path / "out"
+    argv = ["eval", "--data", str(shared_dir / "data" / "imagenet-sample"), "--model", deit_model_path]
+    argv += ["--device", "cpu", "--limit", "2", "--tasks", "prune", "--keep", "0.5", "--workers", "0"]
+    assert cli.main([*argv, "--out", str(out), "--no-timing"]) == 0
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["settings"]["timing"] is False and len(summary["prune"]) == 6
+    assert all(e["latency_ratio"] is None and 0 < e["macs_ratio"] < 1 for e in summary["prune"])
+    assert "latency not measured: --no-timing" in (out / "report.md").read_text()
+
+
 def earlier_run(out: Path, *extra: str) -> Path:
     """`out` as a finished run leaves it (every output, fake), with `extra` files of someone else's."""
     out.mkdir(parents=True)
@@ -466,7 +496,7 @@ def test_cli_eval_refuses_an_earlier_runs_folder_before_the_model_loads(
         err = capsys.readouterr().err
         assert err.startswith(
             f"zoomvit: error: {out} holds an earlier run's outputs (results.json, per_image.csv, "
-            "prune.png, zoom.png, faithfulness.png, report.md): add --overwrite"
+            "prune.png, zoom.png, faithfulness.png, sanity.png, report.md): add --overwrite"
         )
         assert err.count("\n") == 1
     assert sorted(p.name for p in out.iterdir()) == sorted(eval_report.OUTPUTS)
@@ -532,7 +562,7 @@ def test_readme_results_are_the_committed_reports():
     what its results.json gives."""
     readme = (REPO / "README.md").read_text()
     reports = sorted((REPO / "docs" / "results").glob("*/report.md"))
-    assert {r.parent.name for r in reports} == {"imagenet-sample", "zoom-bench"}
+    assert {r.parent.name for r in reports} == {"imagenet-sample", "zoom-bench", "sanity-imagenet-sample"}
     for report in reports:
         summary = json.loads((report.parent / "results.json").read_text())
         assert report.read_text() == eval_report.markdown_report(summary)

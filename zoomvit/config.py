@@ -128,7 +128,10 @@ ZOOM_POLICY_HELP = (  # zoom --policy and eval --zoom-policy
 )
 PRUNE_MODES = ("analysis", "efficiency")
 PRUNE_FUSIONS = ("drop", "fuse", "merge")
-EVAL_TASKS = ("prune", "zoom", "faithfulness", "intent")
+EVAL_TASKS = ("prune", "zoom", "faithfulness", "intent", "sanity")
+# Without --tasks: all but the sanity checks, which analyse every image once per randomisation level (14 passes
+# for a 12-block model) and answer a question about the maps, not about this data.
+EVAL_DEFAULT_TASKS = ("prune", "zoom", "faithfulness", "intent")
 EVAL_KEEPS = (0.9, 0.7, 0.5, 0.3, 0.1)
 # `zoomvit eval --batch`: images analysed together in pass 1 (one batched analysis pass with its backward; their
 # perturbation forwards run together, in batches of faithfulness.BATCH).

@@ -287,5 +287,26 @@ def plot_faithfulness(summary: dict) -> Figure:
     return fig
 
 
+def plot_sanity(summary: dict) -> Figure:
+    """The sanity checks: each map's mean rank correlation with the intact model's map against how much of the
+    model is random, the pass threshold dashed."""
+    sanity = summary["sanity"]
+    fig = Figure(figsize=(8, 4.2), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(sanity["levels"]))
+    for e in sanity["maps"]:
+        ax.plot(x, e["spearman"], marker="o", label=e["map"])
+    ax.axhline(sanity["threshold"], color="grey", linestyle="--", linewidth=0.8, label="pass threshold")
+    ax.set_xticks(x, sanity["levels"], rotation=45, ha="right", fontsize=8)
+    ax.set_xlabel("randomised (cumulatively, from the top)")
+    ax.set_ylabel("Spearman rank correlation with the intact map")
+    lowest = min(min(e["spearman"]) for e in sanity["maps"])
+    ax.set_ylim(min(-0.3, lowest - 0.05), 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{_data_name(summary)}: sanity checks, model randomisation (n = {summary['n']})")
+    return fig
+
+
 def _data_name(summary: dict) -> str:
     return summary["data"].rstrip("/").split("/")[-1]

@@ -199,9 +199,12 @@ def intent_map(analysis: Analysis, from_block: int = 0) -> np.ndarray:
     """
     attn = analysis.attentions[from_block:]
     grads = analysis.attention_grads[from_block:]
-    flow = analysis._to_grid(analysis._special_rows(grad_rollout_matrix(attn, grads)))
+    if from_block == 0:  # over every block the flow is the grad_rollout map itself: computed (and cached) once
+        flow = analysis.grad_rollout()
+    else:
+        flow = normalize_map(analysis._to_grid(analysis._special_rows(grad_rollout_matrix(attn, grads))))
     needed = analysis._to_grid(np.clip(key_removal_effect(attn, grads), 0, None))
-    return normalize_map(normalize_map(flow) + normalize_map(needed))
+    return normalize_map(flow + normalize_map(needed))
 
 
 def _backward(graph: dict, targets: list[int], keep_graph: bool) -> np.ndarray:

@@ -24,6 +24,13 @@ ABOUT = """
 - **Clicking a patch**: what that patch attends to (its attention row) or what attends to it (its column), in the
   chosen block and head.
 
+**Sanity checks** (Adebayo et al. 2018, model randomisation; `zoomvit eval --tasks sanity` on DeiT-Tiny, 63
+ImageNet photos): every view above passes. With the classifier and every block given random weights, each map's rank
+correlation with the trained model's map falls below 0.5 (rollout to 0.18, the others to about 0): the maps show
+what the model computes, not just the image. Gradient-weighted and intent already change with a random classifier
+alone (0.70 and 0.45); rollout changes least (above 0.5 until blocks 8-12 are random): of the five, it shows the
+most of the image itself.
+
 **Faithfulness of this map**: the deletion and insertion curves of the map on screen, on this image, for the class
 it explains: the pixels it ranks highest are removed first (deletion: the class's probability should fall fast, a
 low area under the curve) or restored first over a blurred copy (insertion: it should rise fast, a high area). The

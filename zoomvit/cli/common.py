@@ -52,13 +52,21 @@ def analyze_image(args, check=None):
     loaded = images.load_image(args.image)
     facts = model_facts(args.model)
     resolved = check(*facts) if check and facts else None
+    say(f"loading model {args.model} ...")  # after the quick checks: a mistake there stays the only line
     bundle = load_bundle(args.model, placement)
     if check and not facts:
         resolved = check(bundle.num_layers, bundle.num_heads, bundle.id2label)
     small = small_image_note(bundle, loaded.image.size)
     if small:
         print(f"zoomvit: warning: {small}", file=sys.stderr)
+    say(f"analysing {args.image} ...")
     return analyze(bundle, loaded), resolved
+
+
+def say(text: str) -> None:
+    """One line on stderr about what a command is doing while it is slow: stdout stays the result (--json's one
+    JSON object)."""
+    print(f"zoomvit: {text}", file=sys.stderr, flush=True)
 
 
 def print_predictions(title, predictions, count=3):

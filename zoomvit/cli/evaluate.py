@@ -71,6 +71,7 @@ def cmd_eval(args):
                 examples=args.examples,
                 every=args.every,
                 zoom_policy=args.zoom_policy,
+                timing=not args.no_timing,
             )
         if result is None:  # another process of a torchrun launch: rank 0 writes the outputs
             return None
@@ -97,7 +98,8 @@ def add_parser(commands, common) -> None:
         "eval",
         parents=[common],
         help="evaluate pruning, zoom, faithfulness and intent on a folder",
-        description="Evaluate pruning, zoom, faithfulness and intent on a labelled folder. Started by torchrun "
+        description="Evaluate pruning, zoom, faithfulness and intent on a labelled folder, and on request the maps' "
+        "sanity checks (--tasks sanity). Started by torchrun "
         "(torchrun --nproc-per-node N -m zoomvit eval ...), its processes share the work and rank 0 writes the "
         "outputs.",
     )
@@ -127,7 +129,12 @@ def add_parser(commands, common) -> None:
         help="fractions of patch tokens to keep, each in (0, 1] (default: %(default)s)",
     )
     p.add_argument("--after-block", type=int, default=config.PRUNE_AFTER_BLOCK, help="1..L-1 (default: %(default)s)")
-    p.add_argument("--tasks", default=",".join(config.EVAL_TASKS), help="default: %(default)s")
+    p.add_argument(
+        "--tasks",
+        default=",".join(config.EVAL_DEFAULT_TASKS),
+        help=f"some of {','.join(config.EVAL_TASKS)}; sanity: the maps' model randomisation test (Adebayo et al. "
+        "2018), about 15 analysis passes per image (default: %(default)s)",
+    )
     p.add_argument(
         "--zoom-policy",
         choices=config.ZOOM_POLICIES,
@@ -178,6 +185,12 @@ def add_parser(commands, common) -> None:
         "diffuse intent), a PNG sheet for each of its first N images under OUT/examples/: image, intent "
         "map, zoom crop, kept tokens of both pruning modes, every prediction; needs the intent task "
         "(default: %(default)s, none)",
+    )
+    p.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="skip the pruning's latency measurement (most of a small run's time): the report then says latency "
+        "was not measured",
     )
     p.add_argument("--json", action="store_true", help="print results.json instead of the report")
     p.set_defaults(run=cmd_eval)

@@ -48,7 +48,9 @@ def _pixels(bundle, images, entry):
     return encode(bundle, loaded)[0]
 
 
-def prune_pass(bundle, images, kept, records, configs, after_block, workers, progress, timings, record_kept=()):
+def prune_pass(
+    bundle, images, kept, records, configs, after_block, workers, progress, timings, record_kept=(), timing=True
+):
     """{config: PrunedRun} for the N readable images `kept` (indices into `images`, in order) on rank 0; None on
     the other ranks. The configurations in `record_kept` also give the patch tokens each image kept.
 
@@ -56,8 +58,9 @@ def prune_pass(bundle, images, kept, records, configs, after_block, workers, pro
     share, see `rank_batches`, and rank 0 gathers them). The images are decoded again rather than kept from pass 1:
     the same pixels, without holding a whole data set's in memory. `records`: pass 1's, at least for this rank's
     batches. Latency is timed afterwards on the first batch, on rank 0 once the others are done (see
-    `_latency_ratios`; its seconds go to `timings["latency_seconds"]`). Timing inside the accuracy loop gave ratios
-    0.05-0.25 too high on 2 cores: one unpruned run per batch is too noisy a reference."""
+    `_latency_ratios`; its seconds go to `timings["latency_seconds"]`), unless `timing` is False: the ratios are
+    then None. Timing inside the accuracy loop gave ratios 0.05-0.25 too high on 2 cores: one unpruned run per
+    batch is too noisy a reference."""
     rank, world = rank_world()
     n = len(kept)
     batches = rank_batches(kept, rank, world)
@@ -109,7 +112,10 @@ def prune_pass(bundle, images, kept, records, configs, after_block, workers, pro
                 if value is not None:
                     column[start : start + len(value)] = value
     latency_started = time.perf_counter()
-    latency = _latency_ratios(bundle, first_pixels, random_scores[:PRUNE_BATCH], configs, after_block, progress)
+    if timing:
+        latency = _latency_ratios(bundle, first_pixels, random_scores[:PRUNE_BATCH], configs, after_block, progress)
+    else:
+        latency = dict.fromkeys(configs)
     timings["latency_seconds"] = time.perf_counter() - latency_started
     return {cfg: PrunedRun(*out[cfg][:3], latency[cfg], out[cfg][3]) for cfg in configs}
 

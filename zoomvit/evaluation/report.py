@@ -13,6 +13,7 @@ from pathlib import Path
 from zoomvit import visualization
 from zoomvit.errors import ZoomViTError
 from zoomvit.evaluation import gallery as eval_gallery
+from zoomvit.evaluation import sanity as eval_sanity
 from zoomvit.evaluation.tasks import INTENT_KEEP
 
 
@@ -23,7 +24,7 @@ class Evaluation:
     files: dict = field(default_factory=dict)  # the gallery's and example sheets' files: {path under OUT: bytes}
 
 
-PLOTS = {"prune": "prune.png", "zoom": "zoom.png", "faithfulness": "faithfulness.png"}
+PLOTS = {"prune": "prune.png", "zoom": "zoom.png", "faithfulness": "faithfulness.png", "sanity": "sanity.png"}
 OUTPUTS = ("results.json", "per_image.csv", *PLOTS.values(), "report.md")  # every file `write_outputs` writes
 
 
@@ -63,6 +64,7 @@ def write_outputs(result: Evaluation, out_dir) -> list[Path]:
         "prune": visualization.plot_pruning,
         "zoom": visualization.plot_zoom,
         "faithfulness": visualization.plot_faithfulness,
+        "sanity": visualization.plot_sanity,
     }
     for task, name in PLOTS.items():
         if task in summary:
@@ -101,8 +103,12 @@ def _shown(value: float, spec: str) -> tuple[str, Decimal]:
     return text, Decimal(text.rstrip("%"))
 
 
-def goal_checks(summary: dict) -> list[tuple[str, str, bool]]:
-    """(goal, measured, met) for every goal the summary has figures for, judged on the figures as printed."""
+NOT_MEASURED = "not measured"  # a latency that eval --no-timing skipped, in the tables and the goals
+
+
+def goal_checks(summary: dict) -> list[tuple[str, str, bool | None]]:
+    """(goal, measured, met) for every goal the summary has figures for, judged on the figures as printed; met is
+    None for a goal on a figure the run did not measure (latency under --no-timing)."""
     checks = []
     for entry in summary.get("prune", []):
         ours = "intent" if entry["mode"] == "analysis" else "merge"
@@ -118,14 +124,12 @@ def goal_checks(summary: dict) -> list[tuple[str, str, bool]]:
             )
         )
         if entry["mode"] == "efficiency":
+            goal = f"efficiency keep {entry['keep']:g}: latency ratio <= MACs ratio + {LATENCY_SLACK}"
+            if entry["latency_ratio"] is None:  # eval --no-timing
+                checks.append((goal, NOT_MEASURED, None))
+                continue
             latency, macs = _shown(entry["latency_ratio"], ".2f"), _shown(entry["macs_ratio"], ".2f")
-            checks.append(
-                (
-                    f"efficiency keep {entry['keep']:g}: latency ratio <= MACs ratio + {LATENCY_SLACK}",
-                    f"{latency[0]} vs {macs[0]}",
-                    latency[1] <= macs[1] + Decimal(f"{LATENCY_SLACK}"),
-                )
-            )
+            checks.append((goal, f"{latency[0]} vs {macs[0]}", latency[1] <= macs[1] + Decimal(f"{LATENCY_SLACK}")))
     z = summary.get("zoom")
     if z and "pointing_game" in z:
         goals = [
@@ -184,9 +188,11 @@ def markdown_report(summary: dict, link_base: str = "") -> str:
     if s["skipped"]:
         lines += [f"Skipped (unreadable): {len(s['skipped'])} files.", ""]
     if "prune" in s:
+        timed = s["settings"].get("timing", True)  # runs from before --no-timing were all timed
         lines += [
-            f"Pruning after block {s['settings']['after_block']} (top-1 change in points; latency at batch "
-            f"{s['settings']['prune_batch']}):",
+            f"Pruning after block {s['settings']['after_block']} (top-1 change in points; "
+            + (f"latency at batch {s['settings']['prune_batch']}" if timed else "latency not measured: --no-timing")
+            + "):",
             "",
             "| mode | criterion | keep | top-1 | change | agreement | MACs ratio | latency ratio |",
             "|---|---|---|---|---|---|---|---|",
@@ -195,7 +201,7 @@ def markdown_report(summary: dict, link_base: str = "") -> str:
             lines.append(
                 f"| {e['mode']} | {e['criterion']} | {e['keep']:g} | {_pct(e['top1'])} | "
                 f"{_signed(e['top1'] - s['top1'])} | {_pct(e['agreement'])} | {e['macs_ratio']:.2f} | "
-                f"{e['latency_ratio']:.2f} |"
+                f"{NOT_MEASURED if e['latency_ratio'] is None else format(e['latency_ratio'], '.2f')} |"
             )
         lines.append("")
     if "zoom" in s:
@@ -262,11 +268,14 @@ def markdown_report(summary: dict, link_base: str = "") -> str:
                     f"{_pct(c['errors_fixed'])} |"
                 )
         lines.append("")
+    if "sanity" in s:
+        lines += _sanity_report(s["sanity"])
     lines += _pictures_report(s, link_base)
     checks = goal_checks(s)
     if checks:
         lines += ["Goals:", "", "| goal | measured | |", "|---|---|---|"]
-        lines += [f"| {goal} | {measured} | {'met' if met else 'MISSED'} |" for goal, measured, met in checks]
+        verdicts = {True: "met", False: "MISSED", None: NOT_MEASURED}
+        lines += [f"| {goal} | {measured} | {verdicts[met]} |" for goal, measured, met in checks]
         lines.append("")
     sp = s["speed"]
     lines.append(
@@ -275,6 +284,26 @@ def markdown_report(summary: dict, link_base: str = "") -> str:
         f"({s['machine']['processor']}, torch {s['machine']['torch']})."
     )
     return "\n".join(lines) + "\n"
+
+
+def _sanity_report(sanity: dict) -> list[str]:
+    """The sanity checks' table: one row per map, one column per randomisation level, and the verdicts."""
+    levels = sanity["levels"]
+    shown = [name if name in ("none", "head") else name.removeprefix("head") for name in levels]
+    lines = [
+        "Sanity checks (Adebayo et al. 2018, model randomisation): the weights randomised from the top, cumulatively "
+        "(head = the classifier; +10-12: the classifier and blocks 10 to 12), each map computed again for the "
+        "intact model's class. Spearman rank correlation with the intact model's map, mean over the images; "
+        f"rule: {sanity['rule']}.",
+        "",
+        "| map | " + " | ".join(shown) + " | verdict |",
+        "|---|" + "---|" * (len(levels) + 1),
+    ]
+    for e in sanity["maps"]:
+        lines.append(
+            f"| {e['map']} | " + " | ".join(f"{v:.2f}" for v in e["spearman"]) + f" | {eval_sanity.verdict(e)} |"
+        )
+    return lines + [""]
 
 
 def _pictures_report(s: dict, base: str = "") -> list[str]:

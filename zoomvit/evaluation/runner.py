@@ -33,10 +33,18 @@ from zoomvit.checks import check_after_block
 from zoomvit.errors import ImageLoadError, ZoomViTError
 from zoomvit.evaluation import gallery as eval_gallery
 from zoomvit.evaluation import pruning_pass
+from zoomvit.evaluation import sanity as eval_sanity
 from zoomvit.evaluation import summary as eval_summary
 from zoomvit.evaluation.data import BOX_COLUMNS, Images, decode_ahead, default_workers
 from zoomvit.evaluation.report import Evaluation
-from zoomvit.evaluation.tasks import DEFAULT_KEEPS, FAITHFULNESS_METHODS, INTENT_CONFIGS, TASKS, prune_configs
+from zoomvit.evaluation.tasks import (
+    DEFAULT_KEEPS,
+    DEFAULT_TASKS,
+    FAITHFULNESS_METHODS,
+    INTENT_CONFIGS,
+    TASKS,
+    prune_configs,
+)
 from zoomvit.evaluation.work import (
     Stamps,
     barrier,
@@ -77,12 +85,21 @@ def peak_in_box(analysis: Analysis, grid_map: np.ndarray, box) -> bool:
 
 
 def _group_pass(
-    bundle, entries, items, tasks, intent_keeps, after_block, need_scores, zoom_policy=config.ZOOM_POLICY
+    bundle,
+    entries,
+    items,
+    tasks,
+    intent_keeps,
+    after_block,
+    need_scores,
+    zoom_policy=config.ZOOM_POLICY,
+    randomised=None,
 ) -> dict:
     """Pass 1 for one group of images, [(index, LoadedImage, None) or (index, None, error)]: {index: record}, where
     a record holds the image's CSV row, its analysis-mode pruning scores (None unless `need_scores`), its
-    perturbation curves and its share of the batched analysis pass's time, or the error that skips it. The group's
-    analysis pass is one batch, and its perturbation forwards run together (see
+    perturbation curves, its maps' rank correlations under randomisation (with `randomised`, the sanity task's
+    model copy, see `eval_sanity`) and its share of the batched analysis pass's time, or the error that skips it.
+    The group's analysis pass is one batch, and its perturbation forwards run together (see
     `faithfulness.perturbation_curves_group`)."""
     records, by_shape = {}, {}
     for index, loaded, error in entries:
@@ -100,7 +117,8 @@ def _group_pass(
         _, loaded, pixels, geometries = map(list, zip(*group))
         analyses = analyze_encoded(bundle, loaded, pixels, geometries)
         analysis_ms = (time.perf_counter() - start) * 1000 / len(group)
-        for (index, *_), analysis in zip(group, analyses):
+        sanity = eval_sanity.group_correlations(randomised, analyses) if randomised else [None] * len(group)
+        for (index, *_), analysis, correlations in zip(group, analyses, sanity):
             row, scores, look = _image_results(
                 analysis, items[index], tasks, intent_keeps, after_block, need_scores, zoom_policy
             )
@@ -110,6 +128,7 @@ def _group_pass(
                 "analysis_ms": analysis_ms,
                 "curves": None,
                 "num_tokens": analysis.attentions.shape[-1],
+                "sanity": None if correlations is None else torch.from_numpy(correlations),  # (levels, maps)
                 "look": look,
                 # what the gallery and the example sheets draw (see eval_gallery)
                 "intent_map": torch.from_numpy(analysis.intent().astype(np.float32)),
@@ -184,7 +203,7 @@ def _image_results(analysis, item, tasks, intent_keeps, after_block, need_scores
 
 def _first_pass(bundle, images: Images, todo, workers: int, settings, work: Path, stamps: Stamps, progress: bool):
     """Pass 1 over this process's groups `todo`: each image's record saved in `work` as it is done. `settings`:
-    `_group_pass`'s (tasks, intent_keeps, after_block, need_scores, zoom_policy)."""
+    `_group_pass`'s (tasks, intent_keeps, after_block, need_scores, zoom_policy, randomised)."""
     loader = decode_ahead(images, todo, workers)
     # closed on a Ctrl-C too, so that the CLI's one line about it starts a line of its own
     with tqdm(
@@ -212,7 +231,7 @@ def evaluate(
     limit: int | None = None,
     keeps=DEFAULT_KEEPS,
     after_block: int = config.PRUNE_AFTER_BLOCK,
-    tasks=TASKS,
+    tasks=DEFAULT_TASKS,
     progress: bool = True,
     work_dir=None,
     resume: bool = False,
@@ -222,6 +241,7 @@ def evaluate(
     examples: int = 0,
     every: int = 1,
     zoom_policy: str = config.ZOOM_POLICY,
+    timing: bool = True,
 ) -> Evaluation | None:
     """Run the evaluation tasks over a labelled folder (see the module docstring).
 
@@ -233,7 +253,8 @@ def evaluate(
     the one shared `work_dir`: rank 0 returns the Evaluation, the others None. `gallery` > 0 adds, per task, the
     first `gallery` images it got wrong or changed its mind on; `examples` > 0 that many example sheets per intent
     group (see `eval_gallery`; neither changes pass 1's files, so a resumed run may ask for them or not). `every` K
-    evaluates every K-th image of the folder (before `limit`)."""
+    evaluates every K-th image of the folder (before `limit`). `timing` False skips the pruning's latency
+    measurement (most of a small run's time): its ratios are then None, and the report says so."""
     if work_dir is None:
         if rank_world()[1] > 1:
             raise ZoomViTError("A distributed evaluation needs a work folder that every process shares (work_dir).")
@@ -261,12 +282,14 @@ def evaluate(
     finished = from_rank0(lambda: open_work(work, settings, resume, stamps))
     images = Images(data, items)
     todo = groups_to_do(len(items), finished, batch)[rank::world]  # even shares of what is left
+    # the sanity task's copy of the model, made once: each group resets and randomises it again
+    randomised = eval_sanity.Randomised(bundle) if "sanity" in tasks else None
     _first_pass(
         bundle,
         images,
         todo,
         workers,
-        (tasks, intent_keeps, after_block, bool(configs), zoom_policy),
+        (tasks, intent_keeps, after_block, bool(configs), zoom_policy, randomised),
         work,
         stamps,
         progress,
@@ -301,6 +324,7 @@ def evaluate(
             progress,
             timings,
             INTENT_CONFIGS if examples else (),
+            timing,
         )
     if rank != 0:
         return None
@@ -312,7 +336,14 @@ def evaluate(
     skipped = [
         {"file": items[i].file, "error": load_record(work, i, True)["error"]} for i in sorted(finished) if finished[i]
     ]
-    run = {"tasks": list(tasks), "keep": list(keeps), "after_block": after_block, "limit": limit, "every": every}
+    run = {
+        "tasks": list(tasks),
+        "keep": list(keeps),
+        "after_block": after_block,
+        "limit": limit,
+        "every": every,
+        "timing": timing,
+    }
     summary = _summary(bundle, data, run, batch, zoom_policy, records, kept, rows, pruned, skipped, items[0].box)
     files = {}
     if gallery or examples:  # drawn from what the run has computed: no model call
@@ -370,5 +401,8 @@ def _summary(bundle, data, run, batch, zoom_policy, records, kept, rows, pruned,
         summary["faithfulness"] = eval_summary.faithfulness_summary(rows, curves, has_boxes)
     if "intent" in tasks:
         summary["intent"] = eval_summary.intent_summary(rows, pruned)
+    if "sanity" in tasks:
+        correlations = np.stack([records[i]["sanity"].numpy() for i in kept])
+        summary["sanity"] = eval_sanity.sanity_summary(correlations, bundle.num_layers)
     summary["skipped"] = skipped
     return summary

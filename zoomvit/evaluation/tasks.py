@@ -12,6 +12,7 @@ from zoomvit.checks import check_keep
 from zoomvit.errors import ZoomViTError
 
 TASKS = config.EVAL_TASKS
+DEFAULT_TASKS = config.EVAL_DEFAULT_TASKS
 DEFAULT_KEEPS = config.EVAL_KEEPS
 # Ranking criteria per pruning mode; "random" is each mode's baseline (analysis: random tokens dropped;
 # efficiency: random tokens kept and the rest merged into them, so only the choice differs from "merge").
@@ -29,7 +30,7 @@ class PrunedRun(NamedTuple):
     predicted: np.ndarray  # (N,) the pruned model's class
     kept_prob: np.ndarray  # (N,) its probability of the unpruned prediction
     confidence: np.ndarray  # (N,) its probability of its own prediction
-    latency_ratio: float
+    latency_ratio: float | None  # None: not measured (eval --no-timing)
     kept: np.ndarray | None = None  # (N, kept tokens) patch indices kept, where asked for (example sheets)
 
 
