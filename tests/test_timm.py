@@ -340,14 +340,26 @@ def test_model_args_that_could_pick_the_weights_are_refused(tmp_path, key, prefi
     assert f"its config.json sets model_args '{key}', which ZoomViT does not pass to timm" in message
 
 
-def test_a_timm_folder_cannot_send_timm_to_another_weights_source(tmp_path):
-    """The folder's pretrained_cfg (source, state dict, custom loader) cannot replace model.safetensors either."""
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"file": "other.pth"},
+        {"source": "hf-hub", "hf_hub_id": "someone/else"},
+        {"url": "https://x/w.pth"},
+        {"custom_load": True},
+    ],
+)
+@pytest.mark.parametrize("prefix", ["timm:", ""])
+def test_a_timm_folder_that_names_another_weights_source_is_refused(tmp_path, change, prefix):
+    """The folder's pretrained_cfg (a file, a hub source, a url, a custom loader) cannot name other weights than
+    model.safetensors: refused in one line (it used to be overridden silently, not what config.json said)."""
     name = "deit3_small_patch16_224"
-    model = tiny_timm(name)
-    folder = save_timm_folder(model, name, tmp_path / "tiny-timm")
+    folder = save_timm_folder(tiny_timm(name), name, tmp_path / "tiny-timm")
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["pretrained_cfg"].update(source="hf-hub", hf_hub_id="someone/else", custom_load=True)
+    cfg["pretrained_cfg"].update(change)
     (folder / "config.json").write_text(json.dumps(cfg))
-    bundle = load_model(f"timm:{folder}")
-    for theirs, ours in zip(model.state_dict().values(), bundle.model.state_dict().values(), strict=True):
-        assert torch.equal(theirs, ours)
+    with pytest.raises(ModelLoadError) as err:
+        load_model(f"{prefix}{folder}")
+    message = str(err.value)
+    assert "\n" not in message and "pretrained_cfg names a weights source" in message
+    assert message.endswith("ZoomViT loads only the model.safetensors beside config.json.")

@@ -203,47 +203,19 @@ def _model_type(cfg: dict) -> str | None:
 # timm read weights from elsewhere (checkpoint_path loads a pickle; pretrained, pretrained_cfg and its overlay pick
 # the weights' source) or build something else (features_only), so they are refused.
 TIMM_MODEL_ARGS = frozenset(
-    {
-        "img_size",
-        "patch_size",
-        "in_chans",
-        "global_pool",
-        "embed_dim",
-        "depth",
-        "num_heads",
-        "mlp_ratio",
-        "qkv_bias",
-        "qk_norm",
-        "scale_attn_norm",
-        "scale_mlp_norm",
-        "proj_bias",
-        "init_values",
-        "class_token",
-        "pos_embed",
-        "no_embed_class",
-        "reg_tokens",
-        "pre_norm",
-        "final_norm",
-        "fc_norm",
-        "pool_include_prefix",
-        "dynamic_img_size",
-        "dynamic_img_pad",
-        "drop_rate",
-        "pos_drop_rate",
-        "patch_drop_rate",
-        "proj_drop_rate",
-        "attn_drop_rate",
-        "drop_path_rate",
-        "weight_init",
-        "fix_init",
-        "norm_layer",
-        "act_layer",
-    }
+    """img_size patch_size in_chans global_pool embed_dim depth num_heads mlp_ratio qkv_bias qk_norm scale_attn_norm
+    scale_mlp_norm proj_bias init_values class_token pos_embed no_embed_class reg_tokens pre_norm final_norm fc_norm
+    pool_include_prefix dynamic_img_size dynamic_img_pad drop_rate pos_drop_rate patch_drop_rate proj_drop_rate
+    attn_drop_rate drop_path_rate weight_init fix_init norm_layer act_layer""".split()
 )
+# pretrained_cfg keys that name where weights come from: the weights are model.safetensors beside config.json alone,
+# so a config.json that names another source is refused rather than silently overridden.
+TIMM_WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "hf_hub_filename", "state_dict", "source")
 
 
 def _timm_model_args(name: str, cfg: dict) -> dict:
-    """The model_args of a config.json in timm's layout, refused unless each is an allowed architecture setting."""
+    """The model_args of a config.json in timm's layout, refused unless each is an allowed architecture setting (and
+    a pretrained_cfg that names another weights source, refused)."""
     args = cfg.get("model_args") or {}
     if not isinstance(args, dict):
         raise ModelLoadError(f"Could not load model '{name}': model_args in its config.json is not a JSON object.")
@@ -253,6 +225,13 @@ def _timm_model_args(name: str, cfg: dict) -> dict:
             f"Could not load model '{name}': its config.json sets model_args {', '.join(map(repr, refused))}, which "
             "ZoomViT does not pass to timm (only architecture settings such as depth or embed_dim: the weights come "
             "from model.safetensors alone)."
+        )
+    pretrained_cfg = cfg.get("pretrained_cfg") or {}
+    named = [key for key in TIMM_WEIGHT_SOURCES if isinstance(pretrained_cfg, dict) and pretrained_cfg.get(key)]
+    if named or (isinstance(pretrained_cfg, dict) and pretrained_cfg.get("custom_load")):
+        raise ModelLoadError(
+            f"Could not load model '{name}': its config.json's pretrained_cfg names a weights source "
+            f"({', '.join(named) or 'custom_load'}); ZoomViT loads only the model.safetensors beside config.json."
         )
     return args
 
