@@ -116,3 +116,14 @@ def test_the_curves_have_whole_epochs_and_mark_the_best(tmp_path):
         assert len(marks) == 1 and list(marks[0].get_xdata()) == [2, 2]
     no_val = [{**r, "val_loss": None, "val_accuracy": None} for r in rows]
     assert not any("best" in line.get_label() for ax in train_outputs.curves_figure(no_val).axes for line in ax.lines)
+
+
+def test_accumulated_batches_log_and_learn_as_one_batch_of_their_size(image_folder, tmp_path):
+    """The loss is per image over the whole optimizer step: two accumulated batches of 3 are one batch of 6 (the
+    same images, augmented alike), not twice its loss."""
+    settings = dict(data=str(image_folder), epochs=2, warmup=0, **SCRATCH)
+    training.train(options(tmp_path / "one", batch_size=6, **settings), progress=False)
+    training.train(options(tmp_path / "two", batch_size=3, grad_accum=2, **settings), progress=False)
+    one, two = (json.loads((tmp_path / name / "train_log.json").read_text()) for name in ("one", "two"))
+    for key in ("train_loss", "val_loss"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4), key

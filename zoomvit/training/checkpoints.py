@@ -43,7 +43,7 @@ def save_atomically(trainer, save, model, trial) -> None:
     args.output_dir = staging
     try:
         save(model, trial)
-    except Exception as exc:
+    except BaseException as exc:  # a Ctrl-C too: no half checkpoint is left behind
         if args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         if disk_full(exc):
@@ -62,7 +62,7 @@ def save_atomically(trainer, save, model, trial) -> None:
         if os.path.isdir(final):  # the same step saved again: the new one replaces it
             shutil.rmtree(final)
         os.replace(staged, final)
-        os.rmdir(staging)
+        shutil.rmtree(staging, ignore_errors=True)
         rotate_checkpoints(
             output_dir=folder,
             save_total_limit=args.save_total_limit,
