@@ -117,7 +117,10 @@ def _trainer_class():
         mixed_in_step = (-1, 0)  # (global step, batches mixed in it): a seed per batch that a --resume replays
 
         def _get_train_sampler(self, train_dataset=None):
-            return sampling.EpochSampler(len(self.train_dataset if train_dataset is None else train_dataset), self.seed)
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if not isinstance(dataset, sampling.SeededDataset):  # its keys carry the epoch: other datasets' do not
+                return super()._get_train_sampler(train_dataset)
+            return sampling.EpochSampler(len(dataset), self.seed)
 
         def _save_checkpoint(self, model, trial):
             train_checkpoints.save_atomically(self, super()._save_checkpoint, model, trial)
