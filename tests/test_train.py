@@ -267,6 +267,7 @@ def test_two_torchrun_processes_train_and_rank_0_alone_writes(image_folder, tmp_
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("Saved to") == 1 and done.stderr.count("epoch 1/1:") == 1
+    assert "Could not locate the best model" not in done.stderr  # every process restores the weights saved
     state = json.loads(
         sorted((out / "checkpoints").glob("checkpoint-*"))[-1].joinpath("trainer_state.json").read_text()
     )

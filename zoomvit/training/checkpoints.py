@@ -52,12 +52,16 @@ def save_atomically(trainer, save, model, trial) -> None:
     finally:
         args.output_dir = folder
     trainer.accelerator.wait_for_everyone()  # every process's RNG state file is in before the folder moves
+    name = f"checkpoint-{trainer.state.global_step}"
+    staged, final = os.path.join(staging, name), os.path.join(folder, name)
+    state = trainer.state
+    # every process keeps this record (each loads the best weights at the end), so every process points it at the
+    # checkpoint's place after the move
+    best_is_new = bool(state.best_model_checkpoint) and os.path.dirname(state.best_model_checkpoint) == staging
+    if best_is_new:
+        state.best_model_checkpoint = final
     if args.should_save:
-        name = f"checkpoint-{trainer.state.global_step}"
-        staged, final = os.path.join(staging, name), os.path.join(folder, name)
-        state = trainer.state
-        if state.best_model_checkpoint and os.path.dirname(state.best_model_checkpoint) == staging:
-            state.best_model_checkpoint = final
+        if best_is_new:
             state.save_to_json(os.path.join(staged, "trainer_state.json"))
         if os.path.isdir(final):  # the same step saved again: the new one replaces it
             shutil.rmtree(final)

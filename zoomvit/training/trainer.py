@@ -257,7 +257,6 @@ def _summary(o: TrainOptions, trainer, datasets: dict, log, earlier, seconds: fl
         "epochs": o.epochs,
         "train_seconds": earlier_seconds + seconds,
         "steps": trainer.state.global_step,
-        "resumed": bool(earlier),
     }
     if "test" in datasets:
         # predict, not evaluate: with persistent workers evaluate() hands back its cached val loader for any
