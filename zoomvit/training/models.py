@@ -214,22 +214,15 @@ def _eval_transform(processor):
     return transform
 
 
-def collator(o, num_labels: int):
-    """Stacks a batch; with --mixup, mixes it (soft labels, which the Trainer's loss here takes)."""
-    from torch.utils.data import default_collate
-
+def mixup(o, num_labels: int):
+    """With --mixup, a function mixing a training batch (pixels, hard labels) -> (pixels, soft labels); None
+    without. The trainer applies it to training batches only, in the main process: a collator would also mix the
+    val and test batches, and would draw from the loader workers' random state, which --resume does not restore."""
     if not o.mixup:
-        return default_collate
+        return None
     from torchvision.transforms import v2
 
-    mix = v2.MixUp(alpha=o.mixup, num_classes=num_labels)
-
-    def mixed(rows):
-        batch = default_collate(rows)
-        batch["pixel_values"], batch["labels"] = mix(batch["pixel_values"], batch["labels"])
-        return batch
-
-    return mixed
+    return v2.MixUp(alpha=o.mixup, num_classes=num_labels)
 
 
 def save(built: Built, model, out) -> None:

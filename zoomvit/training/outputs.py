@@ -4,6 +4,7 @@ or --overwrite), the per-epoch log (train_log.csv / .json), the curves (train_cu
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -18,6 +19,21 @@ from transformers.trainer_callback import ProgressCallback
 from zoomvit.errors import ZoomViTError
 
 SETTINGS = "train_settings.json"
+# Everything a run writes in its folder (the model in either layout, sharded or not, logs, curves, card, settings,
+# checkpoints): what --overwrite removes.
+RUN_OUTPUTS = (
+    SETTINGS,
+    "train_log.csv",
+    "train_log.json",
+    "train_curves.png",
+    "README.md",
+    "config.json",
+    "preprocessor_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+    "checkpoints",
+)
 LOG_COLUMNS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "seconds")
 
 
@@ -38,7 +54,8 @@ class Interrupted(SystemExit, KeyboardInterrupt):
 def checkpoints(out: Path) -> list[Path]:
     folder = out / "checkpoints"
     found = folder.glob("checkpoint-*") if folder.is_dir() else []
-    return sorted((p for p in found if p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
+    complete = (p for p in found if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file())
+    return sorted(complete, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def last_checkpoint(out: Path) -> str | None:
@@ -46,10 +63,23 @@ def last_checkpoint(out: Path) -> str | None:
     return str(found[-1]) if found else None
 
 
-def prepare_folder(o) -> Path:
-    """The output folder, checked: a new or empty one; a run of ours with --overwrite (emptied); the same settings
-    with --resume (continued from its last checkpoint)."""
+def resumed_from(checkpoint: str, epochs: int) -> dict:
+    """Says what a --resume continues from; returns the checkpoint's epoch and step."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    done = {"epoch": int(round(state["epoch"])), "step": state["global_step"]}
+    say(f"Resuming from {checkpoint}: epoch {done['epoch']}/{epochs} done, step {done['step']}.")
+    return done
+
+
+def prepare_folder(o, data_folders: dict) -> Path:
+    """The output folder, checked: a new or empty one; a run of ours with --overwrite (cleared later, by clear_run,
+    once every check has passed); the same settings with --resume (continued from its last checkpoint). Never
+    inside a folder trained or tested on: the next run would read the run folder as a class."""
     out = Path(o.out)
+    for name, folders in data_folders.items():
+        for folder in folders:
+            if out.resolve().is_relative_to(Path(folder).resolve()):
+                raise ZoomViTError(f"--out {out} is inside the {name} folder {folder}: write the run elsewhere.")
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone checks and writes the folder
         return out
     if out.exists() and not out.is_dir():
@@ -79,18 +109,46 @@ def prepare_folder(o) -> Path:
         )
     if held and not ours:
         raise ZoomViTError(
-            f"--overwrite empties only a folder that `zoomvit train` wrote ({SETTINGS} in it); {out} is not one."
+            f"--overwrite replaces only a folder that `zoomvit train` wrote ({SETTINGS} in it); {out} is not one."
         )
-    if held:
-        shutil.rmtree(out)
     return out
 
 
+def clear_run(out: Path) -> None:
+    """What an earlier run wrote in `out`, and nothing else: files a user put there stay."""
+    for pattern in RUN_OUTPUTS:
+        for path in out.glob(pattern):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
 def write_settings(out: Path, o, built, splits) -> None:
+    """What a --resume must match, and the command that started the run (a --resume keeps it: the model card
+    names the command that made the model, and counts the resumes)."""
     out.mkdir(parents=True, exist_ok=True)
     counts = {name: len(split.files) for name, split in splits.items()}
     record = {"settings": o.settings(), "base": built.base, "family": built.family, "images": counts}
+    earlier = json.loads((out / SETTINGS).read_text(encoding="utf-8")) if o.resume else {}
+    record["command"] = earlier.get("command", o.command)
+    record["resumes"] = earlier.get("resumes", 0) + (1 if o.resume else 0)
     (out / SETTINGS).write_text(json.dumps(record, indent=1), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def weight_bars(show: bool):
+    """transformers' own bars (loading and saving weights) shown or not like the Trainer's, then put back."""
+    from transformers.utils import logging as hf_logging
+
+    was_shown = hf_logging.is_progress_bar_enabled()
+    if not show:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_shown:
+            hf_logging.enable_progress_bar()
 
 
 def quiet_progress(trainer, show: bool) -> None:
@@ -172,24 +230,43 @@ def write_log(out: Path, rows: list) -> None:
         writer.writerows(rows)
 
 
-def plot_curves(out: Path, rows: list) -> None:
+def best_epoch(rows: list) -> int | None:
+    """The epoch the Trainer keeps: the first with the highest val accuracy (a later tie does not replace it)."""
+    scored = [r for r in rows if r.get("val_accuracy") is not None]
+    return max(scored, key=lambda r: r["val_accuracy"])["epoch"] if scored else None
+
+
+def curves_figure(rows: list):
+    """Loss and accuracy per epoch, on whole-epoch ticks, the best val epoch (the one saved) marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
+    best = best_epoch(rows)
     fig, (loss, accuracy) = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key, title in ((loss, "loss", "Loss"), (accuracy, "accuracy", "Top-1 accuracy")):
         for split, style in (("train", "-o"), ("val", "-s")):
             values = [r[f"{split}_{key}"] for r in rows]
             if any(v is not None for v in values):
                 ax.plot(epochs, [float("nan") if v is None else v for v in values], style, label=split, markersize=3)
+        if best is not None:
+            ax.axvline(best, color="tab:red", linestyle="--", linewidth=1, label=f"best val (epoch {best}, saved)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(out: Path, rows: list) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(rows)
     fig.savefig(out / "train_curves.png", dpi=110)
     plt.close(fig)
 
@@ -216,14 +293,18 @@ def finish(out: Path, o, built, splits, summary: dict, rows: list) -> None:
     ]
     if "test_accuracy" in summary:
         lines.append(f"- **Test top-1**: {100 * summary['test_accuracy']:.2f}% ({len(splits['test'].files)} images).")
+    record = json.loads((out / SETTINGS).read_text(encoding="utf-8"))
+    resumes = record.get("resumes", 0)
     lines += [
         f"- **Training time**: {summary['train_seconds'] / 60:.1f} min for {summary['steps']} steps "
-        "(this run; a resumed run counts its last part only).",
+        f"({summary['epochs']} epochs"
+        + (f"; the whole run, interrupted and resumed {resumes} time(s)" if resumes else "")
+        + ").",
         "",
-        "Made by:",
+        "Made by" + (" (then the same command with --resume)" if resumes else "") + ":",
         "",
         "```",
-        o.command or "zoomvit train ...",
+        record.get("command") or "zoomvit train ...",
         "```",
         "",
         "Per-epoch figures: `train_log.csv`; curves: `train_curves.png`.",

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch.utils.data import default_collate
 
 from zoomvit.errors import ZoomViTError
+from zoomvit.training import checkpoints as train_checkpoints
 from zoomvit.training import data as train_data
 from zoomvit.training import models as train_models
 from zoomvit.training import outputs as train_outputs
+from zoomvit.training import sampling
 
 CHECKPOINTS = "checkpoints"
 
@@ -102,12 +106,28 @@ def _trainer_class():
     from transformers import Trainer
 
     class ZoomViTTrainer(Trainer):
-        """The Trainer, counting training accuracy as it goes (the Trainer reports only the loss)."""
+        """The Trainer, counting training accuracy as it goes (the Trainer reports only the loss), shuffling and
+        mixing from seeds (training.sampling) so a --resume replays the same run, and writing each checkpoint
+        whole or not at all (training.checkpoints)."""
 
         train_correct = 0
         train_seen = 0
+        seed = 0
+        mix = None  # models.mixup's function, or None
+        mixed_in_step = (-1, 0)  # (global step, batches mixed in it): a seed per batch that a --resume replays
+
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            if not isinstance(dataset, sampling.SeededDataset):  # its keys carry the epoch: other datasets' do not
+                return super()._get_train_sampler(train_dataset)
+            return sampling.EpochSampler(len(dataset), self.seed)
+
+        def _save_checkpoint(self, model, trial):
+            train_checkpoints.save_atomically(self, super()._save_checkpoint, model, trial)
 
         def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            if model.training and self.mix is not None:
+                inputs = self._mixed(inputs)
             labels = inputs["labels"]
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
             if model.training:
@@ -116,6 +136,14 @@ def _trainer_class():
                 self.train_correct += int((logits.argmax(-1) == hard).sum())
                 self.train_seen += int(hard.numel())
             return (loss, outputs) if return_outputs else loss
+
+        def _mixed(self, inputs: dict) -> dict:
+            step, count = self.mixed_in_step
+            count = count + 1 if step == self.state.global_step else 0
+            self.mixed_in_step = (self.state.global_step, count)
+            with sampling.seeded(self.seed, "mixup", self.state.global_step, count):
+                pixels, labels = self.mix(inputs["pixel_values"], inputs["labels"])
+            return {**inputs, "pixel_values": pixels, "labels": labels}
 
         def take_train_accuracy(self) -> float | None:
             counts = torch.tensor([self.train_correct, self.train_seen], dtype=torch.float64)
@@ -129,11 +157,16 @@ def _trainer_class():
 
 def soft_cross_entropy(label_smoothing: float):
     """The loss for hard labels and for MixUp's soft ones alike (the models' own loss would take soft labels for
-    multi-label targets)."""
+    multi-label targets). Given `num_items_in_batch` (the images in the whole optimizer step: every accumulated
+    batch, every process), the Trainer expects the sum over this batch divided by it, and multiplies by the number
+    of processes itself; a plain mean here was counted once per process and once per accumulated batch."""
 
     def loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
-        return torch.nn.functional.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        total = torch.nn.functional.cross_entropy(
+            logits.float(), labels, label_smoothing=label_smoothing, reduction="sum"
+        )
+        return total / (num_items_in_batch if num_items_in_batch is not None else logits.shape[0])
 
     return loss
 
@@ -146,13 +179,21 @@ def _accuracy(prediction) -> dict:
 
 def train(o: TrainOptions, callbacks=(), progress: bool = True) -> dict:
     """Train as `o` says and write the model folder; returns the summary the model card holds. Every user error is
-    a one-line ZoomViTError before training starts."""
+    a one-line ZoomViTError before training starts. Progress bars only on a terminal: redirected to a file, the one
+    line per epoch says it all."""
     check_options(o)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the Trainer's notes about file systems and shards are not the user's business
-    out = train_outputs.prepare_folder(o)  # refuses an existing run unless --resume or --overwrite
-    splits = train_data.read_splits(train_data.find_splits(o.data, o.train, o.val, o.test))
+    progress = progress and sys.stderr.isatty()
+    with train_outputs.weight_bars(progress):
+        return _train(o, callbacks, progress)
+
+
+def _train(o: TrainOptions, callbacks, progress: bool) -> dict:
+    found = train_data.find_splits(o.data, o.train, o.val, o.test)
+    out = train_outputs.prepare_folder(o, found)  # refuses an existing run unless --resume or --overwrite
+    splits = train_data.read_splits(found)
     id2label, notes = train_data.check_splits(splits)
     built = train_models.build(o, id2label)
     if "val" not in splits:
@@ -163,41 +204,65 @@ def train(o: TrainOptions, callbacks=(), progress: bool = True) -> dict:
         name: train_data.ImageDataset(split, built.eval_transform if name != "train" else built.train_transform)
         for name, split in splits.items()
     }
+    datasets["train"] = sampling.SeededDataset(datasets["train"], o.seed)
     args = _training_arguments(o, out, has_val="val" in splits)
-    trainer_class = _trainer_class()
     log = train_outputs.EpochLog(out, o, has_val="val" in splits)
-    trainer = trainer_class(
+    trainer = _trainer_class()(
         model=built.model,
         args=args,
         train_dataset=datasets["train"],
         eval_dataset=datasets.get("val"),
-        data_collator=train_models.collator(o, len(id2label)),
+        data_collator=default_collate,
         compute_metrics=_accuracy,
         compute_loss_func=soft_cross_entropy(o.label_smoothing),
         callbacks=[log, *callbacks],
     )
+    trainer.seed, trainer.mix = o.seed, train_models.mixup(o, len(id2label))
     log.trainer = trainer
     train_outputs.quiet_progress(trainer, progress)
     main = trainer.is_world_process_zero()
     if main:
+        if o.overwrite:
+            train_outputs.clear_run(out)  # only now: a refused run leaves the old one as it was
         train_outputs.write_settings(out, o, built, splits)
+    resume_from = train_outputs.last_checkpoint(out) if o.resume else None
+    earlier = train_outputs.resumed_from(resume_from, o.epochs) if resume_from and main else None
     started = time.perf_counter()
+    interrupted = False
     try:
-        trainer.train(resume_from_checkpoint=train_outputs.last_checkpoint(out) if o.resume else None)
+        trainer.train(resume_from_checkpoint=resume_from)
+        summary = _summary(o, trainer, datasets, log, earlier, time.perf_counter() - started)
+        if main:
+            train_models.save(built, trainer.model, out)
+            train_outputs.finish(out, o, built, splits, summary, log.rows)
     except KeyboardInterrupt:
-        raise train_outputs.Interrupted(out) from None
-    seconds = time.perf_counter() - started
+        interrupted = True
+    except (OSError, RuntimeError) as exc:
+        if train_checkpoints.disk_full(exc):
+            raise train_checkpoints.disk_full_error(out) from None
+        raise
+    if interrupted:
+        # raised here, not in the except block: the Ctrl-C's traceback (holding the loaders' worker processes) is
+        # let go now, and the workers stop at once instead of lingering until a garbage collection
+        raise train_outputs.Interrupted(out)
+    return summary
+
+
+def _summary(o: TrainOptions, trainer, datasets: dict, log, earlier, seconds: float) -> dict:
+    """The figures of the whole run (a resumed one counts its earlier parts too), the test accuracy on the weights
+    saved (the Trainer has put the best epoch's back)."""
+    earlier_seconds = sum(r["seconds"] for r in log.rows if earlier and r["epoch"] <= earlier["epoch"])
     summary = {
         "best_val_accuracy": trainer.state.best_metric,
         "epochs": o.epochs,
-        "train_seconds": seconds,
+        "train_seconds": earlier_seconds + seconds,
         "steps": trainer.state.global_step,
     }
     if "test" in datasets:
-        summary["test_accuracy"] = trainer.evaluate(datasets["test"], metric_key_prefix="test")["test_accuracy"]
-    if main:
-        train_models.save(built, trainer.model, out)
-        train_outputs.finish(out, o, built, splits, summary, log.rows)
+        # predict, not evaluate: with persistent workers evaluate() hands back its cached val loader for any
+        # dataset, and the "test" figure was the val set's
+        result = trainer.predict(datasets["test"], metric_key_prefix="test")
+        summary["test_accuracy"] = result.metrics["test_accuracy"]
     return summary
 
 
@@ -233,7 +298,9 @@ def _training_arguments(o: TrainOptions, out, has_val: bool):
         use_cpu=device.type == "cpu",
         ddp_backend=("gloo" if device.type == "cpu" else "nccl") if distributed else None,
         dataloader_num_workers=o.workers,
-        dataloader_persistent_workers=o.workers > 0,
+        # not persistent: idle workers held by a finished trainer take seconds each to stop when it is collected,
+        # and with them the Trainer hands its cached val loader to any evaluate() (the test set too)
+        dataloader_persistent_workers=False,
         report_to="none",
         seed=o.seed,
         remove_unused_columns=False,
