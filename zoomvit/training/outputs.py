@@ -17,8 +17,9 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from zoomvit.errors import ZoomViTError
+from zoomvit.model_cards import CARD_FILE, SETTINGS_FILE
 
-SETTINGS = "train_settings.json"
+SETTINGS = SETTINGS_FILE  # the app reads it too (model_cards: a trained model's name)
 # Everything a run writes in its folder (the model in either layout, sharded or not, logs, curves, card, settings,
 # checkpoints): what --overwrite removes.
 RUN_OUTPUTS = (
@@ -26,7 +27,7 @@ RUN_OUTPUTS = (
     "train_log.csv",
     "train_log.json",
     "train_curves.png",
-    "README.md",
+    CARD_FILE,
     "config.json",
     "preprocessor_config.json",
     "model.safetensors",
@@ -310,7 +311,7 @@ def finish(out: Path, o, built, splits, summary: dict, rows: list) -> None:
         "Per-epoch figures: `train_log.csv`; curves: `train_curves.png`.",
         "",
     ]
-    (out / "README.md").write_text("\n".join(line for line in lines if line is not None), encoding="utf-8")
+    (out / CARD_FILE).write_text("\n".join(line for line in lines if line is not None), encoding="utf-8")
     say(
         f"Saved to {out}"
         + (f": best val top-1 {100 * best:.1f}%" if best is not None else " (last epoch)")
