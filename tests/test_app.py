@@ -122,8 +122,18 @@ def test_explain_errors_are_messages(client, tench):
         call(client, handle_file(path), view="intent", target="no such thing", api_name="/explain")
     with pytest.raises(AppError, match=r"'crane' names 2 classes: 'crane' \[134\], 'crane' \[517\]"):
         call(client, handle_file(path), view="intent", target="crane", api_name="/explain")
-    with pytest.raises(AppError):  # not one of the choices: Gradio refuses it
+    # not one of the choices: the message names the parameter (Gradio's own said "Value: nonsense is not in the
+    # list of choices", naming none)
+    with pytest.raises(AppError, match=r"View must be one of rollout, grad_rollout, .*; got 'nonsense'"):
         call(client, handle_file(path), view="nonsense", api_name="/explain")
+    with pytest.raises(AppError, match=r"Prune after block must be in 1..11 .*, got six"):
+        call(client, handle_file(path), 0.5, "six", api_name="/prune")
+    with pytest.raises(AppError, match="Unknown mode 'fast'"):
+        call(client, handle_file(path), 0.5, 6, "fast", api_name="/prune")
+    with pytest.raises(AppError, match="Unknown fusion 'blend'"):
+        call(client, handle_file(path), 0.5, 6, "efficiency", "blend", api_name="/prune")
+    with pytest.raises(AppError, match="Unknown zoom policy 'sometimes'"):
+        call(client, handle_file(path), "sometimes", api_name="/zoom")
     with pytest.raises(AppError, match="No image"):
         call(client, None, api_name="/explain")
     _, label, *_ = call(client, handle_file(path), api_name="/explain")  # still serving

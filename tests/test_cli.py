@@ -276,6 +276,10 @@ def test_match_label_reads_config_json_labels(deit_tiny):
     as_json = {str(i): name for i, name in deit_tiny.id2label.items()}  # config.json keys are strings
     for text in ("goldfish", "Tench", "7", "great white shark"):
         assert match_label(as_json, text) == deit_tiny.find_label(text)
+    # a number that is not an index (an API's float) names no class: "nan" was a substring of "banana"
+    for text in ("NaN", "nan", "inf", "2.5", "1e3"):
+        with pytest.raises(ZoomViTError, match=f"'{text}' is not a class: give a class index"):
+            match_label(as_json, text)
 
 
 def test_pruning_after_the_last_block_is_refused(tiny_vit):

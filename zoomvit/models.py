@@ -87,6 +87,8 @@ def match_label(id2label: dict, text) -> int:
         return exact[0]
     if exact:
         one_of(exact)
+    if _is_number(text):  # "NaN", "inf", "2.5", "1e3" (an API's float) would otherwise match "banana" or "Info..."
+        raise ZoomViTError(f"'{text}' is not a class: give a class index (0..{len(labels) - 1}) or label text.")
     names = [(i, n.lower()) for i, n in labels.items()]
     # Prefer a match on a whole comma-separated synonym ("tench" in "tench, Tinca tinca").
     whole = [i for i, n in names if lowered in [s.strip() for s in n.split(",")]]
@@ -101,6 +103,14 @@ def match_label(id2label: dict, text) -> int:
         raise ZoomViTError(f"No class label matches '{text}'.")
     examples = ", ".join(labels[i] for i in partial[:5])
     raise ZoomViTError(f"'{text}' matches {len(partial)} labels (e.g. {examples}); be more specific.")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 _LOCAL_HINT = f"pass a local folder with --model PATH or {config.MODEL_ENV_VAR}=PATH"

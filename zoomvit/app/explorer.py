@@ -17,7 +17,7 @@ from zoomvit.app.faithfulness_panel import FaithfulnessPanel
 from zoomvit.app.feedback import clamped, finite_number, message_of
 from zoomvit.app.model_registry import ModelRegistry
 from zoomvit.app.sessions import FailedImage, Session, SessionStore, chosen_model, forget_image
-from zoomvit.app.views import COLORMAPS, TARGET_VIEWS, ViewRenderer, ViewSettings
+from zoomvit.app.views import COLORMAPS, DIRECTIONS, TARGET_VIEWS, VIEW_NAMES, ViewRenderer, ViewSettings
 from zoomvit.app.zoom_prune import ZoomPruneHandlers
 from zoomvit.checks import check_choice, check_number
 from zoomvit.errors import ZoomViTError
@@ -31,6 +31,8 @@ def checked_settings(settings: ViewSettings) -> ViewSettings:
     browser's sliders bring a typed value into range first); block and head by the session's model."""
     return replace(
         settings,
+        view=check_choice(settings.view, list(VIEW_NAMES), "View"),
+        direction=check_choice(settings.direction, [value for _, value in DIRECTIONS], "Direction"),
         discard_ratio=check_number(settings.discard_ratio, "Discard ratio"),
         colormap=check_choice(settings.colormap, COLORMAPS, "Colormap"),
     )

@@ -188,5 +188,7 @@ def view_inputs_checked_by_us(ui, num_layers: int, num_heads: int):
             "additional_description": f"head number 1..{num_heads}; -1: the last; or mean, max or min over the heads",
         },
     )
-    for component in (ui.colormap, ui.x_in, ui.y_in):
+    for component in (ui.colormap, ui.x_in, ui.y_in, ui.view, ui.direction):
+        checked_by_us(component)
+    for component in (ui.after_block, ui.mode, ui.fusion, ui.policy):  # the Zoom & prune endpoints' choices
         checked_by_us(component)
