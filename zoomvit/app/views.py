@@ -23,7 +23,17 @@ VIEWS = [
     ("Attention", "attention"),
 ]
 VIEW_NAMES = dict((value, label) for label, value in VIEWS)
-TARGET_VIEWS = ("grad_rollout", "intent")  # the only views that depend on the target class
+# The view controls each view's map reads, besides colormap and opacity (every view draws with those); "patch" is a
+# clicked patch's attention. The export records these only, and a redraw keyed on a map names only these.
+READS = {
+    "rollout": ("head", "discard_ratio"),
+    "grad_rollout": ("target",),
+    "intent": ("target",),
+    "cls": ("block", "head"),
+    "attention": ("block", "head"),
+    "patch": ("direction", "block", "head"),
+}
+TARGET_VIEWS = tuple(view for view, reads in READS.items() if "target" in reads)  # grad_rollout, intent
 COLORMAPS = ["jet", "turbo", "viridis", "inferno", "magma", "plasma", "hot", "gray"]
 DIRECTIONS = [("what it attends to", "attends_to"), ("what attends to it", "attended_by")]
 
@@ -97,6 +107,12 @@ PAGE_JS = """
 """
 
 
+def recorded(settings: dict) -> dict:
+    """The settings of a view (its "view" key names it) without those its map does not read."""
+    reads = READS.get(settings["view"], ())
+    return {name: value for name, value in settings.items() if name in ("view", "colormap", "opacity", *reads)}
+
+
 def legend_html(cmap: str) -> str:
     stops = ", ".join(visualization.colormap_stops(cmap))
     return (
@@ -139,6 +155,7 @@ class ViewRenderer:
         }
         draw = self._patch_map if session.patch is not None else self._view_map
         grid_map, caption = draw(session, s, layer, head, record)
+        record = recorded(record)
         image = visualization.heat_overlay(session.display, session.geometry, grid_map, s.colormap, alpha)
         if session.patch is not None:
             image = visualization.patch_outline(image, session.geometry, *session.patch, color="white", width=3)
