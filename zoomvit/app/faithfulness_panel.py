@@ -40,6 +40,7 @@ HINT = (
     f"on this image, beside a random map's ({PERTURBED} perturbed images through the model)."
 )
 LABEL_WIDTH = 28  # characters a line of the plot's y-axis label holds (a longer class name wraps)
+LEGEND_ROOM = 1.4  # the y axis reaches this far above the highest point: the legend sits above the curves
 MARGIN_PX = 4  # the least room left between the y-axis label and the figure's edge
 HIDDEN = (gr.update(value=None, visible=False), gr.update(value="", visible=False))  # no result: no empty boxes
 
@@ -104,10 +105,11 @@ def curves_figure(result: MapFaithfulness) -> Figure:
     top = max(
         result.deletion.max(), result.insertion.max(), result.random_deletion.max(), result.random_insertion.max()
     )
-    ax.set_ylim(0, 100 * max(1e-3, float(top)) * 1.08)
+    ax.set_ylim(0, 100 * max(1e-3, float(top)) * LEGEND_ROOM)
+    ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= min(100, ax.get_ylim()[1])])  # none past 100%
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncols=2)
+    ax.legend(fontsize=7, ncols=2, loc="upper center")
     _fit_left_margin(fig, ax)
     return fig
 
