@@ -24,7 +24,7 @@ VIEWS = [
 ]
 VIEW_NAMES = dict((value, label) for label, value in VIEWS)
 # The view controls each view's map reads, besides colormap and opacity (every view draws with those); "patch" is a
-# clicked patch's attention. The export records these only, and a redraw keyed on a map names only these.
+# clicked patch's attention. The export records these only; the Compare tab keys its kept strips on them.
 READS = {
     "rollout": ("head", "discard_ratio"),
     "grad_rollout": ("target",),
