@@ -3,9 +3,9 @@
     python benchmarks/bench_faithfulness_panel.py [--model PATH] [--image PATH] [--repeats 7] [--threads N]
 
 Times `FaithfulnessPanel.compute` as the button calls it, on the app's first view of the image: the map's
-deletion and insertion curves (the eval's protocol: 20 perturbed images in batched forwards) and the plot, with
-the kept results cleared before every run; then the same call with its result kept (the plot alone). Prints
-medians in seconds after one warm-up run. The goal: at most 1-2 s on DeiT-Tiny on a 2-core CPU.
+deletion and insertion curves and a random map's (the eval's protocol: 38 perturbed images in batched forwards)
+and the plot, with the kept results cleared before every run; then the same call with its result kept (the plot
+alone). Prints medians in seconds after one warm-up run. The goal: at most 1-2 s on DeiT-Tiny on a 2-core CPU.
 """
 
 import argparse

@@ -6,6 +6,7 @@ side by side, bad uploads, extreme settings and clicks outside the image; the se
 
 import re
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -569,7 +570,7 @@ def test_exports_are_full_size_pictures_with_a_legend_and_the_result_as_json(dei
     data = json.loads(Path(js).read_text())
     assert data["top"][0]["index"] == analysis.predicted and data["settings"]["target"]["index"] == goldfish
     assert np.allclose(data["map"], analysis.intent(goldfish), atol=1e-4)
-    assert data["settings"]["block"] == 12 and data["diagnosis"]["kind"] in ("good", "inverted", "diffuse")
+    assert "block" not in data["settings"] and data["diagnosis"]["kind"] in ("good", "inverted", "diffuse")
 
     explorer.zoom_prune.zoom(path, "always", session)
     explorer.zoom_prune.prune(path, 0.3, 6, "analysis", session=session)  # fusion comes before it
@@ -579,6 +580,58 @@ def test_exports_are_full_size_pictures_with_a_legend_and_the_result_as_json(dei
     assert len(data["prune"]["latency_before_runs_ms"]) == TIMING_REPEATS
     assert data["zoom"]["box"] == [round(c, 1) for c in session.zoom_result.box]
     assert open_image(png).width == working.width
+
+
+# The view controls each view reads besides colormap and opacity (#24): what the export records.
+READ_BY = {
+    "rollout": {"head", "discard_ratio"},
+    "grad_rollout": {"target"},
+    "intent": {"target"},
+    "cls": {"block", "head"},
+    "attention": {"block", "head"},
+    "patch": {"direction", "block", "head"},
+}
+ANOTHER = {"direction": "attended_by", "block": 3, "head": "2", "discard_ratio": 0.5, "target": "goldfish"}
+
+
+def test_the_explore_export_records_only_the_settings_its_view_reads(deit_tiny, tench, tmp_path, monkeypatch):
+    """Each view's map changes with the controls the export records, and stays the same under every other one."""
+    import json
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))
+    path, _ = tench
+    explorer = Explorer(deit_tiny)
+    session = explorer.store.session_for(path, None)
+    for view, reads in READ_BY.items():
+        session.patch = (5, 6) if view == "patch" else None
+        base = ViewSettings(view="rollout" if view == "patch" else view)
+        explorer.views.render(session, base)
+        shown = session.shown.grid_map
+        _, js = explorer.exports.export_explore(session)
+        settings = json.loads(Path(js).read_text())["settings"]
+        assert set(settings) == {"view", "colormap", "opacity"} | reads, view
+        assert settings["view"] == view
+        for control, value in ANOTHER.items():
+            explorer.views.render(session, replace(base, **{control: value}))
+            changed = not np.array_equal(session.shown.grid_map, shown)
+            assert changed == (control in reads), (view, control)
+
+
+def test_the_prune_caption_says_from_which_class_to_which(deit_tiny, tench):
+    from zoomvit.vit_analyzer import decision_change  # the CLI can say it the same way
+
+    path, _ = tench
+    explorer = Explorer(deit_tiny)
+    session = explorer.store.session_for(path, None)
+    text = explorer.zoom_prune.prune(path, 0.1, 2, "analysis", session=session)[3]
+    before, after = session.prune_result.before[0], session.prune_result.after[0]
+    assert before.index != after.index
+    first = text.split("\n\n")[0]
+    assert f"decision **changed**: {before.label} ({before.prob:.2f}) -> {after.label} ({after.prob:.2f})" in first
+    text = explorer.zoom_prune.prune(path, 0.3, 6, "analysis", session=session)[3]
+    after = session.prune_result.after[0]
+    assert f"decision **kept**: {before.label} ({before.prob:.2f} -> {after.prob:.2f})" in text
+    assert decision_change(before, after) == f"{before.label} ({before.prob:.2f} -> {after.prob:.2f})"
 
 
 def test_the_zoom_prune_export_shows_the_zoom_only_while_it_is_on(deit_tiny, tench, tmp_path, monkeypatch):

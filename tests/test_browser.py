@@ -16,7 +16,7 @@ from app_server import running_app
 
 from zoomvit import compare, visualization
 from zoomvit.app import views
-from zoomvit.app.sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE
+from zoomvit.app.sessions import DISPLAY_SIDE, MIN_DISPLAY_SIDE, display_side
 from zoomvit.images import load_image
 from zoomvit.vit_analyzer import analyze
 
@@ -386,46 +386,62 @@ def test_reset_buttons_redraw_what_their_controls_show(page, deit_tiny):
     assert error_badges(page) == 0
 
 
-def test_a_very_wide_image_is_shown_at_a_usable_size_and_its_guess_said(page, deit_tiny, tmp_path):
+IN_COLUMN = """sel => { const i = document.querySelector(sel + ' img');
+  if (!i || !i.complete || !i.naturalWidth) return null;
+  const shown = i.getBoundingClientRect(), column = i.closest('.column').getBoundingClientRect();
+  return {left: shown.left - column.left, right: column.right - shown.right, width: shown.width,
+          height: shown.height, column: column.width};
+}"""
+
+
+def fitted(page, sel: str) -> dict:
+    """The picture's place in its column once it lies inside it (a resized window lays the page out again)."""
+    page.wait_for_function(
+        f"sel => {{ const f = ({IN_COLUMN})(sel); return f && f.left >= 0 && f.right >= 0 }}", arg=sel
+    )
+    return page.evaluate(IN_COLUMN, sel)
+
+
+def click_patch(page, sel: str, geometry, row: int, col: int):
+    """Click the centre of a patch (geometry: the served picture's), wherever the page shows the picture."""
+    picture = page.locator(f"{sel} img")
+    scale = picture.bounding_box()["width"] / picture.evaluate("i => i.naturalWidth")
+    x0, y0, x1, y1 = geometry.patch_box(row, col)
+    picture.click(position={"x": (x0 + x1) / 2 * scale, "y": (y0 + y1) / 2 * scale})
+    page.locator("#caption").get_by_text(re.compile(rf"row {row}, column {col}\b")).wait_for()
+
+
+def test_a_very_wide_image_fits_its_column_and_its_guess_is_said(page, deit_tiny, tmp_path):
+    """#24: in a narrow window (820 px) the all-heads sheet and a very wide overlay were shown at their own size and
+    cut off, the hot spot out of sight; they fit their column, as the Compare tab's sheets do."""
     import numpy as np
     from PIL import Image
 
-    from zoomvit.app.sessions import MIN_PANEL_SIDE, display_side
-
-    wide = tmp_path / "wide.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 8000, 3), dtype=np.uint8)).save(wide)
-    upload(page, wide, None)
+    noise = np.random.default_rng(0).integers(0, 256, (300, 8000, 3), dtype=np.uint8)
+    strip = tmp_path / "strip.png"
+    Image.fromarray(noise[:200]).save(strip)
+    upload(page, strip, None)
     diagnosis = page.locator("#diagnosis")
     diagnosis.get_by_text("Intent").wait_for()
     assert "the prediction itself is a guess" in diagnosis.inner_text()  # noise: top-1 of a few percent
-    # The overlay keeps MIN_PANEL_SIDE pixels across (it was 18), at its own size, its panel scrolling.
-    page.wait_for_function(
-        "min => { const i = document.querySelector('#overlay img');"
-        " return i && i.naturalWidth > 0 && i.getBoundingClientRect().height >= min }",
-        arg=MIN_PANEL_SIDE,
-    )
-    overlay = page.locator("#overlay img")
-    shown = overlay.bounding_box()
-    assert shown["height"] >= MIN_PANEL_SIDE and shown["width"] == overlay.evaluate("i => i.naturalWidth")
-    # A click lands on the patch under it.
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray(noise[:, :4000]).save(wide)
+    upload(page, wide, None)
+    diagnosis.get_by_text("Intent").wait_for()
     loaded = load_image(wide)
     analysis = analyze(deit_tiny, loaded, keep_graph=False)
     _, geometry = visualization.resized_view(
         loaded.image, analysis.geometry, display_side(loaded.image.size), MIN_DISPLAY_SIDE
     )
-    row, col = 7, 6
-    x0, y0, x1, y1 = geometry.patch_box(row, col)
-    overlay.click(position={"x": (x0 + x1) / 2, "y": (y0 + y1) / 2})
-    page.locator("#caption").get_by_text(re.compile(rf"row {row}, column {col}\b")).wait_for()
-    # The heads grid: strips at least 40% of their drawn size (64 pixels high), not 3-pixel lines.
-    page.wait_for_function(
-        "min => { const i = document.querySelector('#heads img');"
-        " return i && i.naturalWidth > 0 && i.getBoundingClientRect().height >= min }",
-        arg=MIN_PANEL_SIDE,
-    )
-    heads = page.locator("#heads img")
-    assert heads.bounding_box()["width"] >= 0.4 * heads.evaluate("i => i.naturalWidth")
-    heads.click(position={"x": 20, "y": 20})  # visible and receives the click
+    for width in (1280, 820):
+        page.set_viewport_size({"width": width, "height": 1100})
+        for sel in ("#overlay", "#heads"):
+            shown = fitted(page, sel)  # the whole picture inside its column
+            # ... and as wide as the column allows (Gradio's panel padding aside): at 1280 px about 700 px.
+            assert shown["width"] >= 0.9 * shown["column"], (width, sel, shown)
+        # Still clickable where it is shown: a click names the patch under it.
+        click_patch(page, "#overlay", geometry, 7, 6 if width == 1280 else 8)
     assert error_badges(page) == 0
 
 

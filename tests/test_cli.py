@@ -492,6 +492,8 @@ def test_prune_prints_the_timing_ranges_and_whether_they_overlap(capsys, deit_mo
 
     assert cli.main(["prune", photo, "--model", deit_model_path]) == 0
     out = capsys.readouterr().out
+    # the decision from and to, as the app's caption says it (vit_analyzer.decision_change)
+    assert re.search(r"^decision (kept|changed): tench, Tinca tinca \(0\.\d\d", out, re.MULTILINE), out
     timing = r"([\d.]+) ms \(([\d.]+)–([\d.]+)\)"
     found = re.search(
         rf"^time: {timing} -> {timing}, median \(range\) of (\d+) interleaved runs each; (.*)$", out, re.MULTILINE

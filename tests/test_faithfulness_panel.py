@@ -15,6 +15,7 @@ import pytest
 from app_server import running_app
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from zoomvit import artifacts, config, faithfulness
@@ -76,25 +77,64 @@ def test_the_first_view_is_the_map_the_eval_measures_most_faithful(explorer, clo
 # ---- the faithfulness panel -----------------------------------------------------------------------------------
 
 
-def test_the_panel_measures_the_map_on_screen_with_the_eval_protocol_in_two_forwards(explorer, clock, forwards):
+def test_the_panel_measures_the_map_on_screen_with_the_eval_protocol_in_three_forwards(explorer, clock, forwards):
     panel = explorer.faithfulness
-    assert panel.refresh(clock) == (None, faithfulness_panel.HINT)  # nothing measured yet: no model run
+    assert panel.refresh(clock) == faithfulness_panel.HIDDEN  # nothing measured yet: no model run, no empty boxes
     assert forwards == []
     plot, text = panel.compute(clock)
-    assert sorted(forwards, reverse=True) == [16, 4]  # all 20 perturbed images in two batched forwards
+    assert plot["visible"] and text["visible"]
+    plot, text = plot["value"], text["value"]
+    # All 38 perturbed images (this map's and the random map's) in three batched forwards.
+    assert sorted(forwards, reverse=True) == [16, 16, 6] and faithfulness_panel.PERTURBED == 38
     analysis = clock.analysis
     deletion, insertion = faithfulness.perturbation_curves(analysis, analysis.grad_rollout())
+    random_deletion, random_insertion = faithfulness.perturbation_curves(analysis, None, seed=0)
     result = panel.cached(clock)
     np.testing.assert_allclose(result.deletion, deletion, atol=1e-6)
     np.testing.assert_allclose(result.insertion, insertion, atol=1e-6)
+    np.testing.assert_allclose(result.random_deletion, random_deletion, atol=1e-6)  # seeded: reproducible
+    np.testing.assert_allclose(result.random_insertion, random_insertion, atol=1e-6)
     assert len(deletion) == faithfulness.STEPS + 1
     assert result.deletion[0] == pytest.approx(float(analysis.probs[analysis.predicted]))
     # The gradient-weighted map explains the clock: removing its top pixels kills the class, restoring them brings
-    # it back (measured 0.117 and 0.677).
+    # it back (measured 0.117 and 0.677), far better than a random map.
     assert result.deletion_auc == pytest.approx(faithfulness.auc(deletion)) and result.deletion_auc < 0.25
     assert result.insertion_auc > 0.5
-    assert f"deletion AUC **{result.deletion_auc:.3f}**" in text and "*wall clock*" in text
+    assert result.random_deletion_auc > result.deletion_auc and result.random_insertion_auc < result.insertion_auc
+    # AUCs x 100, as eval's report.md and the README show them, each beside the random map's.
+    assert (
+        f"deletion AUC **{100 * result.deletion_auc:.1f}** vs random {100 * result.random_deletion_auc:.1f} "
+        f"(lower is better), insertion AUC **{100 * result.insertion_auc:.1f}** vs random "
+        f"{100 * result.random_insertion_auc:.1f} (higher is better)"
+    ) in text
+    assert "*wall clock*" in text
     assert plot.size == (560, 280) and np.asarray(plot).std() > 10  # a drawn plot, not a blank
+
+
+def curves_result(label: str, top: float) -> faithfulness_panel.MapFaithfulness:
+    falling, rising = np.linspace(top, 0, 11), np.linspace(0, top, 11)
+    return faithfulness_panel.MapFaithfulness("Rollout", 1, label, top, falling, rising, rising, falling, 0.1)
+
+
+@pytest.mark.parametrize(
+    "label, top",
+    [
+        ("wall clock", 0.77),
+        ("parachute, chute", 0.003),  # small probabilities: long tick labels
+        ("cash machine, cash dispenser, automated teller machine, automatic teller machine", 0.05),
+        ("a class name of a fine-tuned model that runs long without a comma", 0.0004),
+    ],
+)
+def test_the_plot_shows_its_y_axis_label_whole(label, top):
+    figure = faithfulness_panel.curves_figure(curves_result(label, top))
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()  # as the panel draws it: the label where the drawing put it
+    renderer = canvas.get_renderer()
+    axis = figure.axes[0].yaxis
+    page = figure.bbox
+    for part in (axis.label.get_window_extent(renderer), axis.get_tightbbox(renderer)):
+        assert page.x0 <= part.x0 and part.x1 <= page.x1 and page.y0 <= part.y0 and part.y1 <= page.y1, label
+    assert " ".join(axis.label.get_text().split()) == f"p({label.split(',')[0]}) in %"
 
 
 def test_results_are_kept_per_map_and_target(explorer, clock, forwards, deit_tiny):
@@ -105,12 +145,12 @@ def test_results_are_kept_per_map_and_target(explorer, clock, forwards, deit_tin
     handlers.rerender(clock, ViewSettings(opacity=0.9, colormap="viridis"))
     assert panel.cached(clock) is first
     panel.compute(clock)
-    assert panel.refresh(clock)[1] is not faithfulness_panel.HINT and len(forwards) == count
+    assert panel.refresh(clock) == (gr.skip(), gr.skip()) and len(forwards) == count  # already on screen
     handlers.rerender(clock, ViewSettings(opacity=0.3))
     assert panel.refresh(clock) == (gr.skip(), gr.skip())
     # Another map: not measured yet (the hint); measured, it differs.
     handlers.change_view(clock, ViewSettings(view="rollout"))
-    assert panel.refresh(clock) == (None, faithfulness_panel.HINT)
+    assert panel.refresh(clock) == faithfulness_panel.HIDDEN
     rollout = panel.measure(clock)
     assert rollout.view == "Rollout" and rollout.deletion_auc != first.deletion_auc
     # Another target: its own curves, of that class's probability.
@@ -123,30 +163,30 @@ def test_results_are_kept_per_map_and_target(explorer, clock, forwards, deit_tin
     # Back to the first view and target: the kept result, no model run.
     handlers.rerender(clock, ViewSettings())
     assert panel.measure(clock) is first and len(forwards) == count
-    assert "Gradient-weighted" in panel.refresh(clock)[1]
+    assert "Gradient-weighted" in panel.refresh(clock)[1]["value"]
 
 
 def test_a_view_changed_while_measuring_is_not_painted_over(explorer, clock, monkeypatch):
     """The button measured the map it was pressed for; if the view changed meanwhile, the panel shows the new view's
     state (here: not measured) and the old result is kept for when that view comes back."""
     panel, handlers = explorer.faithfulness, explorer.explore
-    real = faithfulness.perturbation_curves
+    real = faithfulness.perturbation_curves_many
 
-    def slow(analysis, grid_map):
+    def slow(*args, **kwargs):
         handlers.change_view(clock, ViewSettings(view="attention"))  # the user moved on during the run
-        return real(analysis, grid_map)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(faithfulness, "perturbation_curves", slow)
-    assert panel.compute(clock) == (None, faithfulness_panel.HINT)
-    monkeypatch.setattr(faithfulness, "perturbation_curves", real)
+    monkeypatch.setattr(faithfulness, "perturbation_curves_many", slow)
+    assert panel.compute(clock) == faithfulness_panel.HIDDEN
+    monkeypatch.setattr(faithfulness, "perturbation_curves_many", real)
     handlers.change_view(clock, ViewSettings())
-    assert panel.refresh(clock)[1].startswith("**Gradient-weighted** for *wall clock*")
+    assert panel.refresh(clock)[1]["value"].startswith("**Gradient-weighted** for *wall clock*")
 
 
 def test_the_panel_without_an_image_says_so(explorer):
     with pytest.raises(ZoomViTError, match="Upload an image first"):
         explorer.faithfulness.compute(None)
-    assert explorer.faithfulness.refresh(None) == (None, "")
+    assert explorer.faithfulness.refresh(None) == faithfulness_panel.HIDDEN
 
 
 # ---- high-norm artifact tokens --------------------------------------------------------------------------------
@@ -258,11 +298,12 @@ def client(server):
 
 def test_the_faithfulness_button_runs_in_the_model_queue_and_a_view_change_does_not(server):
     demo, client = server
-    events = {fn.name: fn for fn in demo.fns.values() if fn.name in ("compute", "refresh")}
-    assert events["compute"].concurrency_id == app.MODEL_QUEUE and events["compute"].concurrency_limit == 1
+    events = {fn.name: fn for fn in demo.fns.values() if fn.name in ("measure_faithfulness", "refresh")}
+    button = events["measure_faithfulness"]  # Explorer.measure_faithfulness: analyses first after a model switch
+    assert button.concurrency_id == app.MODEL_QUEUE and button.concurrency_limit == 1
     assert events["refresh"].concurrency_id != app.MODEL_QUEUE
     assert not any(
-        "faith" in name or name in ("/compute", "/refresh")
+        "faith" in name or name in ("/measure_faithfulness", "/refresh")
         for name in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     )
 

@@ -297,7 +297,7 @@ def test_faithfulness_right_after_a_model_switch_measures_the_new_models_map(tin
     *_, session = ex.explore.explain(picture, ViewSettings(), None)
     switched = ex.store.registry.offer(b).name
     plot, text, session = ex.measure_faithfulness(picture, ViewSettings(), ModelChoice(switched))
-    assert plot is not None and "deletion AUC" in text and session.model == b
+    assert plot["visible"] and "deletion AUC" in text["value"] and session.model == b
     assert ex.faithfulness.cached(session) is not None  # what the page then shows finds this result
     with pytest.raises(ZoomViTError, match="Upload an image first"):
         ex.measure_faithfulness(None, ViewSettings(), ModelChoice(switched))

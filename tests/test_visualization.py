@@ -79,7 +79,7 @@ def test_captions_draw_the_en_dash_and_the_times_sign():
 
 def test_the_tiles_of_a_very_wide_image_are_readable_strips():
     """An 8000x200 photo: tiles keep MIN_SHORT_SIDE pixels on their short side (a 128-pixel tile would be 3 high),
-    one a row, the sheet wider than its panel (which scrolls)."""
+    one a row, the sheet wider than its panel (which fits it to its column)."""
     geometry = Geometry((5120, 128), (8960, 224), (4368, 0, 224, 224), 16)
     image = Image.new("RGB", geometry.image_size, GREEN)
     maps = [np.full(geometry.grid, i / 2, dtype=np.float32) for i in range(3)]

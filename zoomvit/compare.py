@@ -114,7 +114,7 @@ def tile_layout(image_size, count: int, sides=MAP_SIDES, width: int = SHEET_WIDT
     """`count` tiles of a picture of `image_size` (width, height): as many a row as `width` holds with a long side
     of at least sides[0] (rows balanced: 12 tiles are 2 rows of 6, not 7 and 5), each as large as that allows, up
     to sides[1]. A short side keeps MIN_SHORT_SIDE pixels: a very wide or tall image's tiles go one a row, wider
-    than `width` where they must (the app's panel scrolls)."""
+    than `width` where they must (the app fits the sheet to its column)."""
     if count < 1:
         raise ValueError("a sheet needs at least one tile")
     least, most = sides

@@ -302,6 +302,14 @@ def predict_pixels(bundle: ViTBundle, pixel_values: torch.Tensor) -> np.ndarray:
     return to_numpy(adapter.head(x).float().softmax(-1))
 
 
+def decision_change(before: Prediction, after: Prediction) -> str:
+    """What became of a decision, as the app says it: 'tabby cat (0.41) -> tiger cat (0.52)' when the top class
+    changed, 'tabby cat (0.41 -> 0.38)' when it stayed."""
+    if before.index == after.index:
+        return f"{before.label} ({before.prob:.2f} -> {after.prob:.2f})"
+    return f"{before.label} ({before.prob:.2f}) -> {after.label} ({after.prob:.2f})"
+
+
 def top_predictions(bundle: ViTBundle, probs: np.ndarray, k: int = config.TOP_K) -> list[Prediction]:
     order = np.argsort(-probs)[:k]
     return [Prediction(int(i), bundle.label(i), float(probs[i])) for i in order]

@@ -17,7 +17,7 @@ import gradio as gr
 from zoomvit import compare, config
 from zoomvit.app.feedback import finite_number, keeps_view
 from zoomvit.app.sessions import Session, SessionStore
-from zoomvit.app.views import VIEWS, ViewRenderer, ViewSettings, head_name, legend_html
+from zoomvit.app.views import READS, VIEWS, ViewRenderer, ViewSettings, head_name, legend_html
 from zoomvit.errors import ZoomViTError
 
 SHEETS = ("maps", "strip", "heads")  # the three clickable pictures, top to bottom
@@ -165,7 +165,7 @@ class CompareHandlers:
         if patch is not None:  # one attention row per block: nothing to keep
             return compare.block_maps(source, s.view, head, discard_ratio, patch, s.direction)
         kept = self._strips.setdefault(session, {})
-        key = (source.target, s.view, str(head), discard_ratio if s.view == "rollout" else None)
+        key = (source.target, s.view, str(head), discard_ratio if "discard_ratio" in READS[s.view] else None)
         if key not in kept:
             kept[key] = compare.block_maps(source, s.view, head, discard_ratio)
             while len(kept) > STRIPS_KEPT:

@@ -31,7 +31,7 @@ from zoomvit.vit_analyzer import Analysis, analyze
 
 DISPLAY_SIDE = 768  # images are drawn at most this many pixels on their longest side
 MIN_DISPLAY_SIDE = 256  # ... and tiny images are blown up to this on their shortest side (where the longest allows)
-MIN_PANEL_SIDE = 128  # ... and very wide or tall ones keep this on their shortest side (their panel scrolls)
+MIN_PANEL_SIDE = 128  # ... and very wide or tall ones keep this on their shortest side (full screen, download)
 MAX_SESSIONS = 32  # sessions whose state the server keeps (oldest dropped first): ~15-70 MB each
 SESSION_TTL_S = 2 * 3600  # a session's analysis is dropped after this long without an update
 GRAPHS_KEPT = 4  # analyses that keep their autograd graph (a target change then costs only a backward)

@@ -24,7 +24,17 @@ VIEWS = [
     ("Attention", "attention"),
 ]
 VIEW_NAMES = dict((value, label) for label, value in VIEWS)
-TARGET_VIEWS = ("grad_rollout", "intent")  # the only views that depend on the target class
+# The view controls each view's map reads, besides colormap and opacity (every view draws with those); "patch" is a
+# clicked patch's attention. The export records these only; the Compare tab keys its kept strips on them.
+READS = {
+    "rollout": ("head", "discard_ratio"),
+    "grad_rollout": ("target",),
+    "intent": ("target",),
+    "cls": ("block", "head"),
+    "attention": ("block", "head"),
+    "patch": ("direction", "block", "head"),
+}
+TARGET_VIEWS = tuple(view for view, reads in READS.items() if "target" in reads)  # grad_rollout, intent
 COLORMAPS = ["jet", "turbo", "viridis", "inferno", "magma", "plasma", "hot", "gray"]
 DIRECTIONS = [("what it attends to", "attends_to"), ("what attends to it", "attended_by")]
 
@@ -49,15 +59,13 @@ class ViewSettings:
     opacity: float = 0.5
 
 
+# Every picture fits its column, as the Compare tab's sheets do (Gradio's own sizing): whole, however narrow the
+# window or wide the image. The server draws a very wide or tall image with a short side of MIN_PANEL_SIDE pixels
+# at least, for its full-screen and download buttons.
 PAGE_CSS = """
 #overlay img, #overlay canvas { cursor: crosshair; }
 .zv-legend { display: flex; align-items: center; gap: .5em; font-size: .85em; margin: 0 .25em; }
 .zv-legend .bar { flex: 1; height: 10px; border-radius: 3px; }
-/* A very wide or tall picture at its own size, scrolled inside its panel (see PAGE_JS). */
-:is(#overlay, #heads, #kept, #zoom_box) .image-container { max-height: 75vh; overflow: auto; }
-:is(#overlay, #heads, #kept, #zoom_box) :has(img.zv-natural) { justify-content: flex-start; align-items: flex-start; }
-img.zv-natural { width: auto !important; height: auto !important; max-width: none !important;
-                 max-height: none !important; flex-shrink: 0; }
 """
 
 # Run once when the page loads (launch(js=...)).
@@ -74,28 +82,14 @@ PAGE_JS = """
     if (focused && e.target === focused) e.preventDefault();
     focused = null;
   }, true);
-
-  // A picture that fitting to its panel would shrink to a strip (short side under 128 px, or under 40% of its
-  // size) is shown at its own size and scrolled: the server draws very wide or tall images with a short side
-  // of 128 px at least. Clicks still map to the right pixel (Gradio measures the picture as shown).
-  const PANELS = '#overlay, #heads, #kept, #zoom_box';
-  const fit = (img) => {
-    img.classList.remove('zv-natural');
-    const shown = img.getBoundingClientRect();
-    if (!img.naturalWidth || !shown.width) return false;
-    const short = Math.min(shown.width, shown.height);
-    const strip = short < 128 && short < Math.min(img.naturalWidth, img.naturalHeight);
-    img.classList.toggle('zv-natural', strip || shown.width / img.naturalWidth < 0.4);
-    return true;
-  };
-  document.addEventListener('load', (e) => {
-    const img = e.target;
-    if (img.tagName !== 'IMG' || !img.closest(PANELS) || fit(img)) return;
-    const shown = new ResizeObserver(() => { if (fit(img)) shown.disconnect(); });  // in a hidden tab: once shown
-    shown.observe(img);
-  }, true);
 }
 """
+
+
+def recorded(settings: dict) -> dict:
+    """The settings of a view (its "view" key names it) without those its map does not read."""
+    reads = READS.get(settings["view"], ())
+    return {name: value for name, value in settings.items() if name in ("view", "colormap", "opacity", *reads)}
 
 
 def legend_html(cmap: str) -> str:
@@ -140,6 +134,7 @@ class ViewRenderer:
         }
         draw = self._patch_map if session.patch is not None else self._view_map
         grid_map, caption = draw(session, s, layer, head, record)
+        record = recorded(record)
         image = visualization.heat_overlay(session.display, session.geometry, grid_map, s.colormap, alpha)
         if session.patch is not None:
             image = visualization.patch_outline(image, session.geometry, *session.patch, color="white", width=3)

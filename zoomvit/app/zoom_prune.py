@@ -12,6 +12,7 @@ from zoomvit.app.sessions import Session, SessionStore
 from zoomvit.app.views import ViewRenderer
 from zoomvit.checks import check_keep
 from zoomvit.errors import ZoomViTError
+from zoomvit.vit_analyzer import decision_change
 
 CROP_SIDE = 384  # the zoom crop, shown beside the image
 KEEP_MIN = 0.1  # the smallest keep the app offers (and the API accepts)
@@ -59,7 +60,8 @@ def zoom_text(result) -> str:
 
 def prune_text(result, num_layers: int, where: str = "this server's CPU") -> str:
     """The prune result as Markdown; `where` the times were measured (about.device_text)."""
-    verdict = "decision **kept**" if result.decision_kept else "decision **changed**"
+    verdict = f"decision **{'kept' if result.decision_kept else 'changed'}**: "
+    verdict += decision_change(result.before[0], result.after[0])
     runs_before = result.latency_before_runs
     ratio = f" ({result.latency_after_ms / result.latency_before_ms:.0%})" if runs_before else ""
     return (

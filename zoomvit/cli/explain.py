@@ -178,6 +178,7 @@ def cmd_prune(args):
         args, lambda num_layers, *_: checks.check_after_block(args.after_block, num_layers, "--after-block")
     )
     from zoomvit import pruning, visualization
+    from zoomvit.vit_analyzer import decision_change
 
     result = pruning.prune(analysis, args.keep, args.after_block, args.mode, fusion)
     if args.out:
@@ -205,7 +206,8 @@ def cmd_prune(args):
         f"time: {result.latency_text('before')} -> {result.latency_text('after')}, median (range) of "
         f"{len(result.latency_before_runs)} interleaved runs each; {result.latency_verdict()}"
     )
-    print(f"decision {'kept' if result.decision_kept else 'changed'}")
+    change = decision_change(result.before[0], result.after[0])  # the app's caption says it the same way
+    print(f"decision {'kept' if result.decision_kept else 'changed'}: {change}")
     print_predictions("before:", result.before)
     print_predictions("after:", result.after)
 
