@@ -107,4 +107,21 @@ def test_each_tab_chooses_its_model_and_the_header_follows(browser, served, deit
     first.wait_for_function("() => document.querySelector('#model input').value === 'deit-tiny-patch16-224-timm'")
     assert "Model family: timm VisionTransformer" in header.inner_text()
     assert error_badges(first) == 0
+
+    # One model in memory (--max-models 1): another tab's upload pushes this tab's model out; this tab's next
+    # events (the Zoom & prune tab's pruning, then zoom) analyse its image again and answer. They used to wait
+    # forever on the model lock their own event held, and with them every model event of every user.
+    registry.max_models = 1
+    other = open_page(browser, url)
+    upload(other, EXAMPLE, None)
+    other.locator("#prediction").get_by_text(percent(deit_top)).first.wait_for()
+    assert registry.loaded() == [registry.offer(None).name]  # the timm copy left memory
+    first.get_by_role("tab", name="Zoom & prune").click()
+    first.locator("#zoom_on input[type=checkbox]").check()
+    first.locator("#zoom_info").get_by_text("forward units").first.wait_for()
+    first.locator("#prune_stats").get_by_text("tokens").first.wait_for()
+    assert registry.loaded() == [timm] and error_badges(first) == 0
+    upload(other, EXAMPLE.with_name("honeycomb.jpg"), None)  # and the other tab is served too
+    other.locator("#overlay img").wait_for()
+    other.close()
     first.close()
