@@ -1,8 +1,8 @@
 """End to end in a real headless Chromium (Debian's `chromium`, driven by Playwright from PyPI; Playwright's
 own browser download is never used): upload, prediction, click a patch, move the retention slider.
 
-Saves a screenshot of the Explore tab after the click (ZOOMVIT_SCREENSHOT=docs/screenshot.png refreshes the
-README's picture).
+Takes a screenshot of the Explore tab after the click (the README's own is taken in test_browser_models.py, where
+the model chooser shows).
 """
 
 import os
@@ -27,8 +27,8 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "zoomvit" / "assets" / "wall_clock.jpg"
-# The README's picture is refreshed on purpose (ZOOMVIT_SCREENSHOT=docs/screenshot.png); by default a test
-# run leaves tracked files alone.
+# The README's picture is refreshed on purpose (ZOOMVIT_SCREENSHOT=docs/screenshot.png, test_browser_models.py,
+# where the model chooser is shown); by default a test run leaves tracked files alone.
 SCREENSHOT_ENV = "ZOOMVIT_SCREENSHOT"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -117,7 +117,7 @@ def test_upload_click_a_patch_and_prune(browser, url, deit_tiny, tmp_path):
     caption.get_by_text(re.compile(rf"row {row}, column {col}\b")).wait_for()
     assert "what it attends to" in caption.inner_text()
     page.wait_for_timeout(500)  # let the new overlay image paint before the picture is taken
-    screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "screenshot.png")
+    screenshot = tmp_path / "screenshot.png"  # the README's is taken with the model chooser (test_browser_models)
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(screenshot))
     assert screenshot.stat().st_size > 10_000

@@ -4,12 +4,23 @@ About text and the analysis follow in that tab only; a model that fails to load 
 The app serves the real DeiT-Tiny (the default), its timm copy and a folder that breaks after the start-up check.
 """
 
+import os
+import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from app_server import running_app
-from test_browser import EXAMPLE, TIMEOUT_MS, browser, error_badges, upload, wait_for_toast  # noqa: F401 (fixture)
+from test_browser import (  # noqa: F401 (fixture)
+    EXAMPLE,
+    SCREENSHOT_ENV,
+    TIMEOUT_MS,
+    browser,
+    error_badges,
+    upload,
+    wait_for_toast,
+)
 
 from zoomvit import models
 from zoomvit.app.about import preprocessing_text
@@ -62,11 +73,26 @@ def shown_model(page) -> str:
     return page.locator("#model input").input_value()
 
 
+def readme_picture(page, tmp_path):
+    """The README's picture of the Explore tab, with the model chooser: a patch clicked, its attention shown.
+    Written to docs/ only on purpose (ZOOMVIT_SCREENSHOT=docs/screenshot.png)."""
+    page.wait_for_function("() => { const i = document.querySelector('#overlay img'); return i && i.naturalWidth > 0 }")
+    overlay = page.locator("#overlay img")
+    box = overlay.bounding_box()
+    overlay.click(position={"x": box["width"] * 0.55, "y": box["height"] * 0.45})
+    page.locator("#caption").get_by_text(re.compile(r"row \d+, column \d+")).first.wait_for()
+    page.wait_for_timeout(500)  # let the new overlay paint
+    screenshot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "screenshot.png")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+
+
 def percent(analysis) -> str:
     return f"{round(float(analysis.probs.max()) * 100)}%"
 
 
-def test_each_tab_chooses_its_model_and_the_header_follows(browser, served, deit_tiny):  # noqa: F811
+def test_each_tab_chooses_its_model_and_the_header_follows(browser, served, deit_tiny, tmp_path):  # noqa: F811
     url, registry, timm = served
     first = open_page(browser, url)
     header = first.locator("#header")
@@ -74,6 +100,7 @@ def test_each_tab_chooses_its_model_and_the_header_follows(browser, served, deit
     deit_top = analyze(deit_tiny, EXAMPLE, keep_graph=False)
     upload(first, EXAMPLE, "wall clock")
     first.locator("#prediction").get_by_text(percent(deit_top)).first.wait_for()
+    readme_picture(first, tmp_path)
 
     choose_model(first, "deit-tiny-patch16-224-timm")
     first.wait_for_function(  # the progress message, shown on the header while the model loads
