@@ -245,7 +245,18 @@ def _train(o: TrainOptions, callbacks, progress: bool) -> dict:
         # raised here, not in the except block: the Ctrl-C's traceback (holding the loaders' worker processes) is
         # let go now, and the workers stop at once instead of lingering until a garbage collection
         raise train_outputs.Interrupted(out)
+    _leave_process_group()
     return summary
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: every process waits until rank 0 has written the run, then leaves the process group. A
+    process that exits with the gloo group still open could abort ("terminate called without an active exception",
+    exit code -6) and fail the launch."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _summary(o: TrainOptions, trainer, datasets: dict, log, earlier, seconds: float) -> dict:
