@@ -111,7 +111,7 @@ def test_the_about_text_quotes_the_committed_sanity_run(deit_tiny):
     maps = {e["map"]: e for e in summary["sanity"]["maps"]}
     assert set(maps) == set(sanity.MAPS) and all(e["passes"] for e in maps.values())
     about = " ".join(about_text(deit_tiny).split())
-    assert "every view above passes" in about and "63 ImageNet photos" in about and summary["n"] == 63
+    assert "every view above passes" in about and "500 ImageNet photos" in about and summary["n"] == 500
     assert f"rollout to {maps['rollout']['spearman'][-1]:.2f}" in about
     head = lambda name: f"{maps[name]['spearman'][1]:.2f}"
     assert f"alone ({head('grad_rollout')} and {head('intent')})" in about

@@ -24,11 +24,11 @@ ABOUT = """
 - **Clicking a patch**: what that patch attends to (its attention row) or what attends to it (its column), in the
   chosen block and head.
 
-**Sanity checks** (Adebayo et al. 2018, model randomisation; `zoomvit eval --tasks sanity` on DeiT-Tiny, 63
+**Sanity checks** (Adebayo et al. 2018, model randomisation; `zoomvit eval --tasks sanity` on DeiT-Tiny, 500
 ImageNet photos): every view above passes. With the classifier and every block given random weights, each map's rank
-correlation with the trained model's map falls below 0.5 (rollout to 0.18, the others to about 0): the maps show
+correlation with the trained model's map falls below 0.5 (rollout to 0.15, the others to about 0): the maps show
 what the model computes, not just the image. Gradient-weighted and intent already change with a random classifier
-alone (0.70 and 0.45); rollout changes least (above 0.5 until blocks 8-12 are random): of the five, it shows the
+alone (0.69 and 0.45); rollout changes least (above 0.5 until blocks 8-12 are random): of the five, it shows the
 most of the image itself.
 
 **Faithfulness of this map**: the deletion and insertion curves of the map on screen, on this image, for the class
