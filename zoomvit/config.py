@@ -118,6 +118,15 @@ def resolve_max_models(explicit=None) -> tuple[object, str]:
 # The choices of the library's options, here so that the CLI lists them in --help without importing the library
 # (importing torch would make --help slow); the library's MAP_METHODS, POLICIES, MODES, ... are these.
 MAP_METHODS = ("rollout", "grad_rollout", "intent", "cls", "attention")
+# The settings each map reads (Analysis.map): the CLI notes an option given to a map that does not read it, the
+# app's exports record only these, and a map that reads no target is class-agnostic (the forward attentions alone).
+MAP_READS = {
+    "rollout": ("head", "discard_ratio"),
+    "grad_rollout": ("target",),
+    "intent": ("target",),
+    "cls": ("block", "head"),
+    "attention": ("block", "head"),
+}
 ZOOM_POLICIES = ("confident", "adaptive", "always")
 # The zoom without --zoom-policy / --policy (and the app's first choice); "adaptive" is the earlier default.
 ZOOM_POLICY = "confident"

@@ -24,16 +24,10 @@ VIEWS = [
     ("Attention", "attention"),
 ]
 VIEW_NAMES = dict((value, label) for label, value in VIEWS)
-# The view controls each view's map reads, besides colormap and opacity (every view draws with those); "patch" is a
-# clicked patch's attention. The export records these only; the Compare tab keys its kept strips on them.
-READS = {
-    "rollout": ("head", "discard_ratio"),
-    "grad_rollout": ("target",),
-    "intent": ("target",),
-    "cls": ("block", "head"),
-    "attention": ("block", "head"),
-    "patch": ("direction", "block", "head"),
-}
+# The view controls each view's map reads (config.MAP_READS), besides colormap and opacity (every view draws with
+# those); "patch" is a clicked patch's attention. The export records these only; the Compare tab keys its kept strips
+# on them.
+READS = {**config.MAP_READS, "patch": ("direction", "block", "head")}
 TARGET_VIEWS = tuple(view for view, reads in READS.items() if "target" in reads)  # grad_rollout, intent
 COLORMAPS = ["jet", "turbo", "viridis", "inferno", "magma", "plasma", "hot", "gray"]
 DIRECTIONS = [("what it attends to", "attends_to"), ("what attends to it", "attended_by")]

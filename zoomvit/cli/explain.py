@@ -15,14 +15,10 @@ from zoomvit.cli.common import (
 )
 
 # rollout, cls and attention maps come from the forward attentions alone: the same whatever the class.
-CLASS_AGNOSTIC = ("rollout", "cls", "attention")
-# The explain options each map reads (vit_analyzer.Analysis.map); one given to a map that does not read it is noted.
+CLASS_AGNOSTIC = tuple(method for method, reads in config.MAP_READS.items() if "target" not in reads)
+# The explain options each map reads (config.MAP_READS); one given to a map that does not read it is noted.
 MAP_OPTIONS = {
-    "rollout": ("--head", "--discard-ratio"),
-    "grad_rollout": ("--target",),
-    "intent": ("--target",),
-    "cls": ("--block", "--head"),
-    "attention": ("--block", "--head"),
+    method: tuple("--" + name.replace("_", "-") for name in reads) for method, reads in config.MAP_READS.items()
 }
 PRUNE_FUSION = config.PRUNE_FUSION  # --fusion's default, for efficiency mode (the app's too)
 
