@@ -220,7 +220,7 @@ TIMM_MODEL_ARGS = frozenset(
 )
 # pretrained_cfg keys that name where weights come from: the weights are model.safetensors beside config.json alone,
 # so a config.json that names another source is refused rather than silently overridden.
-TIMM_WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "hf_hub_filename", "state_dict", "source")
+TIMM_WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "hf_hub_filename", "state_dict", "source", "custom_load")
 
 
 def _timm_model_args(name: str, cfg: dict) -> dict:
@@ -236,12 +236,12 @@ def _timm_model_args(name: str, cfg: dict) -> dict:
             "ZoomViT does not pass to timm (only architecture settings such as depth or embed_dim: the weights come "
             "from model.safetensors alone)."
         )
-    pretrained_cfg = cfg.get("pretrained_cfg") or {}
+    pretrained_cfg = cfg.get("pretrained_cfg")
     named = [key for key in TIMM_WEIGHT_SOURCES if isinstance(pretrained_cfg, dict) and pretrained_cfg.get(key)]
-    if named or (isinstance(pretrained_cfg, dict) and pretrained_cfg.get("custom_load")):
+    if named:
         raise ModelLoadError(
             f"Could not load model '{name}': its config.json's pretrained_cfg names a weights source "
-            f"({', '.join(named) or 'custom_load'}); ZoomViT loads only the model.safetensors beside config.json."
+            f"({', '.join(named)}); ZoomViT loads only the model.safetensors beside config.json."
         )
     return args
 

@@ -44,10 +44,7 @@ def zoom_text(result) -> str:
     text = f"{verdict}: {result.reason}. Box ({x0:.0f}, {y0:.0f}) – ({x1:.0f}, {y1:.0f}) in image pixels" + (
         f", from the {source.replace('_', ' ')} map." if source else "."
     )
-    candidates = getattr(result, "candidates", None)
-    if not candidates:
-        return text
-    ranked = sorted(candidates, key=lambda c: -c.confidence)
+    ranked = sorted(result.candidates, key=lambda c: -c.confidence)
     listed = ", ".join(f"{c.source.replace('_', ' ')} {c.confidence:.2f}" for c in ranked)
     whole, crop = result.before[0], result.crop_top
     return (
