@@ -58,7 +58,7 @@ def analyze_image(args, check=None):
         resolved = check(bundle.num_layers, bundle.num_heads, bundle.id2label)
     small = small_image_note(bundle, loaded.image.size)
     if small:
-        print(f"zoomvit: warning: {small}", file=sys.stderr)
+        say(f"warning: {small}")
     say(f"analysing {args.image} ...")
     return analyze(bundle, loaded), resolved
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from zoomvit import checks, config
-from zoomvit.cli.common import UsageError, device_and_dtype, load_bundle, model_facts
+from zoomvit.cli.common import UsageError, device_and_dtype, load_bundle, model_facts, say
 from zoomvit.labelled_folders import labels_for_model, read_folder
 
 
@@ -33,7 +33,7 @@ def cmd_eval(args):
     data = read_folder(args.data, args.limit, args.every)  # a bad folder fails before the slow model load
     if os.environ.get("RANK", "0") == "0":  # one process of a torchrun launch tells
         for line in data.notes:
-            print(f"zoomvit: warning: {line}", file=sys.stderr)
+            say(f"warning: {line}")
     out = Path(args.out or f"zoomvit-eval/{Path(args.data).resolve().name}")
     work = out / eval_work.WORK_DIR
     earlier = eval_report.earlier_outputs(out)
